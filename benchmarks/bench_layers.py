@@ -1,0 +1,179 @@
+"""Core layers against torch.nn on the CPU: forward+backward (training) and eval forward.
+
+Every row times torch.nn's layer and normkit's (each backend) on the same tensor in the same process,
+alternating them for several rounds and keeping the median of each; the ratio is ours / torch's.
+Prints a table and writes JSON (machine, date, command, every timing).
+
+    python benchmarks/bench_layers.py                # the full table (a few minutes on 2 cores)
+    python benchmarks/bench_layers.py --quick        # fewer rounds, for a smoke run
+    python benchmarks/bench_layers.py --only bn2d    # rows whose name contains "bn2d"
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+import normkit as nk
+
+
+class PermutedLayerNorm(nn.Module):
+    """What users write without LayerNorm2d: permute, torch.nn.LayerNorm(C), permute back, and
+    (as LayerNorm2d does) give the output the input's memory format."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x):
+        y = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return y.contiguous(memory_format=nk.backends.memory_format_of(x))
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    shape: tuple[int, ...]
+    ours: Callable[[], nn.Module]
+    torch_layer: Callable[[], nn.Module]
+    channels_last: bool = False
+
+
+ROWS = [
+    Row("bn2d", (32, 64, 56, 56), lambda: nk.BatchNorm2d(64), lambda: nn.BatchNorm2d(64)),
+    Row("bn2d_cl", (32, 64, 56, 56), lambda: nk.BatchNorm2d(64), lambda: nn.BatchNorm2d(64), True),
+    Row("bn1d", (256, 1024), lambda: nk.BatchNorm1d(1024), lambda: nn.BatchNorm1d(1024)),
+    Row("ln", (256, 1024), lambda: nk.LayerNorm(1024), lambda: nn.LayerNorm(1024)),
+    Row("gn32", (32, 64, 56, 56), lambda: nk.GroupNorm(32, 64), lambda: nn.GroupNorm(32, 64)),
+    Row(
+        "gn32_cl",
+        (32, 64, 56, 56),
+        lambda: nk.GroupNorm(32, 64),
+        lambda: nn.GroupNorm(32, 64),
+        True,
+    ),
+    Row(
+        "in2d",
+        (32, 64, 56, 56),
+        lambda: nk.InstanceNorm2d(64, affine=True),
+        lambda: nn.InstanceNorm2d(64, affine=True),
+    ),
+    Row(
+        "ln2d",
+        (32, 64, 56, 56),
+        lambda: nk.LayerNorm2d(64),
+        lambda: PermutedLayerNorm(64),
+    ),
+    Row(
+        "ln2d_cl", (32, 64, 56, 56), lambda: nk.LayerNorm2d(64), lambda: PermutedLayerNorm(64), True
+    ),
+]
+BACKENDS = ["native", "reference"]
+
+
+def _time(fn: Callable[[], object], min_run_time: float) -> float:
+    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def _train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
+    def step():
+        leaf = x.detach().requires_grad_(True)
+        layer(leaf).backward(dy)
+
+    return step
+
+
+def _eval_step(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step():
+        with torch.no_grad():
+            layer(x)
+
+    return step
+
+
+def measure(row: Row, rounds: int, min_run_time: float) -> dict:
+    x = torch.randn(row.shape)
+    if row.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+    result = {"name": row.name, "shape": list(row.shape), "channels_last": row.channels_last}
+    for mode in ("train", "eval"):
+        providers = {"torch": row.torch_layer()} | {b: row.ours() for b in BACKENDS}
+        samples: dict[str, list[float]] = {name: [] for name in providers}
+        for _ in range(rounds):  # alternate providers so drift hits them all alike
+            for name, layer in providers.items():
+                layer.train(mode == "train")
+                step = _train_step(layer, x, dy) if mode == "train" else _eval_step(layer, x)
+                with nk.backend(name if name in BACKENDS else "auto"):
+                    step()  # warm-up
+                    samples[name].append(_time(step, min_run_time))
+        medians = {name: statistics.median(values) for name, values in samples.items()}
+        result[mode] = {
+            "ms": {name: value * 1e3 for name, value in medians.items()},
+            "ratio": {b: medians[b] / medians["torch"] for b in BACKENDS},
+        }
+    return result
+
+
+def environment() -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "normkit": nk.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def print_table(results: list[dict]) -> None:
+    header = f"{'layer':9s} {'shape':17s} {'mode':5s} {'torch ms':>9s} " + " ".join(
+        f"{b + ' ms':>12s} {b + '/torch':>15s}" for b in BACKENDS
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        for mode in ("train", "eval"):
+            ms, ratio = r[mode]["ms"], r[mode]["ratio"]
+            shape = "x".join(map(str, r["shape"])) + (" CL" if r["channels_last"] else "")
+            cells = " ".join(f"{ms[b]:12.3f} {ratio[b]:15.2f}" for b in BACKENDS)
+            print(f"{r['name']:9s} {shape:17s} {mode:5s} {ms['torch']:9.3f} {cells}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 round of 0.2 s per timing")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--min-run-time", type=float, default=0.5)
+    parser.add_argument("--only", default="", help="only rows whose name contains this")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_layers.json"))
+    args = parser.parse_args(argv)
+    rounds, min_run_time = (1, 0.2) if args.quick else (args.rounds, args.min_run_time)
+    results = []
+    for row in ROWS:
+        if args.only in row.name:
+            results.append(measure(row, rounds, min_run_time))
+            print(f"measured {row.name}", file=sys.stderr)
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"environment": environment(), "results": results}, indent=2))
+    print(f"\nwrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""normkit: batch normalization and its family for PyTorch, done properly.
+
+Exact drop-in layers (``nk.BatchNorm2d`` for ``torch.nn.BatchNorm2d``, ...) on one statistics core,
+with running statistics you can trust, a choice of backends, and a float64 reference
+(:mod:`normkit.reference`) that reads like the papers. Importing normkit never imports triton.
+
+    >>> import torch, normkit as nk
+    >>> bn = nk.BatchNorm2d(16)
+    >>> bn(torch.randn(8, 16, 4, 4)).shape
+    torch.Size([8, 16, 4, 4])
+"""
+
+from normkit import errors, functional
+from normkit.backends import available_backends, backend, get_backend, set_backend
+from normkit.functional._running_stats import momentum_from_decay
+from normkit.nn import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    LayerNorm2d,
+    RunningStatsSnapshot,
+    frozen_running_stats,
+    snapshot_running_stats,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "LayerNorm2d",
+    "RunningStatsSnapshot",
+    "available_backends",
+    "backend",
+    "errors",
+    "frozen_running_stats",
+    "functional",
+    "get_backend",
+    "momentum_from_decay",
+    "reference",
+    "set_backend",
+    "snapshot_running_stats",
+]
+
+
+def __getattr__(name: str):
+    # The NumPy oracle loads on first use, keeping `import normkit` to torch's own cost.
+    if name == "reference":
+        import importlib
+
+        return importlib.import_module("normkit.reference")
+    raise AttributeError(f"module 'normkit' has no attribute {name!r}")

@@ -1,0 +1,39 @@
+"""``normkit``: the command-line entry point. Assembles the commands; holds no logic of its own."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from normkit.cli.demo import demo
+from normkit.cli.env import env
+
+app = typer.Typer(
+    name="normkit",
+    help="Batch normalization and its family for PyTorch: layers, tools, benchmarks and a lab.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(env)
+app.command()(demo)
+
+
+def main() -> None:
+    """Run the app; known errors become one line and a hint (NORMKIT_DEBUG=1 shows the traceback)."""
+    from normkit.errors import NormkitError
+
+    try:
+        app()
+    except (NormkitError, FileNotFoundError) as error:
+        if os.environ.get("NORMKIT_DEBUG"):
+            raise
+        typer.secho(f"error: {error}", err=True, fg="red")
+        typer.echo("(set NORMKIT_DEBUG=1 for the full traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The functional forms of normkit's normalizers, and the shared core they are built from.
+
+The ops take the same arguments as their ``torch.nn.functional`` namesakes and add normkit's checks,
+the non-finite guard on running statistics and the cumulative average. The core — :func:`moments`,
+:func:`normalize`, :func:`normalize_over`, :func:`update_running_stats` — is public for code that
+builds new normalizers from the same pieces.
+"""
+
+from normkit.functional._batch_norm import batch_norm
+from normkit.functional._group_norm import group_norm
+from normkit.functional._instance_norm import instance_norm
+from normkit.functional._layer_norm import channel_layer_norm, layer_norm
+from normkit.functional._moments import moments, stats_dtype, unbiased
+from normkit.functional._normalize import normalize, normalize_over
+from normkit.functional._running_stats import (
+    guarded_update,
+    momentum_from_decay,
+    update_running_stats,
+)
+
+__all__ = [
+    "batch_norm",
+    "channel_layer_norm",
+    "group_norm",
+    "guarded_update",
+    "instance_norm",
+    "layer_norm",
+    "moments",
+    "momentum_from_decay",
+    "normalize",
+    "normalize_over",
+    "stats_dtype",
+    "unbiased",
+    "update_running_stats",
+]

@@ -1,0 +1,114 @@
+"""The table of implementations behind each op, and the choice of backend.
+
+The functional ops (``batch_norm``, ``layer_norm``, ...) do their checks and running-statistics
+bookkeeping themselves and hand the arithmetic to ``resolve(op, input)``. Implementations register
+here: normkit's own (``reference``) from the functional files, the others (``native``, later
+``triton`` and ``compiled``) from :mod:`normkit.backends`, which also holds the user-facing switch.
+Keeping the table at the bottom lets imports run one way (functional <- backends <- nn).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from normkit.errors import BackendError
+
+Supports = Callable[[torch.Tensor], bool]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's version of one op; ``supports`` says whether it can run on an input."""
+
+    fn: Callable
+    supports: Supports
+
+
+def _always(_: torch.Tensor) -> bool:
+    return True
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+# The order in which `auto` tries backends: fastest verified first (see docs/benchmarks.md).
+_AUTO_ORDER: list[str] = ["native", "reference"]
+_DEFAULT = "auto"
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "normkit_backend", default=None
+)
+
+
+def register(op: str, backend: str, fn: Callable, supports: Supports | None = None) -> None:
+    """Make ``fn`` the ``backend`` implementation of ``op``."""
+    _REGISTRY.setdefault(op, {})[backend] = Implementation(fn, supports or _always)
+
+
+def known_backends() -> list[str]:
+    """``auto`` and every backend that implements at least one op."""
+    names = {name for table in _REGISTRY.values() for name in table}
+    return ["auto", *[n for n in _AUTO_ORDER if n in names], *sorted(names - set(_AUTO_ORDER))]
+
+
+def implementations(op: str) -> dict[str, Implementation]:
+    return dict(_REGISTRY.get(op, {}))
+
+
+@torch.compiler.assume_constant_result
+def current() -> str:
+    """The backend in force: the innermost ``with backend(...)``, else the global choice.
+
+    Under ``torch.compile`` the answer is taken once, at compile time: a compiled graph keeps the
+    backend it was traced with (Dynamo cannot trace a ContextVar, and need not).
+    """
+    name = _override.get()
+    return _DEFAULT if name is None else name
+
+
+def set_default(name: str) -> None:
+    global _DEFAULT
+    _DEFAULT = validate(name)
+
+
+def validate(name: str) -> str:
+    if name not in known_backends():
+        raise BackendError(f"unknown backend {name!r}; choose one of {known_backends()}")
+    return name
+
+
+def set_auto_order(order: list[str]) -> None:
+    _AUTO_ORDER[:] = order
+
+
+def resolve(op: str, input: torch.Tensor, backend: str | None = None) -> Callable:
+    """The function that computes ``op`` on ``input`` under the chosen backend."""
+    name = current() if backend is None else backend
+    table = _REGISTRY[op]
+    if name == "auto":
+        for candidate in _AUTO_ORDER:
+            impl = table.get(candidate)
+            if impl is not None and impl.supports(input):
+                return impl.fn
+        raise BackendError(f"no backend can run {op} on a {input.dtype} tensor on {input.device}")
+    impl = table.get(name)
+    if impl is None:
+        raise BackendError(
+            f"backend {name!r} has no implementation of {op}; it implements "
+            f"{sorted(op for op, t in _REGISTRY.items() if name in t)}. Use backend 'auto'"
+        )
+    if not impl.supports(input):
+        raise BackendError(
+            f"backend {name!r} cannot run {op} on a {input.dtype} tensor on {input.device}; "
+            "use backend 'auto' to fall back to one that can"
+        )
+    return impl.fn
+
+
+def override(name: str) -> contextvars.Token:
+    return _override.set(validate(name))
+
+
+def reset_override(token: contextvars.Token) -> None:
+    _override.reset(token)

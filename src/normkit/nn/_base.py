@@ -1,0 +1,67 @@
+"""What every normkit layer shares: compatibility with the installed torch, and named errors.
+
+normkit's drop-ins subclass their ``torch.nn`` namesakes, so parameters, buffers, ``state_dict`` keys,
+``reset_parameters``, state-dict version migration and ``isinstance`` checks in other libraries are
+torch's own; normkit overrides ``__init__`` (checks and extra options) and ``forward`` (the functional
+op). This module holds the small pieces that make that work across torch versions.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from normkit.errors import NormkitError, ShapeError
+from normkit.functional._checks import shape_str
+
+
+def _accepts_bias(cls: type) -> bool:
+    return "bias" in inspect.signature(cls.__init__).parameters
+
+
+# torch added `bias=` to the BatchNorm/InstanceNorm/GroupNorm constructors after 2.3; normkit
+# accepts it everywhere and applies it itself where the installed torch does not.
+NORM_BASE_HAS_BIAS = _accepts_bias(nn.modules.batchnorm._NormBase)
+GROUP_NORM_HAS_BIAS = _accepts_bias(nn.GroupNorm)
+
+
+def bias_kwargs(has_bias: bool, bias: bool) -> dict:
+    """The ``bias=`` keyword for the parent constructor, when the installed torch takes one."""
+    return {"bias": bias} if has_bias else {}
+
+
+def drop_bias_if_unsupported(module: nn.Module, has_bias: bool, bias: bool) -> None:
+    """Emulate ``bias=False`` on a torch whose constructor lacks it (the key then disappears)."""
+    if not has_bias and not bias and getattr(module, "bias", None) is not None:
+        module.register_parameter("bias", None)
+
+
+def register_skip_counter(module: nn.Module, tracking: bool, device=None) -> None:
+    """``num_batches_skipped``: batches whose non-finite statistics the guard kept out.
+
+    Not persistent, so ``state_dict`` keys stay exactly torch's.
+    """
+    counter = torch.zeros((), dtype=torch.long, device=device) if tracking else None
+    module.register_buffer("num_batches_skipped", counter, persistent=False)
+
+
+def named(module: nn.Module, error: NormkitError) -> NormkitError:
+    """The same error, its message prefixed with the layer that raised it."""
+    return type(error)(f"{module._get_name()}({module.extra_repr()}): {error}")
+
+
+def check_rank(
+    module: nn.Module, input: torch.Tensor, ranks: tuple[int, ...], layout: str, hint: str
+) -> None:
+    """Raise a ShapeError naming the layer, the expected layout and the fix for a wrong rank."""
+    if input.dim() not in ranks:
+        expected = " or ".join(f"{r}-D" for r in ranks)
+        raise named(
+            module,
+            ShapeError(
+                f"expected a {expected} input {layout}, got a {input.dim()}-D input of shape "
+                f"{shape_str(input.shape)}; {hint}"
+            ),
+        )

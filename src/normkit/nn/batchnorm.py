@@ -1,0 +1,172 @@
+"""Batch normalization layers: ``BatchNorm`` for any rank, and the drop-ins ``BatchNorm1d/2d/3d``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from normkit import functional as F
+from normkit.errors import NormkitError
+from normkit.functional._checks import check_eps, check_policy, check_positive_int
+from normkit.functional._running_stats import momentum_argument
+from normkit.nn._base import (
+    NORM_BASE_HAS_BIAS,
+    bias_kwargs,
+    check_rank,
+    drop_bias_if_unsupported,
+    named,
+    register_skip_counter,
+)
+
+
+class BatchNorm(_BatchNorm):
+    r"""Batch normalization over an input of any rank (N, C, \*) (Ioffe & Szegedy 2015).
+
+    Paper: https://arxiv.org/abs/1502.03167 (Algorithm 1 for training, Algorithm 2 for inference).
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    In training the mean and the *biased* variance are taken per channel over N and every spatial
+    dim of this batch; ``running_mean`` and ``running_var`` follow them by an exponential average,
+    the variance unbiased by m/(m-1); in eval mode the running statistics are used. γ starts at 1
+    and β at 0. ``BatchNorm1d/2d/3d`` are the same layer restricted to torch's ranks.
+
+    Note:
+        ``momentum`` is PyTorch's: ``running = (1 - momentum) * running + momentum * batch``. Keras and
+        Flax call ``1 - momentum`` their "momentum" (0.99); pass that number as ``decay=`` instead.
+        ``momentum=None`` is the cumulative average over the batches seen.
+
+    Running statistics are guarded: a batch whose statistics are NaN or Inf never enters them
+    (``on_nonfinite``, below); ``num_batches_skipped`` counts such batches. An empty batch returns
+    an empty output and leaves running statistics and ``num_batches_tracked`` as they were
+    (``torch.nn`` counts it, which skews ``momentum=None``). To undo or prevent updates, see
+    :func:`normkit.snapshot_running_stats` and :func:`normkit.frozen_running_stats`.
+
+    Args:
+        num_features: C, the number of channels.
+        eps: added to the variance before the square root; must be > 0. Default: 1e-5.
+        momentum: weight of each new batch in the running statistics, or ``None`` for the
+            cumulative average. Default: 0.1.
+        affine: learn γ (``weight``) and β (``bias``). Default: True.
+        track_running_stats: keep running statistics for eval mode; without them eval mode uses
+            the batch's statistics. Default: True.
+        device, dtype: where and in what dtype parameters and buffers are created.
+        bias: learn β (with ``affine``). Default: True.
+        decay: the Keras/Flax form of the momentum (``momentum = 1 - decay``); give it or
+            ``momentum``, not both. Default: None.
+        on_nonfinite: ``"skip"`` (default, no host synchronisation), ``"warn"`` or ``"raise"``
+            when a batch's statistics are not finite.
+
+    Shape:
+        Input: (N, C, \*); output: the same shape, dtype and memory format.
+
+    Raises:
+        BatchTooSmallError: training on one value per channel.
+        ChannelMismatchError: the input's dim 1 is not ``num_features``.
+        DtypeError: an integer or bool input. ConfigError: eps <= 0, momentum outside [0, 1].
+
+    Example::
+
+        >>> import torch, normkit as nk
+        >>> bn = nk.BatchNorm(8)
+        >>> y = bn(torch.randn(16, 8, 5, 5, 5, 5) * 3 + 2)  # any rank
+        >>> per_channel = (0, 2, 3, 4, 5)
+        >>> bool(y.mean(per_channel).abs().max() < 1e-5), bool((y.std(per_channel) - 1).abs().max() < 1e-3)
+        (True, True)
+        >>> bn.running_mean.shape, int(bn.num_batches_tracked)
+        (torch.Size([8]), 1)
+    """
+
+    _ranks: tuple[int, ...] | None = None
+    _layout = "(N, C, *)"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        decay: float | None = None,
+        on_nonfinite: str = "skip",
+    ) -> None:
+        check_positive_int(num_features, "num_features")
+        check_eps(eps)
+        check_policy(on_nonfinite)
+        momentum = momentum_argument(momentum, decay)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            **bias_kwargs(NORM_BASE_HAS_BIAS, bias),
+        )
+        drop_bias_if_unsupported(self, NORM_BASE_HAS_BIAS, bias)
+        self.on_nonfinite = on_nonfinite
+        register_skip_counter(self, track_running_stats, device)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if self._ranks is not None:
+            check_rank(self, input, self._ranks, self._layout, "nk.BatchNorm takes any (N, C, *)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        # As torch.nn: batch statistics in training, and in eval when there are no running ones;
+        # running statistics are updated only in training with track_running_stats.
+        training = self.training
+        running_mean, running_var = self.running_mean, self.running_var
+        update = training and self.track_running_stats
+        if training and not update:
+            running_mean = running_var = None
+        try:
+            return F.batch_norm(
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                training or running_mean is None or running_var is None,
+                self.momentum,
+                self.eps,
+                num_batches_tracked=self.num_batches_tracked if update else None,
+                num_batches_skipped=self.num_batches_skipped if update else None,
+                on_nonfinite=self.on_nonfinite,
+            )
+        except NormkitError as error:
+            raise named(self, error) from None
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return (
+            text if self.on_nonfinite == "skip" else f"{text}, on_nonfinite={self.on_nonfinite!r}"
+        )
+
+
+class BatchNorm1d(BatchNorm, nn.BatchNorm1d):
+    """:class:`BatchNorm` on (N, C) or (N, C, L) inputs; a drop-in for ``torch.nn.BatchNorm1d``."""
+
+    _ranks = (2, 3)
+    _layout = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(BatchNorm, nn.BatchNorm2d):
+    """:class:`BatchNorm` on (N, C, H, W) inputs; a drop-in for ``torch.nn.BatchNorm2d``."""
+
+    _ranks = (4,)
+    _layout = "(N, C, H, W)"
+
+
+class BatchNorm3d(BatchNorm, nn.BatchNorm3d):
+    """:class:`BatchNorm` on (N, C, D, H, W) inputs; a drop-in for ``torch.nn.BatchNorm3d``."""
+
+    _ranks = (5,)
+    _layout = "(N, C, D, H, W)"
