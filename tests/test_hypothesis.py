@@ -116,7 +116,7 @@ def test_group_norm(n, groups, per_group, rest, affine, backend, dtype):
     w=st.integers(1, 5),
     affine=st.booleans(),
     track=st.booleans(),
-    momentum=st.sampled_from([0.1, 0.7]),
+    momentum=st.sampled_from([0.1, 0.4]),
     channels_last=st.booleans(),
     backend=backends,
     dtype=dtypes,

@@ -50,3 +50,29 @@ def test_matches_torch(case, dtypes, layout, backend):
             assert_close(value, expected, module_dtype, f"{case} buffer {key}")
         else:
             assert torch.equal(value, expected), f"{case} buffer {key}: {value} != {expected}"
+
+
+BATCHED = [c for c in CASES if "unbatched" not in c.name]
+
+
+@pytest.mark.parametrize("case", BATCHED, ids=str)
+def test_zero_size_batch(case, backend):
+    """An empty batch: an empty output, gradients that exist, and no change of state.
+
+    torch.nn agrees except for InstanceNorm, which raises on empty batches (normkit returns them).
+    """
+    ours, theirs = case.build()
+    shape = (0, *case.shape[1:])
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    for training in (True, False):
+        ours.train(training)
+        x = torch.randn(shape, requires_grad=True)
+        y = ours(x)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        if not case.name.startswith("in"):
+            theirs.train(training)
+            assert theirs(torch.randn(shape)).shape == y.shape
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, before[key]), key

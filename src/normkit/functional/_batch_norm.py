@@ -58,13 +58,9 @@ def batch_norm(
     check_floating(input)
     check_eps(eps)
     check_min_rank(input, 2, "(N, C, *)")
-    for name, tensor in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        check_per_channel(tensor, name, input)
+    check_per_channel(
+        input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
     if training:
         check_batch_statistics_size(input)
     elif running_mean is None or running_var is None:

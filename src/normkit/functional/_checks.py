@@ -106,14 +106,15 @@ def check_channels(
         )
 
 
-def check_per_channel(tensor: torch.Tensor | None, name: str, input: torch.Tensor) -> None:
+def check_per_channel(input: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     """weight, bias and running statistics hold one value per channel (dim 1 of the input)."""
-    if tensor is not None and tensor.numel() != input.shape[1]:
-        raise ChannelMismatchError(
-            f"{name} has {tensor.numel()} elements, one per channel, but the input of shape "
-            f"{shape_str(input.shape)} has {input.shape[1]} channels at dim 1; build the layer "
-            f"for {input.shape[1]} channels or check the layer that feeds it"
-        )
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.numel() != input.shape[1]:
+            raise ChannelMismatchError(
+                f"{name} has {tensor.numel()} elements, one per channel, but the input of shape "
+                f"{shape_str(input.shape)} has {input.shape[1]} channels at dim 1; build the "
+                f"layer for {input.shape[1]} channels or check the layer that feeds it"
+            )
 
 
 def check_batch_statistics_size(input: torch.Tensor) -> None:

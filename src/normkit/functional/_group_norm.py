@@ -32,8 +32,7 @@ def group_norm(
     check_eps(eps)
     check_min_rank(input, 2, "(N, C, *)")
     check_groups(num_groups, input.shape[1])
-    check_per_channel(weight, "weight", input)
-    check_per_channel(bias, "bias", input)
+    check_per_channel(input, weight=weight, bias=bias)
     impl = _dispatch.resolve("group_norm", input)
     return impl(input, num_groups, weight, bias, eps)
 

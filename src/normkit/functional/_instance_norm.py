@@ -54,13 +54,9 @@ def instance_norm(
     check_eps(eps)
     check_min_rank(input, 3, "(N, C, *spatial)")
     channels = input.shape[1]
-    for name, tensor in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        check_per_channel(tensor, name, input)
+    check_per_channel(
+        input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ConfigError(

@@ -53,8 +53,7 @@ def channel_layer_norm(
     check_floating(input)
     check_eps(eps)
     check_min_rank(input, 2, "(N, C, *)")
-    check_per_channel(weight, "weight", input)
-    check_per_channel(bias, "bias", input)
+    check_per_channel(input, weight=weight, bias=bias)
     impl = _dispatch.resolve("channel_layer_norm", input)
     return impl(input, weight, bias, eps)
 

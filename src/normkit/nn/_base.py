@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from normkit.errors import NormkitError, ShapeError
-from normkit.functional._checks import shape_str
+from normkit.functional._checks import check_eps, check_policy, check_positive_int, shape_str
+from normkit.functional._running_stats import momentum_argument
 
 
 def _accepts_bias(cls: type) -> bool:
@@ -38,11 +39,37 @@ def drop_bias_if_unsupported(module: nn.Module, has_bias: bool, bias: bool) -> N
         module.register_parameter("bias", None)
 
 
-def register_skip_counter(module: nn.Module, tracking: bool, device=None) -> None:
-    """``num_batches_skipped``: batches whose non-finite statistics the guard kept out.
+def norm_base_arguments(
+    num_features,
+    eps,
+    momentum,
+    affine,
+    track_running_stats,
+    device,
+    dtype,
+    bias,
+    decay,
+    on_nonfinite,
+) -> tuple[tuple, dict]:
+    """Check a BatchNorm/InstanceNorm constructor's arguments; return those for torch's ``_NormBase``.
 
-    Not persistent, so ``state_dict`` keys stay exactly torch's.
+    ``momentum`` comes back in PyTorch's convention whether it was given as ``momentum`` or ``decay``.
     """
+    check_positive_int(num_features, "num_features")
+    check_eps(eps)
+    check_policy(on_nonfinite)
+    momentum = momentum_argument(momentum, decay)
+    args = (num_features, eps, momentum, affine, track_running_stats, device, dtype)
+    return args, bias_kwargs(NORM_BASE_HAS_BIAS, bias)
+
+
+def finish_norm_base(module: nn.Module, bias: bool, on_nonfinite: str, device=None) -> None:
+    """What normkit adds after torch's ``_NormBase.__init__``: ``bias=False`` on old torch, the
+    non-finite policy, and ``num_batches_skipped`` (batches whose non-finite statistics the guard
+    kept out; not persistent, so ``state_dict`` keys stay exactly torch's)."""
+    drop_bias_if_unsupported(module, NORM_BASE_HAS_BIAS, bias)
+    module.on_nonfinite = on_nonfinite
+    tracking = module.track_running_stats
     counter = torch.zeros((), dtype=torch.long, device=device) if tracking else None
     module.register_buffer("num_batches_skipped", counter, persistent=False)
 

@@ -11,18 +11,12 @@ from normkit import functional as F
 from normkit.errors import NormkitError
 from normkit.functional._checks import (
     check_channels,
-    check_eps,
-    check_policy,
-    check_positive_int,
 )
-from normkit.functional._running_stats import momentum_argument
 from normkit.nn._base import (
-    NORM_BASE_HAS_BIAS,
-    bias_kwargs,
     check_rank,
-    drop_bias_if_unsupported,
+    finish_norm_base,
     named,
-    register_skip_counter,
+    norm_base_arguments,
 )
 
 
@@ -73,11 +67,7 @@ class _InstanceNorm:
         decay: float | None = None,
         on_nonfinite: str = "skip",
     ) -> None:
-        check_positive_int(num_features, "num_features")
-        check_eps(eps)
-        check_policy(on_nonfinite)
-        momentum = momentum_argument(momentum, decay)
-        super().__init__(
+        args, kwargs = norm_base_arguments(
             num_features,
             eps,
             momentum,
@@ -85,11 +75,12 @@ class _InstanceNorm:
             track_running_stats,
             device,
             dtype,
-            **bias_kwargs(NORM_BASE_HAS_BIAS, bias),
+            bias,
+            decay,
+            on_nonfinite,
         )
-        drop_bias_if_unsupported(self, NORM_BASE_HAS_BIAS, bias)
-        self.on_nonfinite = on_nonfinite
-        register_skip_counter(self, track_running_stats, device)
+        super().__init__(*args, **kwargs)
+        finish_norm_base(self, bias, on_nonfinite, device)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_rank(self, input, self._ranks, self._layout, "see InstanceNorm1d/2d/3d")
