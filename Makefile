@@ -12,12 +12,13 @@ PYTEST_ARGS ?= -n 2
 BIN := $(VENV)/bin
 PY  := $(BIN)/python
 
-.PHONY: demo test lint bench env clean-venv
+.PHONY: demo test lint bench env clean-venv fashion-mnist
 
-demo: $(VENV)/.installed-lab
-	$(BIN)/normkit demo
+# The quick reproduction of Ioffe & Szegedy (2015), Fig. 1; prints where its report is.
+demo: $(VENV)/.installed-lab fashion-mnist
+	$(BIN)/normkit lab run ioffe2015-mnist --quick --out runs/demo --overwrite
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev fashion-mnist
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
@@ -25,6 +26,7 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/bench_layers.py
+	$(PY) benchmarks/bench_family.py
 
 env: $(VENV)/.installed-lab
 	$(BIN)/normkit env
@@ -44,6 +46,23 @@ $(VENV)/.torch: | $(PY)
 $(VENV)/.installed-%: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install --quiet -e ".[$*]"
 	@touch $@
+
+# Fashion-MNIST for the lab, from Debian's package where apt-get is available to root. Never fails:
+# without it the experiments fall back to scikit-learn's digits and say so.
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+fashion-mnist:
+	@if [ -f $(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte.gz ]; then \
+		echo "Fashion-MNIST: $(FASHION_MNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's dataset-fashion-mnist (30 MB) for the lab"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+		|| { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; } \
+		|| echo "could not install dataset-fashion-mnist: the lab falls back to scikit-learn's digits"; \
+	else \
+		echo "Fashion-MNIST not installed (apt-get as root installs dataset-fashion-mnist):" \
+			"the lab falls back to scikit-learn's digits"; \
+	fi
 
 clean-venv:
 	rm -rf $(VENV)

@@ -281,3 +281,22 @@ def compared_state(ours: nn.Module, theirs: nn.Module, case: LayerCase):
 
 def rms(t: torch.Tensor) -> float:
     return math.sqrt(float(t.double().pow(2).mean()))
+
+
+def reference_directional_derivative(f, inputs, directions, weights, step=1e-3) -> float:
+    """d/dt of sum(weights * f(*(inputs + t * directions))) at t = 0, by central differences of a
+    float64 NumPy function ``f`` (normkit.reference): the gradient test for layers whose oracle has
+    no backward written out. Richardson's extrapolation of the steps h and h/2 leaves a truncation
+    error O(h^4) and a rounding error ~1e-16/h: both below 1e-10 relative for the O(1) inputs of
+    the tests, even where a normalized group's variance is small."""
+    import numpy as np
+
+    def value(t):
+        shifted = [np.asarray(a, np.float64) + t * np.asarray(d, np.float64)
+                   for a, d in zip(inputs, directions, strict=True)]  # fmt: skip
+        return float((np.asarray(weights, np.float64) * f(*shifted)).sum())
+
+    def central(h):
+        return (value(h) - value(-h)) / (2 * h)
+
+    return (4 * central(step / 2) - central(step)) / 3

@@ -12,19 +12,33 @@ with running statistics you can trust, a choice of backends, and a float64 refer
 
 from normkit import errors, functional
 from normkit.backends import available_backends, backend, get_backend, set_backend
+from normkit.distributed import SyncBatchNorm
+from normkit.factory import create_norm
 from normkit.functional._running_stats import momentum_from_decay
 from normkit.nn import (
+    BatchInstanceNorm,
+    BatchLayerNorm,
     BatchNorm,
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    BatchNormAct,
+    BatchRenorm,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    FrozenBatchNorm,
+    GhostBatchNorm,
     GroupNorm,
+    InPlaceABN,
     InstanceNorm1d,
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
     LayerNorm2d,
+    RenormRamp,
     RunningStatsSnapshot,
+    SwitchableNorm,
     frozen_running_stats,
     snapshot_running_stats,
 )
@@ -32,19 +46,33 @@ from normkit.nn import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchInstanceNorm",
+    "BatchLayerNorm",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct",
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FrozenBatchNorm",
+    "GhostBatchNorm",
     "GroupNorm",
+    "InPlaceABN",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
     "LayerNorm2d",
+    "RenormRamp",
     "RunningStatsSnapshot",
+    "SwitchableNorm",
+    "SyncBatchNorm",
     "available_backends",
     "backend",
+    "create_norm",
     "errors",
     "frozen_running_stats",
     "functional",
@@ -53,13 +81,15 @@ __all__ = [
     "reference",
     "set_backend",
     "snapshot_running_stats",
+    "tools",
 ]
 
 
 def __getattr__(name: str):
-    # The NumPy oracle loads on first use, keeping `import normkit` to torch's own cost.
-    if name == "reference":
+    # The NumPy oracle and the model tools load on first use, keeping `import normkit` to torch's
+    # own cost.
+    if name in ("reference", "tools"):
         import importlib
 
-        return importlib.import_module("normkit.reference")
+        return importlib.import_module(f"normkit.{name}")
     raise AttributeError(f"module 'normkit' has no attribute {name!r}")

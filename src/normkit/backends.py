@@ -6,8 +6,15 @@ Backends:
   ``torch.group_norm``: PyTorch's own kernels, used wherever their semantics match normkit's.
 - ``reference``: normkit's own implementation in torch (:mod:`normkit.functional`), with the backward
   derived by hand. The readable one; the tests hold it to the float64 oracle.
+- ``triton``: normkit's Triton kernels (:mod:`normkit.kernels`) for batch norm (and its fused and
+  in-place activated forms), group norm and layer norm, on CUDA tensors (and on CPU tensors under
+  ``TRITON_INTERPRET=1``, which is how the tests run them). Importing normkit never imports
+  triton: the kernels load on the first call.
+- ``compiled``: the fused BatchNormAct maths compiled by ``torch.compile`` on the CPU (needs a C++
+  compiler; the first call per shape compiles).
 - ``auto`` (default): the fastest backend verified for the input's device and dtype. On the CPU that
-  is ``native`` for every op (docs/benchmarks.md has the measurements).
+  is ``native`` for every op but BatchNormAct on float32 NCHW inputs, where it is ``compiled``
+  (``_dispatch.AUTO_PREFERENCES``; docs/benchmarks.md has the measurements).
 
 Choose with ``normkit.set_backend(name)`` for the process or ``with normkit.backend(name):`` for a
 block (the block wins; it is local to the thread or task that enters it).
@@ -16,11 +23,24 @@ block (the block wins; it is local to the thread or task that enters it).
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import importlib.util
+import os
 from collections.abc import Iterator
 
 import torch
 
-from normkit.functional import _dispatch
+from normkit.functional import (
+    _batch_instance,
+    _batch_layer,
+    _batch_norm_act,
+    _dispatch,
+    _ghost,
+    _inplace_abn,
+    _renorm,
+    _switchable,
+)
 
 
 def _cudnn() -> bool:
@@ -72,6 +92,79 @@ _dispatch.register("batch_norm", "native", _native_batch_norm)
 _dispatch.register("layer_norm", "native", _native_layer_norm)
 _dispatch.register("group_norm", "native", _native_group_norm)
 _dispatch.register("channel_layer_norm", "native", _native_channel_layer_norm)
+# The family beyond BatchNorm: ATen kernels (batch norm's statistics, inference and training-backward
+# kernels; vectorized reductions) composed with hand-written backward passes. Each lives beside its
+# op in normkit.functional and is registered here, as the `native` implementation.
+_dispatch.register("batch_renorm", "native", _renorm._native_batch_renorm)
+_dispatch.register("ghost_batch_norm", "native", _ghost._native_ghost_batch_norm)
+_dispatch.register("batch_instance_norm", "native", _batch_instance._native_batch_instance_norm)
+_dispatch.register("batch_layer_norm", "native", _batch_layer._native_batch_layer_norm)
+_dispatch.register("switchable_norm", "native", _switchable._native_switchable_norm)
+# Fused and memory-saving batch norm: ATen's kernels with hand-written fused backward passes
+# (native), the same maths compiled by torch.compile (compiled, CPU only).
+_dispatch.register("batch_norm_act", "native", _batch_norm_act.native_batch_norm_act)
+_dispatch.register("inplace_abn", "native", _inplace_abn.native_inplace_abn)
+
+
+@functools.cache
+def _compiler_available() -> bool:
+    return _batch_norm_act.compiler_available()
+
+
+def _compiled_supports(input: torch.Tensor) -> bool:
+    return input.device.type == "cpu" and _compiler_available()
+
+
+_dispatch.register(
+    "batch_norm_act", "compiled", _batch_norm_act.compiled_batch_norm_act, _compiled_supports
+)
+
+# The Triton kernels: registered for every op they implement, imported (with triton) on first use.
+_TRITON_OPS = (
+    "batch_norm",
+    "batch_norm_act",
+    "inplace_abn",
+    "group_norm",
+    "layer_norm",
+    "channel_layer_norm",
+)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_supports(input: torch.Tensor) -> bool:
+    """CUDA tensors; CPU tensors only under triton's interpreter (TRITON_INTERPRET=1, for tests)."""
+    if input.dtype not in _TRITON_DTYPES or not _triton_installed():
+        return False
+    if input.device.type == "cuda":
+        return True
+    return input.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_channel_layer_norm_supports(input: torch.Tensor) -> bool:
+    # the kernel reads each position's channels as one contiguous row (channels_last inputs)
+    return _triton_supports(input) and input.movedim(1, -1).is_contiguous()
+
+
+def _triton(op: str):
+    def run(*args):
+        return getattr(importlib.import_module("normkit.kernels.ops"), op)(*args)
+
+    run.__name__ = f"triton_{op}"
+    return run
+
+
+for _op in _TRITON_OPS:
+    _dispatch.register(
+        _op,
+        "triton",
+        _triton(_op),
+        _triton_channel_layer_norm_supports if _op == "channel_layer_norm" else _triton_supports,
+    )
 
 
 def set_backend(name: str) -> None:
@@ -108,7 +201,9 @@ def available_backends() -> list[str]:
 def check_backends(devices: list[str] | None = None) -> dict[str, dict[str, str]]:
     """Run each backend once per device and dtype on a tiny batch norm: ``"ok"`` or the error.
 
-    Returns ``{"cpu/float32": {"native": "ok", "reference": "ok"}, ...}``; used by ``normkit env``.
+    Backends without a batch norm, or that cannot run on a device and dtype (triton on the CPU),
+    are left out of that row. Returns ``{"cpu/float32": {"native": "ok", "reference": "ok"},
+    ...}``; used by ``normkit env``.
     """
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -119,6 +214,10 @@ def check_backends(devices: list[str] | None = None) -> dict[str, dict[str, str]
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             row = report.setdefault(f"{device}/{str(dtype).removeprefix('torch.')}", {})
             for name in available_backends()[1:]:
+                impl = _dispatch.implementations("batch_norm").get(name)
+                probe = torch.empty(0, device=device, dtype=dtype)
+                if impl is None or not impl.supports(probe):
+                    continue  # no batch norm in this backend, or not for this device and dtype
                 try:
                     x = torch.randn(4, 3, 5, device=device, dtype=dtype)
                     mean, var = torch.zeros(3, device=device), torch.ones(3, device=device)

@@ -9,13 +9,27 @@ LayerNorm, where they have the normalized shape.
   :func:`batch_norm_train` (Algorithm 1), :func:`batch_norm_backward` (the chain rule of §3),
   :func:`batch_norm_inference` and :func:`population_statistics` (Algorithm 2),
   :func:`running_average` (the exponential average used in practice).
+- Chan, Golub & LeVeque 1979, eq. 2.1: :func:`chan_merge` (per-device statistics merged, SyncBN).
+- Model tools: :func:`fold_batch_norm` (Algorithm 2, step 11, folded into the layer before),
+  :func:`precise_statistics` (PreciseBN, Wu & Johnson 2021), :func:`domain_statistics` (AdaBN, Li
+  et al. 2016, Algorithm 1).
 - Layer normalization, Ba et al. 2016, eq. 4: :func:`layer_norm`.
 - Instance normalization, Ulyanov et al. 2016, eq. 2: :func:`instance_norm`.
 - Group normalization, Wu & He 2018, eqs. 1-3: :func:`group_norm`.
+- Fused activations: :func:`batch_norm_act_train` and :func:`batch_norm_act_backward` (Algorithm 1,
+  a residual, an activation); In-Place ABN, Rota Bulò et al. 2018, §3.2: :func:`inplace_abn_backward`
+  (the gradients recovered from the output alone).
+- Beyond BatchNorm: :func:`batch_renorm_train` and :func:`batch_renorm_backward` (Ioffe 2017,
+  Algorithm 1),
+  :func:`ghost_batch_norm_train` and :func:`ghost_running_average` (Hoffer et al. 2017, §4),
+  :func:`batch_instance_norm` (Nam & Kim 2018, eqs. 6-7), :func:`batch_layer_norm` (Ziaee & Çano
+  2022, the official code), :func:`switchable_norm` (Luo et al. 2018, eqs. 3-4), and the masked
+  statistics :func:`masked_batch_norm` and :func:`masked_layer_norm`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,6 +177,29 @@ def running_average(running_mean, running_var, x, momentum) -> tuple[np.ndarray,
     return new_mean, new_var
 
 
+def chan_merge(parts) -> tuple[int, np.ndarray, np.ndarray]:
+    """Chan, Golub & LeVeque (1979), eq. 2.1: the pairwise update of a sum T and a centred sum of
+    squares S, used to combine per-device statistics into those of the whole batch (SyncBN).
+
+        T_{1,m+n} = T_{1,m} + T_{m+1,m+n}
+        S_{1,m+n} = S_{1,m} + S_{m+1,m+n} + m / (n (m + n)) * (n/m T_{1,m} - T_{m+1,m+n})^2
+
+    ``parts`` is a sequence of ``(count, mean, M2)``, one per part (M2 = S of that part), folded in
+    left to right; empty parts (count 0) are skipped. Returns ``(count, mean, M2)`` of the union.
+    """
+    m, t, s = 0, 0.0, 0.0
+    for n, mean, m2 in parts:
+        if n == 0:
+            continue
+        t2, s2 = n * _f64(mean), _f64(m2)
+        if m == 0:
+            m, t, s = n, t2, s2
+            continue
+        s = s + s2 + m / (n * (m + n)) * (n / m * t - t2) ** 2
+        t, m = t + t2, m + n
+    return m, t / m, s
+
+
 # --- Layer, instance and group normalization -------------------------------------------------------
 
 
@@ -203,3 +240,313 @@ def group_norm(x, num_groups: int, gamma=1.0, beta=0.0, eps: float = 1e-5):
     beta = _f64(beta).reshape(per_group) if np.ndim(beta) else beta
     y, cache = normalize_over(grouped, tuple(range(2, grouped.ndim)), gamma, beta, eps)
     return y.reshape(x.shape), cache
+
+
+# --- Model tools: folding, PreciseBN, AdaBN ---------------------------------------------------------
+
+
+def fold_batch_norm(weight, bias, mean, var, gamma, beta, eps: float = 1e-5):
+    """Algorithm 2, step 11 applied to the layer before: BN(W x + b) = W' x + b' with
+    W'_o = gamma_o / sqrt(var_o + eps) * W_o (output channel o = axis 0 of ``weight``) and
+    b'_o = gamma_o / sqrt(var_o + eps) * (b_o - mean_o) + beta_o. Returns ``(W', b')``."""
+    weight = _f64(weight)
+    scale = _f64(gamma) / np.sqrt(_f64(var) + eps)
+    bias = np.zeros_like(scale) if bias is None else _f64(bias)
+    folded = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    return folded, scale * (bias - _f64(mean)) + _f64(beta)
+
+
+def precise_statistics(batches) -> tuple[np.ndarray, np.ndarray]:
+    """PreciseBN (Wu & Johnson 2021, §3): the plain average, one weight per batch, of each batch's
+    mean and unbiased variance, mu = (1/N) sum_j mu_Bj and var = (1/N) sum_j m_j/(m_j - 1)
+    sigma2_Bj. Equals :func:`population_statistics` when every batch has the same m."""
+    stats = [batch_statistics(b) for b in batches]
+    mean = np.mean([mu for mu, _, _ in stats], axis=0)
+    var = np.mean([s2 * m / (m - 1) for _, s2, m in stats], axis=0)
+    return mean, var
+
+
+def domain_statistics(batches) -> tuple[np.ndarray, np.ndarray]:
+    """AdaBN (Li et al. 2016, Algorithm 1): the mean and (unbiased) variance of each channel's
+    responses over all the target domain's samples and positions, the batches concatenated."""
+    x = np.concatenate([_f64(b) for b in batches], axis=0)
+    axes = _batch_axes(x.ndim)
+    return x.mean(axis=axes), x.var(axis=axes, ddof=1)
+
+
+# --- Beyond BatchNorm: small-batch and adaptive normalizers ---------------------------------------
+
+
+def ghost_batch_sizes(n: int, virtual_batch_size: int) -> list[int]:
+    """normkit's split of N samples into ghost batches: G = max(1, N // v), sizes as equal as
+    possible, the larger ones first."""
+    g = max(1, n // virtual_batch_size)
+    return [n // g + (1 if k < n % g else 0) for k in range(g)]
+
+
+def batch_renorm_train(x, gamma, beta, mu, sigma, r_max, d_max, alpha, eps: float = 1e-5):
+    """Batch Renormalization, Ioffe 2017, Algorithm 1 (training), per channel:
+
+        mu_B    = 1/m sum_i x_i
+        sigma_B = sqrt(eps + 1/m sum_i (x_i - mu_B)^2)
+        r       = stop_gradient(clip_[1/r_max, r_max](sigma_B / sigma))
+        d       = stop_gradient(clip_[-d_max, d_max]((mu_B - mu) / sigma))
+        x_hat_i = (x_i - mu_B) / sigma_B * r + d
+        y_i     = gamma * x_hat_i + beta
+        mu     := mu + alpha (mu_B - mu),   sigma := sigma + alpha (sigma_B - sigma)
+
+    ``mu`` and ``sigma`` are the moving mean and moving standard deviation. Returns
+    ``(y, mu_new, sigma_new, r, d)``.
+    """
+    x = _f64(x)
+    axes = _batch_axes(x.ndim)
+    m = int(np.prod([x.shape[a] for a in axes]))
+    mu, sigma = _f64(mu), _f64(sigma)
+    mu_b = x.sum(axis=axes) / m
+    sigma_b = np.sqrt(eps + ((x - _channel(mu_b, x.ndim)) ** 2).sum(axis=axes) / m)
+    r = np.clip(sigma_b / sigma, 1.0 / r_max, r_max)
+    d = np.clip((mu_b - mu) / sigma, -d_max, d_max)
+    x_hat = (x - _channel(mu_b, x.ndim)) / _channel(sigma_b, x.ndim) * _channel(r, x.ndim)
+    x_hat = x_hat + _channel(d, x.ndim)
+    y = _channel(gamma, x.ndim) * x_hat + _channel(beta, x.ndim)
+    return y, mu + alpha * (mu_b - mu), sigma + alpha * (sigma_b - sigma), r, d
+
+
+def ghost_batch_norm_train(x, gamma, beta, virtual_batch_size: int, eps: float = 1e-5):
+    """Ghost Batch Normalization, Hoffer et al. 2017, §4: Algorithm 1 on each ghost batch of
+    :func:`ghost_batch_sizes` samples, in order. Returns ``(y, stats)`` with ``stats`` the list of
+    each ghost batch's (mu_B, sigma2_B biased, m)."""
+    x = _f64(x)
+    outputs, stats, start = [], [], 0
+    for size in ghost_batch_sizes(x.shape[0], virtual_batch_size):
+        ghost = x[start : start + size]
+        outputs.append(batch_norm_train(ghost, gamma, beta, eps)[0])
+        stats.append(batch_statistics(ghost))
+        start += size
+    return np.concatenate(outputs), stats
+
+
+def ghost_running_average(running_mean, running_var, x, virtual_batch_size: int, momentum):
+    """The running statistics after one batch of Ghost BN: :func:`running_average` applied once per
+    ghost batch, in order, as the paper's code does (it runs the ghost batches one after another)."""
+    x = _f64(x)
+    mean, var, start = _f64(running_mean), _f64(running_var), 0
+    for size in ghost_batch_sizes(x.shape[0], virtual_batch_size):
+        mean, var = running_average(mean, var, x[start : start + size], momentum)
+        start += size
+    return mean, var
+
+
+def _normalized_by_channel(x, mean, var, eps):
+    """(x - mean) / sqrt(var + eps) with per-channel statistics."""
+    return (x - _channel(mean, x.ndim)) / np.sqrt(_channel(var, x.ndim) + eps)
+
+
+def batch_instance_norm(x, rho, gamma, beta, eps: float = 1e-5, mean=None, var=None):
+    """Batch-Instance Normalization, Nam & Kim 2018, eqs. 6-7:
+
+        y = (rho * x_hat_B + (1 - rho) * x_hat_I) * gamma + beta,   rho clipped to [0, 1]
+
+    x_hat_B with the batch's statistics, or the population ``mean``/``var`` when given (inference);
+    x_hat_I with each (sample, channel)'s statistics over space.
+    """
+    x = _f64(x)
+    if mean is None:
+        mean, var, _ = batch_statistics(x)
+    x_hat_b = _normalized_by_channel(x, mean, var, eps)
+    x_hat_i = instance_norm(x, eps=eps)[0]
+    rho = _channel(np.clip(_f64(rho), 0.0, 1.0), x.ndim)
+    y = rho * x_hat_b + (1.0 - rho) * x_hat_i
+    return y * _channel(gamma, x.ndim) + _channel(beta, x.ndim)
+
+
+def batch_layer_norm(
+    x, gamma, beta, eps=1e-3, batch_size=None, divide_by_sqrt_features=True, mean=None, var=None
+):
+    """Batch Layer Normalization, Ziaee & Çano 2022, as in the official code (``bln_layer.py``):
+
+        x_b = (x - mu_B) / sqrt(sigma2_B + eps)     (per channel; population statistics if given)
+        x_f = (x - mu_F) / sqrt(sigma2_F + eps)     (over the channels, per sample and position)
+        y   = gamma * [(1/m - 1e-4) x_f + (1 - (1/m + 1e-4)) x_b] / sqrt(d_k) + beta
+
+    with m = ``batch_size`` (default: N) and d_k = C.
+    """
+    x = _f64(x)
+    m = batch_size or x.shape[0]
+    if mean is None:
+        mean, var, _ = batch_statistics(x)
+    x_b = _normalized_by_channel(x, mean, var, eps)
+    x_f = channel_layer_norm(x, eps=eps)[0]
+    numerator = x_f * (1.0 / m - 1e-4) + x_b * (1.0 - (1.0 / m + 1e-4))
+    x_beta = numerator / np.sqrt(x.shape[1]) if divide_by_sqrt_features else numerator
+    return _channel(gamma, x.ndim) * x_beta + _channel(beta, x.ndim)
+
+
+def switchable_norm(
+    x, mean_weight, var_weight, gamma, beta, eps: float = 1e-5, mean=None, var=None
+):
+    """Switchable Normalization, Luo et al. 2018, eqs. 3-4, k in (IN, LN, BN):
+
+        y = gamma * (x - sum_k w_k mu_k) / sqrt(sum_k w'_k sigma2_k + eps) + beta
+        w_k = exp(lambda_k) / sum_z exp(lambda_z),  w'_k likewise from lambda'
+
+    mu_k and sigma2_k (biased) over: space per (n, c) (IN); channels and space per n (LN); batch and
+    space per c (BN, or the population ``mean``/``var`` when given).
+    """
+    x = _f64(x)
+    spatial = tuple(range(2, x.ndim))
+    w = np.exp(_f64(mean_weight)) / np.exp(_f64(mean_weight)).sum()
+    v = np.exp(_f64(var_weight)) / np.exp(_f64(var_weight)).sum()
+    mu_in, var_in = x.mean(axis=spatial, keepdims=True), x.var(axis=spatial, keepdims=True)
+    per_sample = tuple(range(1, x.ndim))
+    mu_ln, var_ln = x.mean(axis=per_sample, keepdims=True), x.var(axis=per_sample, keepdims=True)
+    if mean is None:
+        mean, var, _ = batch_statistics(x)
+    mu_bn, var_bn = _channel(mean, x.ndim), _channel(var, x.ndim)
+    mu = w[0] * mu_in + w[1] * mu_ln + w[2] * mu_bn
+    sigma2 = v[0] * var_in + v[1] * var_ln + v[2] * var_bn
+    return _channel(gamma, x.ndim) * (x - mu) / np.sqrt(sigma2 + eps) + _channel(beta, x.ndim)
+
+
+def masked_batch_norm(x, mask, gamma, beta, eps: float = 1e-5):
+    """Algorithm 1 of Ioffe & Szegedy on the real elements only: for each channel c, mu_B and
+    sigma2_B over {x[n, c, *s] : mask[n, *s]}; padded positions of the output are 0. ``mask`` has
+    the shape of ``x`` without dim 1. Returns ``(y, mu_B, sigma2_B, m)``."""
+    x, mask = _f64(x), np.asarray(mask, dtype=bool)
+    y = np.zeros_like(x)
+    channels = x.shape[1]
+    mu, sigma2 = np.zeros(channels), np.zeros(channels)
+    for c in range(channels):
+        real = x[:, c][mask]  # the channel's real elements, (m,)
+        mu[c] = real.sum() / real.size
+        sigma2[c] = ((real - mu[c]) ** 2).sum() / real.size
+        x_hat = (x[:, c] - mu[c]) / np.sqrt(sigma2[c] + eps)
+        y[:, c] = np.where(mask, _f64(gamma)[c] * x_hat + _f64(beta)[c], 0.0)
+    return y, mu, sigma2, int(mask.sum())
+
+
+def masked_layer_norm(x, mask, normalized_ndim: int, gamma=1.0, beta=0.0, eps: float = 1e-5):
+    """Ba et al. 2016, eq. 4, on the real elements of each group: mu and sigma over the last
+    ``normalized_ndim`` axes of one sample, counting only positions where ``mask`` (the shape of
+    ``x`` without its last axis) is True; padded positions of the output are 0."""
+    x, mask = _f64(x), np.asarray(mask, dtype=bool)
+    y = np.zeros_like(x)
+    lead = x.shape[: x.ndim - normalized_ndim]
+    for index in np.ndindex(*lead):
+        group, real_positions = x[index], mask[index]
+        real = group[real_positions]  # (positions, features)
+        if real.size == 0:
+            continue
+        mu = real.sum() / real.size
+        sigma2 = ((real - mu) ** 2).sum() / real.size
+        normalized = _f64(gamma) * (group - mu) / np.sqrt(sigma2 + eps) + _f64(beta)
+        y[index] = np.where(real_positions[..., None], normalized, 0.0)
+    return y
+
+
+def batch_renorm_backward(dy, x, gamma, r, d, eps: float = 1e-5):
+    """The backward pass of Ioffe 2017, Algorithm 1, with r and d held constant (the paper's
+    stop_gradient): y = gamma * r * x_hat + gamma * d + beta is BatchNorm's Algorithm 1 with scale
+    gamma * r, whose backward is that of §3 of Ioffe & Szegedy (:func:`normalize_backward`), and
+    dl/dgamma = sum_i dl/dy_i (x_hat_i r + d). Returns ``(dx, dgamma, dbeta)`` per channel."""
+    x, dy = _f64(x), _f64(dy)
+    scale = _f64(gamma) * _f64(r)
+    _, cache = batch_norm_train(x, scale, np.zeros_like(scale), eps)
+    dx, _, dbeta = normalize_backward(dy, cache)
+    axes = _batch_axes(x.ndim)
+    x_hat = cache.x_hat * _channel(r, x.ndim) + _channel(d, x.ndim)
+    return dx, (dy * x_hat).sum(axis=axes), dbeta.reshape(-1)
+
+
+# --- Fused activations and In-Place ABN (Rota Bulò, Porzi & Kontschieder 2018) ------------------------
+
+
+def _erf(a: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf, otypes=[np.float64])(a)
+
+
+def activation(a, name: str, param: float = 0.01) -> np.ndarray:
+    """relu, leaky_relu (slope ``param``), silu, gelu (erf form), elu (alpha ``param``), identity."""
+    a = _f64(a)
+    if name == "relu":
+        return np.maximum(a, 0.0)
+    if name == "leaky_relu":
+        return np.where(a > 0, a, param * a)
+    if name == "silu":
+        return a / (1.0 + np.exp(-a))
+    if name == "gelu":
+        return 0.5 * a * (1.0 + _erf(a / math.sqrt(2.0)))
+    if name == "elu":
+        return np.where(a > 0, a, param * np.expm1(np.minimum(a, 0.0)))
+    return a
+
+
+def activation_derivative(a, name: str, param: float = 0.01) -> np.ndarray:
+    """d activation / da, with torch's values at the kinks (relu'(0) = 0, leaky_relu'(0) = slope)."""
+    a = _f64(a)
+    if name == "relu":
+        return (a > 0).astype(np.float64)
+    if name == "leaky_relu":
+        return np.where(a > 0, 1.0, param)
+    if name == "silu":
+        s = 1.0 / (1.0 + np.exp(-a))
+        return s * (1.0 + a * (1.0 - s))
+    if name == "gelu":
+        return 0.5 * (1.0 + _erf(a / math.sqrt(2.0))) + a * np.exp(-0.5 * a * a) / math.sqrt(
+            2.0 * math.pi
+        )
+    if name == "elu":
+        return np.where(a > 0, 1.0, param * np.exp(np.minimum(a, 0.0)))
+    return np.ones_like(a)
+
+
+def batch_norm_act_train(x, gamma, beta, name: str, param: float = 0.01, shortcut=None, eps=1e-5):
+    """y = act(BN(x) + shortcut): Algorithm 1, the residual added, then the activation.
+
+    Returns ``(y, cache, pre)`` with ``pre`` the pre-activation BN(x) + shortcut.
+    """
+    bn, cache = batch_norm_train(x, gamma, beta, eps)
+    pre = bn if shortcut is None else bn + _f64(shortcut)
+    return activation(pre, name, param), cache, pre
+
+
+def batch_norm_act_backward(dy, cache: Cache, pre, name: str, param: float = 0.01):
+    """dl/dpre = dl/dy * act'(pre), which is also dl/dshortcut; then §3 of Ioffe & Szegedy.
+
+    Returns ``(dx, dshortcut, dgamma, dbeta)``, dgamma and dbeta per channel.
+    """
+    dpre = _f64(dy) * activation_derivative(pre, name, param)
+    dx, dgamma, dbeta = batch_norm_backward(dpre, cache)
+    return dx, dpre, dgamma, dbeta
+
+
+def inplace_abn_backward(dz, z, gamma, beta, var, name: str, param: float = 0.01, eps=1e-5):
+    """The backward of In-Place ABN from its output alone (Rota Bulò et al. 2018, §3.2).
+
+    With x -> BN -> y = gamma * x_hat + beta -> z = act(y), and only z kept:
+
+        y           = act^-1(z)
+        x_hat       = (y - beta) / gamma
+        dl/dy       = dl/dz * act'(y)
+        dl/dgamma   = sum_i dl/dy_i x_hat_i,    dl/dbeta = sum_i dl/dy_i
+        dl/dx       = gamma / sqrt(sigma2_B + eps) * (dl/dy - dl/dbeta / m - x_hat * dl/dgamma / m)
+
+    ``var`` is the batch's biased variance per channel. Returns ``(dx, dgamma, dbeta)``.
+    """
+    z, dz = _f64(z), _f64(dz)
+    ndim = z.ndim
+    axes = _batch_axes(ndim)
+    m = int(np.prod([z.shape[a] for a in axes]))
+    if name == "leaky_relu":
+        y = np.where(z > 0, z, z / param)
+    elif name == "elu":
+        y = np.where(z > 0, z, np.log1p(z / param))
+    else:
+        y = z
+    gamma, beta = _channel(gamma, ndim), _channel(beta, ndim)
+    x_hat = (y - beta) / gamma
+    dy = dz * activation_derivative(y, name, param)
+    dgamma = (dy * x_hat).sum(axis=axes, keepdims=True)
+    dbeta = dy.sum(axis=axes, keepdims=True)
+    dx = gamma / np.sqrt(_channel(var, ndim) + eps) * (dy - dbeta / m - x_hat * dgamma / m)
+    return dx, dgamma.reshape(-1), dbeta.reshape(-1)

@@ -7,8 +7,12 @@ import sys
 
 import typer
 
+from normkit.cli.bench import bench
 from normkit.cli.demo import demo
+from normkit.cli.doctor import doctor
 from normkit.cli.env import env
+from normkit.cli.fold import fold
+from normkit.cli.lab import app as lab_app
 
 app = typer.Typer(
     name="normkit",
@@ -19,6 +23,10 @@ app = typer.Typer(
 )
 app.command()(env)
 app.command()(demo)
+app.command()(bench)
+app.command()(doctor)
+app.command()(fold)
+app.add_typer(lab_app, name="lab")
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from normkit.functional._checks import (
     check_min_rank,
     check_per_channel,
 )
+from normkit.functional._masked import masked_batch_norm
 from normkit.functional._normalize import channel_view, empty_output, normalize, normalize_over
 from normkit.functional._running_stats import (
     exponential_average_factor,
@@ -40,6 +41,7 @@ def batch_norm(
     num_batches_tracked: torch.Tensor | None = None,
     num_batches_skipped: torch.Tensor | None = None,
     on_nonfinite: str = "skip",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batch normalization of an input of shape (N, C, *); see :class:`normkit.BatchNorm`.
 
@@ -51,6 +53,9 @@ def batch_norm(
         num_batches_skipped: a long scalar tensor counting updates refused by the guard.
         on_nonfinite: ``"skip"``, ``"warn"`` or ``"raise"`` when the batch's statistics are not
             finite (see :func:`normkit.functional.guarded_update`).
+        mask: a bool tensor of shape (N, *), True where an element is real: statistics over the
+            real elements only, zeros at padded positions (see
+            :mod:`normkit.functional._masked`). Default: None, every element is real.
 
     Running statistics are updated in place when ``training`` and both are given. An empty batch
     returns an empty output and leaves them (and the counters) unchanged.
@@ -67,6 +72,21 @@ def batch_norm(
         raise ConfigError(
             "batch_norm with training=False normalizes with running_mean and running_var, but "
             "they were not given; pass them, or training=True to use the batch's statistics"
+        )
+    if mask is not None:
+        return masked_batch_norm(
+            input,
+            mask,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            num_batches_tracked=num_batches_tracked,
+            num_batches_skipped=num_batches_skipped,
+            on_nonfinite=on_nonfinite,
         )
     impl = _dispatch.resolve("batch_norm", input)
     tracked = training and running_mean is not None and running_var is not None

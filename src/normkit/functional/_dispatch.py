@@ -35,6 +35,17 @@ def _always(_: torch.Tensor) -> bool:
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
 # The order in which `auto` tries backends: fastest verified first (see docs/benchmarks.md).
 _AUTO_ORDER: list[str] = ["native", "reference"]
+# Where a benchmark measured another backend faster for an op on a device, dtype and layout
+# ("contiguous" or "strided", e.g. channels_last), `auto` uses the order given here instead:
+# (op, device type, dtype, layout) -> order. Every entry is a row of docs/benchmarks.md ("Kernels
+# and fused layers"); nothing else changes `auto`. CUDA has no entry yet: it stays on native
+# (ATen/cuDNN) until benchmarks/gpu_check.py, run on an H100/H200, shows a triton kernel faster for
+# an op and dtype, and the figure is recorded in docs/benchmarks.md.
+AUTO_PREFERENCES: dict[tuple[str, str, torch.dtype, str], list[str]] = {
+    # BatchNormAct on the CPU, float32 NCHW: compiled 0.59x-1.01x torch's BatchNorm2d -> ReLU
+    # (forward + backward); slower in channels_last and bfloat16, which stay native.
+    ("batch_norm_act", "cpu", torch.float32, "contiguous"): ["compiled", "native", "reference"],
+}
 _DEFAULT = "auto"
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "normkit_backend", default=None
@@ -56,7 +67,6 @@ def implementations(op: str) -> dict[str, Implementation]:
     return dict(_REGISTRY.get(op, {}))
 
 
-@torch.compiler.assume_constant_result
 def current() -> str:
     """The backend in force: the innermost ``with backend(...)``, else the global choice.
 
@@ -65,6 +75,11 @@ def current() -> str:
     """
     name = _override.get()
     return _DEFAULT if name is None else name
+
+
+# What torch.compiler.assume_constant_result(current) does, without importing torch._dynamo here:
+# Dynamo imports triton when it is installed, and `import normkit` must not (DESIGN.md).
+current._dynamo_marked_constant = True
 
 
 def set_default(name: str) -> None:
@@ -87,7 +102,7 @@ def resolve(op: str, input: torch.Tensor, backend: str | None = None) -> Callabl
     name = current() if backend is None else backend
     table = _REGISTRY[op]
     if name == "auto":
-        for candidate in _AUTO_ORDER:
+        for candidate in auto_order(op, input):
             impl = table.get(candidate)
             if impl is not None and impl.supports(input):
                 return impl.fn
@@ -104,6 +119,14 @@ def resolve(op: str, input: torch.Tensor, backend: str | None = None) -> Callabl
             "use backend 'auto' to fall back to one that can"
         )
     return impl.fn
+
+
+def auto_order(op: str, input: torch.Tensor) -> list[str]:
+    """The backends `auto` tries for ``op`` on ``input``, fastest measured first."""
+    if not AUTO_PREFERENCES:
+        return _AUTO_ORDER
+    layout = "contiguous" if input.is_contiguous() else "strided"
+    return AUTO_PREFERENCES.get((op, input.device.type, input.dtype, layout), _AUTO_ORDER)
 
 
 def override(name: str) -> contextvars.Token:

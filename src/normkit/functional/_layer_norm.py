@@ -20,6 +20,7 @@ from normkit.functional._checks import (
     check_per_channel,
     check_trailing_shape,
 )
+from normkit.functional._masked import masked_layer_norm
 from normkit.functional._normalize import channel_view, empty_output, normalize_over
 
 
@@ -29,12 +30,21 @@ def layer_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Layer normalization over the last dims; see :class:`normkit.LayerNorm`."""
+    """Layer normalization over the last dims; see :class:`normkit.LayerNorm`.
+
+    ``mask``: a bool tensor of the input's shape without its last dim, True where a position is
+    real: statistics over the real elements only, zeros at padded positions (see
+    :mod:`normkit.functional._masked`). Default: None, every element is real.
+    """
     check_floating(input)
     check_eps(eps)
     normalized_shape = _as_shape(normalized_shape)
     check_trailing_shape(input, normalized_shape)
+    if mask is not None:
+        return masked_layer_norm(input, mask, normalized_shape, weight, bias, eps)
     impl = _dispatch.resolve("layer_norm", input)
     return impl(input, normalized_shape, weight, bias, eps)
 

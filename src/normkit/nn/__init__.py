@@ -1,23 +1,43 @@
 """normkit's layers: drop-ins for torch.nn's normalizers, and the tools to control their state."""
 
+from normkit.nn.batch_instance import BatchInstanceNorm
+from normkit.nn.batch_layer import BatchLayerNorm
+from normkit.nn.batch_norm_act import BatchNormAct
 from normkit.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normkit.nn.frozen import FrozenBatchNorm
+from normkit.nn.ghost import GhostBatchNorm
 from normkit.nn.groupnorm import GroupNorm
+from normkit.nn.inplace_abn import InPlaceABN
 from normkit.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normkit.nn.layernorm import LayerNorm, LayerNorm2d
+from normkit.nn.renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormRamp
 from normkit.nn.snapshot import RunningStatsSnapshot, frozen_running_stats, snapshot_running_stats
+from normkit.nn.switchable import SwitchableNorm
 
 __all__ = [
+    "BatchInstanceNorm",
+    "BatchLayerNorm",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct",
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FrozenBatchNorm",
+    "GhostBatchNorm",
     "GroupNorm",
+    "InPlaceABN",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
     "LayerNorm2d",
+    "RenormRamp",
     "RunningStatsSnapshot",
+    "SwitchableNorm",
     "frozen_running_stats",
     "snapshot_running_stats",
 ]

@@ -34,6 +34,12 @@ class BatchNorm(_BatchNorm):
         Flax call ``1 - momentum`` their "momentum" (0.99); pass that number as ``decay=`` instead.
         ``momentum=None`` is the cumulative average over the batches seen.
 
+    ``layer(x, mask=m)`` with a bool ``m`` of shape (N, \*) — the input without dim 1, True where
+    an element is real — keeps padded elements out of the statistics (variable-length sequences):
+    each channel's mean and variance are over its real elements, padded positions of the output are
+    0 and get no gradient, in training and eval. A channel with fewer than two real elements does
+    not update the running statistics (the guard below skips it).
+
     Running statistics are guarded: a batch whose statistics are NaN or Inf never enters them
     (``on_nonfinite``, below); ``num_batches_skipped`` counts such batches. An empty batch returns
     an empty output and leaves running statistics and ``num_batches_tracked`` as they were
@@ -111,7 +117,7 @@ class BatchNorm(_BatchNorm):
         if self._ranks is not None:
             check_rank(self, input, self._ranks, self._layout, "nk.BatchNorm takes any (N, C, *)")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
         # As torch.nn: batch statistics in training, and in eval when there are no running ones;
         # running statistics are updated only in training with track_running_stats.
@@ -133,6 +139,7 @@ class BatchNorm(_BatchNorm):
                 num_batches_tracked=self.num_batches_tracked if update else None,
                 num_batches_skipped=self.num_batches_skipped if update else None,
                 on_nonfinite=self.on_nonfinite,
+                mask=mask,
             )
         except NormkitError as error:
             raise named(self, error) from None

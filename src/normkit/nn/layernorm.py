@@ -27,6 +27,11 @@ class LayerNorm(nn.LayerNorm):
     .. math::
         y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
 
+    ``layer(x, mask=m)`` with a bool ``m`` of the input's shape without its last dim, True where a
+    position is real, computes each sample's statistics over its real elements only (when
+    ``normalized_shape`` spans padded positions, e.g. a whole sequence); padded positions of the
+    output are 0 and get no gradient.
+
     Args:
         normalized_shape: the trailing shape to normalize over (an int for the last dim).
         eps: added to the variance; must be > 0. Default: 1e-5.
@@ -61,9 +66,11 @@ class LayerNorm(nn.LayerNorm):
         check_eps(eps)
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         try:
-            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+            return F.layer_norm(
+                input, self.normalized_shape, self.weight, self.bias, self.eps, mask=mask
+            )
         except NormkitError as error:
             raise named(self, error) from None
 

@@ -1,0 +1,206 @@
+"""Batch Layer Normalization (Ziaee & Çano 2022): BN and LN mixed by the inverse batch size.
+
+:func:`batch_layer_norm` is the functional form of :class:`normkit.BatchLayerNorm`; see it for the
+conventions and the decisions where the paper's code and normkit's layout differ. The layer of the
+official code (A2Amir/Batch-Layer-Normalization, ``helpers/bln_layer.py``), for a mini-batch of size
+m and d_k features (channels):
+
+    x_b = (x - mu_B) / sqrt(sigma2_B + eps)          BatchNorm's normalization
+    x_f = (x - mu_F) / sqrt(sigma2_F + eps)          LayerNorm's, over the features of each position
+    y   = gamma * [(1/m - 1e-4) x_f + (1 - 1/m - 1e-4) x_b] / sqrt(d_k) + beta
+
+The mixing weights are fixed, not learned, so they fold into the two normalizations' affine
+parameters. ``native`` runs ATen's batch-norm and layer-norm kernels side by side on the input with
+its channels moved last (one layout for both; see ``_ChannelsLastBatchLayerNorm``); ``reference``
+normalizes twice with normkit's :func:`~normkit.functional.normalize_over` and mixes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from normkit.errors import ConfigError
+from normkit.functional import _dispatch
+from normkit.functional._batch_instance import mix_with_batch_statistics
+from normkit.functional._batch_norm import batch_dims
+from normkit.functional._checks import (
+    check_batch_statistics_size,
+    check_eps,
+    check_floating,
+    check_min_rank,
+    check_per_channel,
+    check_positive_int,
+)
+from normkit.functional._moments import stats_dtype
+from normkit.functional._normalize import channel_view, normalize, normalize_over
+from normkit.functional._renorm import batch_norm_statistics
+
+# The offsets of the official code: the weights are 1/m - 1e-4 and 1 - (1/m + 1e-4).
+WEIGHT_OFFSET = 1e-4
+
+
+def batch_layer_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-3,
+    batch_size: int | None = None,
+    divide_by_sqrt_features: bool = True,
+    *,
+    num_batches_tracked: torch.Tensor | None = None,
+    num_batches_skipped: torch.Tensor | None = None,
+    on_nonfinite: str = "skip",
+) -> torch.Tensor:
+    """Batch Layer normalization of an (N, C, \\*) input; see :class:`normkit.BatchLayerNorm`.
+
+    ``batch_size`` is the m of the mixing weights (default: the input's N). The BN part follows
+    :func:`normkit.functional.batch_norm`: batch statistics when ``training`` (running statistics
+    updated when given), the running statistics otherwise; the LN part is always per position.
+    """
+    check_floating(input)
+    check_eps(eps)
+    check_min_rank(input, 2, "(N, C, *)")
+    check_per_channel(
+        input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
+    if batch_size is not None:
+        check_positive_int(batch_size, "batch_size")
+    batch_weight, layer_weight = mixing_weights(
+        batch_size or max(input.shape[0], 1), input.shape[1], divide_by_sqrt_features
+    )
+    impl = _dispatch.resolve("batch_layer_norm", input)
+    arguments = (batch_weight, layer_weight, weight, bias)
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ConfigError(
+                "batch_layer_norm with training=False normalizes the BN part with running_mean "
+                "and running_var, but they were not given; pass them, or training=True"
+            )
+        return impl(input, *arguments, running_mean, running_var, eps)[0]
+    check_batch_statistics_size(input)
+    return mix_with_batch_statistics(
+        impl,
+        input,
+        arguments,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+        num_batches_tracked=num_batches_tracked,
+        num_batches_skipped=num_batches_skipped,
+        on_nonfinite=on_nonfinite,
+    )
+
+
+def mixing_weights(batch_size: int, features: int, divide: bool) -> tuple[float, float]:
+    """(weight of x_b, weight of x_f): (1 - 1/m - 1e-4, 1/m - 1e-4), over sqrt(d_k) if ``divide``."""
+    scale = 1.0 / math.sqrt(features) if divide else 1.0
+    inverse = 1.0 / batch_size
+    return (1.0 - (inverse + WEIGHT_OFFSET)) * scale, (inverse - WEIGHT_OFFSET) * scale
+
+
+def _per_channel(weight, factor: float, channels: int, dtype, device) -> torch.Tensor:
+    if weight is None:
+        return torch.full((channels,), factor, dtype=dtype, device=device)
+    return weight.to(dtype) * factor
+
+
+def _native_batch_layer_norm(
+    input, batch_weight, layer_weight, weight, bias, running_mean, running_var, eps
+):
+    dtype = stats_dtype(input.dtype)
+    channels = input.shape[1]
+    w_b = _per_channel(weight, batch_weight, channels, dtype, input.device)
+    w_f = _per_channel(weight, layer_weight, channels, dtype, input.device)
+    b = torch.zeros(channels, dtype=dtype, device=input.device) if bias is None else bias.to(dtype)
+    stats = (
+        (None, None) if running_mean is None else (running_mean.to(dtype), running_var.to(dtype))
+    )
+    return _ChannelsLastBatchLayerNorm.apply(input, w_b, b, w_f, *stats, eps)
+
+
+class _ChannelsLastBatchLayerNorm(torch.autograd.Function):
+    """y = BN(x; w_b, b) + LN_C(x; w_f) on the (M, C) matrix of the input with channels last.
+
+    Both halves are ATen's fastest CPU kernels on that layout (BatchNorm of a 2-D input, LayerNorm
+    over a contiguous last dim), and they share it: the input moves to channels-last once (free
+    for channels_last and (N, C) inputs), the output grad once, and each half's backward is ATen's,
+    called directly so that its grad and input have the same layout. BatchNorm's statistics come
+    from ATen's statistics kernel and are returned for the running update.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_b, b, w_f, running_mean, running_var, eps):
+        channels = x.shape[1]
+        rows = x.movedim(1, -1).contiguous().view(-1, channels)  # (M, C)
+        training = running_mean is None
+        mean, var = batch_norm_statistics(rows) if training else (running_mean, running_var)
+        cudnn = torch.backends.cudnn.enabled
+        y = torch.batch_norm(rows, w_b, b, mean, var, False, 0.0, eps, cudnn)
+        y_f, mean_f, rstd_f = torch.native_layer_norm(rows, (channels,), w_f, None, eps)
+        y = y.add_(y_f).view(x.movedim(1, -1).shape).movedim(-1, 1)
+        ctx.save_for_backward(x, rows, w_b, w_f, mean, var, mean_f, rstd_f)
+        ctx.training, ctx.eps = training, eps
+        ctx.mark_non_differentiable(mean, var)
+        return _like_input(y, x), mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, rows, w_b, w_f, mean, var, mean_f, rstd_f = ctx.saved_tensors
+        channels = x.shape[1]
+        if torch.is_grad_enabled():  # double backward: the rows as a function of x
+            rows = x.movedim(1, -1).contiguous().view(-1, channels)
+        grad = dy.movedim(1, -1).contiguous().view(-1, channels)
+        needs = ctx.needs_input_grad
+        mask = [needs[0], needs[1], needs[2]]
+        if ctx.training:
+            invstd = torch.rsqrt(var + ctx.eps)
+            dx, dw_b, db = torch.ops.aten.native_batch_norm_backward(
+                grad, rows, w_b, None, None, mean, invstd, True, ctx.eps, mask
+            )
+        else:  # the running statistics are constants: ATen's inference backward
+            dx, dw_b, db = torch.ops.aten.native_batch_norm_backward(
+                grad, rows, w_b, mean, var, None, None, False, ctx.eps, mask
+            )
+        dx_f, dw_f, _ = torch.ops.aten.native_layer_norm_backward(
+            grad, rows, (channels,), mean_f, rstd_f, w_f, None, [needs[0], needs[3], False]
+        )
+        if dx is not None:
+            dx = dx.add_(dx_f) if not torch.is_grad_enabled() else dx + dx_f
+            dx = _like_input(dx.view(x.movedim(1, -1).shape).movedim(-1, 1), x)
+        return dx, dw_b, db, dw_f, None, None, None
+
+
+def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` (channels-last strides) in ``x``'s layout: unchanged for channels-last and (N, C)
+    inputs, copied to contiguous otherwise."""
+    return t if x.dim() == 2 or not x.is_contiguous() else t.contiguous()
+
+
+def _reference_batch_layer_norm(
+    input, batch_weight, layer_weight, weight, bias, running_mean, running_var, eps
+):
+    ndim = input.dim()
+    dtype = stats_dtype(input.dtype)
+    x = input.to(dtype)  # normalize in float32 for half inputs, and round once at the end
+    if running_mean is None:
+        x_b, mean, var = normalize_over(x, batch_dims(ndim), None, None, eps)
+    else:
+        mean, var = running_mean, running_var
+        x_b = normalize(x, channel_view(mean, ndim), channel_view(var, ndim), eps=eps)
+    x_f, _, _ = normalize_over(x, (1,), None, None, eps)
+    y = batch_weight * x_b + layer_weight * x_f
+    if weight is not None:
+        y = y * channel_view(weight.to(dtype), ndim)
+    if bias is not None:
+        y = y + channel_view(bias.to(dtype), ndim)
+    return y.to(input.dtype), mean.reshape(-1), var.reshape(-1)
+
+
+_dispatch.register("batch_layer_norm", "reference", _reference_batch_layer_norm)

@@ -1,0 +1,51 @@
+"""Measurements taken on a model: accuracy, loss, and the distribution of one unit's input.
+
+All run under ``torch.no_grad`` in chunks, so a 10,000-image test set through a CNN stays within a
+few hundred MB; the caller sets train/eval mode.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+EVAL_CHUNK = 1000
+
+
+@torch.no_grad()
+def accuracy_and_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = EVAL_CHUNK
+) -> tuple[float, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on ``(x, y)``."""
+    correct, loss = 0, 0.0
+    for start in range(0, len(y), chunk):
+        logits = model(x[start : start + chunk])
+        target = y[start : start + chunk]
+        correct += int((logits.argmax(dim=1) == target).sum())
+        loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+    return correct / len(y), loss / len(y)
+
+
+@torch.no_grad()
+def unit_percentiles(
+    model: nn.Module,
+    module: nn.Module,
+    x: torch.Tensor,
+    unit: int,
+    quantiles: tuple[float, ...] = (0.15, 0.5, 0.85),
+    chunk: int = EVAL_CHUNK,
+) -> list[float]:
+    """Quantiles, over the examples of ``x``, of feature ``unit`` of ``module``'s output.
+
+    Ioffe & Szegedy (2015), Fig. 1(b, c): the {15, 50, 85}th percentiles of one sigmoid's input.
+    """
+    values: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: values.append(out[:, unit].clone()))
+    try:
+        for start in range(0, len(x), chunk):
+            model(x[start : start + chunk])
+    finally:
+        handle.remove()
+    return torch.quantile(
+        torch.cat(values).double(), torch.tensor(quantiles, dtype=torch.double)
+    ).tolist()

@@ -1,0 +1,176 @@
+"""The lab's networks: a fully connected net and a small CNN, with or without batch normalization.
+
+Both are ``nn.Sequential`` with named children (``linear1``, ``norm1``, ``act1``, ...) so experiments
+can find "the input to the sigmoid of hidden layer 3" by name. Normalization layers come from the
+public API as a user would write them: ``norm="batch"`` is ``nk.BatchNorm1d``/``nk.BatchNorm2d``, any
+other name a layer of ``nk.create_norm`` (``"group:4"``, ``"layer"``, ...), ``"none"`` no layer.
+
+Placement (Ioffe & Szegedy 2015, §3.2): ``"before"`` puts BN between the affine map and the
+nonlinearity, z = g(BN(Wu)), and drops the affine map's bias because BN's β subsumes it;
+``"after"`` puts BN after the nonlinearity, BN(g(Wu + b)), where the bias is no longer redundant
+and is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+import normkit as nk
+from normkit.errors import ConfigError
+
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+PLACEMENTS = ("before", "after")
+
+
+def _check_choice(argument: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{argument}={value!r} is not known; choose one of {', '.join(choices)}")
+
+
+def _norm(norm: str, spatial_dims: int, features: int) -> nn.Module | None:
+    """The normalizer named ``norm`` for ``features`` channels; None for "none".
+
+    ``"batch"`` is ``nk.BatchNorm1d``/``nk.BatchNorm2d``; any other name goes to
+    ``nk.create_norm`` (``"group:4"``, ``"layer"``, ``"renorm"``, ...), whose errors list the names.
+    """
+    if norm == "none":
+        return None
+    if norm == "batch":
+        return {0: nk.BatchNorm1d, 1: nk.BatchNorm1d, 2: nk.BatchNorm2d}[spatial_dims](features)
+    return nk.create_norm(norm, features)
+
+
+def _block(
+    layers: OrderedDict,
+    index: int,
+    affine: nn.Module,
+    norm: nn.Module | None,
+    activation: str,
+    placement: str,
+) -> None:
+    layers[f"{'conv' if affine.__class__.__name__.startswith('Conv') else 'linear'}{index}"] = (
+        affine
+    )
+    if norm is not None and placement == "before":
+        layers[f"norm{index}"] = norm
+    layers[f"act{index}"] = ACTIVATIONS[activation]()
+    if norm is not None and placement == "after":
+        layers[f"norm{index}"] = norm
+
+
+def mlp(
+    in_features: int,
+    hidden: tuple[int, ...] = (100, 100, 100),
+    classes: int = 10,
+    activation: str = "sigmoid",
+    norm: str = "none",
+    placement: str = "before",
+    dropout: float = 0.0,
+) -> nn.Sequential:
+    """A fully connected net: flatten, then per hidden layer Linear [BN] act [Dropout], then Linear.
+
+    Ioffe & Szegedy's MNIST net (Fig. 1) is ``mlp(784, (100, 100, 100), activation="sigmoid")``.
+    """
+    _check_choice("activation", activation, ACTIVATIONS)
+    _check_choice("placement", placement, PLACEMENTS)
+    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    width = in_features
+    for index, out in enumerate(hidden, start=1):
+        has_norm = norm != "none"
+        linear = nn.Linear(width, out, bias=not (has_norm and placement == "before"))
+        _block(layers, index, linear, _norm(norm, 0, out), activation, placement)
+        if dropout > 0:
+            layers[f"dropout{index}"] = nn.Dropout(dropout)
+        width = out
+    layers["output"] = nn.Linear(width, classes)
+    return nn.Sequential(layers)
+
+
+def cnn(
+    sample_shape: tuple[int, ...],
+    channels: tuple[int, ...] = (16, 32),
+    hidden: int = 128,
+    classes: int = 10,
+    activation: str = "relu",
+    norm: str = "none",
+    placement: str = "before",
+    dropout: float = 0.0,
+) -> nn.Sequential:
+    """A small CNN: per stage conv5 [BN] act [BN] maxpool2, then fc ``hidden`` [BN] act, then fc.
+
+    Works on images (C, H, W) with 2-d convolutions and on sequences (C, L) such as MNIST-1D with
+    1-d ones. ``dropout`` applies before the last fully connected layer.
+    """
+    _check_choice("activation", activation, ACTIVATIONS)
+    _check_choice("placement", placement, PLACEMENTS)
+    spatial = len(sample_shape) - 1
+    if spatial not in (1, 2):
+        raise ConfigError(f"cnn: sample_shape={tuple(sample_shape)} must be (C, L) or (C, H, W)")
+    conv, pool = (nn.Conv1d, nn.MaxPool1d) if spatial == 1 else (nn.Conv2d, nn.MaxPool2d)
+    has_norm = norm != "none"
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    width, size = sample_shape[0], list(sample_shape[1:])
+    for index, out in enumerate(channels, start=1):
+        layer = conv(width, out, 5, padding=2, bias=not (has_norm and placement == "before"))
+        _block(
+            layers,
+            index,
+            layer,
+            _norm(norm, spatial, out),
+            activation,
+            placement,
+        )
+        if min(size) >= 2:
+            layers[f"pool{index}"] = pool(2)
+            size = [s // 2 for s in size]
+        width = out
+    layers["flatten"] = nn.Flatten()
+    index = len(channels) + 1
+    linear = nn.Linear(
+        width * math.prod(size), hidden, bias=not (has_norm and placement == "before")
+    )
+    _block(layers, index, linear, _norm(norm, 0, hidden), activation, placement)
+    if dropout > 0:
+        layers["dropout"] = nn.Dropout(dropout)
+    layers["output"] = nn.Linear(hidden, classes)
+    return nn.Sequential(layers)
+
+
+def initialize(model: nn.Module, scheme: str, generator: torch.Generator) -> None:
+    """Re-draw every Linear/Conv weight from ``generator``; biases start at zero.
+
+    ``scheme``: ``"gaussian:STD"`` (N(0, STD²), the paper's "small random Gaussian values"),
+    ``"xavier"`` (Glorot & Bengio 2010, normal, std = sqrt(2 / (fan_in + fan_out))) or ``"he"``
+    (He et al. 2015, normal, std = sqrt(2 / fan_in)). BN layers keep γ = 1, β = 0.
+    """
+    if not (scheme in ("xavier", "he") or scheme.startswith("gaussian:")):
+        raise ConfigError(
+            f"init={scheme!r} is not known; use 'gaussian:STD' (e.g. 'gaussian:0.01'), 'xavier' or 'he'"
+        )
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                continue
+            weight = module.weight
+            receptive = math.prod(weight.shape[2:])
+            fan_in, fan_out = weight.shape[1] * receptive, weight.shape[0] * receptive
+            if scheme == "xavier":
+                std = math.sqrt(2.0 / (fan_in + fan_out))
+            elif scheme == "he":
+                std = math.sqrt(2.0 / fan_in)
+            else:
+                std = float(scheme.split(":", 1)[1])
+            weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+            if module.bias is not None:
+                module.bias.zero_()
+
+
+def pre_activation(model: nn.Sequential, index: int) -> nn.Module:
+    """The module whose output is the input of hidden layer ``index``'s nonlinearity."""
+    names = list(model._modules)
+    position = names.index(f"act{index}")
+    return model._modules[names[position - 1]]

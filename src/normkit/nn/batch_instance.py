@@ -1,0 +1,123 @@
+"""Batch-Instance Normalization: a learned per-channel gate between BatchNorm and InstanceNorm."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from normkit.errors import NormkitError
+from normkit.functional._batch_instance import batch_instance_norm
+from normkit.nn._base import finish_norm_base, named, norm_base_arguments
+
+
+class BatchInstanceNorm(_NormBase):
+    r"""Batch-Instance Normalization (Nam & Kim 2018): BN and IN mixed per channel by a gate ρ.
+
+    Paper: https://arxiv.org/abs/1805.07925 (eqs. 6-7); official code hyseob/Batch-Instance-
+    Normalization. Style (contrast, texture) lives in the instance statistics that BatchNorm keeps
+    and InstanceNorm removes; the gate learns, per channel, how much of it to remove:
+
+    .. math::
+        y = \left(\rho\, \hat{x}_B + (1 - \rho)\, \hat{x}_I\right) \gamma + \beta,
+        \qquad \rho \in [0, 1]^C
+
+    where :math:`\hat{x}_B` is BatchNorm's normalization (batch statistics in training, running
+    statistics in eval) and :math:`\hat{x}_I` InstanceNorm's (each sample's own, always). ρ = 1 is
+    BatchNorm and ρ = 0 InstanceNorm.
+
+    Decisions (tested):
+
+    - ρ is the parameter ``rho``, initialised to 1 (pure BN) as in the paper's code. The paper keeps
+      ρ in [0, 1] by clipping it after every update; here each training-mode forward first projects
+      ``rho`` onto [0, 1] in place (the clip of the previous step, applied when ρ is next used), and
+      the formula always uses ``rho.clamp(0, 1)``, so a value set by hand outside the range is never
+      used. The gradient passes at the bounds, so ρ can leave 1.
+    - The paper trains the gates with 10× the learning rate and no weight decay: give ``rho`` its own
+      parameter group, e.g. ``[p for n, p in model.named_parameters() if n.endswith("rho")]``.
+    - ``running_mean``/``running_var`` are the BN part's, with BatchNorm's conventions and guard.
+
+    Args:
+        num_features: C.
+        eps: added to both variances; must be > 0. Default: 1e-5.
+        momentum, affine, track_running_stats, device, dtype, bias, decay, on_nonfinite: as
+            :class:`BatchNorm`.
+
+    Shape:
+        Input: (N, C, \*spatial) with at least one spatial dim; output: the same shape, dtype and
+        memory format.
+
+    Example::
+
+        >>> import torch, normkit as nk
+        >>> import torch.nn.functional as F
+        >>> x = torch.randn(4, 3, 5, 5)
+        >>> bin_ = nk.BatchInstanceNorm(3, affine=False)  # rho = 1: BatchNorm
+        >>> bool(torch.allclose(bin_(x), F.batch_norm(x, None, None, training=True), atol=1e-5))
+        True
+        >>> _ = torch.nn.init.zeros_(bin_.rho)  # rho = 0: InstanceNorm
+        >>> bool(torch.allclose(bin_(x), F.instance_norm(x), atol=1e-5))
+        True
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        decay: float | None = None,
+        on_nonfinite: str = "skip",
+    ) -> None:
+        args, kwargs = norm_base_arguments(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias,
+            decay,
+            on_nonfinite,
+        )
+        super().__init__(*args, **kwargs)
+        finish_norm_base(self, bias, on_nonfinite, device)
+        self.rho = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "rho", None) is not None:
+            nn.init.ones_(self.rho)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        pass  # any (N, C, *spatial): checked by the functional op, which names the fix
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        running = self.running_mean is not None and self.running_var is not None
+        update = self.training and running
+        if self.training:
+            with torch.no_grad():  # Nam & Kim's clip of the gate after each update
+                self.rho.clamp_(0.0, 1.0)
+        try:
+            return batch_instance_norm(
+                input,
+                self.rho,
+                self.running_mean if running else None,
+                self.running_var if running else None,
+                self.weight,
+                self.bias,
+                self.training or not running,
+                self.momentum,
+                self.eps,
+                num_batches_tracked=self.num_batches_tracked if update else None,
+                num_batches_skipped=self.num_batches_skipped if update else None,
+                on_nonfinite=self.on_nonfinite,
+            )
+        except NormkitError as error:
+            raise named(self, error) from None
