@@ -84,7 +84,9 @@ BACKENDS = ["native", "reference"]
 
 
 def _time(fn: Callable[[], object], min_run_time: float) -> float:
-    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    # Timer runs its statement on one thread unless told otherwise: use torch's own thread count.
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def _train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
@@ -161,9 +163,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-run-time", type=float, default=0.5)
     parser.add_argument("--only", default="", help="only rows whose name contains this")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_layers.json"))
     args = parser.parse_args(argv)
     rounds, min_run_time = (1, 0.2) if args.quick else (args.rounds, args.min_run_time)
+    torch.set_num_threads(args.threads)
     results = []
     for row in ROWS:
         if args.only in row.name:

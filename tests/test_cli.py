@@ -5,8 +5,8 @@ import json
 from typer.testing import CliRunner
 
 from normkit.cli.main import app
-from normkit.environment import collect
 from normkit.lab.digits_demo import DemoConfig, run_demo, summarize
+from normkit.lab.environment import collect
 
 runner = CliRunner()
 

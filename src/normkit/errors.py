@@ -38,3 +38,15 @@ class NonFiniteStatisticsError(NormkitError, ValueError):
 
 class BackendError(NormkitError, ValueError):
     """An unknown backend name, or a backend that cannot run on this device and dtype."""
+
+
+class RankMismatchError(NormkitError, ValueError):
+    """Ranks reached the same synchronized layer but disagree on how to run it (channels, dtype,
+    eps, momentum, whether the input needs a gradient, how many synchronized steps it has taken).
+    Raised on every rank, so no rank waits in a collective for a peer that has stopped."""
+
+
+class RankSyncError(NormkitError, RuntimeError):
+    """A collective did not complete: a peer never joined it (a rank in eval mode, control flow
+    that differs across ranks), timed out, or died. A ``RuntimeError``, as torch.distributed's own
+    timeouts are, so existing handlers keep working."""

@@ -16,7 +16,7 @@ def env(
     from rich.console import Console
     from rich.table import Table
 
-    from normkit.environment import collect
+    from normkit.lab.environment import collect
 
     info = collect(check=check)
     if as_json:

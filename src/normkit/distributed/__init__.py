@@ -12,10 +12,10 @@
 """
 
 from normkit.distributed._convert import to_batch_norm, to_sync_batch_norm
-from normkit.distributed._errors import RankMismatchError, RankSyncError
 from normkit.distributed._functional import synchronized_batch_norm
 from normkit.distributed._moments import local_moments, merge_moments
 from normkit.distributed.sync_batch_norm import SyncBatchNorm
+from normkit.errors import RankMismatchError, RankSyncError
 
 __all__ = [
     "RankMismatchError",

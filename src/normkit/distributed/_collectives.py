@@ -28,13 +28,14 @@ import math
 import torch
 import torch.distributed as dist
 
-from normkit.distributed._errors import RankMismatchError, RankSyncError
 from normkit.errors import (
     BatchTooSmallError,
     ChannelMismatchError,
     ConfigError,
     DtypeError,
     NormkitError,
+    RankMismatchError,
+    RankSyncError,
     ShapeError,
 )
 
