@@ -25,6 +25,7 @@ LayerNorm, where they have the normalized shape.
   :func:`batch_instance_norm` (Nam & Kim 2018, eqs. 6-7), :func:`batch_layer_norm` (Ziaee & Çano
   2022, the official code), :func:`switchable_norm` (Luo et al. 2018, eqs. 3-4), and the masked
   statistics :func:`masked_batch_norm` and :func:`masked_layer_norm`.
+- ℓp normalization, Santurkar et al. 2018, §3.3: :func:`lp_batch_norm` (the lab's ℓ1/ℓ2/ℓ∞ layers).
 """
 
 from __future__ import annotations
@@ -550,3 +551,27 @@ def inplace_abn_backward(dz, z, gamma, beta, var, name: str, param: float = 0.01
     dbeta = dy.sum(axis=axes, keepdims=True)
     dx = gamma / np.sqrt(_channel(var, ndim) + eps) * (dy - dbeta / m - x_hat * dgamma / m)
     return dx, dgamma.reshape(-1), dbeta.reshape(-1)
+
+
+def lp_batch_norm(x, p: float, gamma=1.0, beta=0.0, eps: float = 1e-5):
+    """Santurkar et al. 2018, §3.3: BN with the standard deviation replaced by an ℓp average of the
+    activations, per channel over the batch and space, taken before the mean is subtracted:
+
+        S_1 = mean |x|,   S_2 = sqrt(mean x^2),   S_inf = max |x|
+        y   = gamma * (x - mean x) / (S_p + eps) + beta
+
+    Returns ``(y, mean, S_p)`` with the statistics per channel (C,).
+    """
+    x = _f64(x)
+    axes = _batch_axes(x.ndim)
+    mu = x.mean(axis=axes, keepdims=True)
+    if p == 1:
+        scale = np.abs(x).mean(axis=axes, keepdims=True)
+    elif p == 2:
+        scale = np.sqrt((x**2).mean(axis=axes, keepdims=True))
+    elif p == math.inf:
+        scale = np.abs(x).max(axis=axes, keepdims=True)
+    else:
+        raise ValueError(f"p={p} must be 1, 2 or inf")
+    y = _channel(gamma, x.ndim) * (x - mu) / (scale + eps) + _channel(beta, x.ndim)
+    return y, mu.reshape(-1), scale.reshape(-1)

@@ -52,6 +52,17 @@ class Setup:
     """What a trial trains: a model, its optimizer, the batch size and an optional LR schedule.
 
     ``lr_factor(step)`` multiplies each parameter group's initial learning rate before the step.
+    ``loss_fn(outputs, targets)`` is the training loss (default: cross-entropy), and ``data`` the
+    data set this trial trains and is measured on when it is not the run's (default: the run's),
+    e.g. synthetic regression data for one network of an experiment that otherwise uses images.
+    ``step`` is the number of training steps taken, kept up to date by the runner before every
+    call of ``measure`` (so a measurement can seed what it draws by the step, across a resume).
+    ``batch_order(labels, batch_size, seed)`` replaces the runner's batch order (shuffled, without
+    replacement) with another one, e.g. non-i.i.d. batches of label pairs; it returns an object with
+    ``next()`` (the indices of the next batch), ``state()`` and ``load(state)`` (for checkpoints).
+    ``train_step(x, y)`` replaces the runner's step (forward, ``loss_fn``, backward, optimizer
+    step) and returns the batch's loss, e.g. to train across several processes; the runner still
+    sets the learning rates from ``lr_factor`` before it, and measures ``model`` afterwards.
     """
 
     model: nn.Module
@@ -59,6 +70,11 @@ class Setup:
     batch_size: int
     lr_factor: Callable[[int], float] | None = None
     initial_lrs: list[float] = field(default_factory=list)
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    data: Dataset | None = None
+    step: int = 0
+    batch_order: Callable[[torch.Tensor, int, int], Any] | None = None
+    train_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self):
         self.initial_lrs = [group["lr"] for group in self.optimizer.param_groups]

@@ -113,7 +113,8 @@ def _standard_sections(record: RunRecord, report: Report) -> list[Section]:
                 ["\n".join(f"- {d}" for d in report.deviations)],
             )
         )
-    settings = Table(["setting", "value"], [[k, fmt(v)] for k, v in record.settings.items()])
+    # settings as the user typed them: 1e-4 stays 1e-4 (not "0.000"), 0.1 stays 0.1
+    settings = Table(["setting", "value"], [[k, fmt(v, "g")] for k, v in record.settings.items()])
     timing = (record.summary or {}).get("timing", {})
     run_blocks: list[str | Table | Figure] = [
         f"Reproduce with:\n\n```\n{config['command']}\n```",

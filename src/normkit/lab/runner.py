@@ -188,7 +188,12 @@ class Runner:
             torch.Generator().manual_seed(derived_seed(trial.seed, 0)),
         )
         model, optimizer = setup.model, setup.optimizer
-        batches = _BatchOrder(len(self.data.y_train), setup.batch_size, derived_seed(trial.seed, 1))
+        data = self.data if setup.data is None else setup.data
+        loss_fn = nn.functional.cross_entropy if setup.loss_fn is None else setup.loss_fn
+        if setup.batch_order is None:
+            batches = _BatchOrder(len(data.y_train), setup.batch_size, derived_seed(trial.seed, 1))
+        else:
+            batches = setup.batch_order(data.y_train, setup.batch_size, derived_seed(trial.seed, 1))
         loss_sum, loss_count, step = torch.zeros((), dtype=torch.float64), 0, 0
         if state is not None:
             model.load_state_dict(state["model"])
@@ -199,9 +204,9 @@ class Runner:
             if self.progress is not None:
                 self.progress.advance(step, trial.key)
         else:
-            self._evaluate(trial, setup, step=0, train_loss=None)
+            self._evaluate(trial, setup, data, step=0, train_loss=None)
         started = time.perf_counter() - self.seconds.get(trial.key, 0.0)
-        x_train, y_train = self.data.x_train, self.data.y_train
+        x_train, y_train = data.x_train, data.y_train
         diverged, last_train_loss = False, None if state is None else state["train_loss"]
         last_reported = step
         model.train()
@@ -211,17 +216,20 @@ class Runner:
                 for group, initial in zip(optimizer.param_groups, setup.initial_lrs, strict=True):
                     group["lr"] = initial * factor
             index = batches.next()
-            loss = nn.functional.cross_entropy(model(x_train[index]), y_train[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if setup.train_step is not None:
+                loss = setup.train_step(x_train[index], y_train[index])
+            else:
+                loss = loss_fn(model(x_train[index]), y_train[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
             loss_sum += loss.detach()
             loss_count += 1
             step += 1
             if step % trial.eval_every == 0 or step == trial.steps:
                 last_train_loss = float(loss_sum) / loss_count
                 diverged = not last_train_loss <= self.experiment.divergence_loss  # NaN too
-                self._evaluate(trial, setup, step, last_train_loss)
+                self._evaluate(trial, setup, data, step, last_train_loss)
                 loss_sum, loss_count = torch.zeros((), dtype=torch.float64), 0
                 self.seconds[trial.key] = time.perf_counter() - started
                 if self.progress is not None:
@@ -245,7 +253,7 @@ class Runner:
                     )
         model.eval()
         with torch.no_grad():
-            values = self.experiment.finish(trial, self.settings, setup, self.data)
+            values = self.experiment.finish(trial, self.settings, setup, data)
         final = {
             "kind": "final",
             "trial": trial.key,
@@ -263,10 +271,13 @@ class Runner:
         self._checkpoint(None, None)
         return json.loads(json.dumps(json_ready(final)))
 
-    def _evaluate(self, trial: Trial, setup: Setup, step: int, train_loss: float | None) -> None:
+    def _evaluate(
+        self, trial: Trial, setup: Setup, data: Dataset, step: int, train_loss: float | None
+    ) -> None:
         setup.model.eval()
+        setup.step = step
         with torch.no_grad():
-            values = self.experiment.measure(trial, self.settings, setup, self.data)
+            values = self.experiment.measure(trial, self.settings, setup, data)
         setup.model.train()
         self._append(
             {
@@ -386,7 +397,7 @@ def run_experiment(
         )
     if recorded is None:
         out.mkdir(parents=True, exist_ok=True)
-        from normkit.environment import collect
+        from normkit.lab.environment import collect
 
         write_json(
             config_path,
