@@ -1,6 +1,7 @@
 """Batch Layer Normalization (Ziaee & Çano 2022): the official code's formula against the float64
 oracle, the fixed weights, m from the batch or the constructor, and the documented choices."""
 
+import copy
 import math
 
 import numpy as np
@@ -16,8 +17,23 @@ from helpers import (
 )
 from normkit import reference as R
 from normkit.errors import ConfigError
+from normkit.functional import _compiled
 
 SHAPES = [(5, 4), (4, 3, 6), (3, 4, 3, 5), (2, 3, 2, 3, 2)]
+# Batch-Layer has a third implementation, the torch.compile'd maths; where no C++ compiler is on
+# PATH the compiled backend is unavailable and its cases say so.
+BACKENDS = ["native", "reference", "compiled"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Run the test under each of Batch-Layer's backends (this module's own, with ``compiled``)."""
+    if request.param == "compiled" and not _compiled.compiler_available():
+        pytest.skip("the compiled backend needs a C++ compiler on PATH")
+    with nk.backend(request.param):
+        yield request.param
+
+
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -97,7 +113,9 @@ def test_batch_of_one_sample_is_layer_norm_over_the_channels(backend):
     x = make_input((1, 4, 5, 5))
     ln = nk.LayerNorm2d(4, eps=1e-3, elementwise_affine=False)
     x_b = torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-3)
-    assert_close(layer(x), (1 - 1e-4) * ln(x) - 1e-4 * x_b, what="m = 1")
+    with nk.backend("reference"):  # the expectation, whichever backend the layer runs on
+        expected = (1 - 1e-4) * ln(x) - 1e-4 * x_b
+    assert_close(layer(x), expected, what="m = 1")
 
 
 def test_eval_weights_follow_the_eval_batch_unless_batch_size_is_given(backend):
@@ -117,3 +135,50 @@ def test_layout_and_keys(backend):
     assert layer(x).is_contiguous(memory_format=torch.channels_last)
     assert set(layer.state_dict()) == set(torch.nn.BatchNorm2d(4).state_dict())
     assert math.isclose(layer.eps, 1e-3)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_compiled_matches_float64_in_every_dtype_and_layout(dtype, channels_last, training):
+    """The compiled maths (float32 parameters, the input's dtype and layout kept) against the same
+    layer in float64 on the same rounded input: output, every gradient, running statistics."""
+    if not _compiled.compiler_available():
+        pytest.skip("the compiled backend needs a C++ compiler on PATH")
+    layer = nk.BatchLayerNorm(6, momentum=0.3)
+    randomize_parameters(layer)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1), layer.running_var.uniform_(0.5, 2)
+    layer.train(training)
+    exact = copy.deepcopy(layer).double()
+    x = make_input((4, 6, 3, 5), dtype, channels_last=channels_last, seed=1).requires_grad_()
+    dy = make_input((4, 6, 3, 5), dtype, channels_last=channels_last, seed=2)
+    with nk.backend("compiled"):
+        y = layer(x)
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    with nk.backend("reference"):
+        y64 = exact(x64)
+    y64.backward(dy.double())
+    assert y.dtype == dtype and y.stride() == x.stride(), "dtype and layout kept"
+    assert_close(y, y64, dtype, "output")
+    assert_close(x.grad, x64.grad, dtype, "input gradient")
+    # the parameters' gradients are float32 sums over all elements of a rounded product
+    assert_close(layer.weight.grad, exact.weight.grad, dtype, "weight gradient")
+    assert_close(layer.bias.grad, exact.bias.grad, dtype, "bias gradient")
+    assert_close(layer.running_mean, exact.running_mean, torch.float32, "running_mean")
+    assert_close(layer.running_var, exact.running_var, torch.float32, "running_var")
+
+
+def test_auto_runs_compiled_where_measured_faster():
+    """auto picks the compiled maths where the benchmark measured it faster than native (float32
+    and bfloat16, NCHW and channels_last; docs/benchmarks.md) and the native kernels elsewhere."""
+    from normkit.functional import _dispatch
+
+    impls = _dispatch.implementations("batch_layer_norm")
+    faster = "compiled" if _compiled.compiler_available() else "native"
+    x = torch.zeros(2, 3, 4, 5)
+    for measured in (x, x.to(memory_format=torch.channels_last), x.bfloat16()):
+        assert _dispatch.resolve("batch_layer_norm", measured) is impls[faster].fn
+    for other in (x.half(), x.double()):
+        assert _dispatch.resolve("batch_layer_norm", other) is impls["native"].fn

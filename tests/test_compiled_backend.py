@@ -9,15 +9,17 @@ few and chosen to cover the branches of the maths.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import normkit as nk
 from fused_oracle import PARAMS, compare, expected_batch_norm_act, make_case, run_batch_norm_act
-from normkit.functional import _batch_norm_act, _dispatch
+from normkit.functional import _batch_norm_act, _compiled, _dispatch
 
 pytestmark = pytest.mark.skipif(
-    not _batch_norm_act.compiler_available(),
+    not _compiled.compiler_available(),
     reason="torch.compile on the CPU needs a C++ compiler (g++, c++ or clang++) on PATH",
 )
 
@@ -60,8 +62,8 @@ def test_a_failing_compiler_falls_back_to_the_same_maths_eagerly(monkeypatch):
 
         return fail
 
-    monkeypatch.setattr(_batch_norm_act, "_compiled", broken)
-    monkeypatch.setattr(_batch_norm_act._CompiledEngine, "broken", False)
+    monkeypatch.setattr(_compiled, "compiled", broken)
+    monkeypatch.setattr(_compiled.CompiledMaths, "broken", False)
     case = make_case((4, 3, 5), torch.float32, seed=1)
     with pytest.warns(RuntimeWarning, match="could not compile"):
         actual = run_batch_norm_act(_fn("relu", True), case, training=True, residual=False)
@@ -75,7 +77,9 @@ def test_auto_uses_compiled_only_where_measured_faster(monkeypatch):
     native = _dispatch.implementations(op)["native"].fn
     preferences = dict(_dispatch.AUTO_PREFERENCES)
     for (entry_op, device, dtype, layout), order in preferences.items():
-        assert entry_op == op and device == "cpu", "only measured CPU entries"
+        assert device == "cpu", "only measured CPU entries"
+        if entry_op != op:  # Batch-Layer's entries are tested in test_batch_layer.py
+            continue
         x = torch.zeros(2, 3, 4, 5, dtype=dtype)
         if layout == "strided":
             x = x.to(memory_format=torch.channels_last)
@@ -95,3 +99,20 @@ def test_auto_uses_compiled_only_where_measured_faster(monkeypatch):
         _dispatch.Implementation(_batch_norm_act.compiled_batch_norm_act, lambda t: False),
     )
     assert _dispatch.resolve(op, torch.zeros(2, 3)) is native
+
+
+@pytest.mark.parametrize("make", [lambda: nk.BatchNormAct(4), lambda: nk.BatchLayerNorm(4)])
+def test_compiled_layers_inside_a_users_torch_compile(make):
+    """Under the user's own torch.compile the compiled backend's maths join the user's graph:
+    no graph break (no nested compile, no PATH lookup traced), and the same numbers as eager."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), make())
+    x = torch.randn(6, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    eager = copy.deepcopy(model)
+    y, y_eager = torch.compile(model)(x), eager(x)
+    torch.testing.assert_close(y, y_eager)
+    y.sum().backward(), y_eager.sum().backward()
+    for p, q in zip(model.parameters(), eager.parameters(), strict=True):
+        # float32 sums over the batch in another order: a few roundings of the largest sum
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)

@@ -291,7 +291,7 @@ def _tiny_model(dtype=torch.float32):
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
-@pytest.mark.parametrize("backend_name", ["native", "reference"])
+@pytest.mark.parametrize("backend_name", ["native", "reference", "auto"])
 def test_each_layer_traces_without_graph_breaks(name, backend_name):
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3, bias=False), _build(name, 4, torch.float32)

@@ -10,11 +10,12 @@ Backends:
   in-place activated forms), group norm and layer norm, on CUDA tensors (and on CPU tensors under
   ``TRITON_INTERPRET=1``, which is how the tests run them). Importing normkit never imports
   triton: the kernels load on the first call.
-- ``compiled``: the fused BatchNormAct maths compiled by ``torch.compile`` on the CPU (needs a C++
-  compiler; the first call per shape compiles).
+- ``compiled``: the fused BatchNormAct and Batch-Layer maths compiled by ``torch.compile`` on the
+  CPU (needs a C++ compiler; the first call per shape compiles; not twice differentiable).
 - ``auto`` (default): the fastest backend verified for the input's device and dtype. On the CPU that
-  is ``native`` for every op but BatchNormAct on float32 NCHW inputs, where it is ``compiled``
-  (``_dispatch.AUTO_PREFERENCES``; docs/benchmarks.md has the measurements).
+  is ``native`` for every op but BatchNormAct on float32 NCHW inputs and Batch-Layer on float32 and
+  bfloat16 inputs, where it is ``compiled`` (``_dispatch.AUTO_PREFERENCES``; docs/benchmarks.md has
+  the measurements).
 
 Choose with ``normkit.set_backend(name)`` for the process or ``with normkit.backend(name):`` for a
 block (the block wins; it is local to the thread or task that enters it).
@@ -35,6 +36,7 @@ from normkit.functional import (
     _batch_instance,
     _batch_layer,
     _batch_norm_act,
+    _compiled,
     _dispatch,
     _ghost,
     _inplace_abn,
@@ -108,7 +110,11 @@ _dispatch.register("inplace_abn", "native", _inplace_abn.native_inplace_abn)
 
 @functools.cache
 def _compiler_available() -> bool:
-    return _batch_norm_act.compiler_available()
+    return _compiled.compiler_available()
+
+
+# A constant for torch.compile, which cannot trace the PATH lookup (see _dispatch.current).
+_compiler_available._dynamo_marked_constant = True
 
 
 def _compiled_supports(input: torch.Tensor) -> bool:
@@ -117,6 +123,9 @@ def _compiled_supports(input: torch.Tensor) -> bool:
 
 _dispatch.register(
     "batch_norm_act", "compiled", _batch_norm_act.compiled_batch_norm_act, _compiled_supports
+)
+_dispatch.register(
+    "batch_layer_norm", "compiled", _batch_layer._compiled_batch_layer_norm, _compiled_supports
 )
 
 # The Triton kernels: registered for every op they implement, imported (with triton) on first use.

@@ -12,7 +12,9 @@ m and d_k features (channels):
 The mixing weights are fixed, not learned, so they fold into the two normalizations' affine
 parameters. ``native`` runs ATen's batch-norm and layer-norm kernels side by side on the input with
 its channels moved last (one layout for both; see ``_ChannelsLastBatchLayerNorm``); ``reference``
-normalizes twice with normkit's :func:`~normkit.functional.normalize_over` and mixes.
+normalizes twice with normkit's :func:`~normkit.functional.normalize_over` and mixes; ``compiled``
+writes both parts' forward and backward as pure tensor maths fused by torch.compile in the input's
+own layout, which saves the native path's four layout copies on NCHW inputs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from normkit.errors import ConfigError
 from normkit.functional import _dispatch
@@ -33,6 +36,7 @@ from normkit.functional._checks import (
     check_per_channel,
     check_positive_int,
 )
+from normkit.functional._compiled import CompiledMaths
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view, normalize, normalize_over
 from normkit.functional._renorm import batch_norm_statistics
@@ -111,9 +115,8 @@ def _per_channel(weight, factor: float, channels: int, dtype, device) -> torch.T
     return weight.to(dtype) * factor
 
 
-def _native_batch_layer_norm(
-    input, batch_weight, layer_weight, weight, bias, running_mean, running_var, eps
-):
+def _mixed_parameters(input, batch_weight, layer_weight, weight, bias, running_mean, running_var):
+    """(w_b, b, w_f, mean, var) in the statistics dtype: γ scaled by each part's mixing weight."""
     dtype = stats_dtype(input.dtype)
     channels = input.shape[1]
     w_b = _per_channel(weight, batch_weight, channels, dtype, input.device)
@@ -122,7 +125,16 @@ def _native_batch_layer_norm(
     stats = (
         (None, None) if running_mean is None else (running_mean.to(dtype), running_var.to(dtype))
     )
-    return _ChannelsLastBatchLayerNorm.apply(input, w_b, b, w_f, *stats, eps)
+    return w_b, b, w_f, *stats
+
+
+def _native_batch_layer_norm(
+    input, batch_weight, layer_weight, weight, bias, running_mean, running_var, eps
+):
+    parameters = _mixed_parameters(
+        input, batch_weight, layer_weight, weight, bias, running_mean, running_var
+    )
+    return _ChannelsLastBatchLayerNorm.apply(input, *parameters, eps)
 
 
 class _ChannelsLastBatchLayerNorm(torch.autograd.Function):
@@ -181,6 +193,104 @@ def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``t`` (channels-last strides) in ``x``'s layout: unchanged for channels-last and (N, C)
     inputs, copied to contiguous otherwise."""
     return t if x.dim() == 2 or not x.is_contiguous() else t.contiguous()
+
+
+def _compiled_forward_maths(x, w_b, b, w_f, running_mean, running_var, eps: float):
+    """y = w_b·x̂_B + w_f·x̂_F + b in the input's layout; BN's (mean, biased var) and LN's
+    (mean, 1/σ) per position, all in the statistics dtype."""
+    ndim = x.dim()
+    xs = x.to(stats_dtype(x.dtype))
+    if running_mean is None:
+        var, mean = torch.var_mean(xs, batch_dims(ndim), correction=0, keepdim=True)
+    else:
+        mean, var = channel_view(running_mean, ndim), channel_view(running_var, ndim)
+    var_f, mean_f = torch.var_mean(xs, (1,), correction=0, keepdim=True)
+    invstd_f = torch.rsqrt(var_f + eps)
+    y = (
+        (xs - mean) * (torch.rsqrt(var + eps) * channel_view(w_b, ndim))
+        + (xs - mean_f) * invstd_f * channel_view(w_f, ndim)
+        + channel_view(b, ndim)
+    )
+    return y.to(x.dtype), mean.reshape(-1), var.reshape(-1), mean_f, invstd_f
+
+
+def _compiled_backward_maths(
+    dy, x, w_b, w_f, mean, var, mean_f, invstd_f, eps: float, training: bool
+):
+    """Each part's normalization backward (Ioffe & Szegedy §3 over the batch for x̂_B; the same
+    over the channels for x̂_F, whose statistics always depend on x), summed; and the per-channel
+    sums Σ dy·x̂_B, Σ dy, Σ dy·x̂_F that are the gradients of w_b, b and w_f."""
+    ndim = x.dim()
+    dims = batch_dims(ndim)
+    dtype = stats_dtype(x.dtype)
+    xs, g = x.to(dtype), dy.to(dtype)
+    invstd = torch.rsqrt(channel_view(var, ndim) + eps)
+    x_b = (xs - channel_view(mean, ndim)) * invstd
+    x_f = (xs - mean_f) * invstd_f
+    sum_g = g.sum(dims, keepdim=True)
+    sum_gx_b = (g * x_b).sum(dims, keepdim=True)
+    sum_gx_f = (g * x_f).sum(dims, keepdim=True)
+    scale = invstd * channel_view(w_b, ndim)
+    if training:
+        n = x.numel() // x.shape[1]
+        dx = scale * (g - sum_g / n - x_b * (sum_gx_b / n))
+    else:  # the running statistics are constants
+        dx = scale * g
+    g_f = g * channel_view(w_f, ndim)
+    dx = dx + invstd_f * (g_f - g_f.mean(1, keepdim=True) - x_f * (g_f * x_f).mean(1, keepdim=True))
+    return dx.to(x.dtype), sum_gx_b.reshape(-1), sum_g.reshape(-1), sum_gx_f.reshape(-1)
+
+
+class _CompiledBatchLayerNorm(torch.autograd.Function):
+    """y = BN(x; w_b, b) + LN_C(x; w_f) as two pure-tensor passes forward and two backward, fused
+    by torch.compile in the input's own layout (no channels-last copies); saves x, the float32
+    per-channel and per-position statistics. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, w_b, b, w_f, running_mean, running_var, eps):
+        y, mean, var, mean_f, invstd_f = CompiledMaths.call(
+            _compiled_forward_maths, x, w_b, b, w_f, running_mean, running_var, eps
+        )
+        if running_mean is not None:
+            mean, var = running_mean, running_var
+        if y.stride() != x.stride():
+            y = torch.empty_like(x).copy_(y)
+        ctx.save_for_backward(x, w_b, w_f, mean, var, mean_f, invstd_f)
+        ctx.eps, ctx.training = eps, running_mean is None
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _dmean, _dvar):
+        x, w_b, w_f, mean, var, mean_f, invstd_f = ctx.saved_tensors
+        dx, dw_b, db, dw_f = CompiledMaths.call(
+            _compiled_backward_maths, dy, x, w_b, w_f, mean, var, mean_f, invstd_f, ctx.eps,
+            ctx.training,
+        )  # fmt: skip
+        if dx.stride() != x.stride():
+            dx = torch.empty_like(x).copy_(dx)
+        needs = ctx.needs_input_grad
+        grads = (dx, dw_b, db, dw_f)
+        return (
+            *(g if need else None for g, need in zip(grads, needs, strict=False)),
+            None,
+            None,
+            None,
+        )
+
+
+def _compiled_batch_layer_norm(
+    input, batch_weight, layer_weight, weight, bias, running_mean, running_var, eps
+):
+    if input.numel() == 0:
+        return _native_batch_layer_norm(
+            input, batch_weight, layer_weight, weight, bias, running_mean, running_var, eps
+        )
+    parameters = _mixed_parameters(
+        input, batch_weight, layer_weight, weight, bias, running_mean, running_var
+    )
+    return _CompiledBatchLayerNorm.apply(input, *parameters, eps)
 
 
 def _reference_batch_layer_norm(

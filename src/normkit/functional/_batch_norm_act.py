@@ -27,10 +27,6 @@ convention anyway.
 
 from __future__ import annotations
 
-import functools
-import shutil
-import warnings
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -45,6 +41,7 @@ from normkit.functional._checks import (
     check_per_channel,
     shape_str,
 )
+from normkit.functional._compiled import CompiledMaths
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view
 from normkit.functional._running_stats import (
@@ -262,58 +259,20 @@ def _fused_backward_maths(dy, x, z, weight, bias, mean, invstd, training: bool, 
     return dx.to(x.dtype), g, sum_gx.reshape(-1), sum_g.reshape(-1)
 
 
-@functools.cache
-def _compiled(fn):
-    # Not fullgraph: past torch's recompile limit (many shapes, thread-count changes) Dynamo runs
-    # the function eagerly for the new case rather than failing.
-    return torch.compile(fn)
-
-
-RECOMPILE_LIMIT = 64
-
-
-def compiler_available() -> bool:
-    """torch.compile on the CPU builds C++: a compiler must be on PATH."""
-    return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
-
-
 class _CompiledEngine:
     """Pure tensor maths compiled by torch.compile (Inductor); running statistics updated after."""
 
     name = "compiled"
-    broken = False
 
     @staticmethod
     def keeps_output(act, param) -> bool:
         return False  # the pre-activation is recomputed inside the fused backward
 
     @classmethod
-    def _call(cls, fn, *args):
-        if not cls.broken:
-            try:
-                # Every activation, dtype, layout, mode and (before shapes turn dynamic) shape is a
-                # guard of the same function: a model has more than torch's default 8 of them, past
-                # which Dynamo would run this maths eagerly, several times slower than ATen.
-                import torch._dynamo  # here, not at import: it imports triton when installed
-
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                    return _compiled(fn)(*args)
-            except Exception as error:  # a compiler that fails at run time: keep training, eagerly
-                cls.broken = True
-                warnings.warn(
-                    f"normkit's compiled backend could not compile ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0][:200]}); running the same maths eagerly. Use "
-                    "nk.set_backend('native') to silence this",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-        return fn(*args)
-
-    @classmethod
     def forward(
         cls, x, z, weight, bias, running_mean, running_var, training, momentum, eps, act, param
     ):
-        y, mean, invstd, var = cls._call(
+        y, mean, invstd, var = CompiledMaths.call(
             _fused_forward_maths, x, z, weight, bias, running_mean, running_var, training, eps,
             act, param,
         )  # fmt: skip
@@ -327,7 +286,7 @@ class _CompiledEngine:
 
     @classmethod
     def backward(cls, dy, x, z, y, weight, bias, mean, invstd, training, eps, act, param, needs):
-        dx, g, sum_gx, sum_g = cls._call(
+        dx, g, sum_gx, sum_g = CompiledMaths.call(
             _fused_backward_maths, dy, x, z, weight, bias, mean, invstd, training, act, param
         )
         dz = g.to(x.dtype) if needs[1] else None

@@ -45,6 +45,14 @@ AUTO_PREFERENCES: dict[tuple[str, str, torch.dtype, str], list[str]] = {
     # BatchNormAct on the CPU, float32 NCHW: compiled 0.59x-1.01x torch's BatchNorm2d -> ReLU
     # (forward + backward); slower in channels_last and bfloat16, which stay native.
     ("batch_norm_act", "cpu", torch.float32, "contiguous"): ["compiled", "native", "reference"],
+    # Batch-Layer on the CPU: compiled 1.25x torch's BatchNorm2d (forward + backward) in float32
+    # NCHW, where native's channels-last copies make it 2.5x; faster than native in every measured
+    # row (float32 and bfloat16, NCHW and channels_last). float16 and float64 stay native.
+    **{
+        ("batch_layer_norm", "cpu", dtype, layout): ["compiled", "native", "reference"]
+        for dtype in (torch.float32, torch.bfloat16)
+        for layout in ("contiguous", "strided")
+    },
 }
 _DEFAULT = "auto"
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(

@@ -1,0 +1,59 @@
+"""The ``compiled`` backend's engine: pure tensor maths fused by torch.compile (Inductor) on the CPU.
+
+An op's compiled implementation writes its forward and backward as plain tensor functions and runs
+them through :meth:`CompiledMaths.call`: compiled on first use for each shape, dtype and layout
+(seconds; docs/benchmarks.md), and run eagerly, with one warning, where the compiler fails at run
+time, so training goes on with the same maths.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import warnings
+
+import torch
+
+# Every op, dtype, layout, mode and (before shapes turn dynamic) shape is a guard of the same
+# function: a model has more than torch's default 8 of them, past which Dynamo would run the maths
+# eagerly, several times slower than ATen.
+RECOMPILE_LIMIT = 64
+
+
+@functools.cache
+def compiled(fn):
+    """``torch.compile(fn)``, once per function. Not fullgraph: past the recompile limit (many
+    shapes, thread-count changes) Dynamo runs the function eagerly for the new case."""
+    return torch.compile(fn)
+
+
+def compiler_available() -> bool:
+    """torch.compile on the CPU builds C++: a compiler must be on PATH."""
+    return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+
+
+class CompiledMaths:
+    """Runs pure tensor maths compiled; after a compiler failure, eagerly (``broken``)."""
+
+    broken = False
+
+    @classmethod
+    def call(cls, fn, *args):
+        if torch.compiler.is_compiling():  # inside the user's torch.compile: it fuses the maths
+            return fn(*args)
+        if not CompiledMaths.broken:
+            try:
+                from torch import _dynamo  # here, not at import: it imports triton when installed
+
+                with _dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    return compiled(fn)(*args)
+            except Exception as error:  # a compiler that fails at run time: keep training, eagerly
+                CompiledMaths.broken = True
+                warnings.warn(
+                    f"normkit's compiled backend could not compile ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:200]}); running the same maths eagerly. Use "
+                    "nk.set_backend('native') to silence this",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return fn(*args)
