@@ -19,6 +19,10 @@ def test_torchrun_two_ranks_prints_and_writes_the_comparison(tmp_path):
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    if done.returncode != 0 and _port_taken(done.stderr):
+        # torchrun picks free ports by binding and releasing them; the other gloo tests running in
+        # parallel do too, so a port can be taken in between: that is the harness, not normkit.
+        done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 rank(s) (gloo), digits, 2 images per rank (global batch 4)" in done.stdout
     assert "BatchNorm (local)" in done.stdout and "SyncBatchNorm" in done.stdout
@@ -35,3 +39,10 @@ def test_one_process_without_torchrun_says_so(capsys, monkeypatch):
     results = ddp.main(["--steps", "5", "--variants", "sync"])
     assert [r["norm"] for r in results] == ["SyncBatchNorm"]
     assert "one process: SyncBatchNorm is BatchNorm here" in capsys.readouterr().out
+
+
+def _port_taken(stderr: str) -> bool:
+    return any(
+        sign in stderr
+        for sign in ("Address already in use", "EADDRINUSE", "failed to listen", "address in use")
+    )
