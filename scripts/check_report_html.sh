@@ -37,7 +37,11 @@ for target in "$@"; do
     sections="$(grep -c '<h2>' <<<"$dom" || true)"
     "$browser" "${flags[@]}" --window-size=1100,4000 --screenshot="$report.png" "file://$(realpath "$report")" \
         >/dev/null 2>&1 || true
-    if [ -n "$probe" ] && [ "$total" -gt 0 ] && [ "$total" = "$decoded" ] && [ "$sections" -ge 3 ]; then
+    # every figure the run wrote must be in the page and decode; a report whose run wrote none (a
+    # table-only experiment) passes with none
+    expected="$(find "$(dirname "$report")/figures" -maxdepth 1 -name '*.png' 2>/dev/null | wc -l)"
+    if [ -n "$probe" ] && [ "$total" = "$decoded" ] && [ "$total" -ge "$expected" ] \
+        && { [ "$total" -gt 0 ] || [ "$expected" -eq 0 ]; } && [ "$sections" -ge 3 ]; then
         echo "ok   $report: $decoded/$total figures decoded, $sections sections; screenshot $report.png"
     else
         echo "FAIL $report: figures decoded ${probe:-none found}, $sections sections"
