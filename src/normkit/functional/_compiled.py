@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from normkit.functional._running_stats import compiling
+
 # Every op, dtype, layout, mode and (before shapes turn dynamic) shape is a guard of the same
 # function: a model has more than torch's default 8 of them, past which Dynamo would run the maths
 # eagerly, several times slower than ATen.
@@ -39,7 +41,7 @@ class CompiledMaths:
 
     @classmethod
     def call(cls, fn, *args):
-        if torch.compiler.is_compiling():  # inside the user's torch.compile: it fuses the maths
+        if compiling():  # inside the user's torch.compile: it fuses the maths
             return fn(*args)
         if not CompiledMaths.broken:
             try:

@@ -127,7 +127,7 @@ def guarded_update(
     """
     check_policy(on_nonfinite)
     counters = (num_batches_tracked, num_batches_skipped)
-    if running_var.device.type == "cpu" and not _compiling():
+    if running_var.device.type == "cpu" and not compiling():
         result, accepted = _guard_on_host(running_mean, running_var, update, *counters)
         if accepted:
             return result
@@ -181,6 +181,7 @@ def _guard_on_device(running_mean, running_var, update, tracked, skipped):
     return result, finite
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
+    """Whether torch.compile is tracing this call (False on torch versions without the query)."""
     is_compiling = getattr(torch.compiler, "is_compiling", None)
     return bool(is_compiling and is_compiling())
