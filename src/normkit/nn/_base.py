@@ -74,6 +74,24 @@ def finish_norm_base(module: nn.Module, bias: bool, on_nonfinite: str, device=No
     module.register_buffer("num_batches_skipped", counter, persistent=False)
 
 
+def statistics_arguments(module: nn.Module) -> tuple:
+    """``(running_mean, running_var, use_batch_statistics, counters)`` for a batch-statistics layer's
+    functional op, with torch.nn's rules: batch statistics in training, and in eval when there are
+    no running ones; the running statistics (and ``num_batches_tracked``/``num_batches_skipped`` in
+    ``counters``, with ``on_nonfinite``) updated only in training with ``track_running_stats``."""
+    training = module.training
+    running_mean, running_var = module.running_mean, module.running_var
+    update = training and module.track_running_stats
+    if training and not update:
+        running_mean = running_var = None
+    counters = {
+        "num_batches_tracked": module.num_batches_tracked if update else None,
+        "num_batches_skipped": module.num_batches_skipped if update else None,
+        "on_nonfinite": module.on_nonfinite,
+    }
+    return running_mean, running_var, training or running_mean is None, counters
+
+
 def named(module: nn.Module, error: NormkitError) -> NormkitError:
     """The same error, its message prefixed with the layer that raised it."""
     return type(error)(f"{module._get_name()}({module.extra_repr()}): {error}")

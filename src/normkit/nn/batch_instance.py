@@ -8,7 +8,12 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from normkit.errors import NormkitError
 from normkit.functional._batch_instance import batch_instance_norm
-from normkit.nn._base import finish_norm_base, named, norm_base_arguments
+from normkit.nn._base import (
+    finish_norm_base,
+    named,
+    norm_base_arguments,
+    statistics_arguments,
+)
 
 
 class BatchInstanceNorm(_NormBase):
@@ -99,8 +104,7 @@ class BatchInstanceNorm(_NormBase):
         pass  # any (N, C, *spatial): checked by the functional op, which names the fix
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        running = self.running_mean is not None and self.running_var is not None
-        update = self.training and running
+        running_mean, running_var, batch_statistics, counters = statistics_arguments(self)
         if self.training:
             with torch.no_grad():  # Nam & Kim's clip of the gate after each update
                 self.rho.clamp_(0.0, 1.0)
@@ -108,16 +112,14 @@ class BatchInstanceNorm(_NormBase):
             return batch_instance_norm(
                 input,
                 self.rho,
-                self.running_mean if running else None,
-                self.running_var if running else None,
+                running_mean,
+                running_var,
                 self.weight,
                 self.bias,
-                self.training or not running,
+                batch_statistics,
                 self.momentum,
                 self.eps,
-                num_batches_tracked=self.num_batches_tracked if update else None,
-                num_batches_skipped=self.num_batches_skipped if update else None,
-                on_nonfinite=self.on_nonfinite,
+                **counters,
             )
         except NormkitError as error:
             raise named(self, error) from None

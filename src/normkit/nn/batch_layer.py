@@ -8,7 +8,12 @@ from torch.nn.modules.batchnorm import _NormBase
 from normkit.errors import ConfigError, NormkitError
 from normkit.functional._batch_layer import batch_layer_norm, mixing_weights
 from normkit.functional._checks import check_positive_int
-from normkit.nn._base import finish_norm_base, named, norm_base_arguments
+from normkit.nn._base import (
+    finish_norm_base,
+    named,
+    norm_base_arguments,
+    statistics_arguments,
+)
 
 
 class BatchLayerNorm(_NormBase):
@@ -113,23 +118,20 @@ class BatchLayerNorm(_NormBase):
         pass  # any (N, C, *): checked by the functional op
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        running = self.running_mean is not None and self.running_var is not None
-        update = self.training and running
+        running_mean, running_var, batch_statistics, counters = statistics_arguments(self)
         try:
             return batch_layer_norm(
                 input,
-                self.running_mean if running else None,
-                self.running_var if running else None,
+                running_mean,
+                running_var,
                 self.weight,
                 self.bias,
-                self.training or not running,
+                batch_statistics,
                 self.momentum,
                 self.eps,
                 self.batch_size,
                 self.divide_by_sqrt_features,
-                num_batches_tracked=self.num_batches_tracked if update else None,
-                num_batches_skipped=self.num_batches_skipped if update else None,
-                on_nonfinite=self.on_nonfinite,
+                **counters,
             )
         except NormkitError as error:
             raise named(self, error) from None

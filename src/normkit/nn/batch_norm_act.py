@@ -7,26 +7,8 @@ import torch
 from normkit.errors import ConfigError, NormkitError
 from normkit.functional._activation import FUSED_ACTIVATIONS, check_activation
 from normkit.functional._batch_norm_act import batch_norm_act
-from normkit.nn._base import named
+from normkit.nn._base import named, statistics_arguments
 from normkit.nn.batchnorm import BatchNorm
-
-
-def batch_norm_call(module: BatchNorm) -> dict:
-    """The running-statistics arguments of a BatchNorm-like module's forward, as torch.nn decides
-    them: batch statistics in training (and in eval without running ones); updates only in
-    training with track_running_stats."""
-    training = module.training
-    running_mean, running_var = module.running_mean, module.running_var
-    update = training and module.track_running_stats
-    if training and not update:
-        running_mean = running_var = None
-    return dict(
-        running_mean=running_mean,
-        running_var=running_var,
-        training=training or running_mean is None or running_var is None,
-        num_batches_tracked=module.num_batches_tracked if update else None,
-        num_batches_skipped=module.num_batches_skipped if update else None,
-    )
 
 
 class BatchNormAct(BatchNorm):
@@ -124,9 +106,13 @@ class BatchNormAct(BatchNorm):
                     "residual=True to add it before the activation"
                 ),
             )
+        running_mean, running_var, batch_statistics, counters = statistics_arguments(self)
         try:
             return batch_norm_act(
                 input,
+                running_mean,
+                running_var,
+                training=batch_statistics,
                 weight=self.weight,
                 bias=self.bias,
                 momentum=self.momentum,
@@ -134,8 +120,7 @@ class BatchNormAct(BatchNorm):
                 activation=self.activation,
                 activation_param=self.activation_param,
                 residual=residual,
-                on_nonfinite=self.on_nonfinite,
-                **batch_norm_call(self),
+                **counters,
             )
         except NormkitError as error:
             raise named(self, error) from None

@@ -13,6 +13,7 @@ from normkit.nn._base import (
     finish_norm_base,
     named,
     norm_base_arguments,
+    statistics_arguments,
 )
 
 
@@ -119,13 +120,7 @@ class BatchNorm(_BatchNorm):
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
-        # As torch.nn: batch statistics in training, and in eval when there are no running ones;
-        # running statistics are updated only in training with track_running_stats.
-        training = self.training
-        running_mean, running_var = self.running_mean, self.running_var
-        update = training and self.track_running_stats
-        if training and not update:
-            running_mean = running_var = None
+        running_mean, running_var, batch_statistics, counters = statistics_arguments(self)
         try:
             return F.batch_norm(
                 input,
@@ -133,13 +128,11 @@ class BatchNorm(_BatchNorm):
                 running_var,
                 self.weight,
                 self.bias,
-                training or running_mean is None or running_var is None,
+                batch_statistics,
                 self.momentum,
                 self.eps,
-                num_batches_tracked=self.num_batches_tracked if update else None,
-                num_batches_skipped=self.num_batches_skipped if update else None,
-                on_nonfinite=self.on_nonfinite,
                 mask=mask,
+                **counters,
             )
         except NormkitError as error:
             raise named(self, error) from None

@@ -8,7 +8,7 @@ from normkit import functional as F
 from normkit.errors import NormkitError
 from normkit.functional._checks import check_positive_int
 from normkit.functional._ghost import ghost_batch_norm
-from normkit.nn._base import named
+from normkit.nn._base import named, statistics_arguments
 from normkit.nn.batchnorm import BatchNorm
 
 
@@ -87,27 +87,23 @@ class GhostBatchNorm(BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        running = self.running_mean is not None and self.running_var is not None
+        running_mean, running_var, batch_statistics, counters = statistics_arguments(self)
         try:
-            if not self.training and running:
+            if not batch_statistics:  # eval with running statistics: BatchNorm, at any batch size
                 return F.batch_norm(
-                    input, self.running_mean, self.running_var, self.weight, self.bias,
-                    False, 0.0, self.eps,
-                )  # fmt: skip
-            update = self.training and running
+                    input, running_mean, running_var, self.weight, self.bias, False, 0.0, self.eps
+                )
             return ghost_batch_norm(
                 input,
-                self.running_mean if update else None,
-                self.running_var if update else None,
+                running_mean,
+                running_var,
                 self.weight,
                 self.bias,
                 True,
                 self.momentum,
                 self.eps,
                 self.virtual_batch_size,
-                num_batches_tracked=self.num_batches_tracked if update else None,
-                num_batches_skipped=self.num_batches_skipped if update else None,
-                on_nonfinite=self.on_nonfinite,
+                **counters,
             )
         except NormkitError as error:
             raise named(self, error) from None

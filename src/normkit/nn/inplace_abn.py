@@ -7,8 +7,7 @@ import torch
 from normkit.errors import ConfigError, NormkitError
 from normkit.functional._activation import INVERTIBLE_ACTIVATIONS, check_activation
 from normkit.functional._inplace_abn import inplace_abn
-from normkit.nn._base import named
-from normkit.nn.batch_norm_act import batch_norm_call
+from normkit.nn._base import named, statistics_arguments
 from normkit.nn.batchnorm import BatchNorm
 
 
@@ -97,9 +96,13 @@ class InPlaceABN(BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
+        running_mean, running_var, batch_statistics, counters = statistics_arguments(self)
         try:
             return inplace_abn(
                 input,
+                running_mean,
+                running_var,
+                training=batch_statistics,
                 weight=self.weight,
                 bias=self.bias,
                 momentum=self.momentum,
@@ -108,8 +111,7 @@ class InPlaceABN(BatchNorm):
                 activation_param=self.activation_param,
                 min_abs_weight=self.min_abs_weight,
                 inplace=self.inplace,
-                on_nonfinite=self.on_nonfinite,
-                **batch_norm_call(self),
+                **counters,
             )
         except NormkitError as error:
             raise named(self, error) from None

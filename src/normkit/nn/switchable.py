@@ -8,7 +8,12 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from normkit.errors import NormkitError
 from normkit.functional._switchable import importance, switchable_norm
-from normkit.nn._base import finish_norm_base, named, norm_base_arguments
+from normkit.nn._base import (
+    finish_norm_base,
+    named,
+    norm_base_arguments,
+    statistics_arguments,
+)
 
 
 class SwitchableNorm(_NormBase):
@@ -108,23 +113,20 @@ class SwitchableNorm(_NormBase):
         pass  # any (N, C, *spatial): checked by the functional op, which names the fix
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        running = self.running_mean is not None and self.running_var is not None
-        update = self.training and running
+        running_mean, running_var, batch_statistics, counters = statistics_arguments(self)
         try:
             return switchable_norm(
                 input,
                 self.mean_weight,
                 self.var_weight,
-                self.running_mean if running else None,
-                self.running_var if running else None,
+                running_mean,
+                running_var,
                 self.weight,
                 self.bias,
-                self.training or not running,
+                batch_statistics,
                 self.momentum,
                 self.eps,
-                num_batches_tracked=self.num_batches_tracked if update else None,
-                num_batches_skipped=self.num_batches_skipped if update else None,
-                on_nonfinite=self.on_nonfinite,
+                **counters,
             )
         except NormkitError as error:
             raise named(self, error) from None
