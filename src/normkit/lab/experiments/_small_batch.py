@@ -2,6 +2,8 @@
 CNN; Batch Renorm's schedule scaled to a run; accuracy with batch statistics; and the figure of
 error against batch size.
 
+Also the trial plans: :func:`measured_trial` and :func:`batch_sweep`.
+
 Used by ``batch-size`` (Wu & He 2018), ``renorm`` (Ioffe 2017), ``switchable`` (Luo et al. 2018)
 and, for the figure and the measurements, ``ghost-bn``, ``layer-norm`` and ``batch-layer-norm``.
 
@@ -32,6 +34,7 @@ from torch import nn
 
 import normkit as nk
 from normkit.errors import ConfigError
+from normkit.lab.experiment import Trial
 from normkit.lab.models import cnn, initialize
 from normkit.lab.report import new_figure
 
@@ -230,3 +233,24 @@ def switchable_importance(model: torch.nn.Module) -> dict[str, dict[str, list[fl
 def error_percent(accuracy: float | None) -> float | None:
     """Top-1 error in percent, from an accuracy fraction."""
     return None if accuracy is None else 100.0 * (1.0 - accuracy)
+
+
+def measured_trial(key: str, params: dict, steps: int, settings) -> Trial:
+    """A trial of ``steps`` steps, measured ``settings.evaluations`` times along the way."""
+    return Trial(key, params, steps, max(1, steps // max(1, settings.evaluations)), settings.seed)
+
+
+def batch_sweep(settings, examples: int, batch_sizes: Sequence[int], **params) -> list[Trial]:
+    """One trial per batch size and normalizer (``settings.normalizers``), in the given order, each
+    ``settings.epochs`` epochs of ``examples`` training examples; ``params`` join every trial's."""
+    plan = []
+    for batch in batch_sizes:
+        steps = max(1, round(settings.epochs * examples / batch))
+        for normalizer in settings.normalizers:
+            key = f"{normalizer}/b={batch}"
+            plan.append(
+                measured_trial(
+                    key, {"normalizer": normalizer, "batch_size": batch, **params}, steps, settings
+                )
+            )
+    return plan

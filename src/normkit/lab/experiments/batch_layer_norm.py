@@ -39,9 +39,10 @@ import normkit as nk
 from normkit.errors import ConfigError
 from normkit.lab.datasets import subset
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, Trial, register
+from normkit.lab.experiment import Experiment, Settings, Setup, register
 from normkit.lab.experiments._small_batch import (
     batch_statistics_accuracy,
+    batch_sweep,
     error_percent,
     error_vs_batch_figure,
 )
@@ -193,20 +194,7 @@ class BatchLayerNormExperiment(Experiment):
 
     def trials(self, settings, data, finals):
         n = len(data.y_train) if data is not None else settings.train_examples
-        plan = []
-        for batch in settings.batch_sizes:
-            steps = max(1, round(settings.epochs * n / batch))
-            for normalizer in settings.normalizers:
-                plan.append(
-                    Trial(
-                        f"{normalizer}/b={batch}",
-                        {"normalizer": normalizer, "batch_size": batch, "train_size": n},
-                        steps,
-                        max(1, steps // max(1, settings.evaluations)),
-                        settings.seed,
-                    )
-                )
-        return plan
+        return batch_sweep(settings, n, settings.batch_sizes, train_size=n)
 
     def setup(self, trial, settings, data, generator):
         p = trial.params

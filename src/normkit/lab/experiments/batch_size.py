@@ -45,6 +45,7 @@ from normkit.lab.experiments._small_batch import (
     batch_statistics_accuracy,
     error_percent,
     error_vs_batch_figure,
+    measured_trial,
     small_cnn,
     switchable_importance,
 )
@@ -143,7 +144,7 @@ class BatchSize(Experiment):
     @staticmethod
     def _trial(settings, n: int, normalizer: str, batch: int, processes: int) -> Trial:
         steps = max(1, round(settings.epochs * n / (batch * processes)))
-        return Trial(
+        return measured_trial(
             _key(normalizer, batch, processes),
             {
                 "normalizer": normalizer,
@@ -152,8 +153,7 @@ class BatchSize(Experiment):
                 "global_batch": batch * processes,
             },
             steps,
-            max(1, steps // max(1, settings.evaluations)),
-            settings.seed,
+            settings,
         )
 
     def setup(self, trial, settings, data, generator):

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, Trial, register
-from normkit.lab.experiments._small_batch import error_percent
+from normkit.lab.experiment import Experiment, Settings, Setup, register
+from normkit.lab.experiments._small_batch import error_percent, measured_trial
 from normkit.lab.models import initialize, mlp
 from normkit.lab.records import RunRecord
 from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
@@ -116,22 +116,14 @@ class GhostBn(Experiment):
             batch = settings.large_batch if large else settings.small_batch
             epochs = settings.epochs * (ratio if arm.endswith("+ra") else 1.0)
             steps = max(1, round(epochs * n / batch))
-            plan.append(
-                Trial(
-                    arm,
-                    {
-                        "arm": arm,
-                        "batch_size": batch,
-                        "learning_rate": settings.base_lr
-                        * (math.sqrt(ratio) if "+lr" in arm else 1),
-                        "ghost_batch": settings.ghost_batch if "+gbn" in arm else None,
-                        "epochs": epochs,
-                    },
-                    steps,
-                    max(1, steps // max(1, settings.evaluations)),
-                    settings.seed,
-                )
-            )
+            params = {
+                "arm": arm,
+                "batch_size": batch,
+                "learning_rate": settings.base_lr * (math.sqrt(ratio) if "+lr" in arm else 1),
+                "ghost_batch": settings.ghost_batch if "+gbn" in arm else None,
+                "epochs": epochs,
+            }
+            plan.append(measured_trial(arm, params, steps, settings))
         return plan
 
     def setup(self, trial, settings, data, generator):

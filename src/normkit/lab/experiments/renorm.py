@@ -42,9 +42,10 @@ from torch import nn
 import normkit as nk
 from normkit.errors import ConfigError
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, Trial, register
+from normkit.lab.experiment import Experiment, Settings, Setup, register
 from normkit.lab.experiments._small_batch import (
     batch_statistics_accuracy,
+    measured_trial,
     small_cnn,
 )
 from normkit.lab.plots import curves
@@ -190,15 +191,7 @@ class Renorm(Experiment):
         for key, (run, _) in ARMS.items():
             steps = settings.micro_steps if run == "micro" else settings.noniid_steps
             arm = key.split("/")[1]
-            plan.append(
-                Trial(
-                    key,
-                    {"run": run, "arm": arm},
-                    steps,
-                    max(1, steps // max(1, settings.evaluations)),
-                    settings.seed,
-                )
-            )
+            plan.append(measured_trial(key, {"run": run, "arm": arm}, steps, settings))
         return plan
 
     def setup(self, trial, settings, data, generator):

@@ -23,10 +23,11 @@ import torch
 
 from normkit.lab.datasets import subset
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, Trial, register
+from normkit.lab.experiment import Experiment, Settings, Setup, register
 from normkit.lab.experiments._small_batch import (
     NORMALIZERS,
     batch_statistics_accuracy,
+    batch_sweep,
     error_percent,
     error_vs_batch_figure,
     small_cnn,
@@ -92,20 +93,7 @@ class Switchable(Experiment):
 
     def trials(self, settings, data, finals):
         n = len(data.y_train) if data is not None else settings.train_examples
-        plan = []
-        for batch in sorted(settings.batch_sizes, reverse=True):
-            steps = max(1, round(settings.epochs * n / batch))
-            for normalizer in settings.normalizers:
-                plan.append(
-                    Trial(
-                        f"{normalizer}/b={batch}",
-                        {"normalizer": normalizer, "batch_size": batch},
-                        steps,
-                        max(1, steps // max(1, settings.evaluations)),
-                        settings.seed,
-                    )
-                )
-        return plan
+        return batch_sweep(settings, n, sorted(settings.batch_sizes, reverse=True))
 
     def setup(self, trial, settings, data, generator):
         p = trial.params
