@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -136,6 +137,40 @@ def cnn(
     _block(layers, index, linear, _norm(norm, 0, hidden), activation, placement)
     if dropout > 0:
         layers["dropout"] = nn.Dropout(dropout)
+    layers["output"] = nn.Linear(hidden, classes)
+    return nn.Sequential(layers)
+
+
+def conv_net(
+    sample_shape: tuple[int, ...],
+    channels: tuple[int, ...],
+    hidden: int,
+    classes: int,
+    norm: str,
+    *,
+    kernel_size: int = 3,
+    fc_norm: Callable[[int], nn.Module] | None = None,
+) -> nn.Sequential:
+    """conv k×k (no bias) → ``norm`` (a :func:`normkit.create_norm` spec) → ReLU → maxpool2 per
+    stage, then fc ``hidden`` [→ ``fc_norm(hidden)``] → ReLU → fc. Layers are named ``conv{i}``,
+    ``norm{i}``, ``act{i}``, ``pool{i}``, then ``linear``, ``norm_fc``, ``act_fc``, ``output``; the
+    fc layer has a bias only without ``fc_norm``."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    width, size = sample_shape[0], list(sample_shape[1:])
+    for index, out in enumerate(channels, start=1):
+        padding = kernel_size // 2
+        layers[f"conv{index}"] = nn.Conv2d(width, out, kernel_size, padding=padding, bias=False)
+        layers[f"norm{index}"] = nk.create_norm(norm, out)
+        layers[f"act{index}"] = nn.ReLU()
+        if min(size) >= 2:
+            layers[f"pool{index}"] = nn.MaxPool2d(2)
+            size = [s // 2 for s in size]
+        width = out
+    layers["flatten"] = nn.Flatten()
+    layers["linear"] = nn.Linear(width * math.prod(size), hidden, bias=fc_norm is None)
+    if fc_norm is not None:
+        layers["norm_fc"] = fc_norm(hidden)
+    layers["act_fc"] = nn.ReLU()
     layers["output"] = nn.Linear(hidden, classes)
     return nn.Sequential(layers)
 

@@ -37,7 +37,6 @@ Kim's code, and are clipped to [0, 1] by the layer.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +44,7 @@ from torch import nn
 
 import normkit as nk
 from normkit.errors import ConfigError
+from normkit.lab import models
 from normkit.lab.datasets import first_test_examples
 from normkit.lab.experiment import Experiment, Settings, Setup, Trial, register
 from normkit.lab.experiments.population_stats import batch_norm_layers, error_rate
@@ -92,22 +92,9 @@ def shift_cnn(
 ) -> nn.Sequential:
     """conv5 (no bias) → ``norm`` → ReLU → maxpool2 per stage, then fc (no bias) → BatchNorm1d → ReLU
     → fc; ``norm`` is a :func:`normkit.create_norm` spec."""
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    width, size = sample_shape[0], list(sample_shape[1:])
-    for index, out in enumerate(channels, start=1):
-        layers[f"conv{index}"] = nn.Conv2d(width, out, 5, padding=2, bias=False)
-        layers[f"norm{index}"] = nk.create_norm(norm, out)
-        layers[f"act{index}"] = nn.ReLU()
-        if min(size) >= 2:
-            layers[f"pool{index}"] = nn.MaxPool2d(2)
-            size = [s // 2 for s in size]
-        width = out
-    layers["flatten"] = nn.Flatten()
-    layers["linear"] = nn.Linear(width * math.prod(size), hidden, bias=False)
-    layers["norm_fc"] = nk.BatchNorm1d(hidden)
-    layers["act_fc"] = nn.ReLU()
-    layers["output"] = nn.Linear(hidden, classes)
-    return nn.Sequential(layers)
+    return models.conv_net(
+        sample_shape, channels, hidden, classes, norm, kernel_size=5, fc_norm=nk.BatchNorm1d
+    )
 
 
 @dataclass(frozen=True)

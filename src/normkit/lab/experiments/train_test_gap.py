@@ -31,14 +31,13 @@ statistics it was frozen with, since those are what its last steps trained on.
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import normkit as nk
+from normkit.lab import models
 from normkit.lab.datasets import first_test_examples
 from normkit.lab.experiment import Experiment, Settings, Setup, Trial, register
 from normkit.lab.experiments.population_stats import (
@@ -103,23 +102,8 @@ def conv_net(
     ``fc_norm``: BatchNorm on the fc layer's vectors sees NBS values per feature, and at NBS 2 it
     maps each feature to ±1, an effect of its own (the ``fc_nbs`` trials measure it).
     """
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    width, size = sample_shape[0], list(sample_shape[1:])
-    for index, out in enumerate(channels, start=1):
-        layers[f"conv{index}"] = nn.Conv2d(width, out, 3, padding=1, bias=False)
-        layers[f"norm{index}"] = nk.create_norm(norm, out)
-        layers[f"act{index}"] = nn.ReLU()
-        if min(size) >= 2:
-            layers[f"pool{index}"] = nn.MaxPool2d(2)
-            size = [s // 2 for s in size]
-        width = out
-    layers["flatten"] = nn.Flatten()
-    layers["linear"] = nn.Linear(width * math.prod(size), hidden, bias=not fc_norm)
-    if fc_norm:
-        layers["norm_fc"] = nk.create_norm(norm, hidden)
-    layers["act_fc"] = nn.ReLU()
-    layers["output"] = nn.Linear(hidden, classes)
-    return nn.Sequential(layers)
+    fc = (lambda features: nk.create_norm(norm, features)) if fc_norm else None
+    return models.conv_net(sample_shape, channels, hidden, classes, norm, kernel_size=3, fc_norm=fc)
 
 
 @torch.no_grad()
