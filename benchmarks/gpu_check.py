@@ -7,9 +7,10 @@ and Triton 3.6), in one command:
 
 Steps, each timed and recorded even if a later one fails:
 
-1. correctness: the kernel test files (tests/test_kernels_*.py and the triton cases of
-   tests/test_inplace_abn.py) and SyncBatchNorm's CUDA/NCCL tests (tests/test_distributed_gpu.py)
-   under pytest with NORMKIT_KERNEL_DEVICE=cuda, when pytest and
+1. correctness: the kernel test files (tests/kernels/test_kernels_*.py and the triton cases of
+   tests/nn/test_inplace_abn.py) and SyncBatchNorm's CUDA/NCCL tests
+   (tests/distributed/test_sync_batch_norm_gpu.py) under pytest with
+   NORMKIT_KERNEL_DEVICE=cuda, when pytest and
    hypothesis are importable; and always a built-in sweep of the same kernels against the float64
    oracle (every op, dtype and layout; both the one-program-per-channel and the split paths);
 2. the copy roofline: ``y.copy_(x)`` GB/s at 256 MB, 512 MB and 1 GB;
@@ -44,12 +45,12 @@ for path in (ROOT / "src", ROOT / "tests"):
 from normkit import benchmark as B  # noqa: E402
 
 GPU_TESTS = [
-    "tests/test_kernels_batch_norm.py",
-    "tests/test_kernels_group_norm.py",
-    "tests/test_kernels_layer_norm.py",
-    "tests/test_inplace_abn.py::test_triton_equals_the_unfused_computation",
+    "tests/kernels/test_kernels_batch_norm.py",
+    "tests/kernels/test_kernels_group_norm.py",
+    "tests/kernels/test_kernels_layer_norm.py",
+    "tests/nn/test_inplace_abn.py::test_triton_equals_the_unfused_computation",
     # SyncBatchNorm on CUDA: one GPU always, NCCL across two or more when the machine has them
-    "tests/test_distributed_gpu.py",
+    "tests/distributed/test_sync_batch_norm_gpu.py",
 ]
 
 

@@ -8,7 +8,7 @@ from normkit.errors import ConfigError, NormkitError
 from normkit.functional._activation import FUSED_ACTIVATIONS, check_activation
 from normkit.functional._batch_norm_act import batch_norm_act
 from normkit.nn._base import named, statistics_arguments
-from normkit.nn.batchnorm import BatchNorm
+from normkit.nn.batch_norm import BatchNorm
 
 
 class BatchNormAct(BatchNorm):

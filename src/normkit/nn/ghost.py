@@ -9,7 +9,7 @@ from normkit.errors import NormkitError
 from normkit.functional._checks import check_positive_int
 from normkit.functional._ghost import ghost_batch_norm
 from normkit.nn._base import named, statistics_arguments
-from normkit.nn.batchnorm import BatchNorm
+from normkit.nn.batch_norm import BatchNorm
 
 
 class GhostBatchNorm(BatchNorm):

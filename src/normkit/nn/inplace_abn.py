@@ -8,7 +8,7 @@ from normkit.errors import ConfigError, NormkitError
 from normkit.functional._activation import INVERTIBLE_ACTIVATIONS, check_activation
 from normkit.functional._inplace_abn import inplace_abn
 from normkit.nn._base import named, statistics_arguments
-from normkit.nn.batchnorm import BatchNorm
+from normkit.nn.batch_norm import BatchNorm
 
 
 class InPlaceABN(BatchNorm):

@@ -14,7 +14,7 @@ from normkit import functional as F
 from normkit.errors import ConfigError, NormkitError
 from normkit.functional._renorm import batch_renorm, check_bound
 from normkit.nn._base import named
-from normkit.nn.batchnorm import BatchNorm
+from normkit.nn.batch_norm import BatchNorm
 
 Schedule = float | Callable[[int], float]
 PAPER_MOMENTUM = 0.01  # the moving averages' alpha in Ioffe (2017)

@@ -1,7 +1,7 @@
 """SyncBatchNorm on GPUs: NCCL across two or more GPUs, and CUDA tensors over gloo on one GPU.
 
 Skipped where there is no GPU (the CPU suite covers the same maths over gloo). On a machine with
-GPUs, run ``pytest tests/test_distributed_gpu.py``:
+GPUs, run ``pytest tests/distributed/test_sync_batch_norm_gpu.py``:
 
 - two or more GPUs: NCCL, one GPU per rank, against single-process BN (outputs, input and
   parameter gradients, running statistics, collective counts), DDP, and no host synchronisation
@@ -17,9 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-
-import normkit as nk
-from test_distributed import (
+from test_sync_batch_norm import (
     Case,
     CollectiveCounter,
     _check_ddp,
@@ -29,6 +27,8 @@ from test_distributed import (
     run_ranks,
     run_sync_case,
 )
+
+import normkit as nk
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 NCCL = GPUS >= 2 and dist.is_available() and dist.is_nccl_available()

@@ -9,7 +9,6 @@ import pytest
 
 from normkit.lab import RunRecord, experiment_names, get_experiment, run_experiment
 from normkit.lab.records import CHECKPOINT
-from test_lab_runner import one_thread  # noqa: F401  (autouse: one torch thread here too)
 
 EXPERIMENTS = ["batch-size", "renorm", "ghost-bn", "layer-norm", "batch-layer-norm", "switchable"]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,6 @@ from normkit.lab.experiments.population_stats import (
 )
 from normkit.lab.experiments.train_test_gap import FreezeBatchNorm, batch_statistics_error
 from normkit.lab.experiments.variance_bias import _biased, normalized_variance
-from test_lab_runner import one_thread  # noqa: F401  (autouse: one torch thread here too)
 
 
 def _net():

@@ -20,15 +20,6 @@ from normkit.lab.records import CHECKPOINT, METRICS
 KILLABLE = {"dataset": "digits", "steps": "300", "eval_every": "5"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: with pytest-xdist's two workers on two cores, more only spin and wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass(frozen=True)
 class _DivergeSettings(Settings):
     learning_rate: float = 1e6

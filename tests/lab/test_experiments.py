@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+from test_datasets import write_fashion_mnist
 from typer.testing import CliRunner
 
 from normkit.cli.main import app
@@ -16,8 +17,6 @@ from normkit.lab import (
     write_combined_report,
 )
 from normkit.lab.records import CHECKPOINT
-from test_lab_datasets import write_fashion_mnist
-from test_lab_runner import one_thread  # noqa: F401  (autouse: one torch thread here too)
 
 EXPERIMENTS = ["ioffe2015-mnist", "lr-tolerance", "init-sensitivity", "regularization", "placement"]
 PNG = b"\x89PNG\r\n\x1a\n"

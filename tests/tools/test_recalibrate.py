@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_architectures import build
 from torch import nn
 
 import normkit as nk
@@ -22,7 +23,6 @@ from helpers import assert_close
 from normkit import reference
 from normkit.errors import ConfigError
 from normkit.tools import adapt, recalibrate
-from test_tools_architectures import build
 
 
 def _batches(shapes, seed=0, scale=3.0, shift=1.5):

@@ -11,12 +11,12 @@ import json
 import pytest
 import torch
 from rich.console import Console
+from test_architectures import mlp, resnet, trained
 from torch import nn
 
 import normkit as nk
 from normkit.errors import ConfigError
 from normkit.tools import ADVICE_TABLE, advise, doctor, guess_task
-from test_tools_architectures import mlp, resnet, trained
 
 SHAPE = (8, 3, 16, 16)
 

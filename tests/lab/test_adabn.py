@@ -13,7 +13,6 @@ from torch import nn
 import normkit as nk
 from normkit.lab.experiments.domain_shift import adapted, apply_shift, shift_cnn
 from normkit.lab.experiments.population_stats import error_rate
-from test_lab_runner import one_thread  # noqa: F401  (autouse: one torch thread here too)
 
 
 def _blobs(n, generator, dim=8):

@@ -10,13 +10,13 @@ import copy
 
 import pytest
 import torch
+from test_architectures import SharedNorm, exact, trained
 from torch import nn
 
 import normkit as nk
 from helpers import assert_close
 from normkit.errors import ConfigError
 from normkit.tools import absorb_bias, remove_redundant_bias
-from test_tools_architectures import SharedNorm, exact, trained
 
 
 def _with_biases():
@@ -108,7 +108,7 @@ def test_inplace_and_copy():
 
 
 def test_untraceable_model_uses_sequential_neighbours():
-    from test_tools_fold import Untraceable
+    from test_fold import Untraceable
 
     model = trained(Untraceable(), (4, 3, 8, 8))
     x = torch.randn(4, 3, 8, 8)

@@ -7,13 +7,13 @@ import copy
 
 import pytest
 import torch
+from test_architectures import build, exact, trained
 from torch import nn
 
 import normkit as nk
 from helpers import assert_close
 from normkit.errors import ConfigError
 from normkit.tools import carry_state, convert, freeze
-from test_tools_architectures import build, exact, trained
 
 needs_create_norm = pytest.mark.skipif(
     not hasattr(nk, "create_norm"), reason="nk.create_norm is not in this tree"

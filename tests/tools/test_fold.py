@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from test_architectures import ARCHITECTURES, SharedNorm, build, exact, trained
 from torch import nn
 
 import normkit as nk
@@ -22,7 +23,6 @@ from helpers import assert_close
 from normkit import reference
 from normkit.errors import ConfigError
 from normkit.tools import fold_batchnorm, fold_conv_bn_weights, fold_linear_bn_weights
-from test_tools_architectures import ARCHITECTURES, SharedNorm, build, exact, trained
 
 # --- tensor level ------------------------------------------------------------------------------------
 

@@ -75,7 +75,7 @@ def test_batch_norm_any_rank(n, c, rest, affine, track, momentum, eps, backend, 
     dtype=dtypes,
 )
 def test_layer_norm(lead, normalized, affine, bias, backend, dtype):
-    assume(math.prod(normalized) >= 2)  # groups of one element: tests/test_numerics.py
+    assume(math.prod(normalized) >= 2)  # groups of one element: tests/functional/test_numerics.py
     kwargs = dict(elementwise_affine=affine, bias=bias)
     _compare(
         nk.LayerNorm(normalized, **kwargs),
@@ -97,7 +97,7 @@ def test_layer_norm(lead, normalized, affine, bias, backend, dtype):
     dtype=dtypes,
 )
 def test_group_norm(n, groups, per_group, rest, affine, backend, dtype):
-    assume(per_group * math.prod(rest) >= 2)  # groups of one element: tests/test_numerics.py
+    assume(per_group * math.prod(rest) >= 2)  # groups of one element: tests/functional/test_numerics.py
     c = groups * per_group
     _compare(
         nk.GroupNorm(groups, c, affine=affine),

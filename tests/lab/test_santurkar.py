@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from test_datasets import write_fashion_mnist
 
 from helpers import TOLERANCES, assert_close
 from normkit import reference
@@ -36,8 +37,6 @@ from normkit.lab.experiments.santurkar2018_common import (
 )
 from normkit.lab.models import mlp
 from normkit.lab.runner import derived_seed
-from test_lab_datasets import write_fashion_mnist
-from test_lab_runner import one_thread  # noqa: F401  (autouse: one torch thread here too)
 
 EXPERIMENTS = ["santurkar2018-noisy", "santurkar2018-ics", "santurkar2018-landscape"]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from test_runner import rows_and_results
 from torch import nn
 
 import normkit as nk
@@ -24,7 +25,6 @@ from normkit.lab.experiments._small_batch import (
 from normkit.lab.experiments.batch_layer_norm import BlnInference, feature_population
 from normkit.lab.experiments.renorm import PairedBatches, PerMicrobatch, paired_test_order
 from normkit.lab.records import CHECKPOINT
-from test_lab_runner import one_thread, rows_and_results  # noqa: F401  (autouse fixture)
 
 
 def labels(count=60, classes=5):

@@ -12,7 +12,6 @@ from normkit.lab import RunRecord, experiment_names, get_experiment, run_experim
 from normkit.lab.experiments.guideline import find_run, guideline_rows
 from normkit.lab.records import CHECKPOINT
 from normkit.tools import ADVICE_TABLE, advise
-from test_lab_runner import one_thread  # noqa: F401  (autouse: one torch thread here too)
 
 EXPERIMENTS = [
     "population-stats",

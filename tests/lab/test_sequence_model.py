@@ -20,7 +20,6 @@ from normkit.lab.experiments.sequence_norms import (
     text_dataset,
     windows,
 )
-from test_lab_runner import one_thread  # noqa: F401  (autouse: one torch thread here too)
 
 
 def test_the_corpus_ships_with_python_and_encodes_into_the_alphabet():
