@@ -495,6 +495,9 @@ def freeze(model: nn.Module, *, which=None, inplace: bool = False):
     Frozen BatchNorm (Wu & Johnson 2021, §4: "FrozenBN" for the last epochs, and the standard for
     fine-tuning detectors) is the eval-mode map of Algorithm 2 with γ, β, μ, σ² as constants: it
     neither uses batch statistics nor updates running ones, whatever ``model.train()`` says.
+    A BatchNorm + activation layer keeps its activation (and drop path, residual) after the frozen
+    BatchNorm, in a :class:`~normkit.tools.NormAct`; a normalizer whose forward normkit does not
+    know is left as it was and listed in ``replacements.skipped``.
     Returns ``(new_model, replacements)`` as :func:`convert`.
     """
     return convert(model, "frozen", which=which, inplace=inplace)

@@ -502,6 +502,8 @@ def _as_model_class(
     ``target`` is returned when its forward, traced again, is the folded graph call for call.
     Otherwise the GraphModule is returned, with the reason.
     """
+    if not replaced:
+        return target, None  # nothing folded: the model computes what it did
     partly = sorted(set(replaced) & unfolded)
     if partly:
         return graph_module, (
