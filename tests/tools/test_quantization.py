@@ -52,15 +52,6 @@ def _sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
     return float(10 * torch.log10(reference.pow(2).mean() / noise))
 
 
-def test_normkit_layers_need_the_conversion_first():
-    """What the issue found: FX tracing fails inside normkit's layers (they are not torch.nn's)."""
-    model, x = _trained()
-    with pytest.raises(Exception) as info, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_fx.prepare_fx(model, quantization.get_default_qconfig_mapping("x86"), (x,))
-    assert "Trace" in type(info.value).__name__ or "trace" in str(info.value).lower()
-
-
 def test_convert_to_torch_keeps_the_output_and_gives_torch_ao_its_patterns():
     model, x = _trained()
     converted, replaced = nk.tools.convert(model, "torch", example_inputs=x)
