@@ -67,7 +67,7 @@ def _group(num_features, groups, **kw):
     return GroupNorm(groups or keyword or DEFAULT_GROUPS, num_features, **kw)
 
 
-def _instance(num_features, argument, **kw):
+def _group_instance(num_features, argument, **kw):
     return GroupNorm(num_features, num_features, **kw)
 
 
@@ -93,7 +93,10 @@ SPECS: dict[str, _Spec] = {
     "group": _Spec(_group, "num_groups", "nk.GroupNorm(G, C), G = 32 by default"),
     "layer": _Spec(_plain(LayerNorm), layer="nk.LayerNorm(C), over the last dim"),
     "layer2d": _Spec(_plain(LayerNorm2d), layer="nk.LayerNorm2d(C), over dim 1"),
-    "instance": _Spec(_instance, layer="nk.GroupNorm(C, C): InstanceNorm for any rank"),
+    "instance": _Spec(_plain(InstanceNorm2d), layer="nk.InstanceNorm2d (torch's defaults)"),
+    "group_instance": _Spec(
+        _group_instance, layer="nk.GroupNorm(C, C): instance normalization for any rank, with γ, β"
+    ),
     "instance1d": _Spec(_plain(InstanceNorm1d), layer="nk.InstanceNorm1d"),
     "instance2d": _Spec(_plain(InstanceNorm2d), layer="nk.InstanceNorm2d"),
     "instance3d": _Spec(_plain(InstanceNorm3d), layer="nk.InstanceNorm3d"),
@@ -162,8 +165,10 @@ def create_norm(
     ``group[:G]``     ``nk.GroupNorm(G, C)``, G = 32 unless given (or ``num_groups=``)
     ``layer``         ``nk.LayerNorm(C)``: over the last dim ((N, L, C) inputs, transformers)
     ``layer2d``       ``nk.LayerNorm2d(C)``: over the channels of (N, C, \\*) maps (ConvNeXt)
-    ``instance``      ``nk.GroupNorm(C, C)``: InstanceNorm for any rank, with affine;
-                      ``instance1d/2d/3d`` for ``nk.InstanceNorm*d`` (torch's defaults)
+    ``instance``      ``nk.InstanceNorm2d`` (torch's defaults: no affine, no running
+                      statistics); ``instance1d/3d`` for the other ranks
+    ``group_instance`` ``nk.GroupNorm(C, C)``: one channel per group, which is instance
+                      normalization for any rank with a per-channel γ, β (Wu & He 2018's IN)
     ``renorm``        ``nk.BatchRenorm``; ``renorm1d/2d/3d`` for the rank-checked ones
     ``ghost[:v]``     ``nk.GhostBatchNorm(C, virtual_batch_size=v)``
     ``batch_instance`` ``nk.BatchInstanceNorm``

@@ -15,6 +15,10 @@ tensors, exported too.
 - :func:`adapt`: AdaBN, statistics re-estimated on a new domain.
 - :func:`doctor`: find normalization mistakes; :func:`advise`: which normalizer to use
   (:data:`ADVICE_TABLE`).
+
+No tool changes what a model computes without saying so: a BatchNorm + activation layer keeps its
+activation (:class:`NormAct`), and a layer whose forward normkit does not know is left as it was and
+reported with the reason. docs/tools.md lists what each tool guarantees.
 """
 
 from normkit.tools._statistics import LayerShift, StatisticsReport
@@ -29,6 +33,7 @@ from normkit.tools.fold import (
     fold_conv_bn_weights,
     fold_linear_bn_weights,
 )
+from normkit.tools.norm_act import NormAct, activation_module
 from normkit.tools.recalibrate import recalibrate
 
 __all__ = [
@@ -39,10 +44,12 @@ __all__ = [
     "Finding",
     "FoldReport",
     "LayerShift",
+    "NormAct",
     "Replacement",
     "Replacements",
     "StatisticsReport",
     "absorb_bias",
+    "activation_module",
     "adapt",
     "advise",
     "carry_state",

@@ -75,7 +75,7 @@ def norm_spec(normalizer: str, groups: int, ghost_batch: int) -> str:
         "bn": "batch",
         "gn": f"group:{groups}",
         "ln": "group:1",
-        "in": "instance",
+        "in": "group_instance",
         "brn": "renorm",
         "gbn": f"ghost:{ghost_batch}",
         "sn": "switchable",

@@ -53,7 +53,7 @@ from normkit.lab.records import RunRecord
 from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
 from normkit.lab.runner import derived_seed
 
-NORMS = {"bn": "batch", "in": "instance", "bin": "batch_instance"}
+NORMS = {"bn": "batch", "in": "group_instance", "bin": "batch_instance"}
 LABELS = {"bn": "BN", "in": "IN", "bin": "BIN"}
 
 
