@@ -33,11 +33,11 @@ from collections.abc import Callable, Iterator
 import torch
 
 from normkit.functional import _dispatch
-from normkit.functional._batch_instance import (
+from normkit.functional._batch_instance_norm import (
     native_batch_instance_norm,
     reference_batch_instance_norm,
 )
-from normkit.functional._batch_layer import (
+from normkit.functional._batch_layer_norm import (
     compiled_batch_layer_norm,
     native_batch_layer_norm,
     reference_batch_layer_norm,
@@ -48,13 +48,13 @@ from normkit.functional._batch_norm_act import (
     native_batch_norm_act,
     reference_batch_norm_act,
 )
+from normkit.functional._batch_renorm import native_batch_renorm, reference_batch_renorm
 from normkit.functional._compiled import compiler_available
-from normkit.functional._ghost import native_ghost_batch_norm, reference_ghost_batch_norm
+from normkit.functional._ghost_batch_norm import native_ghost_batch_norm, reference_ghost_batch_norm
 from normkit.functional._group_norm import reference_group_norm
 from normkit.functional._inplace_abn import native_inplace_abn, reference_inplace_abn
 from normkit.functional._layer_norm import reference_channel_layer_norm, reference_layer_norm
-from normkit.functional._renorm import native_batch_renorm, reference_batch_renorm
-from normkit.functional._switchable import native_switchable_norm, reference_switchable_norm
+from normkit.functional._switchable_norm import native_switchable_norm, reference_switchable_norm
 
 # --- native: ATen (and cuDNN) ---------------------------------------------------------------------
 
@@ -181,7 +181,10 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable | tuple[Callable, _dispatch.Suppor
     # The family beyond BatchNorm: ATen kernels (batch norm's statistics, inference and
     # training-backward kernels; vectorized reductions) composed with hand-written backward passes.
     "batch_renorm": {"native": native_batch_renorm, "reference": reference_batch_renorm},
-    "ghost_batch_norm": {"native": native_ghost_batch_norm, "reference": reference_ghost_batch_norm},
+    "ghost_batch_norm": {
+        "native": native_ghost_batch_norm,
+        "reference": reference_ghost_batch_norm,
+    },
     "batch_instance_norm": {
         "native": native_batch_instance_norm,
         "reference": reference_batch_instance_norm,

@@ -35,7 +35,10 @@ LAYERS = {
     "BatchInstanceNorm": (lambda: nk.BatchInstanceNorm(4), (8, 4, 3, 3)),
     "BatchLayerNorm": (lambda: nk.BatchLayerNorm(4), (8, 4, 3, 3)),
     "SwitchableNorm": (lambda: nk.SwitchableNorm(4), (8, 4, 3, 3)),
-    "InstanceNorm1d": (lambda: nk.InstanceNorm1d(4, affine=True, track_running_stats=True), (8, 4, 5)),
+    "InstanceNorm1d": (
+        lambda: nk.InstanceNorm1d(4, affine=True, track_running_stats=True),
+        (8, 4, 5),
+    ),
     "InstanceNorm2d": (lambda: nk.InstanceNorm2d(4, affine=True), (8, 4, 3, 3)),
     "InstanceNorm3d": (lambda: nk.InstanceNorm3d(4, affine=True), (8, 4, 2, 2, 2)),
     "GroupNorm": (lambda: nk.GroupNorm(2, 4), (8, 4, 3, 3)),

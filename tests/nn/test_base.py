@@ -91,7 +91,12 @@ def test_positional_arguments_land_where_the_signature_says():
     assert (ghost.virtual_batch_size, ghost.eps, ghost.momentum) == (8, 1e-3, 0.2)
     assert (ghost.affine, ghost.track_running_stats) == (False, False)
     bln = nk.BatchLayerNorm(4, 1e-2, 0.3, True, True, "cpu", torch.float64, batch_size=5)
-    assert (bln.eps, bln.momentum, bln.weight.dtype, bln.batch_size) == (1e-2, 0.3, torch.float64, 5)
+    assert (bln.eps, bln.momentum, bln.weight.dtype, bln.batch_size) == (
+        1e-2,
+        0.3,
+        torch.float64,
+        5,
+    )
     inorm = nk.InstanceNorm2d(4, 1e-3, 0.2, True, True)
     assert (inorm.eps, inorm.momentum, inorm.affine, inorm.track_running_stats) == (
         1e-3, 0.2, True, True

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from normkit.distributed._collectives import as_timeout
-from normkit.distributed._functional import (
+from normkit.distributed._sync_batch_norm import (
     check_check_ranks,
     synchronized_batch_norm,
     synchronizing_group,

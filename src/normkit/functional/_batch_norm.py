@@ -126,4 +126,3 @@ def reference_batch_norm(input, running_mean, running_var, weight, bias, trainin
         n = input.numel() // input.shape[1]
         update_running_stats(running_mean, running_var, mean, var, n, momentum)
     return y
-

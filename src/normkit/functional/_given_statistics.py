@@ -56,4 +56,3 @@ class _BatchNormGivenStatistics(torch.autograd.Function):
             dy, x, weight, None, None, mean, invstd, True, ctx.eps, mask
         )
         return dx, dweight, dbias, None, None, None
-

@@ -53,4 +53,3 @@ def reference_group_norm(input, num_groups, weight, bias, eps):
     gb = None if b is None else group_view(b, num_groups)
     y, _, _ = normalize_over(grouped, tuple(range(2, ndim + 1)), gw, gb, eps)
     return y.reshape(input.shape)
-

@@ -236,4 +236,3 @@ def native_inplace_abn(
         input, weight, bias, running_mean, running_var, training, momentum, eps,
         activation, activation_param, inplace,
     )  # fmt: skip
-

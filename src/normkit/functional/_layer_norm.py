@@ -88,4 +88,3 @@ def reference_channel_layer_norm(input, weight, bias, eps):
         return empty_output(input, w, b)
     y, _, _ = normalize_over(input, (1,), w, b, eps)
     return y
-

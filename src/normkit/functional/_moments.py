@@ -12,8 +12,8 @@ exists:
 - ``_instance_stats``: per-(sample, channel) moments and their merges, from which Ghost BN,
   Batch-Instance and Switchable build BN's and LN's statistics in O(N*C) instead of a pass each;
 - ``_masked.masked_moments``: moments over the real elements of a padded batch;
-- the ``compiled`` maths (``_batch_norm_act``, ``_batch_layer``): ``torch.var_mean`` inside a graph
-  torch.compile fuses;
+- the ``compiled`` maths (``_batch_norm_act``, ``_batch_layer_norm``): ``torch.var_mean`` inside a
+  graph torch.compile fuses;
 - ``normkit.kernels``: the Triton kernels' own reductions (Welford and Chan merges per tile);
 - ``normkit.distributed._moments``: the exact merge of every rank's (count, mean, M2);
 - ``normkit.reference``: the float64 NumPy oracle the tests hold all of the above to.

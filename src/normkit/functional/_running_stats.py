@@ -2,8 +2,8 @@
 
 :func:`update_running_stats` is normkit's own update; ATen's kernels update in place for the
 ``native`` backend, and the layers with their own averaging rules keep theirs beside their maths
-(Batch Renorm's moving deviation, ``_renorm``; Ghost BN's per-virtual-batch blend, ``_ghost``).
-Every one of them runs inside :func:`guarded_update`, the one guard.
+(Batch Renorm's moving deviation, ``_batch_renorm``; Ghost BN's per-virtual-batch blend,
+``_ghost_batch_norm``). Every one of them runs inside :func:`guarded_update`, the one guard.
 
 Conventions (DESIGN.md, "Conventions"):
 

@@ -60,7 +60,8 @@ class NormBase(_NormBase):
     - No arguments of its own: no ``__init__``. ``_ranks`` (e.g. ``(4,)``) and ``_layout`` restrict
       the input's rank with a named error; the default takes any (N, C, \*).
     - Extra arguments: an ``__init__`` naming only them (and any base argument whose default it
-      changes, in the base's order), passing the rest on; then it stores them::
+      changes, in the base's order; a momentum default as a ``DefaultMomentum``, which ``decay=``
+      may replace), passing the rest on; then it stores them::
 
           class TwoGroupNorm(NormBase):
               def __init__(self, num_features, groups: int = 2, *args, clip: float = 3.0, **kwargs):
@@ -173,7 +174,9 @@ class NormBase(_NormBase):
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
-        return text if self.on_nonfinite == "skip" else f"{text}, on_nonfinite={self.on_nonfinite!r}"
+        return (
+            text if self.on_nonfinite == "skip" else f"{text}, on_nonfinite={self.on_nonfinite!r}"
+        )
 
 
 def _spelled_out(init: Callable, parent_init: Callable) -> inspect.Signature:

@@ -328,7 +328,6 @@ def _check_gamma(path: str, m: nn.Module, report: DoctorReport) -> None:
         )  # fmt: skip
 
 
-
 def _check_converted_to_torch_sync(model: nn.Module, report: DoctorReport) -> None:
     """A ``torch.nn.SyncBatchNorm`` holding tensors a normkit layer made: a converter replaced it.
 

@@ -11,7 +11,7 @@ import torch
 
 from normkit.errors import ConfigError, NormkitError
 from normkit.functional import batch_norm, batch_renorm
-from normkit.functional._renorm import check_bound
+from normkit.functional._batch_renorm import check_bound
 from normkit.functional._running_stats import DefaultMomentum
 from normkit.nn._base import NormBase, named
 

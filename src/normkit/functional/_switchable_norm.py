@@ -21,7 +21,7 @@ import torch
 
 from normkit.errors import ConfigError
 from normkit.functional import _dispatch
-from normkit.functional._batch_instance import mix_with_batch_statistics
+from normkit.functional._batch_instance_norm import mix_with_batch_statistics
 from normkit.functional._batch_norm import batch_dims
 from normkit.functional._checks import (
     check_batch_statistics_size,
@@ -151,4 +151,3 @@ def reference_switchable_norm(
     if bias is not None:
         y = y + channel_view(bias.to(dtype), ndim)
     return y.to(input.dtype), mean_bn.reshape(-1), var_bn.reshape(-1)
-

@@ -183,4 +183,3 @@ def reference_batch_instance_norm(input, gate, weight, bias, running_mean, runni
     if bias is not None:
         y = y + channel_view(bias.to(dtype), ndim)
     return y.to(input.dtype), mean_bn.reshape(-1), var_bn.reshape(-1)
-

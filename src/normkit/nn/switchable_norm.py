@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from normkit.functional import switchable_norm
-from normkit.functional._switchable import importance
+from normkit.functional._switchable_norm import importance
 from normkit.nn._base import NormBase
 
 

@@ -6,7 +6,7 @@ import torch
 
 from normkit.errors import ConfigError
 from normkit.functional import batch_layer_norm
-from normkit.functional._batch_layer import mixing_weights
+from normkit.functional._batch_layer_norm import mixing_weights
 from normkit.functional._checks import check_positive_int
 from normkit.nn._base import NormBase
 

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from normkit.errors import ConfigError
 from normkit.functional import _dispatch
-from normkit.functional._batch_instance import mix_with_batch_statistics
+from normkit.functional._batch_instance_norm import mix_with_batch_statistics
 from normkit.functional._batch_norm import batch_dims
 from normkit.functional._checks import (
     check_batch_statistics_size,
@@ -311,4 +311,3 @@ def reference_batch_layer_norm(
     if bias is not None:
         y = y + channel_view(bias.to(dtype), ndim)
     return y.to(input.dtype), mean.reshape(-1), var.reshape(-1)
-

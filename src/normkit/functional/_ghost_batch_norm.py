@@ -212,4 +212,3 @@ def reference_ghost_batch_norm(input, sizes, weight, bias, eps):
         start += count * size
     y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     return y, torch.cat(means), torch.cat(variances)
-
