@@ -138,3 +138,15 @@ def test_the_marks_survive_moves_and_loads_but_not_a_new_layer():
     rebuilt = nn.SyncBatchNorm(4)  # a state_dict loaded into a new layer carries no mark
     rebuilt.load_state_dict(nk.BatchNorm2d(4).state_dict())
     assert "converted-to-torch-sync" not in nk.tools.doctor(nn.Sequential(rebuilt)).codes()
+
+
+def test_normkit_conversions_pass_the_mark_to_the_new_owner():
+    """to_sync_batch_norm and to_batch_norm share tensors: the mark follows the layer that holds
+    them, and a torch layer's tensors carry none."""
+    model = nn.Sequential(nn.BatchNorm2d(4))
+    synced = nk.distributed.to_sync_batch_norm(model)
+    assert getattr(synced[0].weight, ORIGIN_ATTRIBUTE) == "SyncBatchNorm"
+    back = nk.distributed.to_batch_norm(synced)  # torch's BatchNorm2d again, same tensors
+    assert type(back[0]) is nn.BatchNorm2d and not hasattr(back[0].weight, ORIGIN_ATTRIBUTE)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(back)
+    assert "converted-to-torch-sync" not in nk.tools.doctor(converted).codes()

@@ -18,7 +18,8 @@ from normkit.distributed._sync_batch_norm import (
 )
 from normkit.errors import ConfigError, NormkitError
 from normkit.nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
-from normkit.nn._base import DEFAULT_MOMENTUM, named
+from normkit.nn._base import DEFAULT_MOMENTUM, NormBase, named
+from normkit.nn._origin import forget_origin, mark_origin
 
 
 class SyncBatchNorm(BatchNorm):
@@ -271,6 +272,7 @@ def _rebuild(source: nn.Module, cls: type, **extra) -> nn.Module:
         for name in ("running_mean", "running_var", "num_batches_tracked", "num_batches_skipped"):
             if name in target._buffers and getattr(source, name, None) is not None:
                 setattr(target, name, getattr(source, name))
+    (mark_origin if isinstance(target, NormBase) else forget_origin)(target)  # the tensors' owner
     target.train(source.training)
     if hasattr(source, "qconfig"):
         target.qconfig = source.qconfig
