@@ -17,7 +17,7 @@ from helpers import CASES, assert_close, make_input, randomize_parameters, run_s
 from normkit import reference
 from normkit.distributed import (
     RankMismatchError,
-    _functional,
+    _sync_batch_norm,
     local_moments,
     merge_moments,
     synchronized_batch_norm,
@@ -136,7 +136,7 @@ def test_sync_backward_formula_is_batch_norm_backward(shape, channels_last, affi
     try:
         leaf = x.clone().requires_grad_(True)
         args = (mean, var, n, 1e-5, None, None, "test")
-        y = _functional._SyncNormalize.apply(leaf, w, b, *args)
+        y = _sync_batch_norm._SyncNormalize.apply(leaf, w, b, *args)
         y.backward(dy)
     finally:
         wire.all_reduce_sum = original

@@ -6,24 +6,24 @@ the non-finite guard on running statistics and the cumulative average. The core 
 builds new normalizers from the same pieces.
 """
 
-from normkit.functional._batch_instance import batch_instance_norm
-from normkit.functional._batch_layer import batch_layer_norm
+from normkit.functional._batch_instance_norm import batch_instance_norm
+from normkit.functional._batch_layer_norm import batch_layer_norm
 from normkit.functional._batch_norm import batch_norm
 from normkit.functional._batch_norm_act import batch_norm_act
-from normkit.functional._ghost import ghost_batch_norm
+from normkit.functional._batch_renorm import batch_renorm
+from normkit.functional._ghost_batch_norm import ghost_batch_norm
 from normkit.functional._group_norm import group_norm
 from normkit.functional._inplace_abn import inplace_abn
 from normkit.functional._instance_norm import instance_norm
 from normkit.functional._layer_norm import channel_layer_norm, layer_norm
 from normkit.functional._moments import moments, stats_dtype, unbiased
 from normkit.functional._normalize import normalize, normalize_over
-from normkit.functional._renorm import batch_renorm
 from normkit.functional._running_stats import (
     guarded_update,
     momentum_from_decay,
     update_running_stats,
 )
-from normkit.functional._switchable import switchable_norm
+from normkit.functional._switchable_norm import switchable_norm
 
 __all__ = [
     "batch_instance_norm",

@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from normkit.errors import ConfigError, ShapeError
 from normkit.functional import _activation, _dispatch
-from normkit.functional._batch_norm import _reference_batch_norm, batch_dims
+from normkit.functional._batch_norm import batch_dims, reference_batch_norm
 from normkit.functional._checks import (
     check_batch_statistics_size,
     check_eps,
@@ -123,12 +123,12 @@ def batch_norm_act(
     )
 
 
-def _reference_batch_norm_act(
+def reference_batch_norm_act(
     input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
     activation, activation_param,
 ):  # fmt: skip
     """The unfused definition: batch norm, then the residual, then the activation."""
-    y = _reference_batch_norm(
+    y = reference_batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps
     )
     if residual is not None:
@@ -333,7 +333,7 @@ def _fused(engine):
         activation, activation_param,
     ):  # fmt: skip
         if input.numel() == 0:
-            return _reference_batch_norm_act(
+            return reference_batch_norm_act(
                 input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
                 activation, activation_param,
             )  # fmt: skip
@@ -348,5 +348,3 @@ def _fused(engine):
 
 native_batch_norm_act = _fused(_EagerEngine)
 compiled_batch_norm_act = _fused(_CompiledEngine)
-
-_dispatch.register("batch_norm_act", "reference", _reference_batch_norm_act)

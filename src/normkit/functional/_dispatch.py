@@ -1,10 +1,11 @@
 """The table of implementations behind each op, and the choice of backend.
 
 The functional ops (``batch_norm``, ``layer_norm``, ...) do their checks and running-statistics
-bookkeeping themselves and hand the arithmetic to ``resolve(op, input)``. Implementations register
-here: normkit's own (``reference``) from the functional files, the others (``native``, later
-``triton`` and ``compiled``) from :mod:`normkit.backends`, which also holds the user-facing switch.
-Keeping the table at the bottom lets imports run one way (functional <- backends <- nn).
+bookkeeping themselves and hand the arithmetic to ``resolve(op, input)``. What fills the registry is
+one table, ``IMPLEMENTATIONS`` in :mod:`normkit.backends` (every op, every backend, and the inputs
+each can run on), which also holds the user-facing switch. The registry sits here, below the ops,
+so that imports run one way (functional <- backends <- nn): the ops look implementations up at call
+time, never import them.
 """
 
 from __future__ import annotations

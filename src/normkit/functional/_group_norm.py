@@ -43,7 +43,7 @@ def group_view(tensor: torch.Tensor, num_groups: int) -> torch.Tensor:
     return tensor.view(n, num_groups, c // num_groups, *tensor.shape[2:])
 
 
-def _reference_group_norm(input, num_groups, weight, bias, eps):
+def reference_group_norm(input, num_groups, weight, bias, eps):
     ndim = input.dim()
     w, b = channel_view(weight, ndim), channel_view(bias, ndim)
     if input.numel() == 0:
@@ -53,6 +53,3 @@ def _reference_group_norm(input, num_groups, weight, bias, eps):
     gb = None if b is None else group_view(b, num_groups)
     y, _, _ = normalize_over(grouped, tuple(range(2, ndim + 1)), gw, gb, eps)
     return y.reshape(input.shape)
-
-
-_dispatch.register("group_norm", "reference", _reference_group_norm)

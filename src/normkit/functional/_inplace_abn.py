@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from normkit.errors import ConfigError
 from normkit.functional import _activation, _dispatch
-from normkit.functional._batch_norm import _reference_batch_norm, batch_dims
+from normkit.functional._batch_norm import batch_dims, reference_batch_norm
 from normkit.functional._checks import (
     check_batch_statistics_size,
     check_eps,
@@ -139,12 +139,12 @@ def effective_weight(weight: torch.Tensor, min_abs_weight: float) -> torch.Tenso
     return _StraightThrough.apply(weight, min_abs_weight)
 
 
-def _reference_inplace_abn(
+def reference_inplace_abn(
     input, running_mean, running_var, weight, bias, training, momentum, eps,
     activation, activation_param, inplace,
 ):  # fmt: skip
     """The unfused computation InPlace-ABN must match: batch norm, then the activation."""
-    y = _reference_batch_norm(
+    y = reference_batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps
     )
     return _activation.apply(y, activation, activation_param)
@@ -228,7 +228,7 @@ def native_inplace_abn(
     activation, activation_param, inplace,
 ):  # fmt: skip
     if input.numel() == 0:
-        return _reference_inplace_abn(
+        return reference_inplace_abn(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             activation, activation_param, inplace,
         )  # fmt: skip
@@ -236,6 +236,3 @@ def native_inplace_abn(
         input, weight, bias, running_mean, running_var, training, momentum, eps,
         activation, activation_param, inplace,
     )  # fmt: skip
-
-
-_dispatch.register("inplace_abn", "reference", _reference_inplace_abn)

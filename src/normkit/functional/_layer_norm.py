@@ -74,7 +74,7 @@ def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(normalized_shape)
 
 
-def _reference_layer_norm(input, normalized_shape, weight, bias, eps):
+def reference_layer_norm(input, normalized_shape, weight, bias, eps):
     dims = tuple(range(input.dim() - len(normalized_shape), input.dim()))
     if input.numel() == 0:
         return empty_output(input, weight, bias)
@@ -82,13 +82,9 @@ def _reference_layer_norm(input, normalized_shape, weight, bias, eps):
     return y
 
 
-def _reference_channel_layer_norm(input, weight, bias, eps):
+def reference_channel_layer_norm(input, weight, bias, eps):
     w, b = channel_view(weight, input.dim()), channel_view(bias, input.dim())
     if input.numel() == 0:
         return empty_output(input, w, b)
     y, _, _ = normalize_over(input, (1,), w, b, eps)
     return y
-
-
-_dispatch.register("layer_norm", "reference", _reference_layer_norm)
-_dispatch.register("channel_layer_norm", "reference", _reference_channel_layer_norm)

@@ -1,4 +1,9 @@
-"""Normalize and apply the affine: the one place normkit computes y = w * (x - mean) / sqrt(var + eps) + b.
+"""Normalize and apply the affine: y = w * (x - mean) / sqrt(var + eps) + b in normkit's own code.
+
+The ``reference`` backend's one place for it; the ``native``, ``compiled`` and ``triton`` backends
+compute the same map in ATen's, torch.compile's and normkit's Triton kernels, and
+``_instance_stats.instance_affine`` folds it into one multiply-add per (sample, channel) for the
+mixtures (see ``_moments`` for why each exists).
 
 Two cases, and only two:
 

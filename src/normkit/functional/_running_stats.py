@@ -1,4 +1,9 @@
-"""Running statistics: the one place they are updated, and the guard that keeps them finite.
+"""Running statistics: how they are updated, and the guard that keeps them finite.
+
+:func:`update_running_stats` is normkit's own update; ATen's kernels update in place for the
+``native`` backend, and the layers with their own averaging rules keep theirs beside their maths
+(Batch Renorm's moving deviation, ``_batch_renorm``; Ghost BN's per-virtual-batch blend,
+``_ghost_batch_norm``). Every one of them runs inside :func:`guarded_update`, the one guard.
 
 Conventions (DESIGN.md, "Conventions"):
 
@@ -23,6 +28,7 @@ a GradScaler will skip) never reaches the running buffers. The policy is ``on_no
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
@@ -43,19 +49,33 @@ def momentum_from_decay(decay: float) -> float:
     return 1.0 - float(decay)
 
 
-def momentum_argument(momentum: float | None, decay: float | None, default: float = 0.1):
+class DefaultMomentum(float):
+    """A layer's default ``momentum``: the number itself, told apart by type from the same number
+    passed by the caller. So ``decay=`` replaces the default, while an explicit momentum together
+    with ``decay=`` is an error whatever its value (a default of plain 0.1 could not tell
+    ``BatchNorm(momentum=0.1, decay=0.9)`` from ``BatchNorm(decay=0.9)``). Shown as its number in
+    signatures and reprs; the layer stores a plain float."""
+
+    def __repr__(self) -> str:
+        return float.__repr__(self)
+
+
+def momentum_argument(momentum: float | None, decay: float | None) -> float | None:
     """Resolve a layer's ``momentum=`` / ``decay=`` pair into PyTorch's momentum.
 
-    A momentum above 0.5 is almost always a Keras/Flax decay passed under PyTorch's name (the running
-    statistics would then follow the last batch), so it gets a warning that names the fix.
+    ``momentum`` is a :class:`DefaultMomentum` when the caller did not give one. A momentum above 0.5
+    is almost always a Keras/Flax decay passed under PyTorch's name (the running statistics would
+    then follow the last batch), so it gets a warning that names the fix.
     """
     if decay is not None:
-        if momentum != default:
+        if not isinstance(momentum, DefaultMomentum):
             raise ConfigError(
                 f"pass either momentum (PyTorch convention) or decay (Keras/Flax convention), not "
                 f"both: got momentum={momentum!r} and decay={decay!r}"
             )
         return momentum_from_decay(decay)
+    if isinstance(momentum, DefaultMomentum):
+        return float(momentum)
     check_momentum(momentum)
     if momentum is not None and 0.5 < momentum < 1.0:
         warnings.warn(
@@ -63,9 +83,18 @@ def momentum_argument(momentum: float | None, decay: float | None, default: floa
             f"the running statistics will track mostly the last batch. If {momentum} is a "
             f"Keras/Flax decay, pass decay={momentum} (= momentum {1 - momentum:.3g}) instead",
             UserWarning,
-            stacklevel=4,
+            stacklevel=caller_stacklevel(),
         )
     return momentum
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` of a warning that points at the first frame outside normkit (the user's
+    line that built the layer, however many constructors lie in between)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("normkit."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def exponential_average_factor(

@@ -1,18 +1,24 @@
 """normkit's layers: drop-ins for torch.nn's normalizers, and the tools to control their state."""
 
-from normkit.nn.batch_instance import BatchInstanceNorm
-from normkit.nn.batch_layer import BatchLayerNorm
+from normkit.nn.batch_instance_norm import BatchInstanceNorm
+from normkit.nn.batch_layer_norm import BatchLayerNorm
 from normkit.nn.batch_norm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normkit.nn.batch_norm_act import BatchNormAct
-from normkit.nn.frozen import FrozenBatchNorm
-from normkit.nn.ghost import GhostBatchNorm
+from normkit.nn.batch_renorm import (
+    BatchRenorm,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    RenormRamp,
+)
+from normkit.nn.frozen_batch_norm import FrozenBatchNorm
+from normkit.nn.ghost_batch_norm import GhostBatchNorm
 from normkit.nn.group_norm import GroupNorm
 from normkit.nn.inplace_abn import InPlaceABN
 from normkit.nn.instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normkit.nn.layer_norm import LayerNorm, LayerNorm2d
-from normkit.nn.renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormRamp
 from normkit.nn.snapshot import RunningStatsSnapshot, frozen_running_stats, snapshot_running_stats
-from normkit.nn.switchable import SwitchableNorm
+from normkit.nn.switchable_norm import SwitchableNorm
 
 __all__ = [
     "BatchInstanceNorm",

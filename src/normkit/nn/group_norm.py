@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normkit import functional as F
 from normkit.errors import NormkitError
+from normkit.functional import group_norm
 from normkit.functional._checks import check_channels, check_eps, check_groups, check_min_rank
 from normkit.nn._base import GROUP_NORM_HAS_BIAS, bias_kwargs, drop_bias_if_unsupported, named
 
@@ -66,6 +66,6 @@ class GroupNorm(nn.GroupNorm):
         try:
             check_min_rank(input, 2, "(N, C, *)")
             check_channels(input, self.num_channels, what="num_channels")
-            return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+            return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
         except NormkitError as error:
             raise named(self, error) from None

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from normkit import functional as F
 from normkit.errors import NormkitError
+from normkit.functional import channel_layer_norm, layer_norm
 from normkit.functional._checks import (
     check_channels,
     check_eps,
@@ -68,7 +68,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         try:
-            return F.layer_norm(
+            return layer_norm(
                 input, self.normalized_shape, self.weight, self.bias, self.eps, mask=mask
             )
         except NormkitError as error:
@@ -136,7 +136,7 @@ class LayerNorm2d(nn.Module):
         try:
             check_min_rank(input, 2, "(N, C, *)")
             check_channels(input, self.num_channels, what="num_channels")
-            return F.channel_layer_norm(input, self.weight, self.bias, self.eps)
+            return channel_layer_norm(input, self.weight, self.bias, self.eps)
         except NormkitError as error:
             raise named(self, error) from None
 

@@ -43,6 +43,8 @@ _BN_EQUIVALENT_NAMES = (
     "GhostBatchNorm",
     "SyncBatchNorm",
 )
+# ... and normkit's batch-statistics layers that are not torch _BatchNorms (their output is not BN's).
+_BATCH_STATISTICS_NAMES = (*_BN_EQUIVALENT_NAMES, "BatchNormAct", "InPlaceABN")
 _NORMALIZER_TYPES = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 # normkit layers whose forward is a normalization and nothing else.
 _PLAIN_NORMKIT_NAMES = (
@@ -102,7 +104,7 @@ def is_batch_norm(module: nn.Module) -> bool:
     knows. Frozen BatchNorm is not included (:func:`is_frozen_batch_norm`)."""
     if is_frozen_batch_norm(module):
         return False
-    return isinstance(module, (_BatchNorm, *_normkit_classes(_BN_EQUIVALENT_NAMES)))
+    return isinstance(module, (_BatchNorm, *_normkit_classes(_BATCH_STATISTICS_NAMES)))
 
 
 def is_normalizer(module: nn.Module) -> bool:

@@ -19,6 +19,7 @@ paper) and the fix, often one of normkit's tools. The checks:
 | ``momentum-looks-like-decay`` | warning | momentum in (0.5, 1): a Keras/Flax decay given as momentum |
 | ``normalizer-choice`` | info | the model's normalizer is not the guideline's (``tools.advice``) |
 | ``forward-failed`` | error | the model did not run on the example input |
+| ``converted-to-torch-sync`` | error / warning | a torch SyncBatchNorm stands where a normkit layer was |
 
 The model is not modified: forward passes run under ``torch.no_grad`` with every running statistic
 restored afterwards, and every mode restored.
@@ -38,6 +39,7 @@ from torch import nn
 
 from normkit.errors import ConfigError
 from normkit.factory import DEFAULT_GROUPS
+from normkit.nn._origin import marked_origin
 from normkit.nn.snapshot import frozen_running_stats
 from normkit.tools import _graph
 from normkit.tools._norms import (
@@ -329,6 +331,41 @@ def _check_gamma(path: str, m: nn.Module, report: DoctorReport) -> None:
         )  # fmt: skip
 
 
+def _check_converted_to_torch_sync(model: nn.Module, report: DoctorReport) -> None:
+    """A ``torch.nn.SyncBatchNorm`` holding tensors a normkit layer made: a converter replaced it.
+
+    Converters move the old layer's parameters and buffers into the new one, and normkit's layers
+    mark those tensors with their class (:mod:`normkit.nn._origin`), so the mark tells what stood
+    there. Plain BatchNorm (a torch ``_BatchNorm`` subclass) keeps its maths and loses normkit's
+    additions; any other layer's maths are gone.
+    """
+    import normkit
+
+    for path, m in model.named_modules():
+        origin = marked_origin(m) if isinstance(m, nn.SyncBatchNorm) else None
+        if origin is None:
+            continue
+        cls = getattr(normkit, origin, None)
+        plain = isinstance(cls, type) and issubclass(cls, nn.modules.batchnorm._BatchNorm)
+        fix = ("convert with nk.SyncBatchNorm.convert_sync_batchnorm(model), which keeps "
+               "normkit's layers and leaves those that are not plain BatchNorm")  # fmt: skip
+        if plain:
+            report.findings.append(
+                Finding("converted-to-torch-sync", path, "warning", f"a torch SyncBatchNorm "
+                        f"stands where nk.{origin} was", "it computes the same statistics but "
+                        "without normkit's guard (a NaN/Inf batch enters the running statistics) "
+                        "and, unlike nk.SyncBatchNorm, only on CUDA", fix)
+            )  # fmt: skip
+        else:
+            report.findings.append(
+                Finding("converted-to-torch-sync", path, "error", f"a torch SyncBatchNorm "
+                        f"stands where nk.{origin} was", f"it computes plain BatchNorm: what "
+                        f"{origin} adds (its activation, its renormalization or virtual batches, "
+                        "its mixture) is gone, silently", f"keep the {origin} (synchronize only "
+                        f"plain BatchNorm): {fix}")
+            )  # fmt: skip
+
+
 def _check_batch_size(model: nn.Module, batch_size: int, report: DoctorReport) -> None:
     layers = [
         path for path, m in model.named_modules() if is_batch_norm(m) and not _synchronized(m)
@@ -596,6 +633,7 @@ def doctor(
     else:
         report.notes.append("no example input: a Linear's output shape is not checked")
     _check_static(model, report)
+    _check_converted_to_torch_sync(model, report)
     if batch_size is not None:
         _check_batch_size(model, batch_size, report)
     else:

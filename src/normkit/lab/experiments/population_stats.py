@@ -46,10 +46,11 @@ from normkit.lab.runner import derived_seed
 
 def batch_norm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
     """Every BatchNorm-like layer (torch's, normkit's, Ghost BN) that keeps running statistics."""
+    family = (_BatchNorm, nk.BatchRenorm, nk.GhostBatchNorm, nk.BatchNormAct, nk.InPlaceABN)
     return {
         path: module
         for path, module in model.named_modules()
-        if isinstance(module, _BatchNorm) and module.running_mean is not None
+        if isinstance(module, family) and module.running_mean is not None
     }
 
 

@@ -216,7 +216,7 @@ class Renorm(Experiment):
             renorm_steps=forwards,
         )
         for name, module in list(model.named_children()):
-            if isinstance(module, nk.BatchNorm):
+            if isinstance(module, (nk.BatchNorm, nk.BatchRenorm, nk.GhostBatchNorm)):
                 module.momentum = settings.running_momentum
                 if arm == "brn-4":
                     model._modules[name] = PerMicrobatch(module, settings.microbatch)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normkit import functional as F
 from normkit.errors import ConfigError, NormkitError
+from normkit.functional import batch_norm
 from normkit.functional._checks import check_channels, check_eps, check_min_rank, check_positive_int
 from normkit.functional._moments import stats_dtype
 from normkit.nn._base import named
@@ -98,7 +98,7 @@ class FrozenBatchNorm(nn.Module):
             check_min_rank(input, 2, "(N, C, *)")
             check_channels(input, self.num_features)
             if not input.requires_grad:
-                return F.batch_norm(
+                return batch_norm(
                     input, self.running_mean, self.running_var, self.weight, self.bias,
                     False, 0.0, self.eps,
                 )  # fmt: skip
@@ -125,7 +125,7 @@ class _FrozenBatchNorm(torch.autograd.Function):
     def forward(ctx, input, running_mean, running_var, weight, bias, eps):
         dtype = stats_dtype(input.dtype)  # float32 for half inputs
         ctx.save_for_backward(weight.to(dtype) * torch.rsqrt(running_var.to(dtype) + eps))
-        return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+        return batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx, dy):

@@ -8,16 +8,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from normkit import functional as F
 from normkit.errors import ConfigError, NormkitError
-from normkit.functional._renorm import batch_renorm, check_bound
-from normkit.nn._base import named
-from normkit.nn.batch_norm import BatchNorm
+from normkit.functional import batch_norm, batch_renorm
+from normkit.functional._batch_renorm import check_bound
+from normkit.functional._running_stats import DefaultMomentum
+from normkit.nn._base import NormBase, named
 
 Schedule = float | Callable[[int], float]
-PAPER_MOMENTUM = 0.01  # the moving averages' alpha in Ioffe (2017)
+# The moving averages' alpha in Ioffe (2017); a default that `decay=` may replace (DefaultMomentum).
+PAPER_MOMENTUM = DefaultMomentum(0.01)
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def evaluate(schedule: Schedule, step: torch.Tensor, name: str, minimum: float):
     return schedule
 
 
-class BatchRenorm(BatchNorm):
+class BatchRenorm(NormBase):
     r"""Batch Renormalization over an input of any rank (N, C, \*) (Ioffe 2017).
 
     Paper: https://arxiv.org/abs/1702.03275 (Algorithm 1). BatchNorm's output depends on the other
@@ -162,21 +162,10 @@ class BatchRenorm(BatchNorm):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = PAPER_MOMENTUM,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        r_max: Schedule | None = None,
-        d_max: Schedule | None = None,
-        bias: bool = True,
-        decay: float | None = None,
-        on_nonfinite: str = "skip",
-    ) -> None:
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = PAPER_MOMENTUM,
+        affine: bool = True, track_running_stats: bool = True, *args,
+        r_max: Schedule | None = None, d_max: Schedule | None = None, **kwargs,
+    ) -> None:  # fmt: skip
         if not track_running_stats:
             raise ConfigError(
                 f"{type(self).__name__} corrects the batch statistics toward the running ones, so "
@@ -184,22 +173,9 @@ class BatchRenorm(BatchNorm):
             )
         r_max = check_schedule(RenormRamp.paper_r_max() if r_max is None else r_max, "r_max", 1.0)
         d_max = check_schedule(RenormRamp.paper_d_max() if d_max is None else d_max, "d_max", 0.0)
-        if decay is not None and momentum == PAPER_MOMENTUM:
-            momentum = 0.1  # BatchNorm's default: the constructor then takes the decay
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            True,
-            device,
-            dtype,
-            bias=bias,
-            decay=decay,
-            on_nonfinite=on_nonfinite,
-        )
+        super().__init__(num_features, eps, momentum, affine, True, *args, **kwargs)
         self.r_max, self.d_max = r_max, d_max
-        self.register_buffer("renorm_step", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("renorm_step", torch.zeros_like(self.num_batches_tracked))
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -209,30 +185,15 @@ class BatchRenorm(BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
+        if not self.training:
+            return self._normalize(batch_norm, input)  # Algorithm 1's output at inference
+        step = self.renorm_step
         try:
-            if not self.training:
-                return F.batch_norm(
-                    input, self.running_mean, self.running_var, self.weight, self.bias,
-                    False, 0.0, self.eps,
-                )  # fmt: skip
-            step = self.renorm_step
-            y = batch_renorm(
-                input,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.bias,
-                True,
-                self.momentum,
-                self.eps,
-                evaluate(self.r_max, step, "r_max", 1.0),
-                evaluate(self.d_max, step, "d_max", 0.0),
-                num_batches_tracked=self.num_batches_tracked,
-                num_batches_skipped=self.num_batches_skipped,
-                on_nonfinite=self.on_nonfinite,
-            )
+            r_max = evaluate(self.r_max, step, "r_max", 1.0)
+            d_max = evaluate(self.d_max, step, "d_max", 0.0)
         except NormkitError as error:
             raise named(self, error) from None
+        y = self._normalize(batch_renorm, input, r_max=r_max, d_max=d_max)
         with torch.no_grad():
             step.add_(1)
         return y
@@ -249,21 +210,21 @@ class BatchRenorm(BatchNorm):
         return f"{super().extra_repr()}, r_max={self.r_max!r}, d_max={self.d_max!r}"
 
 
-class BatchRenorm1d(BatchRenorm, nn.BatchNorm1d):
+class BatchRenorm1d(BatchRenorm):
     """:class:`BatchRenorm` on (N, C) or (N, C, L) inputs."""
 
     _ranks = (2, 3)
     _layout = "(N, C) or (N, C, L)"
 
 
-class BatchRenorm2d(BatchRenorm, nn.BatchNorm2d):
+class BatchRenorm2d(BatchRenorm):
     """:class:`BatchRenorm` on (N, C, H, W) inputs."""
 
     _ranks = (4,)
     _layout = "(N, C, H, W)"
 
 
-class BatchRenorm3d(BatchRenorm, nn.BatchNorm3d):
+class BatchRenorm3d(BatchRenorm):
     """:class:`BatchRenorm` on (N, C, D, H, W) inputs."""
 
     _ranks = (5,)

@@ -21,7 +21,7 @@ import torch
 
 from normkit.errors import ConfigError
 from normkit.functional import _dispatch
-from normkit.functional._batch_instance import mix_with_batch_statistics
+from normkit.functional._batch_instance_norm import mix_with_batch_statistics
 from normkit.functional._batch_norm import batch_dims
 from normkit.functional._checks import (
     check_batch_statistics_size,
@@ -107,7 +107,7 @@ def importance(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.softmax(logits.to(dtype), dim=0)
 
 
-def _native_switchable_norm(
+def native_switchable_norm(
     input, mean_weight, var_weight, weight, bias, running_mean, running_var, eps
 ):
     mean_in, var_in = instance_moments(input)  # (N, C)
@@ -129,7 +129,7 @@ def _native_switchable_norm(
     return instance_affine(input, scale, shift), mean_bn, var_bn
 
 
-def _reference_switchable_norm(
+def reference_switchable_norm(
     input, mean_weight, var_weight, weight, bias, running_mean, running_var, eps
 ):
     ndim = input.dim()
@@ -151,6 +151,3 @@ def _reference_switchable_norm(
     if bias is not None:
         y = y + channel_view(bias.to(dtype), ndim)
     return y.to(input.dtype), mean_bn.reshape(-1), var_bn.reshape(-1)
-
-
-_dispatch.register("switchable_norm", "reference", _reference_switchable_norm)

@@ -149,7 +149,7 @@ def batch_part(mean_in, var_in, running_mean, running_var):
     return running_mean.to(dtype), running_var.to(dtype)
 
 
-def _native_batch_instance_norm(input, gate, weight, bias, running_mean, running_var, eps):
+def native_batch_instance_norm(input, gate, weight, bias, running_mean, running_var, eps):
     mean_in, var_in = instance_moments(input)  # (N, C)
     mean_bn, var_bn = batch_part(mean_in, var_in, running_mean, running_var)  # (C,)
     dtype = mean_in.dtype
@@ -166,7 +166,7 @@ def _native_batch_instance_norm(input, gate, weight, bias, running_mean, running
     return instance_affine(input, scale, shift), mean_bn, var_bn
 
 
-def _reference_batch_instance_norm(input, gate, weight, bias, running_mean, running_var, eps):
+def reference_batch_instance_norm(input, gate, weight, bias, running_mean, running_var, eps):
     ndim = input.dim()
     dtype = stats_dtype(input.dtype)
     x = input.to(dtype)  # normalize in float32 for half inputs, and round once at the end
@@ -183,6 +183,3 @@ def _reference_batch_instance_norm(input, gate, weight, bias, running_mean, runn
     if bias is not None:
         y = y + channel_view(bias.to(dtype), ndim)
     return y.to(input.dtype), mean_bn.reshape(-1), var_bn.reshape(-1)
-
-
-_dispatch.register("batch_instance_norm", "reference", _reference_batch_instance_norm)

@@ -31,7 +31,8 @@ from normkit.functional._checks import (
     check_min_rank,
     check_per_channel,
 )
-from normkit.functional._moments import moments, stats_dtype
+from normkit.functional._given_statistics import batch_norm_given_statistics, batch_norm_statistics
+from normkit.functional._moments import moments
 from normkit.functional._normalize import channel_view, empty_output, normalize_over
 from normkit.functional._running_stats import exponential_average_factor, guarded_update
 
@@ -154,7 +155,7 @@ def corrected_affine(weight, bias, r, d) -> tuple[torch.Tensor, torch.Tensor]:
     return w, b if bias is None else b + bias.to(r.dtype)
 
 
-def _native_batch_renorm(
+def native_batch_renorm(
     input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max
 ):
     mean, var = batch_norm_statistics(input)
@@ -164,7 +165,7 @@ def _native_batch_renorm(
     return batch_norm_given_statistics(input, w, b, mean, var, eps)
 
 
-def _reference_batch_renorm(
+def reference_batch_renorm(
     input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max
 ):
     ndim = input.dim()
@@ -176,52 +177,3 @@ def _reference_batch_renorm(
     w, b = corrected_affine(weight, bias, r, d)
     y, _, _ = normalize_over(input, dims, channel_view(w, ndim), channel_view(b, ndim), eps)
     return y
-
-
-# --- BatchNorm with statistics computed outside the kernel (ATen) -----------------------------------
-
-
-@torch.no_grad()
-def batch_norm_statistics(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance from ATen's batch-norm statistics kernel.
-
-    In float32 for half inputs: the kernel computes in float32 and returns that precision when given
-    float32 running buffers (scratch ones here, with momentum 0, so nothing is written that matters).
-    """
-    dtype = stats_dtype(input.dtype)
-    channels = input.shape[1]
-    scratch_mean = torch.zeros(channels, dtype=dtype, device=input.device)
-    scratch_var = torch.ones(channels, dtype=dtype, device=input.device)
-    return torch.batch_norm_update_stats(input, scratch_mean, scratch_var, 0.0)
-
-
-def batch_norm_given_statistics(input, weight, bias, mean, var, eps) -> torch.Tensor:
-    """BatchNorm in training with the batch's ``mean`` and biased ``var`` computed beforehand.
-
-    Forward: ATen's inference kernel with (mean, var) as the statistics. Backward: ATen's training
-    backward, which differentiates through the statistics (Ioffe & Szegedy 2015, §3). ``weight`` and
-    ``bias`` are per channel (never None here) in the dtype of the statistics.
-    """
-    return _BatchNormGivenStatistics.apply(input, weight, bias, mean, var, eps)
-
-
-class _BatchNormGivenStatistics(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, eps):
-        cudnn = torch.backends.cudnn.enabled
-        y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, cudnn)
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps))
-        ctx.eps = eps
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
-            dy, x, weight, None, None, mean, invstd, True, ctx.eps, mask
-        )
-        return dx, dweight, dbias, None, None, None
-
-
-_dispatch.register("batch_renorm", "reference", _reference_batch_renorm)

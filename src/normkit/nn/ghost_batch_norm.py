@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from normkit import functional as F
-from normkit.errors import NormkitError
+from normkit.functional import batch_norm, ghost_batch_norm
 from normkit.functional._checks import check_positive_int
-from normkit.functional._ghost import ghost_batch_norm
-from normkit.nn._base import named, statistics_arguments
-from normkit.nn.batch_norm import BatchNorm
+from normkit.nn._base import NormBase
 
 
-class GhostBatchNorm(BatchNorm):
+class GhostBatchNorm(NormBase):
     r"""BatchNorm whose training statistics come from virtual batches of ``virtual_batch_size``
     samples (Hoffer, Hubara & Soudry 2017, "Train longer, generalize better", §4).
 
@@ -55,58 +52,16 @@ class GhostBatchNorm(BatchNorm):
         (True, 4)
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        virtual_batch_size: int = 32,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-        decay: float | None = None,
-        on_nonfinite: str = "skip",
-    ) -> None:
+    def __init__(self, num_features: int, virtual_batch_size: int = 32, *args, **kwargs) -> None:
         check_positive_int(virtual_batch_size, "virtual_batch_size")
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            decay=decay,
-            on_nonfinite=on_nonfinite,
-        )
+        super().__init__(num_features, *args, **kwargs)
         self.virtual_batch_size = virtual_batch_size
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        running_mean, running_var, batch_statistics, counters = statistics_arguments(self)
-        try:
-            if not batch_statistics:  # eval with running statistics: BatchNorm, at any batch size
-                return F.batch_norm(
-                    input, running_mean, running_var, self.weight, self.bias, False, 0.0, self.eps
-                )
-            return ghost_batch_norm(
-                input,
-                running_mean,
-                running_var,
-                self.weight,
-                self.bias,
-                True,
-                self.momentum,
-                self.eps,
-                self.virtual_batch_size,
-                **counters,
-            )
-        except NormkitError as error:
-            raise named(self, error) from None
+        if not self._uses_batch_statistics():  # eval with running statistics: BatchNorm's map
+            return self._normalize(batch_norm, input)
+        return self._normalize(ghost_batch_norm, input, virtual_batch_size=self.virtual_batch_size)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"

@@ -15,7 +15,7 @@ from helpers import (
 )
 from normkit import reference as R
 from normkit.errors import BatchTooSmallError, ConfigError
-from normkit.functional._ghost import ghost_batch_sizes
+from normkit.functional._ghost_batch_norm import ghost_batch_sizes
 
 # (shape, virtual batch size): divisible, not divisible (17 + 16), one ghost batch, any rank
 CASES = [

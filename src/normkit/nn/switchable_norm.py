@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
-from normkit.errors import NormkitError
-from normkit.functional._switchable import importance, switchable_norm
-from normkit.nn._base import (
-    finish_norm_base,
-    named,
-    norm_base_arguments,
-    statistics_arguments,
-)
+from normkit.functional import switchable_norm
+from normkit.functional._switchable_norm import importance
+from normkit.nn._base import NormBase
 
 
-class SwitchableNorm(_NormBase):
+class SwitchableNorm(NormBase):
     r"""Switchable Normalization (Luo, Ren & Peng 2018): each layer learns its normalizer.
 
     Paper: https://arxiv.org/abs/1806.10779 (eqs. 3-4); official code switchablenorms/
@@ -66,36 +60,9 @@ class SwitchableNorm(_NormBase):
         True
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-        decay: float | None = None,
-        on_nonfinite: str = "skip",
-    ) -> None:
-        args, kwargs = norm_base_arguments(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias,
-            decay,
-            on_nonfinite,
-        )
-        super().__init__(*args, **kwargs)
-        finish_norm_base(self, bias, on_nonfinite, device)
-        self.mean_weight = nn.Parameter(torch.ones(3, device=device, dtype=dtype))
-        self.var_weight = nn.Parameter(torch.ones(3, device=device, dtype=dtype))
+    def _init_parameters(self, factory: dict) -> None:
+        self.mean_weight = nn.Parameter(torch.ones(3, **factory))
+        self.var_weight = nn.Parameter(torch.ones(3, **factory))
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -109,24 +76,5 @@ class SwitchableNorm(_NormBase):
             dtype = self.mean_weight.dtype
             return importance(self.mean_weight, dtype), importance(self.var_weight, dtype)
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        pass  # any (N, C, *spatial): checked by the functional op, which names the fix
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        running_mean, running_var, batch_statistics, counters = statistics_arguments(self)
-        try:
-            return switchable_norm(
-                input,
-                self.mean_weight,
-                self.var_weight,
-                running_mean,
-                running_var,
-                self.weight,
-                self.bias,
-                batch_statistics,
-                self.momentum,
-                self.eps,
-                **counters,
-            )
-        except NormkitError as error:
-            raise named(self, error) from None
+        return self._normalize(switchable_norm, input, self.mean_weight, self.var_weight)

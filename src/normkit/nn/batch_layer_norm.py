@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import torch
-from torch.nn.modules.batchnorm import _NormBase
 
-from normkit.errors import ConfigError, NormkitError
-from normkit.functional._batch_layer import batch_layer_norm, mixing_weights
+from normkit.errors import ConfigError
+from normkit.functional import batch_layer_norm
+from normkit.functional._batch_layer_norm import mixing_weights
 from normkit.functional._checks import check_positive_int
-from normkit.nn._base import (
-    finish_norm_base,
-    named,
-    norm_base_arguments,
-    statistics_arguments,
-)
+from normkit.nn._base import NormBase
 
 
-class BatchLayerNorm(_NormBase):
+class BatchLayerNorm(NormBase):
     r"""Batch Layer Normalization (Ziaee & Çano 2022): BN and LN mixed by the inverse batch size.
 
     Paper: https://arxiv.org/abs/2209.08898; the layer follows the official code
@@ -70,37 +65,12 @@ class BatchLayerNorm(_NormBase):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-3,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        batch_size: int | None = None,
-        divide_by_sqrt_features: bool = True,
-        bias: bool = True,
-        decay: float | None = None,
-        on_nonfinite: str = "skip",
-    ) -> None:
+        self, num_features: int, eps: float = 1e-3, *args, batch_size: int | None = None,
+        divide_by_sqrt_features: bool = True, **kwargs,
+    ) -> None:  # fmt: skip
         if batch_size is not None:
             check_positive_int(batch_size, "batch_size")
-        args, kwargs = norm_base_arguments(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias,
-            decay,
-            on_nonfinite,
-        )
-        super().__init__(*args, **kwargs)
-        finish_norm_base(self, bias, on_nonfinite, device)
+        super().__init__(num_features, eps, *args, **kwargs)
         self.batch_size = batch_size
         self.divide_by_sqrt_features = divide_by_sqrt_features
 
@@ -114,27 +84,13 @@ class BatchLayerNorm(_NormBase):
             )
         return mixing_weights(m, self.num_features, self.divide_by_sqrt_features)
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        pass  # any (N, C, *): checked by the functional op
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        running_mean, running_var, batch_statistics, counters = statistics_arguments(self)
-        try:
-            return batch_layer_norm(
-                input,
-                running_mean,
-                running_var,
-                self.weight,
-                self.bias,
-                batch_statistics,
-                self.momentum,
-                self.eps,
-                self.batch_size,
-                self.divide_by_sqrt_features,
-                **counters,
-            )
-        except NormkitError as error:
-            raise named(self, error) from None
+        return self._normalize(
+            batch_layer_norm,
+            input,
+            batch_size=self.batch_size,
+            divide_by_sqrt_features=self.divide_by_sqrt_features,
+        )
 
     def extra_repr(self) -> str:
         return (

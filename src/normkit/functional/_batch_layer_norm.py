@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from normkit.errors import ConfigError
 from normkit.functional import _dispatch
-from normkit.functional._batch_instance import mix_with_batch_statistics
+from normkit.functional._batch_instance_norm import mix_with_batch_statistics
 from normkit.functional._batch_norm import batch_dims
 from normkit.functional._checks import (
     check_batch_statistics_size,
@@ -37,9 +37,9 @@ from normkit.functional._checks import (
     check_positive_int,
 )
 from normkit.functional._compiled import CompiledMaths
+from normkit.functional._given_statistics import batch_norm_statistics
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view, normalize, normalize_over
-from normkit.functional._renorm import batch_norm_statistics
 
 # The offsets of the official code: the weights are 1/m - 1e-4 and 1 - (1/m + 1e-4).
 WEIGHT_OFFSET = 1e-4
@@ -128,7 +128,7 @@ def _mixed_parameters(input, batch_weight, layer_weight, weight, bias, running_m
     return w_b, b, w_f, *stats
 
 
-def _native_batch_layer_norm(
+def native_batch_layer_norm(
     input, batch_weight, layer_weight, weight, bias, running_mean, running_var, eps
 ):
     parameters = _mixed_parameters(
@@ -280,11 +280,11 @@ class _CompiledBatchLayerNorm(torch.autograd.Function):
         )
 
 
-def _compiled_batch_layer_norm(
+def compiled_batch_layer_norm(
     input, batch_weight, layer_weight, weight, bias, running_mean, running_var, eps
 ):
     if input.numel() == 0:
-        return _native_batch_layer_norm(
+        return native_batch_layer_norm(
             input, batch_weight, layer_weight, weight, bias, running_mean, running_var, eps
         )
     parameters = _mixed_parameters(
@@ -293,7 +293,7 @@ def _compiled_batch_layer_norm(
     return _CompiledBatchLayerNorm.apply(input, *parameters, eps)
 
 
-def _reference_batch_layer_norm(
+def reference_batch_layer_norm(
     input, batch_weight, layer_weight, weight, bias, running_mean, running_var, eps
 ):
     ndim = input.dim()
@@ -311,6 +311,3 @@ def _reference_batch_layer_norm(
     if bias is not None:
         y = y + channel_view(bias.to(dtype), ndim)
     return y.to(input.dtype), mean.reshape(-1), var.reshape(-1)
-
-
-_dispatch.register("batch_layer_norm", "reference", _reference_batch_layer_norm)

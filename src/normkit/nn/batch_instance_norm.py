@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
-from normkit.errors import NormkitError
-from normkit.functional._batch_instance import batch_instance_norm
-from normkit.nn._base import (
-    finish_norm_base,
-    named,
-    norm_base_arguments,
-    statistics_arguments,
-)
+from normkit.functional import batch_instance_norm
+from normkit.nn._base import NormBase
 
 
-class BatchInstanceNorm(_NormBase):
+class BatchInstanceNorm(NormBase):
     r"""Batch-Instance Normalization (Nam & Kim 2018): BN and IN mixed per channel by a gate ρ.
 
     Paper: https://arxiv.org/abs/1805.07925 (eqs. 6-7); official code hyseob/Batch-Instance-
@@ -65,61 +58,16 @@ class BatchInstanceNorm(_NormBase):
         True
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-        decay: float | None = None,
-        on_nonfinite: str = "skip",
-    ) -> None:
-        args, kwargs = norm_base_arguments(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias,
-            decay,
-            on_nonfinite,
-        )
-        super().__init__(*args, **kwargs)
-        finish_norm_base(self, bias, on_nonfinite, device)
-        self.rho = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+    def _init_parameters(self, factory: dict) -> None:
+        self.rho = nn.Parameter(torch.ones(self.num_features, **factory))
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
         if getattr(self, "rho", None) is not None:
             nn.init.ones_(self.rho)
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        pass  # any (N, C, *spatial): checked by the functional op, which names the fix
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        running_mean, running_var, batch_statistics, counters = statistics_arguments(self)
         if self.training:
             with torch.no_grad():  # Nam & Kim's clip of the gate after each update
                 self.rho.clamp_(0.0, 1.0)
-        try:
-            return batch_instance_norm(
-                input,
-                self.rho,
-                running_mean,
-                running_var,
-                self.weight,
-                self.bias,
-                batch_statistics,
-                self.momentum,
-                self.eps,
-                **counters,
-            )
-        except NormkitError as error:
-            raise named(self, error) from None
+        return self._normalize(batch_instance_norm, input, self.rho)

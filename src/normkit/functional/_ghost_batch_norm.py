@@ -169,7 +169,7 @@ def _blocks(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
     return runs
 
 
-def _native_ghost_batch_norm(input, sizes, weight, bias, eps):
+def native_ghost_batch_norm(input, sizes, weight, bias, eps):
     mean, var = instance_moments(input)  # (N, C)
     means, variances, per_sample_mean, per_sample_var = [], [], [], []
     start = 0
@@ -197,7 +197,7 @@ def _native_ghost_batch_norm(input, sizes, weight, bias, eps):
     return y, ghost_mean.detach(), ghost_var.detach()
 
 
-def _reference_ghost_batch_norm(input, sizes, weight, bias, eps):
+def reference_ghost_batch_norm(input, sizes, weight, bias, eps):
     ndim = input.dim()
     w = None if weight is None else weight.view((1, 1, -1) + (1,) * (ndim - 2))
     b = None if bias is None else bias.view((1, 1, -1) + (1,) * (ndim - 2))
@@ -212,6 +212,3 @@ def _reference_ghost_batch_norm(input, sizes, weight, bias, eps):
         start += count * size
     y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     return y, torch.cat(means), torch.cat(variances)
-
-
-_dispatch.register("ghost_batch_norm", "reference", _reference_ghost_batch_norm)
