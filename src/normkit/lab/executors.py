@@ -119,7 +119,7 @@ class Dask:
                 "--scheduler needs dask.distributed: pip install 'normkit[dask]'"
             ) from None
         try:
-            self.client = Client(address, timeout="20s")
+            self.client = Client(address, timeout="10s")
         except OSError as error:
             raise ConfigError(f"no Dask scheduler answered at {address} ({error})") from None
         workers = self.client.scheduler_info()["workers"]
