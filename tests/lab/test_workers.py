@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_runner import KILLABLE, kill_and_resume, lines, rows_and_results, start_run
+from test_runner import KILLABLE, lines, rows_and_results, start_run
 
 from normkit.errors import ConfigError
 from normkit.lab import run_experiment
@@ -49,24 +49,58 @@ def test_workers_give_the_same_bytes_as_one_worker(serial, tmp_path, name):
     assert execution["threads"] == 1 and execution["threads_rule"] == "NORMKIT_THREADS=1"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux's /proc")
 def test_resume_with_workers_after_sigkill_of_the_parent(tmp_path):
+    """Kill the parent (its workers then end by themselves), resume, twice; same bytes."""
     shorter = {**KILLABLE, "steps": "200"}
     whole = run_experiment("ioffe2015-mnist", "tiny", shorter, out=tmp_path / "whole",
                            write_report=False)  # fmt: skip
-    kills = kill_and_resume(tmp_path / "killed", len(whole.rows), (0.15, 0.6), workers=2,
-                            overrides=shorter)  # fmt: skip
-    assert kills >= 2, "the run finished before it could be killed; make KILLABLE longer"
-    same_run(tmp_path / "killed", tmp_path / "whole")
+    out, kills, resume, orphans = tmp_path / "killed", 0, False, []
+    for fraction in (0.15, 0.6):
+        process = start_run(out, resume, workers=2, overrides=shorter)
+        while lines(out / METRICS) < fraction * len(whole.rows) and process.poll() is None:
+            time.sleep(0.005)
+        if process.poll() is None:
+            orphans += _workers_of(process.pid)
+            os.kill(process.pid, signal.SIGKILL)
+            kills += 1
+        process.wait(timeout=240)
+        resume = True
+    assert kills == 2 and orphans, "the run finished before it could be killed"
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in orphans) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in orphans if _alive(pid)], "workers outlived the parent"
+    final = start_run(out, resume=True, workers=2)
+    assert final.wait(timeout=300) == 0, final.stderr.read().decode()
+    same_run(out, tmp_path / "whole")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        return [int(c) for task in tasks for c in (task / "children").read_text().split()]
+    except FileNotFoundError:
+        return []
 
 
 def _workers_of(pid: int) -> list[int]:
-    """The worker processes the run spawned (not multiprocessing's resource tracker)."""
+    """The run's worker processes: the children of its forkserver (or, with spawn, its children
+    started by spawn_main), not multiprocessing's resource tracker."""
     found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"spawn_main" in cmdline:
-                found.append(int(child))
+    for child in _children(pid):
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"forkserver" in cmdline:
+            found += _children(child)
+        elif b"spawn_main" in cmdline:
+            found.append(child)
     return found
 
 

@@ -63,7 +63,7 @@ def _describe(experiment) -> dict:
         "legacy": experiment.legacy,
         "protocol": textwrap.dedent(sys.modules[type(experiment).__module__].__doc__ or "").strip(),
         "claims": [
-            {"name": c.name, "quantity": c.quantity, "published": c.published.entry(),
+            {"name": c.name, "quantity": c.quantity, "published": asdict(c.published),
              "criterion": None if c.criterion is None else f"ours {c.criterion.text}",
              "ours": c.ours.text, "needs_gpu": c.needs_gpu}
             for c in claims

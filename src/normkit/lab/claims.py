@@ -1,10 +1,10 @@
 """Claims: each declared once, judged over seeds with a 95% interval, by one verdict function.
 
 A :class:`Claim` names the quantity, the published value with its source, how ours is computed
-from the run's rows (a :class:`Quantity`, one value per seed) and the criterion. :func:`judge`
-turns it into a :class:`Judgement`, whose :meth:`~Judgement.entry` is the claim's entry in
-summary.json; the report's claims card (:func:`card_row`) and the check (:func:`check`) are read
-from that entry, so the three cannot disagree.
+from the run's rows (a :class:`Quantity`: one value per seed) and the criterion. :meth:`Claim.judge`
+gives a :class:`Judgement`, whose :meth:`~Judgement.entry` is the claim's entry in summary.json; the
+report's claims card (:func:`card_row`) and the check (:func:`check`) are read from that entry, so
+the three cannot disagree.
 
 The verdict rule (:func:`verdict`, documented in docs/lab.md):
 
@@ -24,24 +24,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
 
 from normkit.lab.results import Results, TrialResult
 from normkit.lab.settings import GPU_PRESET_PREFIX
 from normkit.lab.stats import mean_ci, welch_difference
 
-REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, PARTLY = (
-    "reproduced",
-    "not reproduced",
-    "inconclusive",
-    "partly",
-)
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, PARTLY = "reproduced", "not reproduced", "inconclusive", "partly"
 MIN_SEEDS = 3
 CONFIDENCE = 0.95
-
-
-# ------------------------------------------------------------------------------------- published
+CARD_HEADERS = ["claim", "published (source)", "ours: mean [95% CI], seeds", "verdict"]
 
 
 @dataclass(frozen=True)
@@ -55,57 +47,44 @@ class Published:
     value: float | None = None
     unverified: bool = False
 
-    def entry(self) -> dict:
-        return {
-            "text": self.text,
-            "source": self.source,
-            "value": self.value,
-            "unverified": self.unverified,
-        }
-
 
 # -------------------------------------------------------------------------------------- quantity
 
 
-class Quantity:
-    """How ours is computed: one value per seed (``{replicate: value}``; None when a seed gives
-    none, e.g. a trial that diverged). ``text`` says how, for ``normkit lab show``."""
-
-    text = ""
-    paired = False
-
-    def per_seed(self, results: Results) -> dict[int, float | None]:
-        raise NotImplementedError
+def _number(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
-def _where_text(where: dict) -> str:
-    if not where:
-        return ""
+def _where(where: dict) -> str:
     parts = [f"{k}={'(from settings)' if callable(v) else v}" for k, v in where.items()]
-    return " of " + ", ".join(parts)
+    return " of " + ", ".join(parts) if parts else ""
 
 
 @dataclass(frozen=True)
-class _PerSeed(Quantity):
+class Quantity:
+    """How ours is computed: ``function(trials, results)`` over the trials of each seed that match
+    ``where``, one value per seed (None: the seed gives none, e.g. its trial diverged)."""
+
     function: Callable[[list[TrialResult], Results], float | None]
     where: dict
     text: str
 
-    def per_seed(self, results):
-        return {
-            replicate: _number(self.function(trials, results))
-            for replicate, trials in results.by_seed(**self.where).items()
-        }
+    def per_seed(self, results: Results) -> dict[int, float | None]:
+        groups = results.by_seed(**self.where).items()
+        return {replicate: _number(self.function(trials, results)) for replicate, trials in groups}
 
 
 def final(metric: str, **where) -> Quantity:
     """The final row's ``metric`` of the one trial per seed that matches ``where``."""
 
     def value(trials, results):
-        trial = results.one(trials, f"final({metric!r}{_where_text(where)})")
+        trial = results.one(trials, f"final({metric!r}{_where(where)})")
         return None if trial.final.get("diverged") else trial.final.get(metric)
 
-    return _PerSeed(value, where, f"final {metric}{_where_text(where)}")
+    return Quantity(value, where, f"final {metric}{_where(where)}")
 
 
 def from_curve(function: Callable[[list[int], list[float]], float | None], metric: str, text: str,
@@ -113,59 +92,49 @@ def from_curve(function: Callable[[list[int], list[float]], float | None], metri
     """``function(steps, values)`` of the evaluation curve of ``metric``, one trial per seed."""
 
     def value(trials, results):
-        trial = results.one(trials, f"from_curve({metric!r}{_where_text(where)})")
+        trial = results.one(trials, f"from_curve({metric!r}{_where(where)})")
         return None if trial.final.get("diverged") else function(*trial.series(metric))
 
-    return _PerSeed(value, where, f"{text}, from the curve of {metric}{_where_text(where)}")
+    return Quantity(value, where, f"{text}, from the curve of {metric}{_where(where)}")
 
 
 def per_seed(function: Callable[[list[TrialResult], Results], float | None], text: str,
              **where) -> Quantity:  # fmt: skip
     """Anything computed from the trials of one seed that match ``where`` (``function(trials,
     results)``), e.g. the rise of BN's error from its best batch size to the smallest."""
-    return _PerSeed(function, where, text + _where_text(where))
+    return Quantity(function, where, text + _where(where))
 
 
 @dataclass(frozen=True)
-class _Compare(Quantity):
+class Comparison:
+    """Ours is ``a − b`` or ``a / b``: per seed when ``paired`` (arms that share the batch order),
+    else from the two samples' means with Welch's interval (of the logs, for a ratio)."""
+
     a: Quantity
     b: Quantity
     kind: str  # "difference" or "ratio"
     paired: bool = True
-    text: str = field(default="", compare=False)
 
-    def per_seed(self, results):
+    @property
+    def text(self) -> str:
+        return f"({self.a.text}) {'−' if self.kind == 'difference' else '/'} ({self.b.text})"
+
+    def per_seed(self, results: Results) -> dict[int, float | None]:
         a, b = self.a.per_seed(results), self.b.per_seed(results)
         values = {}
-        for replicate in sorted(set(a) | set(b)):
-            x, y = a.get(replicate), b.get(replicate)
-            values[replicate] = None if x is None or y is None else _combine(x, y, self.kind)
+        for k in sorted(set(a) | set(b)):
+            x, y = a.get(k), b.get(k)
+            ok = x is not None and y is not None and (self.kind == "difference" or y != 0)
+            values[k] = (x - y if self.kind == "difference" else x / y) if ok else None
         return values
 
 
-def _combine(x: float, y: float, kind: str) -> float | None:
-    if kind == "difference":
-        return x - y
-    return x / y if y != 0 else None
+def difference(a: Quantity, b: Quantity, paired: bool = True) -> Comparison:
+    return Comparison(a, b, "difference", paired)
 
 
-def difference(a: Quantity, b: Quantity, paired: bool = True) -> Quantity:
-    """Ours is ``a − b``: per seed when ``paired`` (arms that share the batch order), else the
-    difference of the means with Welch's interval."""
-    return _Compare(a, b, "difference", paired, f"({a.text}) − ({b.text})")
-
-
-def ratio(a: Quantity, b: Quantity, paired: bool = True) -> Quantity:
-    """Ours is ``a / b``: per seed when ``paired``, else the ratio of geometric means (Welch's
-    interval of the difference of logs, exponentiated)."""
-    return _Compare(a, b, "ratio", paired, f"({a.text}) / ({b.text})")
-
-
-def _number(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None if value is None else float(value)
-    value = float(value)
-    return value if math.isfinite(value) else None
+def ratio(a: Quantity, b: Quantity, paired: bool = True) -> Comparison:
+    return Comparison(a, b, "ratio", paired)
 
 
 # ------------------------------------------------------------------------------------- estimate
@@ -173,7 +142,7 @@ def _number(value: Any) -> float | None:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Ours: the mean over seeds with its 95% interval, the seeds it rests on and how it was made."""
+    """Ours: the mean over seeds, its 95% interval, the seeds it rests on and how it was made."""
 
     mean: float | None
     low: float | None
@@ -183,58 +152,32 @@ class Estimate:
     values: dict[int, float | None]
     method: str
 
-    def entry(self) -> dict:
-        return {
-            "mean": self.mean,
-            "low": self.low,
-            "high": self.high,
-            "n": self.n,
-            "missing": self.missing,
-            "per_seed": {str(k): v for k, v in self.values.items()},
-            "method": self.method,
-        }
 
-
-def _finite(value) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
-def estimate(quantity: Quantity, results: Results) -> Estimate:
+def estimate(quantity: Quantity | Comparison, results: Results) -> Estimate:
     """The mean over seeds of ``quantity`` and its 95% Student-t interval (Welch's when unpaired)."""
-    if isinstance(quantity, _Compare) and not quantity.paired:
-        a = [v for v in quantity.a.per_seed(results).values() if v is not None]
-        b = [v for v in quantity.b.per_seed(results).values() if v is not None]
-        values = {}
-        if quantity.kind == "ratio":
-            if any(v <= 0 for v in a + b):
-                stat = {"n": 0, "mean": None, "low": None, "high": None}
-            else:
-                stat = welch_difference([math.log(v) for v in a], [math.log(v) for v in b], CONFIDENCE)
-                stat = {k: (math.exp(v) if k != "n" and v is not None and math.isfinite(v) else v)
-                        for k, v in stat.items()}  # fmt: skip
-            method = "ratio of geometric means, Welch interval (unpaired)"
+    if isinstance(quantity, Comparison) and not quantity.paired:
+        a, b = (list(q.per_seed(results).values()) for q in (quantity.a, quantity.b))
+        values, total = {}, max(len(a), len(b))
+        a, b = [v for v in a if v is not None], [v for v in b if v is not None]
+        log = quantity.kind == "ratio"
+        if not a or not b or (log and min(a + b) <= 0):
+            stat = {"n": 0}
         else:
-            stat = welch_difference(a, b, CONFIDENCE) if a and b else {"n": 0, "mean": None}
-            method = "difference of means, Welch interval (unpaired)"
-        n = stat["n"]
-        missing = max(len(quantity.a.per_seed(results)), len(quantity.b.per_seed(results))) - n
+            stat = welch_difference(*([math.log(v) for v in s] if log else s for s in (a, b)), CONFIDENCE)
+            if log:
+                stat = {k: math.exp(v) if k != "n" and math.isfinite(v) else v for k, v in stat.items()}
+        method = f"{quantity.kind} of {'geometric ' if log else ''}means, Welch interval (unpaired)"
+        n, missing = stat["n"], total - stat["n"]
     else:
         values = quantity.per_seed(results)
         finite = [v for v in values.values() if v is not None]
-        stat = mean_ci(finite, CONFIDENCE) if finite else {"n": 0, "mean": None}
+        stat = mean_ci(finite, CONFIDENCE) if finite else {}
         n, missing = len(finite), len(values) - len(finite)
         method = "mean over seeds, Student-t interval"
-        if isinstance(quantity, _Compare):
+        if isinstance(quantity, Comparison):
             method = f"per-seed {quantity.kind} (paired by seed), Student-t interval"
-    return Estimate(
-        _finite(stat.get("mean")),
-        _finite(stat.get("low")),
-        _finite(stat.get("high")),
-        n,
-        missing,
-        values,
-        method,
-    )
+    found = [_number(stat.get(k)) for k in ("mean", "low", "high")]
+    return Estimate(*found, n, missing, values, method)
 
 
 # ------------------------------------------------------------------------------------ criterion
@@ -252,8 +195,8 @@ class Criterion:
         return f"{self.op} {self.threshold:g}"
 
     def outcome(self, low: float, high: float) -> str | None:
-        """``reproduced`` when the whole interval satisfies the bound, ``not reproduced`` when the
-        whole interval violates it, None when it straddles."""
+        """Reproduced when the whole interval keeps the bound, not when the whole interval breaks
+        it, None when it straddles."""
         holds, fails = (low > self.threshold, high < self.threshold)
         if self.op == "<":
             holds, fails = high < self.threshold, low > self.threshold
@@ -268,19 +211,18 @@ def below(threshold: float) -> Criterion:
     return Criterion("<", threshold)
 
 
-def verdict(
-    estimate: Estimate, criterion: Criterion | None, preset: str, needs_gpu: str | None = None
-) -> tuple[str | None, str]:
+def verdict(found: Estimate, criterion: Criterion | None, preset: str,
+            needs_gpu: str | None = None) -> tuple[str | None, str]:  # fmt: skip
     """The one verdict function (see the module docstring): ``(verdict, reason)``; the verdict is
     None for a quantity that is measured but has no criterion."""
     if criterion is None:
         return None, "measured, no criterion"
     if needs_gpu and not preset.startswith(GPU_PRESET_PREFIX):
         return INCONCLUSIVE, f"needs GPU scale: --preset gpu ({needs_gpu})"
-    if estimate.n < MIN_SEEDS:
-        extra = f"; {estimate.missing} gave no value" if estimate.missing else ""
-        return INCONCLUSIVE, f"too few seeds ({estimate.n} of the {MIN_SEEDS} needed{extra})"
-    outcome = criterion.outcome(estimate.low, estimate.high)
+    if found.n < MIN_SEEDS:
+        extra = f"; {found.missing} gave no value" if found.missing else ""
+        return INCONCLUSIVE, f"too few seeds ({found.n} of the {MIN_SEEDS} needed{extra})"
+    outcome = criterion.outcome(found.low, found.high)
     if outcome is None:
         return INCONCLUSIVE, f"interval straddles the criterion ({criterion.text})"
     return outcome, ""
@@ -289,9 +231,7 @@ def verdict(
 def roll_up(verdicts: list[str | None]) -> str | None:
     """An experiment's verdict: its judged claims' common verdict, or ``partly`` when they differ."""
     judged = {v for v in verdicts if v is not None}
-    if not judged:
-        return None
-    return judged.pop() if len(judged) == 1 else PARTLY
+    return None if not judged else judged.pop() if len(judged) == 1 else PARTLY
 
 
 # ---------------------------------------------------------------------------------------- claims
@@ -299,24 +239,21 @@ def roll_up(verdicts: list[str | None]) -> str | None:
 
 @dataclass(frozen=True)
 class Claim:
-    """A published claim, declared once; see the module docstring.
-
-    ``fmt``: how ours is printed (``".3f"``, ``"+.1f"``); ``needs_gpu``: why the CPU presets cannot
-    reach the paper's regime, in numbers (the claim is then judged only on a GPU preset).
-    """
+    """A published claim, declared once; see the module docstring. ``fmt``: how ours is printed
+    (``".3f"``, ``"+.1f"``); ``needs_gpu``: why the CPU presets cannot reach the paper's regime, in
+    numbers (the claim is then judged only on a GPU preset)."""
 
     name: str
     quantity: str
     published: Published
-    ours: Quantity
+    ours: Quantity | Comparison
     criterion: Criterion | None
     needs_gpu: str | None = None
     fmt: str = ".3f"
 
     def judge(self, results: Results) -> Judgement:
         found = estimate(self.ours, results)
-        decided, reason = verdict(found, self.criterion, results.preset, self.needs_gpu)
-        return Judgement(self, found, decided, reason)
+        return Judgement(self, found, *verdict(found, self.criterion, results.preset, self.needs_gpu))
 
 
 @dataclass(frozen=True)
@@ -329,17 +266,12 @@ class Judgement:
     reason: str
 
     def entry(self) -> dict:
-        claim = self.claim
-        return {
-            "name": claim.name,
-            "quantity": claim.quantity,
-            "published": claim.published.entry(),
-            "ours": self.estimate.entry(),
-            "criterion": None if claim.criterion is None else claim.criterion.text,
-            "verdict": self.verdict,
-            "reason": self.reason,
-            "fmt": claim.fmt,
-        }
+        claim, found = self.claim, self.estimate
+        ours = {k: getattr(found, k) for k in ("mean", "low", "high", "n", "missing", "method")}
+        ours["per_seed"] = {str(k): v for k, v in found.values.items()}
+        return {"name": claim.name, "quantity": claim.quantity, "published": asdict(claim.published),
+                "ours": ours, "criterion": None if claim.criterion is None else claim.criterion.text,
+                "verdict": self.verdict, "reason": self.reason, "fmt": claim.fmt}  # fmt: skip
 
 
 def judge(claims: list[Claim], results: Results) -> list[Judgement]:
@@ -353,44 +285,29 @@ def judge(claims: list[Claim], results: Results) -> list[Judgement]:
 
 
 def ours_text(entry: dict) -> str:
-    """``mean [low, high], n seeds`` in the claim's format."""
+    """``mean [low, high], n seeds`` in the claim's format (a legacy entry's text as it is)."""
     ours, spec = entry["ours"], entry.get("fmt", ".3f")
-    if "text" in ours:  # a legacy experiment's check
+    if "text" in ours:
         return ours["text"]
-
-    def f(value):
-        return "–" if value is None else format(value, spec)
-
-    text = f(ours["mean"])
+    text = "–" if ours["mean"] is None else format(ours["mean"], spec)
     if ours["low"] is not None and ours["high"] is not None:
-        text += f" [{f(ours['low'])}, {f(ours['high'])}]"
+        text += f" [{format(ours['low'], spec)}, {format(ours['high'], spec)}]"
     text += f", {ours['n']} seed{'' if ours['n'] == 1 else 's'}"
-    if ours.get("missing"):
-        text += f" ({ours['missing']} without a value)"
-    return text
-
-
-def published_text(entry: dict) -> str:
-    published = entry["published"]
-    text = f"{published['text']} ({published['source']})"
-    return text + (" — unverified" if published.get("unverified") else "")
-
-
-def verdict_text(entry: dict) -> str:
-    if entry["verdict"] is None:
-        return "– (measured)"
-    text = f"**{entry['verdict']}**"
-    if entry["reason"]:
-        return f"{text}: {entry['reason']}"
-    return f"{text} (criterion: ours {entry['criterion']})"
+    return text + (f" ({ours['missing']} without a value)" if ours.get("missing") else "")
 
 
 def card_row(entry: dict) -> list[str]:
     """The claim's row in the claims card: claim | published (source) | ours | verdict."""
-    return [entry["quantity"], published_text(entry), ours_text(entry), verdict_text(entry)]
-
-
-CARD_HEADERS = ["claim", "published (source)", "ours: mean [95% CI], seeds", "verdict"]
+    published = entry["published"]
+    cited = f"{published['text']} ({published['source']})"
+    cited += " — unverified" if published.get("unverified") else ""
+    if entry["verdict"] is None:
+        decided = "– (measured)"
+    elif entry["reason"]:
+        decided = f"**{entry['verdict']}**: {entry['reason']}"
+    else:
+        decided = f"**{entry['verdict']}** (criterion: ours {entry['criterion']})"
+    return [entry["quantity"], cited, ours_text(entry), decided]
 
 
 @dataclass(frozen=True)

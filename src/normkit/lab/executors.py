@@ -4,8 +4,8 @@ All three take the same :class:`~normkit.lab.trial.Task` and return the same
 :class:`~normkit.lab.trial.SegmentResult`; none touches the run folder (the parent writes it).
 
 - :class:`InProcess`: ``--workers 1``, one segment at a time, here.
-- :class:`Processes`: ``--workers N``: N worker processes (spawned, so none inherits the run
-  folder's lock), each holding one trial at a time and its next segments, so a live trial is
+- :class:`Processes`: ``--workers N``: N worker processes (forked by a forkserver, so none
+  inherits the run folder's lock), each holding one trial at a time and its next segments, so a live trial is
   rarely rebuilt. A worker that dies (killed, out of memory) is replaced and its segment sent again
   from the last state the parent holds: no row is lost or duplicated.
 - :class:`Dask`: ``--scheduler ADDRESS``: the same tasks on a ``dask.distributed`` cluster (its
@@ -20,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 
 from normkit.errors import ConfigError
-from normkit.lab.trial import Task, run_segment
+from normkit.lab.trial import Task, preload, run_segment
 
 
 class WorkerLost(Exception):
@@ -49,10 +49,35 @@ class InProcess:
         forget_live_trials()
 
 
-def _start_worker(threads: int) -> None:
+def _start_worker(threads: int, run: int) -> None:
+    """A worker's start: its torch threads, and a watch that ends it when the run's process
+    ``run`` is gone (its queue would otherwise keep it waiting forever after a SIGKILL of the run,
+    and a forkserver's worker keeps the forkserver alive in turn)."""
+    import threading
+    import time
+
     import torch
 
     torch.set_num_threads(threads)
+    forked = os.getppid() != run  # a forkserver's child: ask the OS about the run itself
+
+    def gone() -> bool:
+        if not forked:
+            return os.getppid() != run
+        try:
+            os.kill(run, 0)  # signal 0: only asks whether the process exists (POSIX)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+
+    def watch():
+        while not gone():
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="normkit-parent-watch").start()
 
 
 class Processes:
@@ -60,16 +85,26 @@ class Processes:
 
     kind = "processes"
 
-    def __init__(self, workers: int, threads: int):
+    def __init__(self, workers: int, threads: int, preload_args: tuple | None = None):
+        """``preload_args``: :func:`~normkit.lab.trial.preload`'s arguments, so that each worker
+        starts and loads the data at once, while the parent loads its own."""
         self.capacity, self.threads = workers, threads
-        self._context = multiprocessing.get_context("spawn")
+        # forkserver: a clean process that imports torch once and forks the workers (no inherited
+        # descriptors, so no worker holds the run folder's lock); spawn where it does not exist
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        self._context = multiprocessing.get_context(method)
+        if method == "forkserver":
+            self._context.set_forkserver_preload(["normkit.lab.trial"])
         self._pools = [self._pool() for _ in range(workers)]
         self._owner: dict[str, int] = {}  # trial key -> worker index
         self._futures: dict[Future, tuple[int, str]] = {}
+        if preload_args is not None:
+            for pool in self._pools:
+                pool.submit(preload, *preload_args).add_done_callback(lambda f: f.exception())
 
     def _pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(1, mp_context=self._context, initializer=_start_worker,
-                                   initargs=(self.threads,))  # fmt: skip
+                                   initargs=(self.threads, os.getpid()))  # fmt: skip
 
     def submit(self, task: Task) -> Future:
         key = task.trial.key

@@ -47,6 +47,15 @@ def _finals(trials: list[TrialResult], metric: str) -> list[float]:
     return [t.final[metric] for t in trials if t.final.get(metric) is not None and not t.final["diverged"]]
 
 
+def _aligned(trials: list[TrialResult], metric: str, from_step: int = 0) -> tuple[list, list]:
+    """The steps every trial evaluated ``metric`` at (from ``from_step``), and per step the seeds'
+    values."""
+    series = [dict(zip(*t.series(metric), strict=True)) for t in trials]
+    steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    steps = [step for step in steps if step >= from_step]
+    return steps, [[seed[step] for seed in series] for step in steps]
+
+
 def _interval(values: list[float]) -> tuple[float, float, float] | None:
     if not values:
         return None
@@ -102,22 +111,18 @@ class Curves(FigureSpec):
         for arm in _arms(results, self.arms, self.where):
             trials = results.trials(arm=arm, **self.where)
             for index, (label, metric) in enumerate(metrics.items()):
-                series = [t.series(metric) for t in trials]
-                steps = sorted(set.intersection(*(set(s) for s, _ in series))) if series else []
-                steps = [s for s in steps if s >= self.from_step]
+                steps, columns = _aligned(trials, metric, self.from_step)
                 if not steps:
                     continue
-                by_seed = [dict(zip(s, v, strict=True)) for s, v in series]
-                columns = [[seed[step] for seed in by_seed] for step in steps]
                 name = results.label(arm) if len(metrics) == 1 else f"{label} ({results.label(arm)})"
                 colour = _colour(results, arm) if len(metrics) == 1 else f"C{index % 10}"
                 axes.plot(steps, [statistics.fmean(c) for c in columns], color=colour, label=name)
-                if len(by_seed) > 1:
+                if len(trials) > 1:
                     axes.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns],
                                       color=colour, alpha=0.2, linewidth=0)  # fmt: skip
-                for trial, (s, v) in zip(trials, series, strict=True):
-                    if trial.final["diverged"] and s:
-                        axes.plot([s[-1]], [v[-1]], "kx")
+                for trial in trials:
+                    if trial.final["diverged"] and trial.series(metric)[0]:
+                        axes.plot(*(v[-1:] for v in trial.series(metric)), "kx")
         axes.set_xlabel(STEP_LABEL)
         axes.set_ylabel(self.ylabel)
         if self.title:
@@ -300,9 +305,8 @@ class PercentileBands(FigureSpec):
             trials = results.trials(arm=arm, **self.where)
             curves = {}
             for metric in (self.low, self.mid, self.high):
-                series = [dict(zip(*t.series(metric), strict=True)) for t in trials]
-                steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
-                curves[metric] = (steps, [statistics.fmean(s[step] for s in series) for step in steps])
+                steps, columns = _aligned(trials, metric)
+                curves[metric] = (steps, [statistics.fmean(c) for c in columns])
             colour = _colour(results, arm)
             steps, low = curves[self.low]
             axes.fill_between(steps, low, curves[self.high][1], color=colour, alpha=0.25,

@@ -56,74 +56,52 @@ class Arm:
         return self.label or self.name
 
 
+@dataclass(frozen=True)
 class Rule:
-    """How a sweep picks its value from the final rows of its trials (grouped by value)."""
+    """How a sweep picks its value from the final rows of its trials, grouped by value: among the
+    values whose trials did not diverge (and, with ``limit``, whose ``metric`` stayed at or below
+    it), the one with the lowest / highest mean ``metric``, or the largest value; the smallest
+    value if none qualifies (the pick's note says so)."""
 
-    description = ""
+    metric: str
+    choose: str  # "lowest", "highest" or "largest"
+    limit: float | None = None
+
+    @property
+    def description(self) -> str:
+        bound = "" if self.limit is None else f" and whose final {self.metric} stayed <= {self.limit:g}"
+        what = ("the largest value" if self.choose == "largest" else
+                f"the value with the {self.choose} final {self.metric} (mean over the sweep's seeds)")
+        return f"{what} among those whose trials did not diverge{bound}; else the smallest value"
 
     def pick(self, rows: dict[Any, list[dict]]) -> tuple[Any, str]:
-        raise NotImplementedError
-
-
-def _stable(rows: list[dict], metric: str | None) -> bool:
-    return all(not r["diverged"] and (metric is None or r.get(metric) is not None) for r in rows)
-
-
-class _Extreme(Rule):
-    def __init__(self, metric: str, lowest: bool):
-        self.metric, self.lowest = metric, lowest
-        word = "lowest" if lowest else "highest"
-        self.description = (
-            f"the value with the {word} final {metric} (mean over the sweep's seeds) among those "
-            "whose trials did not diverge; the smallest value if every one diverged"
-        )
-
-    def pick(self, rows):
         scores = {
             value: statistics.fmean(r[self.metric] for r in group)
             for value, group in rows.items()
-            if _stable(group, self.metric)
+            if all(not r["diverged"] and r.get(self.metric) is not None for r in group)
+            and (self.limit is None or max(r[self.metric] for r in group) <= self.limit)
         }
         if not scores:
-            return min(rows), "every value diverged: took the smallest"
-        choose = min if self.lowest else max
-        best = choose(scores.values())
-        return min(v for v, s in scores.items() if s == best), ""
-
-
-class _LargestStable(Rule):
-    def __init__(self, metric: str, limit: float | None):
-        self.metric, self.limit = metric, limit
-        bound = "" if limit is None else f" and whose final {metric} stayed at or below {limit:g}"
-        self.description = (
-            f"the largest value whose trials did not diverge{bound}; the smallest value if none"
-        )
-
-    def pick(self, rows):
-        good = [
-            value
-            for value, group in rows.items()
-            if _stable(group, self.metric)
-            and (self.limit is None or max(r[self.metric] for r in group) <= self.limit)
-        ]
-        if not good:
-            return min(rows), "no value was stable: took the smallest"
-        return max(good), ""
+            return min(rows), "no value qualified (every one diverged): took the smallest"
+        if self.choose == "largest":
+            return max(scores), ""
+        best = (min if self.choose == "lowest" else max)(scores.values())
+        return min(v for v, score in scores.items() if score == best), ""
 
 
 def lowest(metric: str) -> Rule:
     """Pick the value with the lowest mean final ``metric`` (e.g. ``train_loss``)."""
-    return _Extreme(metric, lowest=True)
+    return Rule(metric, "lowest")
 
 
 def highest(metric: str) -> Rule:
     """Pick the value with the highest mean final ``metric`` (e.g. ``validation_accuracy``)."""
-    return _Extreme(metric, lowest=False)
+    return Rule(metric, "highest")
 
 
 def largest_stable(metric: str = "train_loss", limit: float | None = None) -> Rule:
     """Pick the largest value that trains without diverging (the edge of stability)."""
-    return _LargestStable(metric, limit)
+    return Rule(metric, "largest", limit)
 
 
 @dataclass(frozen=True)
@@ -273,7 +251,7 @@ class Plan:
         result = {}
         for group, rows in groups.items():
             value, note = sweep.rule.pick(rows)
-            metric = getattr(sweep.rule, "metric", "train_loss")
+            metric = sweep.rule.metric
             table = {
                 value_: {
                     metric: _mean([r.get(metric) for r in group_rows]),

@@ -68,6 +68,20 @@ def writing(path: Path, resume_hint: str):
         raise
 
 
+def _exclusive(fd: int) -> None:
+    """An exclusive, non-blocking OS lock on ``fd`` (flock; on Windows a lock on the 1st byte past
+    the holder's note), released by the OS when the process ends; OSError when held."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        os.lseek(fd, 4096, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 @dataclass
 class Restored:
     """What a resume starts from: finished trials' final rows, and for each trial in progress its
@@ -114,14 +128,12 @@ class RunFolder:
     # -- the lock ----------------------------------------------------------------------------
     def lock(self) -> None:
         """Take the folder's lock, or refuse at once naming the process that holds it."""
-        import fcntl
-
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderError(f"--out {self.path} is a file, not a folder; choose another --out")
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _exclusive(fd)
         except OSError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)

@@ -41,7 +41,7 @@ from normkit.lab.runfolder import Restored, RunFolder, writing
 from normkit.lab.settings import from_json
 from normkit.lab.trial import DataSpec, Execution, Task, calibrate, comparable
 
-PROGRESS_S = 2.0  # a segment returns at the first evaluation this long after it started
+PROGRESS_S = 5.0  # a segment returns at the first evaluation this long after it started
 ATTEMPTS = 3  # a trial whose worker dies this many times stops the run
 
 
@@ -62,14 +62,15 @@ def _device(device: str | None, amp: bool) -> str:
     return device
 
 
-def _executor(workers: int, scheduler: str | None, threads: int, data):
+def _executor(workers: int, scheduler: str | None, threads: int, preload_args: tuple):
+    """The executor; worker processes start at once and load the data while the parent does."""
     if scheduler:
         if workers != 1:
             raise ConfigError("--scheduler sends trials to the Dask cluster: drop --workers")
         return Dask(scheduler)
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give 1 or more")
-    return InProcess(data) if workers == 1 else Processes(workers, threads)
+    return None if workers == 1 else Processes(workers, threads, preload_args)
 
 
 def write_summary(experiment, record: RunRecord, timing: dict) -> None:
@@ -162,7 +163,7 @@ def run_experiment(
 
 def _run(experiment, folder, recorded, preset, overrides, data_dir, progress, checkpoint_every_s,
          command, echo, write_report, workers, scheduler, device, threads, amp) -> RunRecord:  # fmt: skip
-    name, out = experiment.name, folder.path
+    out = folder.path
     if recorded is not None:
         settings = from_json(experiment.settings_class, recorded["settings"])
         if preset is not None or overrides:
@@ -190,9 +191,32 @@ def _run(experiment, folder, recorded, preset, overrides, data_dir, progress, ch
         settings = experiment.settings(preset, overrides)
         rule = f"--threads {threads}" if threads else ""
     device = _device(device, amp)
-    if not threads:
-        threads, rule = default_threads(1 if scheduler else workers)
+    if not threads and scheduler and not os.environ.get("NORMKIT_THREADS"):
+        threads, rule = 1, "one per Dask worker process (--threads to change)"
+    elif not threads:
+        threads, rule = default_threads(workers)
     torch.set_num_threads(threads)
+    data_dir = None if data_dir is None else str(Path(data_dir).resolve())
+    executor = _executor(workers, scheduler, threads,
+                         (type(experiment), settings, settings.dataset, data_dir, device))  # fmt: skip
+    try:
+        return _train_run(experiment, folder, recorded, preset, overrides, data_dir, progress,
+                          checkpoint_every_s, command, echo, write_report,
+                          Execution(threads=threads, device=device, amp=amp),
+                          {"workers": workers, "threads": threads, "threads_rule": rule,
+                           "device": device, "amp": amp, "scheduler": scheduler,
+                           "executor": executor.kind if executor else "in-process"},
+                          settings, executor)  # fmt: skip
+    finally:
+        if executor is not None:
+            executor.close()
+
+
+def _train_run(experiment, folder, recorded, preset, overrides, data_dir, progress,
+               checkpoint_every_s, command, echo, write_report, run, execution, settings,
+               executor) -> RunRecord:  # fmt: skip
+    """Load the data, write the config of a new run, train what is left, summarize, report."""
+    name, out = experiment.name, folder.path
     dataset = load_dataset(settings.dataset, data_dir)
     data = experiment.prepare_data(settings, dataset)
     for note in data.notes:
@@ -202,11 +226,9 @@ def _run(experiment, folder, recorded, preset, overrides, data_dir, progress, ch
             f"{out} was run on other data ({recorded['data']['name']} from {recorded['data']['source']}); "
             f"now it would use {data.name} from {data.source}. Point --data-dir at the original data"
         )
-    executor_kind = "dask" if scheduler else ("in-process" if workers == 1 else "processes")
-    execution = {"workers": workers, "threads": threads, "threads_rule": rule, "device": device,
-                 "amp": amp, "executor": executor_kind, "scheduler": scheduler}  # fmt: skip
-    echo(f"{name}: {workers if not scheduler else 'Dask'} worker(s), {threads} torch thread(s) "
-         f"each ({rule}), device {device}")  # fmt: skip
+    workers = "Dask" if execution["scheduler"] else execution["workers"]
+    echo(f"{name}: {workers} worker(s), {run.threads} torch thread(s) each "
+         f"({execution['threads_rule']}), device {run.device}")  # fmt: skip
     if recorded is None:
         from normkit.lab.environment import collect
 
@@ -216,7 +238,7 @@ def _run(experiment, folder, recorded, preset, overrides, data_dir, progress, ch
             "preset": preset, "settings": asdict(settings), "data": data.describe(),
             "command": command or _python_command(name, preset, overrides, out),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "torch_threads": threads, "execution": execution,
+            "torch_threads": run.threads, "execution": execution,
             "environment": collect(check=False),
         })  # fmt: skip
     finished = RunRecord.load(out)
@@ -228,20 +250,20 @@ def _run(experiment, folder, recorded, preset, overrides, data_dir, progress, ch
     restored = folder.restore(echo) if recorded is not None else Restored()
     if recorded is None:
         folder.start_fresh()
-    spec = DataSpec(settings.dataset, None if data_dir is None else str(Path(data_dir).resolve()),
-                    data.describe())  # fmt: skip
-    run = Execution(threads=threads, device=device, amp=amp)
+    spec = DataSpec(settings.dataset, data_dir, data.describe())
     mode = {True: "rich", False: "off"}.get(progress, progress)
     from normkit.lab.progress import TrainingProgress
 
     started = time.perf_counter()
     with TrainingProgress(mode, name) as display:
-        executor = _executor(workers, scheduler, threads, data)
+        local = executor is None
+        executor = InProcess(data) if local else executor
         try:
             keys, seconds = _train(experiment, settings, data, spec, run, folder, executor, restored,
                                    display, checkpoint_every_s)  # fmt: skip
         finally:
-            executor.close()
+            if local:
+                executor.close()
     folder.reorder(keys)
     record = RunRecord.load(out)
     timing = {

@@ -262,26 +262,32 @@ _LIVE: OrderedDict[str, tuple[int, TrialRun]] = OrderedDict()
 _DATA: dict[tuple, object] = {}
 
 
-def _data(task: Task):
-    """The run's data in this process: loaded once per process and checked against the parent's."""
+def preload(experiment: type, settings: Settings, dataset: str, data_dir: str | None, device: str):
+    """Load the run's data into this process (a worker does so as it starts, while the parent
+    loads its own copy), once per process."""
     from normkit.lab.datasets import load_dataset
 
-    key = (task.experiment.name, repr(task.settings), task.data.dataset, task.data.data_dir,
-           task.execution.device)  # fmt: skip
+    key = (experiment.name, repr(settings), dataset, data_dir, device)
     if key not in _DATA:
-        experiment = task.experiment()
-        data = experiment.prepare_data(task.settings, load_dataset(task.data.dataset, task.data.data_dir))
-        if comparable(data.describe()) != task.data.comparable():
-            import socket
-
-            raise ConfigError(
-                f"the worker on {socket.gethostname()} found other data than the run's "
-                f"({data.describe()['name']} from {data.source}, not {task.data.description['source']}); "
-                "put the same files at the same path on every worker, or set NORMKIT_DATA there"
-            )
+        data = experiment().prepare_data(settings, load_dataset(dataset, data_dir))
         _DATA.clear()
-        _DATA[key] = dataset_to(data, torch.device(task.execution.device))
+        _DATA[key] = dataset_to(data, torch.device(device))
     return _DATA[key]
+
+
+def _data(task: Task):
+    """The run's data in this process, checked against the parent's description."""
+    data = preload(task.experiment, task.settings, task.data.dataset, task.data.data_dir,
+                   task.execution.device)  # fmt: skip
+    if comparable(data.describe()) != task.data.comparable():
+        import socket
+
+        raise ConfigError(
+            f"the worker on {socket.gethostname()} found other data than the run's "
+            f"({data.describe()['name']} from {data.source}, not {task.data.description['source']}); "
+            "put the same files at the same path on every worker, or set NORMKIT_DATA there"
+        )
+    return data
 
 
 def run_segment(task: Task, data=None) -> SegmentResult:

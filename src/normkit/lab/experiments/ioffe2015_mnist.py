@@ -176,10 +176,10 @@ class Ioffe2015Mnist(Experiment):
 
     def deviations(self, s):
         return [
-            "Data: Fashion-MNIST instead of MNIST (not available offline); absolute accuracies are "
-            "not comparable, the shapes of the curves are.",
+            f"Data: {'Fashion-MNIST' if s.dataset == 'auto' else s.dataset} instead of MNIST (not "
+            "available offline); absolute accuracies are not comparable, the shapes of the curves are.",
             "Optimizer and learning rate are not stated in the paper: plain SGD, the learning rate "
-            "picked by the baseline's training loss in a sweep (see below), used for both networks.",
+            "picked by the baseline's training loss in a sweep (its section), used for both networks.",
             f'Initial weights N(0, {s.init_std:g}²) (the paper: "small random Gaussian values").',
             "Input pixels scaled to [0, 1] rather than binarized.",
             f"{s.steps} steps" + ("" if s.steps == 50_000 else " instead of 50,000")
