@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
+import shutil
+import tempfile
+import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
@@ -80,8 +84,20 @@ def _start_worker(threads: int, run: int) -> None:
     threading.Thread(target=watch, daemon=True, name="normkit-parent-watch").start()
 
 
+def _spooled(task: Task, spool: str) -> str:
+    """Run a segment and leave its result in a file of ``spool``; only the file's name goes back
+    through the pool's pipe. A worker killed half-way through sending a large result would
+    otherwise leave the parent waiting forever for the rest of the message."""
+    result = run_segment(task)
+    path = os.path.join(spool, uuid.uuid4().hex)
+    with open(path + ".tmp", "wb") as handle:
+        pickle.dump(result, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 class Processes:
-    """``workers`` spawned processes, one trial each at a time (see the module docstring)."""
+    """``workers`` worker processes, one trial each at a time (see the module docstring)."""
 
     kind = "processes"
 
@@ -98,6 +114,7 @@ class Processes:
         self._pools = [self._pool() for _ in range(workers)]
         self._owner: dict[str, int] = {}  # trial key -> worker index
         self._futures: dict[Future, tuple[int, str]] = {}
+        self._spool = tempfile.mkdtemp(prefix="normkit-lab-")  # results on their way back
         if preload_args is not None:
             for pool in self._pools:
                 pool.submit(preload, *preload_args).add_done_callback(lambda f: f.exception())
@@ -117,7 +134,7 @@ class Processes:
         for other in [k for k, i in self._owner.items() if i == index and k != key]:
             del self._owner[other]
         self._owner[key] = index
-        future = self._pools[index].submit(run_segment, task)
+        future = self._pools[index].submit(_spooled, task, self._spool)
         self._futures[future] = (index, key)
         return future
 
@@ -132,13 +149,18 @@ class Processes:
                 self._pools[index] = self._pool()
                 self._owner.pop(key, None)
                 outcomes.append((future, WorkerLost(f"worker process {index} died: {error}")))
+            elif error is not None:
+                outcomes.append((future, error))
             else:
-                outcomes.append((future, error if error is not None else future.result()))
+                with open(future.result(), "rb") as handle:
+                    outcomes.append((future, pickle.load(handle)))  # written by our own worker
+                os.unlink(future.result())
         return outcomes
 
     def close(self) -> None:
         for pool in self._pools:
             pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self._spool, ignore_errors=True)
 
 
 class Dask:

@@ -3,7 +3,7 @@
 - **One writer.** :meth:`RunFolder.lock` takes an exclusive ``flock`` on ``.normkit.lock``; a
   second process refuses at once, naming the holder's pid. The OS drops the lock when its process
   dies, so a lock left by a killed run is taken over without anyone deleting anything. Workers
-  (spawned processes, Dask) never open the folder: the parent writes everything.
+  (worker processes, Dask) never open the folder: the parent writes everything.
 - **Commits.** A trial's rows are appended to metrics.jsonl (flushed and fsynced) and then its
   checkpoint is replaced atomically (``checkpoints/<trial>.pt``: its state and how many of its rows
   are committed); a finished trial's final row goes last and its checkpoint is removed.

@@ -296,6 +296,10 @@ def _train(experiment, settings, data, spec, execution, folder, executor, restor
     invocation = uuid.uuid4().hex[:12]
     segment_s = min(checkpoint_every_s, PROGRESS_S)
 
+    def show(plan) -> None:
+        done = sum(t.steps if t.key in finals else step_of.get(t.key, 0) for t in plan)
+        display.plan(sum(t.steps for t in plan), done, len(plan), sum(t.key in finals for t in plan))
+
     def task_for(trial) -> Task:
         return Task(type(experiment), settings, spec, trial, f"{invocation}/{trial.key}",
                     segment.get(trial.key, 0), states.get(trial.key), segment_s, execution)  # fmt: skip
@@ -305,12 +309,7 @@ def _train(experiment, settings, data, spec, execution, folder, executor, restor
         keys = [t.key for t in plan]
         if len(set(keys)) != len(keys):
             raise ConfigError(f"{experiment.name}: trial keys are not unique: {keys}")
-        display.plan(
-            sum(t.steps for t in plan),
-            sum(t.steps if t.key in finals else step_of.get(t.key, 0) for t in plan),
-            len(plan),
-            sum(t.key in finals for t in plan),
-        )
+        show(plan)
         busy = {task.trial.key for task in running.values()}
         for trial in plan:
             if len(running) >= executor.capacity:
@@ -352,8 +351,7 @@ def _train(experiment, settings, data, spec, execution, folder, executor, restor
             if result.done:
                 finals[key] = result.rows[-1]
                 states.pop(key, None)
-            display.plan(display.total, display.done, display.trials_total,
-                         display.trials_done + result.done)  # fmt: skip
+            show(plan)
             display.trial(key, result.step, task.trial.steps, result.done)
 
 
