@@ -133,6 +133,48 @@ def workers_round(experiment: str, workers: int, data_dir) -> dict:
                 "metrics": (Path(directory) / "run" / "metrics.jsonl").read_bytes()}  # fmt: skip
 
 
+def _timed_segment(task, spool):
+    """A whole trial in one segment, with the worker's CPU seconds and wall seconds for it."""
+    from normkit.lab.trial import run_segment
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    run_segment(task)
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def worker_cpu(experiment: str, workers: int) -> dict:
+    """The CPU seconds the trials of ``experiment``'s quick preset cost inside the worker
+    processes, against the wall time: what the machine's other load cannot change."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from normkit.lab import get_experiment
+    from normkit.lab.executors import Processes
+    from normkit.lab.trial import DataSpec, Execution, Task
+
+    lab = get_experiment(experiment)
+    settings = lab.settings("quick")
+    data = lab.prepare_data(settings, load_dataset(settings.dataset))
+    spec = DataSpec(settings.dataset, None, data.describe())
+    executor = Processes(workers, 1, (type(lab), settings, settings.dataset, None, "cpu"))
+    start, cpu, pending, running = time.perf_counter(), 0.0, lab.trials(settings, data, {}), {}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                trial = pending.pop(0)
+                task = Task(type(lab), settings, spec, trial, "bench/" + trial.key, 0, None, 1e9,
+                            Execution(threads=1))  # fmt: skip
+                pool = executor._pools[len(running) % workers]
+                running[pool.submit(_timed_segment, task, executor._spool)] = trial
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in done:
+                cpu += future.result()[0]
+                running.pop(future)
+    finally:
+        executor.close()
+    return {"workers": workers, "cpu_seconds": cpu, "wall_seconds": time.perf_counter() - start,
+            "load": os.getloadavg()}  # fmt: skip
+
+
 def workers_benchmark(experiment: str, rounds: int, data_dir=None) -> dict:
     runs = []
     for _ in range(rounds):
@@ -148,7 +190,11 @@ def workers_benchmark(experiment: str, rounds: int, data_dir=None) -> dict:
     print(f"--workers 2 / --workers 1: {statistics.median(ratios):.2f}× trials per minute (rounds "
           f"{', '.join(f'{r:.2f}' for r in ratios)}); metrics.jsonl identical: {identical}; "
           "target >= 1.6")  # fmt: skip
-    return {"experiment": experiment, "runs": runs, "ratios": ratios,
+    cpu = [worker_cpu(experiment, w) for w in (1, 2)]
+    for c in cpu:
+        print(f"--workers {c['workers']}: the trials cost {c['cpu_seconds']:.1f} CPU s in the workers, "
+              f"{c['wall_seconds']:.1f} s of wall time (load {c['load'][0]:.1f})")  # fmt: skip
+    return {"experiment": experiment, "runs": runs, "ratios": ratios, "cpu": cpu,
             "ratio_median": statistics.median(ratios), "identical_metrics": identical}  # fmt: skip
 
 

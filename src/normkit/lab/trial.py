@@ -181,7 +181,7 @@ class TrialRun:
                      "train_loss": self.train_loss, **values})  # fmt: skip
 
     def _train_step(self) -> None:
-        setup, trial = self.setup, self.trial
+        setup = self.setup
         if setup.lr_factor is not None:
             factor = setup.lr_factor(self.step)
             for group, initial in zip(setup.optimizer.param_groups, setup.initial_lrs, strict=True):
@@ -199,7 +199,6 @@ class TrialRun:
         self.loss_sum += loss.detach()
         self.loss_count += 1
         self.step += 1
-        del trial
 
     def advance(self, segment_s: float) -> tuple[list[dict], bool]:
         """Train until an evaluation step ``segment_s`` seconds from now, or to the end; return the
@@ -211,11 +210,10 @@ class TrialRun:
         if self.fresh:
             rows.append(self._evaluate())
             self.fresh = False
-        started = begun = time.perf_counter()
+        began = started = time.perf_counter()
         trial = self.trial
         self.setup.model.train()
-        done = False
-        while self.step < trial.steps:
+        while self.step < trial.steps and not self.diverged:
             self._train_step()
             if self.step % trial.eval_every == 0 or self.step == trial.steps:
                 self.train_loss = float(self.loss_sum) / self.loss_count
@@ -224,17 +222,12 @@ class TrialRun:
                 self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
                 self.loss_count = 0
                 now = time.perf_counter()
-                self.seconds += now - started
-                started = now
-                if self.diverged:
+                self.seconds, started = self.seconds + now - started, now
+                if now - began >= segment_s:
                     break
-                if now - begun >= segment_s and self.step < trial.steps:
-                    break
-        else:
-            done = True
-        if self.diverged or done or self.step >= trial.steps:
+        done = self.diverged or self.step >= trial.steps
+        if done:
             rows.append(self._final())
-            done = True
             self.seconds += time.perf_counter() - started
         self.rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
