@@ -227,7 +227,7 @@ def _print_claims(record) -> None:
     from normkit.lab.claims import check
 
     entries = (record.summary or {}).get("claims", [])
-    marks = {True: "held", False: "FAILED", None: "inconclusive"}
+    marks = {True: "reproduced", False: "not reproduced", None: "inconclusive"}
     for entry in entries:
         if entry["verdict"] is None:
             continue
