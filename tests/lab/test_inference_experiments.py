@@ -10,7 +10,7 @@ import torch
 import normkit as nk
 from normkit.lab import RunRecord, experiment_names, get_experiment, run_experiment
 from normkit.lab.experiments.guideline import find_run, guideline_rows
-from normkit.lab.records import CHECKPOINT
+from normkit.lab.records import CHECKPOINTS
 from normkit.tools import ADVICE_TABLE, advise
 
 EXPERIMENTS = [
@@ -51,7 +51,7 @@ def test_run_directory_is_complete(tiny_runs, name):
     directory = record.directory
     for file in ("config.json", "metrics.jsonl", "summary.json", "report.md", "report.html"):
         assert (directory / file).is_file(), file
-    assert not (directory / CHECKPOINT).exists()
+    assert not (directory / CHECKPOINTS).exists()
     reread = RunRecord.load(directory)
     assert reread.complete and reread.rows == record.rows
     experiment = get_experiment(name)

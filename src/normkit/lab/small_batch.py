@@ -34,9 +34,9 @@ from torch import nn
 
 import normkit as nk
 from normkit.errors import ConfigError
-from normkit.lab.experiment import Trial
 from normkit.lab.models import cnn, initialize
-from normkit.lab.report import new_figure
+from normkit.lab.plan import Trial
+from normkit.lab.render import new_figure
 
 # Key -> label, in the order the figures and tables list them.
 NORMALIZERS: dict[str, str] = {
