@@ -10,7 +10,7 @@ import pkgutil
 
 import normkit.lab.experiments as package
 from normkit.errors import ConfigError
-from normkit.lab.experiment import _REGISTRY
+from normkit.lab.experiment import REGISTRY
 
 
 def _discover() -> None:
@@ -22,14 +22,14 @@ def _discover() -> None:
 
 def experiment_names() -> list[str]:
     _discover()
-    return sorted(_REGISTRY)
+    return sorted(REGISTRY)
 
 
 def get_experiment(name: str):
     """An instance of the experiment registered as ``name``."""
     _discover()
-    if name not in _REGISTRY:
+    if name not in REGISTRY:
         raise ConfigError(
-            f"no experiment named {name!r}; `normkit lab list` shows them: {', '.join(sorted(_REGISTRY))}"
+            f"no experiment named {name!r}; `normkit lab list` shows them: {', '.join(sorted(REGISTRY))}"
         )
-    return _REGISTRY[name]()
+    return REGISTRY[name]()

@@ -223,12 +223,13 @@ def headline(summary: dict) -> str:
     return f"{summary.get('verdict')}: {', '.join(parts)} of {len(judged)} claims"
 
 
-_REGISTRY: dict[str, type] = {}
+# Every registered experiment class by name; normkit.lab.catalog reads it.
+REGISTRY: dict[str, type] = {}
 
 
 def register(cls: type) -> type:
     """Class decorator: make an experiment available as ``normkit lab run <cls.name>``."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise ConfigError(f"two experiments are named {cls.name!r}")
-    _REGISTRY[cls.name] = cls
+    REGISTRY[cls.name] = cls
     return cls
