@@ -61,7 +61,7 @@ def test_run_directory_and_report(runs, name):
     figures = sorted((directory / "figures").glob("*.png"))
     assert figures and all(f.read_bytes().startswith(PNG) for f in figures)
     markdown = (directory / "report.md").read_text()
-    first = "Claims" if name == "batch-size" else "Published beside ours"  # legacy until ported
+    first = "Published beside ours" if get_experiment(name).legacy else "## Claims"
     assert first in markdown and "Deviations" in markdown
     assert all(f"figures/{f.name}" in markdown for f in figures)
     page = (directory / "report.html").read_text()
@@ -195,13 +195,22 @@ def test_batch_layer_norm_has_every_inference_configuration(runs):
     assert is_error(cells["bn"]["1"]["batch_stat_error"])
 
 
-def test_switchable_reports_errors_and_the_bn_share(runs):
+def test_switchable_claims_and_the_bn_share(runs):
     record = runs["switchable"]
-    s = record.summary
-    assert set(s["cells"]) == {"bn", "gn", "sn"}
-    assert set(s["importance"]) == {"8", "2"}
-    for importance in s["importance"].values():
-        mean_bn = [w["mean"][2] for w in importance["layers"].values()]
-        assert importance["bn_share_mean"] == pytest.approx(sum(mean_bn) / len(mean_bn))
-    assert set(s["bn_share_fall"]) == {"bn_share_mean", "bn_share_var"}
-    assert all(r.get("importance") for r in record.curve("sn/b=2"))  # logged during training
+    finals = record.finals()
+    assert {(r["normalizer"], r["batch_size"]) for r in finals.values()} == {
+        (n, b) for n in ("bn", "gn", "sn") for b in (8, 2)
+    }
+    claims = {c["name"]: c for c in record.summary["claims"]}
+    error = {(r["normalizer"], r["batch_size"]): r["test_error"] for r in finals.values()}
+    best = min(error["bn", 2], error["gn", 2])
+    assert math.isclose(claims["sn-vs-best-small"]["ours"]["mean"], error["sn", 2] - best)
+    shares = {}
+    for row in finals.values():
+        if row["normalizer"] == "sn":
+            mean_bn = [w["mean"][2] for w in row["importance"].values()]
+            shares[row["batch_size"]] = sum(mean_bn) / len(mean_bn)
+    assert math.isclose(claims["bn-share-falls-mean"]["ours"]["mean"], shares[8] - shares[2])
+    assert claims["bn-share-falls-mean"]["published"]["unverified"]
+    curve = record.curve("sn/batch_size=2/seed=0")
+    assert all(r.get("importance") and 0 < r["bn_share_mean"] < 1 for r in curve)  # logged in training

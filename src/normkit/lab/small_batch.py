@@ -27,6 +27,7 @@ Decisions (documented in the reports too):
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Sequence
 
 import torch
@@ -36,7 +37,7 @@ import normkit as nk
 from normkit.errors import ConfigError
 from normkit.lab.models import cnn, initialize
 from normkit.lab.plan import Trial
-from normkit.lab.render import new_figure
+from normkit.lab.render import Section, Table, new_figure
 
 # Key -> label, in the order the figures and tables list them.
 NORMALIZERS: dict[str, str] = {
@@ -228,6 +229,28 @@ def switchable_importance(model: torch.nn.Module) -> dict[str, dict[str, list[fl
         if isinstance(module, nk.SwitchableNorm)
         for mean, var in [module.importance()]
     }
+
+
+def bn_share(importance: dict[str, dict[str, list[float]]], stat: str) -> float | None:
+    """BN's weight in SN's ``stat`` ("mean" or "var"), averaged over the layers of
+    :func:`switchable_importance`."""
+    values = [weights[stat][2] for weights in importance.values()]
+    return sum(values) / len(values) if values else None
+
+
+def importance_section(results, setting: str, arm: str) -> Section | None:
+    """SN's learned (IN, LN, BN) weights per layer at the end of training, mean over seeds, for
+    each value of ``setting`` (the batch): a table for an experiment's extra section."""
+    rows = []
+    for batch in sorted(results.values(setting, arm=arm), reverse=True):
+        trials = [t.final["importance"] for t in results.trials(arm=arm, **{setting: batch})]
+        for layer in trials[0] if trials else []:
+            mean = [[statistics.fmean(t[layer][stat][i] for t in trials) for i in range(3)]
+                    for stat in ("mean", "var")]  # fmt: skip
+            rows.append([batch, layer, *(" / ".join(f"{w:.2f}" for w in m) for m in mean)])
+    table = Table(["B", "layer", "mean: IN / LN / BN", "variance: IN / LN / BN"], rows,
+                  "Softmax weights at the end of training, mean over seeds.")  # fmt: skip
+    return Section("Switchable Norm's learned importance weights", [table]) if rows else None
 
 
 def error_percent(accuracy: float | None) -> float | None:

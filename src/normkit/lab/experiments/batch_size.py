@@ -22,7 +22,6 @@ trained network?) and on training images; SN's learned importance weights.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +33,13 @@ from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Bars, Heatmap, MeanTable, VersusSetting
 from normkit.lab.gloo import GlooDataParallel
 from normkit.lab.plan import Arm, Plan
-from normkit.lab.render import Section, Table
 from normkit.lab.settings import Settings
 from normkit.lab.small_batch import (
     BATCH_DEPENDENT,
     NORMALIZERS,
     batch_statistics_accuracy,
     error_percent,
+    importance_section,
     small_cnn,
     switchable_importance,
 )
@@ -217,16 +216,7 @@ class BatchSize(Experiment):
         ]  # fmt: skip
 
     def extra_section(self, results):
-        rows = []
-        for batch in sorted(results.values(BATCH, arm="sn"), reverse=True):
-            trials = [t.final["importance"] for t in results.trials(arm="sn", **{BATCH: batch})]
-            for layer in trials[0] if trials else []:
-                mean = [[statistics.fmean(t[layer][stat][i] for t in trials) for i in range(3)]
-                        for stat in ("mean", "var")]  # fmt: skip
-                rows.append([batch, layer, *(" / ".join(f"{w:.2f}" for w in m) for m in mean)])
-        table = Table(["B", "layer", "mean: IN / LN / BN", "variance: IN / LN / BN"], rows,
-                      "Softmax weights at the end of training, mean over seeds (the hidden layer uses LN).")
-        return Section("Switchable Norm's learned importance weights", [table]) if rows else None
+        return importance_section(results, BATCH, "sn")
 
     def deviations(self, s):
         return [
