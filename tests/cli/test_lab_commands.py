@@ -41,7 +41,7 @@ def test_show_gives_protocol_claims_and_settings():
     claim = next(c for c in info["claims"] if c["name"] == "gn-beats-bn-small")
     assert claim["published"]["value"] == -10.6 and "Wu & He 2018" in claim["published"]["source"]
     assert claim["criterion"] == "ours < 0"
-    assert info["settings"]["seeds"] == {"default": 3, "quick": 1, "tiny": 1}
+    assert info["settings"]["seeds"] == {"default": 3, "quick": 2, "tiny": 1}
     assert info["settings"]["batch_sizes"]["default"] == [64, 32, 16, 8, 4, 2]
     text = runner.invoke(app, ["lab", "show", "ioffe2015-mnist"])
     assert text.exit_code == 0, text.output

@@ -8,19 +8,18 @@ on ImageNet, top-1 accuracy (%) by (GPUs, images per GPU): at (8, 32) BN 76.4, G
 reports that the learned weights move away from BN as the batch per GPU shrinks (lab notes: from a
 secondary source).
 
-Here (the lab's CPU protocol 8): the batch-size experiment's setting (the small CNN of
-``normkit.lab.small_batch``, Fashion-MNIST subset, SGD with momentum, linear learning-rate scaling,
-the same epochs) at a large and a small batch, BN, GN and SN, ``seeds`` seeds, paired; SN's (IN,
-LN, BN) weights of the mean and of the variance are logged at every evaluation and reported per
-layer at the end. SN sits after both convolutions; the hidden fully connected layer, where IN is
-undefined, uses LN in the SN network.
+Here: ``batch-size``'s protocol (:class:`~normkit.lab.small_batch.NormalizationBatchSettings`,
+issue 17's fix: the small CNN on a Fashion-MNIST subset, a fixed gradient batch of 64 normalized
+per B images, equal updates, no normalizer on the hidden fully connected layer) at a large and a
+small B, BN, GN and SN, ``seeds`` seeds, paired. Its BN and SN trials are ``batch-size``'s (same
+settings, seeds and data), so the two experiments' ``sn-vs-bn-large`` claims are one measurement.
+SN's (IN, LN, BN) weights of the mean and of the variance are logged at every evaluation and
+reported per layer at the end.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 from normkit.lab.claims import Claim, Published, above, below, per_seed
 from normkit.lab.datasets import subset
@@ -28,14 +27,16 @@ from normkit.lab.evaluation import accuracy_and_loss
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Bars, Curves, VersusSetting
 from normkit.lab.plan import Arm, Plan
-from normkit.lab.settings import Settings
 from normkit.lab.small_batch import (
+    NORMALIZATION_BATCH_PRESETS,
     NORMALIZERS,
+    NormalizationBatchSettings,
     batch_statistics_accuracy,
     bn_share,
     error_percent,
     importance_section,
-    small_cnn,
+    normalization_batch_cnn,
+    sn_vs_bn_claim,
     switchable_importance,
 )
 
@@ -45,25 +46,13 @@ PUBLISHED = {  # images per GPU -> error (%)
     "GN": [(32, 24.1), (16, 24.2), (8, 24.0), (4, 24.2), (2, 24.1)],
     "Switchable Norm": [(32, 23.1), (16, 23.3), (8, 23.3), (4, 24.1), (2, 24.4)],
 }
-BATCH = "batch_size"
+BATCH = "batch_per_device"  # the normalization batch, as in batch-size
 
 
 @dataclass(frozen=True)
-class SwitchableSettings(Settings):
+class SwitchableSettings(NormalizationBatchSettings):
     batch_sizes: tuple[int, ...] = (64, 2)
     normalizers: tuple[str, ...] = ("bn", "gn", "sn")
-    train_examples: int = 20_000
-    epochs: float = 2.0
-    base_lr: float = 0.1  # at base_batch, scaled linearly
-    base_batch: int = 64
-    momentum: float = 0.9
-    channels: tuple[int, ...] = (8, 16)
-    hidden: int = 64
-    groups: int = 4
-    seeds: int = 3
-    evaluations: int = 8
-    eval_examples: int = 1_000
-    batch_stat_examples: int = 2_000
 
 
 def _sn_minus_best(at):
@@ -98,29 +87,20 @@ class Switchable(Experiment):
              "images per GPU, 24.4% at 2, where BN has 34.7%), and learns to rely less on BN's "
              "statistics when the batch is small.")  # fmt: skip
     settings_class = SwitchableSettings
-    presets = {
-        "quick": {"train_examples": 3_000, "epochs": 1.0, "evaluations": 4, "seeds": 1},
-        "tiny": {"batch_sizes": (8, 2), "train_examples": 48, "epochs": 0.5, "channels": (4, 8),
-                 "hidden": 16, "groups": 2, "seeds": 1, "evaluations": 2, "eval_examples": 50,
-                 "batch_stat_examples": 40},
-    }  # fmt: skip
+    presets = dict(NORMALIZATION_BATCH_PRESETS)
 
     def prepare_data(self, settings, dataset):
         return subset(dataset, settings.train_examples, settings.seed)
 
     def plan(self, s, data):
-        arms = [Arm(n, {"normalizer": n}, NORMALIZERS[n]) for n in s.normalizers]
-        steps = lambda p: max(1, round(s.epochs * len(data.y_train) / p[BATCH]))
-        return Plan(arms, steps, seeds=s.seeds, seed=s.seed, evaluations=s.evaluations,
+        arms = [Arm(n, {"normalizer": n, "processes": 1}, NORMALIZERS[n]) for n in s.normalizers]
+        return Plan(arms, s.steps, seeds=s.seeds, seed=s.seed, evaluations=s.evaluations,
                     grid={BATCH: sorted(s.batch_sizes, reverse=True)})  # fmt: skip
 
     def setup(self, trial, s, data, generator):
-        p = trial.params
-        model = small_cnn(data.sample_shape, data.classes, p["normalizer"], generator,
-                          channels=s.channels, hidden=s.hidden, groups=s.groups)  # fmt: skip
-        optimizer = torch.optim.SGD(model.parameters(), lr=s.base_lr * p[BATCH] / s.base_batch,
-                                    momentum=s.momentum)  # fmt: skip
-        return Setup(model, optimizer, p[BATCH])
+        model, optimizer = normalization_batch_cnn(s, data, trial.params["normalizer"],
+                                                   trial.params[BATCH], generator)  # fmt: skip
+        return Setup(model, optimizer, s.gradient_batch)
 
     def measure(self, trial, s, setup, data):
         k = s.eval_examples
@@ -138,7 +118,8 @@ class Switchable(Experiment):
         values = {"test_error": error_percent(accuracy), "test_loss": loss}
         if p["normalizer"] in ("bn", "sn"):
             values["batch_stat_error"] = error_percent(
-                batch_statistics_accuracy(setup.model, data.x_test[:k], data.y_test[:k], p[BATCH]))
+                batch_statistics_accuracy(setup.model, data.x_test[:k], data.y_test[:k],
+                                          min(s.gradient_batch, k)))  # fmt: skip
         if p["normalizer"] == "sn":
             values["importance"] = switchable_importance(setup.model)
             values["sn_bn_weight"] = {layer: w["mean"][2] for layer, w in values["importance"].items()}
@@ -162,7 +143,7 @@ class Switchable(Experiment):
                          above(0.0), fmt="+.3f")  # fmt: skip
 
         return [
-            best("sn-vs-best-large", LARGE, "−0.5 at 32 per GPU (23.1 vs BN 23.6)", -0.5),
+            sn_vs_bn_claim(BATCH),
             best("sn-vs-best-small", SMALL, "+0.3 at 2 per GPU (24.4 vs GN 24.1)", 0.3),
             fall("mean", "mean"), fall("var", "variance"),
         ]  # fmt: skip
@@ -189,8 +170,10 @@ class Switchable(Experiment):
     def deviations(self, s):
         return [
             f"The small CNN (conv{'-conv'.join(map(str, s.channels))}, fc{s.hidden}) on "
-            f"{s.train_examples} images, {s.epochs:g} epochs, SGD momentum {s.momentum:g} at "
-            f"{s.base_lr:g}·B/{s.base_batch}, one process; the README: ResNet-50 on ImageNet with 8 GPUs.",
+            f"{s.train_examples} images, {s.steps} updates of {s.gradient_batch} (SGD momentum "
+            f"{s.momentum:g} at {s.lr:g}) normalized per B, one process; the README: ResNet-50 on "
+            "ImageNet, 8 GPUs, a gradient batch of 8·B.",
+            "No normalizer on the hidden fully connected layer" if not s.hidden_norm else
             "The SN network's hidden fully connected layer uses LN (IN needs spatial dims; the "
             "official code's SwitchNorm1d mixes LN and BN, which normkit does not offer).",
             "BN's part of SN uses an exponential running average in eval (the code's default "
