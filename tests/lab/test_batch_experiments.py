@@ -134,29 +134,28 @@ def test_switchable_and_batch_size_share_their_sn_and_bn_trials(runs):
     assert claims[0]["ours"] == claims[1]["ours"] and claims[0]["verdict"] == claims[1]["verdict"]
 
 
-def test_renorm_reports_eval_and_training_mode_and_the_control(runs):
-    s = runs["renorm"].summary
-    arms = s["arms"]
-    assert set(arms) == {
-        "micro/bn-128",
-        "micro/bn-4",
-        "micro/brn-4",
-        "noniid/bn-iid",
-        "noniid/bn",
-        "noniid/brn",
-        "noniid/bn-halves",
-    }
-    for key, cell in arms.items():
-        assert is_fraction(cell["test_accuracy"]) and is_fraction(cell["train_mode_accuracy"])
-        assert math.isclose(
-            cell["train_eval_gap"], cell["train_mode_accuracy"] - cell["test_accuracy"]
-        )
-        assert (cell["control_50_accuracy"] is not None) == (key == "noniid/bn")
-    assert is_fraction(arms["noniid/bn"]["control_50_accuracy"])
-    assert math.isclose(
-        s["micro_brn_minus_bn"],
-        arms["micro/brn-4"]["test_accuracy"] - arms["micro/bn-4"]["test_accuracy"],
-    )
+def test_renorm_reports_eval_and_training_mode_the_control_and_its_claims(runs):
+    record = runs["renorm"]
+    finals = record.finals()
+    arms = ["micro-bn-128", "micro-bn-4", "micro-brn-4", "noniid-bn-iid", "noniid-bn", "noniid-brn",
+            "noniid-bn-halves"]  # fmt: skip
+    assert list(finals) == [f"{arm}/seed=0" for arm in arms]
+    cell = {row["arm"]: row for row in finals.values()}
+    for arm, row in cell.items():
+        assert is_fraction(row["test_accuracy"]) and is_fraction(row["train_mode_accuracy"])
+        assert math.isclose(row["train_eval_gap"], row["train_mode_accuracy"] - row["test_accuracy"])
+        assert (row["control_50_accuracy"] is not None) == (arm == "noniid-bn")
+    assert is_fraction(cell["noniid-bn"]["control_50_accuracy"])
+    claims = {c["name"]: c for c in record.summary["claims"]}
+    accuracy = {arm: row["test_accuracy"] for arm, row in cell.items()}
+    assert math.isclose(claims["micro-brn-beats-bn"]["ours"]["mean"],
+                        accuracy["micro-brn-4"] - accuracy["micro-bn-4"])  # fmt: skip
+    assert math.isclose(claims["noniid-hurts-bn"]["ours"]["mean"],
+                        accuracy["noniid-bn-iid"] - accuracy["noniid-bn"])  # fmt: skip
+    gaps = abs(cell["micro-bn-4"]["train_eval_gap"]) - abs(cell["micro-brn-4"]["train_eval_gap"])
+    assert math.isclose(claims["micro-bn-gap"]["ours"]["mean"], gaps)
+    assert claims["noniid-brn-beats-bn"]["published"]["value"] == pytest.approx(0.116)
+    assert all(c["verdict"] == "inconclusive" for c in claims.values() if c["criterion"])  # 1 seed
 
 
 def test_ghost_bn_has_errors_distances_and_updates(runs):
