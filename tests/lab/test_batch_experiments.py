@@ -74,13 +74,14 @@ def test_batch_size_has_every_cell_of_the_grid_and_its_claims(runs):
     cells = {(r["normalizer"], r["batch_per_device"]) for r in finals.values()}
     # every arm crosses the normalization batches; SyncBN runs on its own grid, 2 gloo processes
     # holding 4 of the gradient batch of 8 each
-    expected = {(n, b) for n in ("bn", "gn", "ln", "in", "brn", "sn") for b in (8, 2)} | {("syncbn", 4)}
+    normalizers = ("bn", "bn-fc", "gn", "ln", "in", "brn", "sn")
+    expected = {(n, b) for n in normalizers for b in (8, 2)} | {("syncbn", 4)}
     assert cells == expected
     sync = finals["syncbn/batch_per_device=4/seed=0"]
     assert sync["processes"] == record.settings["sync_processes"] == 2
     for row in finals.values():
         assert is_error(row["test_error"]) and is_error(row["train_error"])
-        dependent = row["normalizer"] in ("bn", "brn", "sn", "syncbn")
+        dependent = row["normalizer"] in ("bn", "bn-fc", "brn", "sn", "syncbn")
         assert is_error(row["batch_stat_error"]) if dependent else row["batch_stat_error"] is None
     # SN's learned weights: a softmax over (IN, LN, BN) for the mean and the variance of each conv
     # layer's norm (none on the hidden layer), named as in the model despite the microbatch wrapper
@@ -93,6 +94,8 @@ def test_batch_size_has_every_cell_of_the_grid_and_its_claims(runs):
     claims = {c["name"]: c for c in record.summary["claims"]}
     bn = {b: finals[f"bn/batch_per_device={b}/seed=0"]["test_error"] for b in (8, 2)}
     assert math.isclose(claims["bn-degrades"]["ours"]["mean"], bn[2] - min(bn.values()))
+    bn_fc = {b: finals[f"bn-fc/batch_per_device={b}/seed=0"]["test_error"] for b in (8, 2)}
+    assert math.isclose(claims["bn-fc-degrades"]["ours"]["mean"], bn_fc[2] - min(bn_fc.values()))
     gn_minus_bn = finals["gn/batch_per_device=2/seed=0"]["test_error"] - bn[2]
     assert math.isclose(claims["gn-beats-bn-small"]["ours"]["mean"], gn_minus_bn)
     assert math.isclose(claims["syncbn-whole-batch"]["ours"]["mean"], sync["test_error"] - bn[8])

@@ -11,6 +11,8 @@ from torch import nn
 
 import normkit as nk
 from normkit.errors import ConfigError
+from normkit.lab import get_experiment, load_dataset
+from normkit.lab.plan import Trial
 from normkit.lab.small_batch import (
     NORMALIZATION_BATCH_PRESETS,
     NormalizationBatchSettings,
@@ -70,3 +72,17 @@ def test_settings_refuse_a_normalization_batch_that_does_not_divide_the_gradient
     for preset in NORMALIZATION_BATCH_PRESETS.values():  # every preset is valid
         fields = {f.name for f in dataclasses.fields(NormalizationBatchSettings)}
         NormalizationBatchSettings(**{k: v for k, v in preset.items() if k in fields})
+
+
+def test_batch_size_puts_bn_on_the_hidden_layer_only_in_its_bn_fc_arm():
+    experiment = get_experiment("batch-size")
+    settings = experiment.settings("tiny", {"dataset": "digits"})
+    data = experiment.prepare_data(settings, load_dataset("digits"))
+    hidden = {}
+    for normalizer in ("bn", "bn-fc"):
+        params = {"arm": normalizer, "normalizer": normalizer, "processes": 1,
+                  "batch_per_device": 2, "replicate": 0}  # fmt: skip
+        trial = Trial(f"{normalizer}/batch_per_device=2/seed=0", params, 4, 2, 0)
+        hidden[normalizer] = experiment.setup(trial, settings, data, torch.Generator()).model.norm3
+    assert isinstance(hidden["bn"], nn.Identity)
+    assert isinstance(hidden["bn-fc"], nk.GhostBatchNorm) and hidden["bn-fc"].virtual_batch_size == 2

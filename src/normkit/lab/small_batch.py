@@ -228,9 +228,9 @@ PER_SAMPLE = frozenset({"gn", "ln", "in"})  # their trials do not depend on the 
 def normalization_batch_cnn(s: NormalizationBatchSettings, data, normalizer: str, norm_batch: int,
                             generator: torch.Generator, **options) -> tuple[nn.Module, torch.optim.Optimizer]:
     """:func:`small_cnn` normalized per ``norm_batch`` samples, and its SGD optimizer."""
+    options.setdefault("hidden_norm", s.hidden_norm)
     model = small_cnn(data.sample_shape, data.classes, normalizer, generator, channels=s.channels,
-                      hidden=s.hidden, groups=s.groups, hidden_norm=s.hidden_norm,
-                      norm_batch=norm_batch, **options)  # fmt: skip
+                      hidden=s.hidden, groups=s.groups, norm_batch=norm_batch, **options)  # fmt: skip
     return model, torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum)
 
 

@@ -17,7 +17,8 @@ one learning rate, and the batch-dependent normalizers see each run of B images 
 (B in ``batch_sizes``, the grid: the per-device batch of a data-parallel run). So only the
 normalization batch varies, at equal updates; the legacy protocol's gradient batch was B itself
 (234 updates at 64, 7,500 at 2), which undertrained the large batches. No normalizer on the fully
-connected hidden layer (``hidden_norm``: at B = 2 it sees two values per feature). GN, LN and IN
+connected hidden layer (``hidden_norm``: at B = 2 it sees two values per feature), except in the
+separate arm ``bn-fc`` (BN there too, as the legacy protocol had it for every arm). GN, LN and IN
 do not use the batch: they train at the largest and smallest B only (the same trial twice, which
 the tests check). Ghost BN is not an arm: BN with statistics per B inside the gradient batch *is*
 Ghost BN. SyncBN: ``sync_processes`` gloo processes holding gradient_batch/P images each,
@@ -61,11 +62,12 @@ PUBLISHED = {  # images per GPU -> validation error (%)
     "Switchable Norm": [(32, 23.1), (16, 23.3), (8, 23.3), (4, 24.1), (2, 24.4)],  # SN README
 }
 BATCH = "batch_per_device"
+FC_LABEL = "BN, also on the FC layer"  # arm bn-fc: statistics over B values per feature there
 
 
 @dataclass(frozen=True)
 class BatchSizeSettings(NormalizationBatchSettings):
-    normalizers: tuple[str, ...] = ("bn", "gn", "ln", "in", "brn", "sn")
+    normalizers: tuple[str, ...] = ("bn", "bn-fc", "gn", "ln", "in", "brn", "sn")  # bn-fc: BN on the FC too
     sync_processes: int = 4  # SyncBN across P processes of gradient_batch/P images; 0: no SyncBN
     renorm_limits: tuple[float, ...] = (1.5, 0.5)  # Wu & He's Batch Renorm: r_max, d_max
     renorm_momentum: float = 0.1  # BN's default: the runs are too short for the paper's 0.01
@@ -103,7 +105,7 @@ class BatchSize(Experiment):
 
     def plan(self, s, data):
         sizes = sorted(s.batch_sizes, reverse=True)
-        arms = [Arm(n, {"normalizer": n, "processes": 1}, NORMALIZERS[n],
+        arms = [Arm(n, {"normalizer": n, "processes": 1}, NORMALIZERS.get(n, FC_LABEL),
                     grid={BATCH: [sizes[0], sizes[-1]]} if n in PER_SAMPLE else None)
                 for n in s.normalizers]  # fmt: skip
         if s.sync_processes > 1:
@@ -115,9 +117,10 @@ class BatchSize(Experiment):
     def setup(self, trial, s, data, generator):
         p = trial.params
         forwards = trial.steps * s.gradient_batch // p[BATCH]  # of each Batch Renorm layer
+        fc = {"hidden_norm": True} if p["normalizer"] == "bn-fc" else {}
         model, optimizer = normalization_batch_cnn(
-            s, data, p["normalizer"], p[BATCH], generator, renorm_steps=forwards,
-            renorm_limits=tuple(s.renorm_limits), renorm_momentum=s.renorm_momentum)  # fmt: skip
+            s, data, p["normalizer"].removesuffix("-fc"), p[BATCH], generator, renorm_steps=forwards,
+            renorm_limits=tuple(s.renorm_limits), renorm_momentum=s.renorm_momentum, **fc)  # fmt: skip
         step = GlooDataParallel(model, optimizer, p["processes"]) if p["processes"] > 1 else None
         return Setup(model, optimizer, s.gradient_batch, train_step=step)
 
@@ -134,7 +137,7 @@ class BatchSize(Experiment):
         train, _ = accuracy_and_loss(model, data.x_train[:k], data.y_train[:k])
         values = {"test_error": error_percent(accuracy), "test_loss": loss,
                   "train_error": error_percent(train), "batch_stat_error": None}  # fmt: skip
-        if p["normalizer"] in BATCH_DEPENDENT:  # test batches of the gradient batch, split per B
+        if p["normalizer"].removesuffix("-fc") in BATCH_DEPENDENT:  # test batches of G, split per B
             values["batch_stat_error"] = error_percent(batch_statistics_accuracy(
                 model, data.x_test[:k], data.y_test[:k], min(s.gradient_batch, k)))
         if p["normalizer"] == "sn":
@@ -150,10 +153,12 @@ class BatchSize(Experiment):
 
         small = AT["smallest"](s)
         return [
-            Claim("bn-degrades", f"BN's error at {small} per device minus its best (points)",
-                  Published("+11.1: 23.6 at 32 → 34.7 at 2 per GPU", WU_HE, 11.1),
-                  per_seed(_bn_rise, "BN error at the smallest batch − its lowest", arm="bn"),
-                  above(2.0), fmt="+.2f"),
+            *(Claim(f"bn{fc}-degrades", f"BN's error at {small} per device minus its best{what} (points)",
+                    Published("+11.1: 23.6 at 32 → 34.7 at 2 per GPU", WU_HE, 11.1),
+                    per_seed(_bn_rise, "BN error at the smallest batch − its lowest", arm=f"bn{fc}"),
+                    above(2.0), fmt="+.2f")
+              for fc, what in (("", ""), ("-fc", ", BN also on the FC layer"))
+              if f"bn{fc}" in s.normalizers),
             gap("gn-beats-bn-small", "gn", "bn", "smallest", "GN − BN error", "−10.6 at 2 per GPU",
                 -10.6, below(0.0)),
             gap("bn-vs-gn-large", "bn", "gn", "largest", "BN − GN error (BN ≲ GN)",
@@ -210,8 +215,9 @@ class BatchSize(Experiment):
             "no schedule) and only the normalization batch B varies, at equal updates; Wu & He's "
             "gradient batch was 8·B with the rate scaled by it. Running statistics are updated once "
             "per B (as on one device of a data-parallel run).",
-            "No normalizer on the fully connected hidden layer" if not s.hidden_norm else
-            "The normalizer also follows the fully connected hidden layer (LN in IN's and SN's networks)",
+            ("No normalizer on the fully connected hidden layer" if not s.hidden_norm else
+             "The normalizer also follows the fully connected hidden layer (LN in IN's and SN's networks)")
+            + "; arm bn-fc puts BN there: B values per feature (ResNet-50's last 7×7 stage has 49·B).",
             f"GN with {s.groups} groups (Wu & He: 32, on far wider layers); LN is GroupNorm(1, C). "
             "GN's flat curve is not judged: with a fixed gradient batch it holds by construction.",
             f"Batch Renorm's moving averages at momentum {s.renorm_momentum:g} (the paper's 0.01 is too "
