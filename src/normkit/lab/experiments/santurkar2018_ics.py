@@ -8,7 +8,7 @@ without, although they train faster.
 
 Here (docs/PROTOCOLS.md §3, CPU protocol 3b), two pairs of networks, Standard and BN:
 
-- ``cnn-*``: the VGG-style CNN of :mod:`santurkar2018_common` on the run's data set (Fashion-MNIST
+- ``cnn-*``: the VGG-style CNN of :mod:`normkit.lab.mechanism` on the run's data set (Fashion-MNIST
   by default), plain SGD, cross-entropy;
 - ``dln-*``: a deep linear network (``dln_depth`` layers of width ``dln_width``, Xavier-normal
   weights; BN after every layer but the last) trained by full-batch gradient descent on the mean
@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiments.santurkar2018_common import (
+from normkit.lab.legacy import Experiment, Settings, Setup, Trial, register
+from normkit.lab.mechanism import (
     PAPER,
     deep_linear,
     gaussian_regression,
@@ -45,7 +46,6 @@ from normkit.lab.experiments.santurkar2018_common import (
     probe_batch,
     vgg,
 )
-from normkit.lab.legacy import Experiment, Settings, Setup, Trial, register
 from normkit.lab.metrics import ics
 from normkit.lab.models import initialize
 from normkit.lab.records import RunRecord

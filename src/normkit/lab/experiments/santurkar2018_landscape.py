@@ -8,9 +8,9 @@ band is narrower, the gradient more predictive, β lower. §3.3: normalizing by 
 average of the activations instead of the standard deviation trains comparably and smooths the
 landscape the same way.
 
-Here (docs/PROTOCOLS.md §3, CPU protocol 3c, d): the VGG-style CNN of :mod:`santurkar2018_common`
+Here (docs/PROTOCOLS.md §3, CPU protocol 3c, d): the VGG-style CNN of :mod:`normkit.lab.mechanism`
 on the run's data set (Fashion-MNIST by default), plain SGD, Standard, BN and (``lp_variants``)
-the ℓ1/ℓ2/ℓ∞ layers of :class:`~santurkar2018_common.LpBatchNorm` in BN's place. Every
+the ℓ1/ℓ2/ℓ∞ layers of :class:`~normkit.lab.mechanism.LpBatchNorm` in BN's place. Every
 ``eval_every`` steps (step 0 included), on a probe batch of ``batch_size`` training examples drawn
 for that step, in training mode: L(θ - η g) and ||∇L(θ - η g) - g|| for η in ``step_sizes``.
 
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiments.santurkar2018_common import LABELS, PAPER, mean, probe_batch, vgg
 from normkit.lab.legacy import Experiment, Settings, Setup, register, seeded_trials
+from normkit.lab.mechanism import LABELS, PAPER, mean, probe_batch, vgg
 from normkit.lab.metrics import landscape_probe
 from normkit.lab.models import initialize
 from normkit.lab.plots import curves

@@ -1,6 +1,9 @@
-"""What the three Santurkar et al. (2018) experiments share: their networks, the noise of the
-noisy-BN experiment, the ℓp normalization layers of §3.3, synthetic data for the deep linear
-network, and the probe batches the measurements use.
+"""What the experiments on BN's mechanism share: their networks, the noise of the noisy-BN
+experiment, the ℓp normalization layers of §3.3, synthetic data for the deep linear network, and
+the probe batches the measurements use.
+
+Used by ``santurkar2018-noisy``, ``santurkar2018-ics`` and ``santurkar2018-landscape`` (and by
+benchmarks/bench_metrics.py for the same networks).
 
 Santurkar, Tsipras, Ilyas & Madry 2018, "How Does Batch Normalization Help Optimization?"
 (arXiv 1805.11604). The networks are CPU-sized stand-ins for the paper's VGG on CIFAR-10
@@ -265,5 +268,6 @@ def probe_batch(
 
 
 def mean(values) -> float | None:
+    """The mean of the finite values (None if there are none); for the legacy experiments."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     return sum(values) / len(values) if values else None
