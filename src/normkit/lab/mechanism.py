@@ -265,9 +265,3 @@ def probe_batch(
     generator = torch.Generator().manual_seed(derived_seed(seed, 3, step))
     index = torch.randperm(len(data.y_train), generator=generator)[:size]
     return data.x_train[index], data.y_train[index]
-
-
-def mean(values) -> float | None:
-    """The mean of the finite values (None if there are none); for the legacy experiments."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(values) / len(values) if values else None
