@@ -5,6 +5,7 @@ and loss, the step a measurement is taken at, training undisturbed by measuring,
 from __future__ import annotations
 
 import base64
+import copy
 import math
 import re
 from dataclasses import dataclass
@@ -138,11 +139,52 @@ def test_ics_measures_every_weight_layer_of_both_families(tiny_runs):
             assert first["l2"] == 0.0  # nothing before the first layer
             for values in row["ics"]["layers"].values():
                 assert values["l2"] >= 0 and -1 - 1e-9 <= values["cosine"] <= 1 + 1e-9
-    names = {c["name"] for c in record.summary["claims"]}
-    assert {"cnn-angle", "dln-angle"} <= names
+    names = [c["name"] for c in record.summary["claims"]]
+    assert names == [f"{f}-{q}" for f in ("cnn", "dln") for q in ("relative", "angle", "l2", "faster")]
     for trial in Results(record, shift.IcsSettings()).all:  # the first layer (G' = G) is left out
-        layers = shift._layer_medians(trial)
+        layers = shift._window_medians(trial, 6)
         assert layers and not {"conv1", "linear1"} & set(layers)
+        assert all(row["ics_relative"] > 0 and row["ics_turn"] >= 0 for row in trial.curve[1:])
+
+
+def _claim_values(record, name: str) -> dict:
+    experiment = get_experiment("santurkar2018-ics")
+    settings = experiment.settings("tiny", {"dataset": "digits"})
+    claim = next(c for c in experiment.claims(settings) if c.name == name)
+    return claim.ours.per_seed(Results(record, settings))
+
+
+def test_ics_claims_read_the_window_and_the_cnn_convolutions_only(tiny_runs):
+    """Issue 17: the claims read the evaluations at steps 0 < t <= window, of the CNN's conv layers
+    after the first; an evaluation after the window or a change in the fully connected layers
+    leaves them as they are, a change of conv2 inside the window does not."""
+    record = copy.deepcopy(tiny_runs["santurkar2018-ics"])
+    before = _claim_values(record, "cnn-relative")
+    assert before[0] is not None and before[0] > 0
+    curve = record.curve("cnn-bn/seed=0")
+    late = copy.deepcopy(curve[-1])
+    late["step"] = 7  # after the tiny window (6)
+    for layer in late["ics"]["layers"].values():
+        layer["relative_l2"] = 1e6
+    record.rows.append(late)
+    for row in curve[1:]:
+        for layer in ("linear3", "output"):
+            row["ics"]["layers"][layer]["relative_l2"] *= 1e3
+    assert _claim_values(record, "cnn-relative") == before
+    for row in curve[1:]:
+        row["ics"]["layers"]["conv2"]["relative_l2"] *= 2
+    assert _claim_values(record, "cnn-relative")[0] == pytest.approx(2 * before[0], rel=1e-9)
+
+
+def test_ics_quick_is_the_full_protocol_in_the_window_with_fewer_seeds():
+    """Quick trains the full preset's networks with the same window and evaluations: each of its
+    seeds gives exactly the full run's value of that seed, so quick cannot reverse full."""
+    experiment = get_experiment("santurkar2018-ics")
+    full, quick = (experiment.settings(p, {}) for p in ("full", "quick"))
+    changed = {f for f in vars(full) if getattr(full, f) != getattr(quick, f)}
+    assert changed == {"steps", "dln_steps", "seeds"}
+    assert full.window <= min(quick.steps, quick.dln_steps) and quick.seeds < full.seeds
+    assert full.seeds >= 3
 
 
 def test_dln_trains_on_its_own_data_with_the_mean_squared_error(tmp_path):
