@@ -29,6 +29,7 @@ from normkit.lab import (
     register,
     run_experiment,
 )
+from normkit.lab.evaluation import accuracy_and_loss
 from normkit.lab.experiments import santurkar2018_ics as shift
 from normkit.lab.experiments import santurkar2018_noisy as noisy
 from normkit.lab.mechanism import (
@@ -36,6 +37,8 @@ from normkit.lab.mechanism import (
     TimeVaryingNoise,
     deep_linear,
     gaussian_regression,
+    noise_in_eval,
+    noisy_accuracy_and_loss,
     probe_batch,
     vgg,
 )
@@ -358,6 +361,33 @@ def test_lp_normalization_rejects_bad_arguments():
         LpBatchNorm(4, 3)
     with pytest.raises(ConfigError, match=r"\(N, 4, \*\)"):
         LpBatchNorm(4, 2)(torch.randn(2, 5))
+
+
+def test_noise_in_eval_draws_from_its_own_generator_and_is_restored():
+    """Issue 17: noisy BN is evaluated with the noise on (not its expectation 2x), from a generator
+    of its own, so measuring leaves training's random stream alone."""
+    noise = TimeVaryingNoise().eval()
+    x = torch.ones(8, 3, 2, 2)
+    state = torch.get_rng_state()
+    with noise_in_eval(noise, torch.Generator().manual_seed(0)) as layers:
+        first, second = noise(x), noise(x)
+    assert layers == 1 and not torch.equal(first, second) and not torch.equal(first, 2 * x)
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is untouched
+    with noise_in_eval(noise, torch.Generator().manual_seed(0)):
+        assert torch.equal(noise(x), first)  # seeded: the same draws again
+    assert torch.equal(noise(x), 2 * x)  # outside the block: the expectation again
+
+
+def test_noisy_accuracy_averages_draws_with_the_noise_on():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    noisy, plain = (vgg((1, 8, 8), (4, 8), 8, 10, norm="batch", noise=n).eval() for n in ({}, None))
+    with torch.no_grad():
+        expectation = accuracy_and_loss(noisy, x, y)
+        assert noisy_accuracy_and_loss(plain, x, y, 3, seed=1) == accuracy_and_loss(plain, x, y)
+    once, again = (noisy_accuracy_and_loss(noisy, x, y, 3, seed=1) for _ in range(2))
+    assert once == again and once[1] != expectation[1]  # seeded; not the 2x network
+    assert noisy_accuracy_and_loss(noisy, x, y, 1, seed=1) != once  # more draws, another mean
 
 
 def test_networks_have_the_named_layers_the_experiments_use():
