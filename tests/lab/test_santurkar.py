@@ -31,6 +31,7 @@ from normkit.lab import (
 )
 from normkit.lab.evaluation import accuracy_and_loss
 from normkit.lab.experiments import santurkar2018_ics as shift
+from normkit.lab.experiments import santurkar2018_landscape as landscape
 from normkit.lab.experiments import santurkar2018_noisy as noisy
 from normkit.lab.mechanism import (
     LpBatchNorm,
@@ -220,8 +221,30 @@ def test_landscape_rows_and_lp_variants(tiny_runs):
             assert probe["step_sizes"] == steps and len(probe["losses"]) == len(steps)
             assert probe["loss_min"] == min(probe["losses"])
             assert probe["grad_change_max"] == max(probe["grad_changes"])
-    names = [c["name"] for c in record.summary["claims"]]
-    assert {"loss-band", "gradient-change", "beta", "lp-comparable", "lp-smoother"} <= set(names)
+    claims = {c["name"]: c for c in record.summary["claims"]}
+    assert {"loss-band", "gradient-change", "beta", "lp-comparable", "lp-smoother"} <= set(claims)
+    for arm in ("standard", "bn"):  # the overflow rate is a claim of its own, per arm
+        assert 0 <= claims[f"overflow-{arm}"]["ours"]["mean"] <= 1
+
+
+def _probe(band: float | None) -> dict:
+    """A landscape probe's row; ``band=None``: a step along the gradient overflowed."""
+    losses = [1.0, None] if band is None else [1.0, 1.0 + band]
+    return {"losses": losses, "grad_changes": [1.0, 2.0], "loss_min": 1.0,
+            "loss_max": None if band is None else 1.0 + band, "grad_change_max": 2.0,
+            "beta_smoothness": None if band is None else 3.0}  # fmt: skip
+
+
+def test_landscape_counts_an_overflowed_probe_as_infinite_not_dropped():
+    """Issue 17: dropping overflowed probes favoured the network without BN; a median in which an
+    overflow counts as +inf keeps them, and the overflow rate is reported."""
+    steps, probes = [0, 1, 2, 3], [_probe(9.0), _probe(None), _probe(0.5), _probe(0.7)]
+    assert landscape._median_over_probes("loss_band")(steps, probes) == pytest.approx(0.7)  # not 0.6
+    assert landscape._median_over_probes("beta_smoothness")(steps, probes) == 3.0
+    assert landscape._overflow_rate(steps, probes) == pytest.approx(1 / 3)  # step 0 left out
+    assert landscape._median_over_probes("loss_band")(steps, [_probe(1.0)] + [_probe(None)] * 3) == math.inf
+    assert landscape._over(1.0, math.inf) == 0.0 and landscape._over(math.inf, 1.0) is None
+    assert landscape._over(1.0, 4.0) == 0.25
 
 
 def test_measuring_does_not_change_training(tmp_path):
