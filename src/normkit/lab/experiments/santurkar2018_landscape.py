@@ -211,7 +211,7 @@ class Santurkar2018Landscape(Experiment):
                       Published("ℓp normalizations train comparably to BN", "Santurkar et al. 2018, §3.3",
                                 unverified=True),
                       per_seed(_worst_lp("loss"), "max over ℓ1, ℓ2, ℓ∞"), below(1 + s.comparable)),
-                Claim("lp-smoother", "worst ℓp variant's loss band and mean β / Standard's",
+                Claim("lp-smoother", "worst ℓp variant's median loss band and β / Standard's",
                       Published("ℓp normalizations smooth the landscape like BN",
                                 "Santurkar et al. 2018, §3.3", unverified=True),
                       per_seed(_worst_lp("smooth"), "max over ℓ1, ℓ2, ℓ∞ and the two medians"), below(1.0)),
