@@ -124,6 +124,21 @@ def test_noisy_records_percentiles_of_every_layer_at_their_steps(tiny_runs):
     assert unstable["noisy-bn"] > unstable["bn"]
 
 
+def test_noisy_claims_read_the_accuracy_curves_evaluated_with_the_noise_on(tiny_runs):
+    """Issue 17: noisy BN is judged on the test-accuracy curve (its mean after step 0, per seed),
+    paired with BN's; every evaluation carries the noise-on train and test accuracy."""
+    record = tiny_runs["santurkar2018-noisy"]
+    experiment = get_experiment("santurkar2018-noisy")
+    settings = experiment.settings("tiny", {"dataset": "fashion-mnist"})
+    results = Results(record, settings)
+    curves = {t.params["arm"]: [r["test_accuracy"] for r in t.curve if r["step"] > 0] for t in results.all}
+    assert all(len(c) == 2 for c in curves.values())  # steps 4 and 8
+    like = next(c for c in experiment.claims(settings) if c.name == "like-bn")
+    expected = sum(curves["noisy-bn"]) / 2 - sum(curves["bn"]) / 2
+    assert like.ours.per_seed(results)[0] == pytest.approx(expected, abs=1e-12)
+    assert all({"train_accuracy", "train_eval_loss"} <= set(r) for t in results.all for r in t.curve)
+
+
 def test_ics_measures_every_weight_layer_of_both_families(tiny_runs):
     record = tiny_runs["santurkar2018-ics"]
     assert set(record.finals()) == {
