@@ -19,9 +19,8 @@ Decisions (issue 17): the networks are evaluated as they were trained, noise on 
 y = 2x, ignores how the shift interacts with the ReLU: another network); the claims read the
 test-accuracy curves, as the paper compares curves: per seed the mean over the evaluations after
 step 0, noisy BN within ``accuracy_margin`` of BN ("almost exactly like BN") and above Standard.
-
-The noise (ours; the paper's is not given; every parameter a setting): per step and channel
-mu_c ~ U(-1, 1), s_c ~ U(1, 3); per element y = x · N(s_c, 0.1²) + N(mu_c, 0.1²).
+The noise is ours (the paper's is not given): see the deviations and
+:class:`~normkit.lab.mechanism.TimeVaryingNoise`.
 """
 
 from __future__ import annotations
