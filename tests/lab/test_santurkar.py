@@ -206,6 +206,18 @@ def test_ics_quick_is_the_full_protocol_in_the_window_with_fewer_seeds():
     assert full.seeds >= 3
 
 
+def test_ics_a_longer_run_gives_the_same_claim_values(tmp_path):
+    """End to end: training past the window (as the full preset does beyond quick's) leaves every
+    judged value of every seed as it is, so a shorter run cannot reverse a longer one."""
+    values = []
+    for steps in (6, 12):
+        overrides = {"dataset": "digits", "steps": steps, "dln_steps": steps}
+        record = run_experiment("santurkar2018-ics", "tiny", overrides, out=tmp_path / str(steps))
+        values.append({c["name"]: c["ours"]["per_seed"] for c in record.summary["claims"]})
+    assert values[0] == values[1]
+    assert all(v["0"] is not None for v in values[0].values())
+
+
 def test_dln_trains_on_its_own_data_with_the_mean_squared_error(tmp_path):
     """The DLN trials train on Setup.data (synthetic regression, full batch) with Setup.loss_fn
     (MSE): the loss of the first step is the initial network's MSE on all the training data."""
