@@ -125,6 +125,29 @@ HOST_POLICY_UNDER_CAPTURE = Refusal(
     applies=_reads_flag_on_host,
 )
 
+
+def _synchronizes(layer) -> bool:
+    """Whether a SyncBatchNorm's training step runs collectives (a process group of 2+ ranks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    group = getattr(layer, "process_group", None)
+    return dist.get_world_size(group) > 1
+
+
+SYNCHRONIZED_STEP = Refusal(
+    ("compile", "grad", "vmap", "jvp", "export", "jit_trace", "double_backward"),
+    "train",
+    "SyncBatchNorm's synchronized training step runs collectives (one all-gather forward, one "
+    "all-reduce backward) around a hand-written backward: torch.compile runs it eagerly (a graph "
+    "break, an error with fullgraph=True), and torch.export, torch.jit.trace, torch.func's "
+    "transforms and double backward refuse it. Use them on one process (where the layer is "
+    "BatchNorm) or in eval mode",
+    when="synchronizing over two or more ranks",
+    applies=_synchronizes,
+)
+
 INPLACE_DOUBLE_BACKWARD = Refusal(
     ("double_backward",),
     "train",
