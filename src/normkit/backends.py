@@ -11,14 +11,17 @@ Backends:
   ``TRITON_INTERPRET=1``, which is how the tests run them). Importing normkit never imports
   triton: the kernels load on the first call.
 - ``compiled``: the fused BatchNormAct and Batch-Layer maths compiled by ``torch.compile`` on the
-  CPU (needs a C++ compiler; the first call per shape compiles; not twice differentiable).
+  CPU (needs a C++ compiler; the first call per shape compiles; under ``create_graph=True`` the
+  backward differentiates the unfused definition, so double backward works).
 - ``auto`` (default): the fastest backend verified for the input's device and dtype. On the CPU that
   is ``native`` for every op but BatchNormAct on float32 NCHW inputs and Batch-Layer on float32 and
   bfloat16 inputs, where it is ``compiled`` (``_dispatch.AUTO_PREFERENCES``; docs/benchmarks.md has
   the measurements).
 
 Choose with ``normkit.set_backend(name)`` for the process or ``with normkit.backend(name):`` for a
-block (the block wins; it is local to the thread or task that enters it).
+block (the block wins; it is local to the thread or task that enters it). Under torch.func's
+transforms, forward-mode AD and torch.jit.trace, implementations that are not plain ATen ops give way
+to ``reference`` (``COMPOSITE`` below; docs/transforms.md).
 """
 
 from __future__ import annotations

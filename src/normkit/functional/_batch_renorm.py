@@ -116,6 +116,8 @@ def renorm_corrections(
     d_max: Bound,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """r and d of Algorithm 1, per channel, in the dtype of the batch statistics (no gradient)."""
+    # detached: no_grad stops backward, not forward-mode AD's tangents (torch.func.jvp)
+    batch_mean, batch_var = batch_mean.detach(), batch_var.detach()
     dtype = batch_mean.dtype
     sigma = torch.sqrt(running_var.to(dtype) + eps)
     r_max = r_max.to(dtype) if isinstance(r_max, torch.Tensor) else float(r_max)

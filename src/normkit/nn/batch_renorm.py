@@ -131,11 +131,11 @@ class BatchRenorm(NormBase):
     - ``r_max`` and ``d_max`` are numbers or schedules, callables of the training step. The default
       is the paper's schedule (:class:`RenormRamp`: plain BatchNorm for 5000 steps, then r_max 1 → 3
       by step 40k and d_max 0 → 5 by 25k). The step is the buffer ``renorm_step``: it counts the
-      training-mode forwards. It is not in the ``state_dict``, whose keys are exactly BatchNorm's (a
-      Batch Renorm checkpoint loads strictly into ``torch.nn.BatchNorm2d`` and back): loading
-      restarts the schedule at the checkpoint's ``num_batches_tracked``, the batches its running
-      statistics have seen, which is what the ramp waits for (the step itself, when an older
-      checkpoint carries ``renorm_step``).
+      training-mode forwards of non-empty batches. It is not in the ``state_dict``, whose keys
+      are exactly BatchNorm's (a Batch Renorm checkpoint loads strictly into
+      ``torch.nn.BatchNorm2d`` and back): loading restarts the schedule at the checkpoint's
+      ``num_batches_tracked``, the batches its running statistics have seen, which is what the
+      ramp waits for (the step itself, when an older checkpoint carries ``renorm_step``).
     - Statistics are computed in float32 for float16/bfloat16 inputs (mixed precision), and r, d in
       the statistics' dtype.
 
@@ -198,7 +198,8 @@ class BatchRenorm(NormBase):
         except NormkitError as error:
             raise named(self, error) from None
         y = self._normalize(batch_renorm, input, r_max=r_max, d_max=d_max)
-        increment(step)  # after the forward succeeded
+        if input.numel() > 0:  # after the forward succeeded; an empty batch is no step
+            increment(step)
         return y
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
