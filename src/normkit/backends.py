@@ -11,14 +11,17 @@ Backends:
   ``TRITON_INTERPRET=1``, which is how the tests run them). Importing normkit never imports
   triton: the kernels load on the first call.
 - ``compiled``: the fused BatchNormAct and Batch-Layer maths compiled by ``torch.compile`` on the
-  CPU (needs a C++ compiler; the first call per shape compiles; not twice differentiable).
+  CPU (needs a C++ compiler; the first call per shape compiles; under ``create_graph=True`` the
+  backward differentiates the unfused definition, so double backward works).
 - ``auto`` (default): the fastest backend verified for the input's device and dtype. On the CPU that
   is ``native`` for every op but BatchNormAct on float32 NCHW inputs and Batch-Layer on float32 and
   bfloat16 inputs, where it is ``compiled`` (``_dispatch.AUTO_PREFERENCES``; docs/benchmarks.md has
   the measurements).
 
 Choose with ``normkit.set_backend(name)`` for the process or ``with normkit.backend(name):`` for a
-block (the block wins; it is local to the thread or task that enters it).
+block (the block wins; it is local to the thread or task that enters it). Under torch.func's
+transforms, forward-mode AD and torch.jit.trace, implementations that are not plain ATen ops give way
+to ``reference`` (``COMPOSITE`` below; docs/transforms.md).
 """
 
 from __future__ import annotations
@@ -81,10 +84,11 @@ def native_group_norm(input, num_groups, weight, bias, eps):
 
 def native_channel_layer_norm(input, weight, bias, eps):
     # ATen's layer norm reduces over the last dim; with the channels moved last a channels_last
-    # input is contiguous, so this is one kernel. Other layouts pay a copy in and one out.
-    channels = input.shape[1]
-    y = torch.layer_norm(input.movedim(1, -1), (channels,), weight, bias, eps, _cudnn())
-    y = y.movedim(-1, 1)
+    # input is contiguous, so this is one kernel. Other layouts pay a copy in and one out. The dims
+    # are spelled out (not -1): ONNX's Transpose takes no negative permutation.
+    channels, last = input.shape[1], input.dim() - 1
+    y = torch.layer_norm(input.movedim(1, last), (channels,), weight, bias, eps, _cudnn())
+    y = y.movedim(last, 1)
     return y if y.stride() == input.stride() else _like(input, y)
 
 
@@ -107,12 +111,17 @@ def memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
 # --- compiled: torch.compile on the CPU --------------------------------------------------------------
 
 
-@functools.cache
+_COMPILER: list[bool] = []  # the answer, once looked up
+
+
 def _compiler_available() -> bool:
-    return compiler_available()
+    if not _COMPILER:
+        _COMPILER.append(compiler_available())
+    return _COMPILER[0]
 
 
-# A constant for torch.compile, which cannot trace the PATH lookup (see _dispatch.current).
+# A constant for torch.compile, which cannot trace the PATH lookup (see _dispatch.current). A plain
+# function: Dynamo reads the mark on functions, not through functools.cache's wrapper.
 _compiler_available._dynamo_marked_constant = True
 
 
@@ -209,9 +218,16 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable | tuple[Callable, _dispatch.Suppor
     },
 }
 
+# Made of ATen ops alone, as every `reference` implementation is: torch's transforms (torch.func,
+# forward-mode AD, jit.trace) see through them, so they keep running there; the others (hand-written
+# autograd.Functions, compiled maths, kernels) give way to `reference` (functional/_transforms.py).
+COMPOSITE = {native_batch_norm, native_layer_norm, native_group_norm, native_channel_layer_norm}
+
 for _op, _table in IMPLEMENTATIONS.items():
     for _backend, _entry in _table.items():
-        _dispatch.register(_op, _backend, *(_entry if isinstance(_entry, tuple) else (_entry,)))
+        _fn, *_supports = _entry if isinstance(_entry, tuple) else (_entry,)
+        _composite = _backend == "reference" or _fn in COMPOSITE
+        _dispatch.register(_op, _backend, _fn, *(_supports or [None]), composite=_composite)
 
 
 def set_backend(name: str) -> None:
