@@ -27,6 +27,11 @@ from normkit.nn import (
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
+    CenteredConv2d,
+    CrossIterationBatchNorm,
+    EvoNormB0,
+    EvoNormS0,
+    FilterResponseNorm,
     FrozenBatchNorm,
     GhostBatchNorm,
     GroupNorm,
@@ -36,8 +41,13 @@ from normkit.nn import (
     InstanceNorm3d,
     LayerNorm,
     LayerNorm2d,
+    MovingAverageBatchNorm,
     RenormRamp,
+    RMSNorm,
+    RMSNorm2d,
     RunningStatsSnapshot,
+    ScaledStdConv2d,
+    StdConv2d,
     SwitchableNorm,
     frozen_running_stats,
     snapshot_running_stats,
@@ -57,6 +67,11 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "CenteredConv2d",
+    "CrossIterationBatchNorm",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
     "FrozenBatchNorm",
     "GhostBatchNorm",
     "GroupNorm",
@@ -66,10 +81,16 @@ __all__ = [
     "InstanceNorm3d",
     "LayerNorm",
     "LayerNorm2d",
+    "MovingAverageBatchNorm",
+    "RMSNorm",
+    "RMSNorm2d",
     "RenormRamp",
     "RunningStatsSnapshot",
+    "ScaledStdConv2d",
+    "StdConv2d",
     "SwitchableNorm",
     "SyncBatchNorm",
+    "accumulate",
     "available_backends",
     "backend",
     "create_norm",
@@ -92,4 +113,8 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(f"normkit.{name}")
+    if name == "accumulate":  # a tool (it touches SyncBatchNorm), at the top level for loops
+        from normkit.tools.accumulate import accumulate
+
+        return accumulate
     raise AttributeError(f"module 'normkit' has no attribute {name!r}")
