@@ -323,6 +323,10 @@ def convert(
               A BatchNorm + activation layer becomes the library's BatchNorm and torch.nn
               activation modules in a :class:`~normkit.tools.NormAct`: the form torch.ao's
               quantization fuses and quantizes (``convert(model, "torch")`` first);
+            - ``"ws_gn[:G]"``, ``"mabn"``, ``"cbn[:k]"``: the small-batch remedies that change the
+              convolutions too — Weight Standardization + GroupNorm, MABN with centred filters,
+              Cross-Iteration BN attached to the layer that feeds it
+              (:mod:`normkit.tools.small_batch_convert`);
             - a callable ``old_layer -> new_layer``; for a BatchNorm + activation layer it gets
               the normalization alone, and the activation is kept around what it builds.
         which: the layers to replace: ``"batch"`` (the BatchNorm family, frozen included; the
@@ -353,6 +357,12 @@ def convert(
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not (callable(to) or isinstance(to, str)):
         raise ConfigError(f"to must be a spec string or a callable, got {type(to).__name__}")
+    from normkit.tools.small_batch_convert import convert_for_small_batches, small_batch_spec
+
+    if small_batch_spec(to) is not None:  # "ws_gn", "mabn", "cbn": convolutions change too
+        return convert_for_small_batches(
+            model, to, which=which, inplace=inplace, example_inputs=example_inputs, **kwargs
+        )
     select = _selector(which, to)
     target = model if inplace else copy.deepcopy(model)
     ranks = _input_ranks(target, example_inputs, select) if example_inputs is not None else {}
