@@ -114,7 +114,5 @@ def __getattr__(name: str):
 
         return importlib.import_module(f"normkit.{name}")
     if name == "accumulate":  # a tool (it touches SyncBatchNorm), at the top level for loops
-        from normkit.tools.accumulate import accumulate
-
-        return accumulate
+        return __getattr__("tools").accumulate
     raise AttributeError(f"module 'normkit' has no attribute {name!r}")

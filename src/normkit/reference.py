@@ -26,6 +26,12 @@ LayerNorm, where they have the normalized shape.
   2022, the official code), :func:`switchable_norm` (Luo et al. 2018, eqs. 3-4), and the masked
   statistics :func:`masked_batch_norm` and :func:`masked_layer_norm`.
 - ℓp normalization, Santurkar et al. 2018, §3.3: :func:`lp_batch_norm` (the lab's ℓ1/ℓ2/ℓ∞ layers).
+- Small batches: :func:`rms_norm` and :func:`channel_rms_norm` (Zhang & Sennrich 2019, eqs. 3-4),
+  :func:`filter_response_norm` (Singh & Krishnan 2020, eqs. 1-3), :func:`evo_norm_b0` and
+  :func:`evo_norm_s0` (Liu et al. 2020), :func:`standardized_weight` (Qiao et al. 2019, eqs. 5-6;
+  Brock et al. 2021) and :func:`centered_weight`, :func:`mabn_train` and :func:`mabn_backward` (Yan
+  et al. 2020, MABN), :func:`cross_iteration_statistics` (Yao et al. 2021, CBN), and
+  :func:`accumulated_running_average` (what ``nk.accumulate`` must record).
 """
 
 from __future__ import annotations

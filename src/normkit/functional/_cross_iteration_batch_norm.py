@@ -66,6 +66,7 @@ def cross_iteration_batch_norm(
     num_batches_tracked: torch.Tensor | None = None,
     num_batches_skipped: torch.Tensor | None = None,
     on_nonfinite: str = "skip",
+    batch_statistics: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """BatchNorm with this batch's statistics pooled with past ones; see
     :class:`normkit.CrossIterationBatchNorm`.
@@ -78,6 +79,8 @@ def cross_iteration_batch_norm(
         num_batches_skipped, on_nonfinite: as :func:`normkit.functional.batch_norm`. The running
             statistics follow this batch's own statistics (BatchNorm's rule), as the authors'
             code has it.
+        batch_statistics: this batch's per-channel mean and biased variance when the caller has
+            them already (the ``native`` implementation then skips its statistics pass).
     """
     check_floating(input)
     check_eps(eps)
@@ -104,7 +107,11 @@ def cross_iteration_batch_norm(
             input, weight, bias, running_mean, running_var, False, 0.0, eps, False
         )
     check_batch_statistics_size(input)
-    impl = _dispatch.resolve("cross_iteration_batch_norm", input)
+    resolved = _dispatch.resolve("cross_iteration_batch_norm", input)
+
+    def impl(*args):
+        return resolved(*args, batch_statistics=batch_statistics)
+
     if running_mean is None or running_var is None:
         return impl(input, past_means, past_vars, weight, bias, eps, None)
     factor = exponential_average_factor(momentum, num_batches_tracked)
@@ -136,20 +143,28 @@ def pooled_statistics(mean, var, past_means, past_vars):
     return mu_bar, vars_.mean(0) + (means - mu_bar).square().mean(0)
 
 
-def native_cross_iteration_batch_norm(input, past_means, past_vars, weight, bias, eps, record):
+def native_cross_iteration_batch_norm(
+    input, past_means, past_vars, weight, bias, eps, record, batch_statistics=None
+):
     """ATen's statistics kernel, the eval kernel with the pooled statistics, and the eval
     backward's fused reductions; the backward of the module docstring by hand."""
     with torch.no_grad():
-        mean, var = batch_norm_statistics(input)
+        if batch_statistics is None:
+            mean, var = batch_norm_statistics(input)
+        else:
+            mean, var = batch_statistics
         if record is not None:
             record(mean, var)
         mu_bar, sigma2 = pooled_statistics(mean, var, past_means, past_vars)
     k = 1 if past_means is None else past_means.shape[0] + 1
-    return _PooledBatchNorm.apply(input, weight, bias, mu_bar, sigma2, k, eps)
+    return pooled_batch_norm(input, weight, bias, mu_bar, sigma2, k, eps)
 
 
-def reference_cross_iteration_batch_norm(input, past_means, past_vars, weight, bias, eps, record):
-    """The pooled statistics with autograd through this batch's mean and variance."""
+def reference_cross_iteration_batch_norm(
+    input, past_means, past_vars, weight, bias, eps, record, batch_statistics=None
+):
+    """The pooled statistics with autograd through this batch's mean and variance (computed here,
+    with autograd: ``batch_statistics`` is not used)."""
     ndim = input.dim()
     dims = (0, *range(2, ndim))
     x = input.to(stats_dtype(input.dtype))
@@ -165,13 +180,24 @@ def reference_cross_iteration_batch_norm(input, past_means, past_vars, weight, b
     return y.to(input.dtype)
 
 
+def pooled_batch_norm(x, weight, bias, mean, var, k, eps) -> torch.Tensor:
+    """BatchNorm in training with given per-channel statistics of which this batch is a share
+    1/k: the backward is BatchNorm's with every mean over the batch divided by k (k = 1: the
+    gradient statistics are this batch's own). Used by CBN, and by ``nk.accumulate``'s
+    whole-batch normalization."""
+    return _PooledBatchNorm.apply(x, weight, bias, mean, var, k, eps)
+
+
 class _PooledBatchNorm(torch.autograd.Function):
     """y = gamma * (x - mu_bar) / sqrt(sigma2 + eps) + beta, the statistics differentiated through
     this batch's share 1/k (module docstring)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mu_bar, sigma2, k, eps):
-        y = torch.batch_norm(x, weight, bias, mu_bar, sigma2, False, 0.0, eps, False)
+        dtype = sigma2.dtype  # ATen's mixed-dtype rule: parameters in the statistics' dtype
+        w = None if weight is None else weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        y = torch.batch_norm(x, w, b, mu_bar, sigma2, False, 0.0, eps, False)
         ctx.save_for_backward(x, weight, mu_bar, sigma2)
         ctx.k, ctx.eps = k, eps
         ctx.bias_dtype = None if bias is None else bias.dtype

@@ -226,8 +226,9 @@ class _MovingAverageBN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, chi_bar, r, eps, gradient_moments, schedule):
         scale = r if weight is None else r * weight.to(r.dtype)
+        shift = None if bias is None else bias.to(r.dtype)  # ATen's mixed-dtype rule: all float32
         zeros = torch.zeros_like(chi_bar)
-        y = torch.batch_norm(x, scale, bias, zeros, chi_bar, False, 0.0, eps, False)
+        y = torch.batch_norm(x, scale, shift, zeros, chi_bar, False, 0.0, eps, False)
         ctx.save_for_backward(x, weight, chi_bar, r)
         # the window is written by every backward: kept outside autograd's version checks
         ctx.gradient_moments, ctx.eps, ctx.schedule = gradient_moments, eps, schedule

@@ -94,7 +94,12 @@ def native_channel_rms_norm(input, weight, eps):
     # torch's op reduces the last dim: move the channels there (a view; channels_last is then
     # contiguous), and back.
     y = torch.rms_norm(input.movedim(1, -1), [input.shape[1]], weight, eps).movedim(-1, 1)
-    return _like(input, y)
+    return y if _functorch_active() else _like(input, y)
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active is not None and active())
 
 
 def _like(layout: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -150,9 +155,12 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, dims, eps):
-        r = inverse_rms(x, dims, eps)  # (..., 1) in the statistics dtype
+        # half inputs: one conversion to float32 first (ATen's mixed-dtype kernels are not
+        # vectorized on the CPU; two float32 passes are faster than two mixed ones)
+        xs = x.to(stats_dtype(x.dtype))
+        r = inverse_rms(xs, dims, eps)  # (..., 1) in the statistics dtype
         y = torch.empty_like(x)
-        torch.mul(x, r, out=y)  # computed in float32 for half inputs, rounded once to x's dtype
+        torch.mul(xs, r, out=y)  # computed in float32 for half inputs, rounded once to x's dtype
         if weight is not None:
             y = y.mul_(weight.to(y.dtype))
         ctx.save_for_backward(x, weight, r)
@@ -164,34 +172,37 @@ class _RMSNorm(torch.autograd.Function):
         x, weight, r = ctx.saved_tensors
         dims = ctx.dims
         n = math.prod(x.shape[d] for d in dims)
-        dtype = r.dtype  # float32 for half inputs
+        dtype = r.dtype  # float32 for half inputs: x and dL/dy converted once (see forward)
+        out_dtype = x.dtype
+        x, dy = x.to(dtype), dy.to(dtype)
         trailing = dims == tuple(range(x.dim() - len(dims), x.dim()))
         if weight is not None and trailing and weight.dim() == len(dims):
-            return _trailing_backward(ctx, dy, x, weight, r, n, dtype)
+            return _trailing_backward(ctx, dy, x, weight, r, n, out_dtype)
         dx = dweight = None
         if ctx.needs_input_grad[0]:
             h = dy if weight is None else dy * weight.to(dtype)
             k = -(r**2) * _dot(h, x, dims, dtype) / n  # per group
-            dx = torch.empty_like(x)
+            dx = torch.empty_like(x, dtype=out_dtype)
             torch.mul(torch.mul(x, k).add_(h), r, out=dx)
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = torch.mul(dy, r).mul_(x).sum_to_size(weight.shape).to(weight.dtype)
         return dx, dweight, None, None
 
 
-def _trailing_backward(ctx, dy, x, weight, r, n, dtype):
-    """The backward over the trailing dims with a gain of their shape, as rows of n values:
-    t = dL/dy * x once (float32), then sum(t * g) per row and dL/dg = sum over rows of r * t as
-    two matrix-vector products; dL/dx in three elementwise passes."""
+def _trailing_backward(ctx, dy, x, weight, r, n, out_dtype):
+    """The backward over the trailing dims with a gain of their shape, as rows of n values
+    (x and dL/dy in the statistics dtype): t = dL/dy * x once, then sum(t * g) per row and
+    dL/dg = sum over rows of r * t as two matrix-vector products; dL/dx in three elementwise
+    passes, rounded once to ``out_dtype``."""
     rows = r.numel()
     x2, dy2, r2 = x.reshape(rows, n), dy.reshape(rows, n), r.reshape(rows, 1)
-    w = weight.reshape(n).to(dtype)
-    t = torch.addcmul(r.new_zeros(1), dy2, x2)  # (rows, n), in the statistics dtype
+    w = weight.reshape(n).to(r.dtype)
+    t = dy2 * x2  # (rows, n)
     dx = dweight = None
     if ctx.needs_input_grad[0]:
         k = t.mv(w).unsqueeze(1).mul_(-r2.square() / n)  # (rows, 1)
         u = torch.mul(x2, k).addcmul_(dy2, w)  # dL/dy * g + k * x
-        dx = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+        dx = torch.empty((rows, n), dtype=out_dtype, device=x.device)
         dx = torch.mul(u, r2, out=dx).view(x.shape)
     if ctx.needs_input_grad[1]:
         dweight = r2.reshape(1, rows).mm(t).reshape(weight.shape).to(weight.dtype)

@@ -7,7 +7,7 @@ from torch import nn
 
 from normkit.errors import ConfigError, NormkitError
 from normkit.functional import cross_iteration_batch_norm
-from normkit.functional._checks import check_positive_int
+from normkit.functional._checks import check_channels, check_floating, check_positive_int
 from normkit.functional._cross_iteration_batch_norm import (
     compensated_statistics,
     statistics_jacobians,
@@ -102,9 +102,9 @@ class CrossIterationBatchNorm(NormBase):
     def _init_parameters(self, factory: dict) -> None:
         device = factory.get("device")
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long, device=device))
-        self.register_buffer(
-            "history_size", torch.zeros((), dtype=torch.long, device=device), persistent=False
-        )
+        for name in ("history_size", "history_next"):  # entries kept; the slot written next
+            counter = torch.zeros((), dtype=torch.long, device=device)
+            self.register_buffer(name, counter, persistent=False)
         for name in _HISTORY:
             self.register_buffer(f"history_{name}", None, persistent=False)
 
@@ -136,30 +136,38 @@ class CrossIterationBatchNorm(NormBase):
         if getattr(self, "iteration", None) is not None:
             self.iteration.zero_()
             self.history_size.zero_()
+            self.history_next.zero_()
 
     def forward(self, input: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
+        if self.training and self.window > 1 and transforming():  # raised as is: Dynamo traces it
+            raise ConfigError(
+                "CrossIterationBatchNorm's training step cannot run under torch.compile, "
+                "torch.func, export or tracing: it keeps a window of past statistics and "
+                "differentiates the batch statistics inside the forward. Compile around it, or "
+                "trace in eval mode (window=1 is BatchNorm and traces)"
+            )
         try:
-            past_means = past_vars = None
+            past_means = past_vars = statistics = None
             if self.training:
-                past_means, past_vars = self._window(input, weight)
-            return self._normalize(cross_iteration_batch_norm, input, past_means, past_vars)
+                check_floating(input)
+                check_channels(input, self.num_features)
+                past_means, past_vars, statistics = self._window(input, weight)
+            return self._normalize(
+                cross_iteration_batch_norm, input, past_means, past_vars,
+                batch_statistics=statistics,
+            )  # fmt: skip
         except NormkitError as error:
             raise named(self, error) from None
 
     def _window(self, input: torch.Tensor, weight: torch.Tensor | None):
-        """The compensated statistics of the stored iterations, then this one stored."""
+        """The compensated statistics of the stored iterations, then this one stored; returns
+        ``(past_means, past_vars, (mean, var) of this batch)`` (Nones outside the window)."""
+        stored = self.window - 1
         with torch.no_grad():
             self.iteration.add_(1)
-        stored = self.window - 1
         if stored == 0 or int(self.iteration) <= self.burn_in:
-            return None, None
-        if transforming():
-            raise ConfigError(
-                "CrossIterationBatchNorm's training step (past its burn-in) cannot run under "
-                "torch.compile, torch.func, export or tracing: it differentiates the batch "
-                "statistics inside the forward. Compile around it, or trace in eval mode"
-            )
+            return None, None, None
         if weight is None and self._producer is not None:
             weight = self._producer.weight
         if self.compensate and weight is None:
@@ -178,10 +186,11 @@ class CrossIterationBatchNorm(NormBase):
         if size and self.compensate:
             history = [getattr(self, f"history_{name}")[:size] for name in _HISTORY]
             past = compensated_statistics(*history, weight.detach())
-        elif size:
-            past = self.history_means[:size], self.history_vars[:size]
-        with torch.no_grad():  # this step into the ring (slot by step: the order is irrelevant)
-            slot = int(self.iteration) % stored
+        elif size:  # copies: this step is written over the oldest entry below
+            past = self.history_means[:size].clone(), self.history_vars[:size].clone()
+        with torch.no_grad():  # this step over the oldest entry (the order is irrelevant)
+            slot = int(self.history_next)
+            self.history_next.fill_((slot + 1) % stored)
             self.history_means[slot] = means
             self.history_vars[slot] = vars_
             if self.compensate:
@@ -189,7 +198,7 @@ class CrossIterationBatchNorm(NormBase):
                 self.history_second_moment_grads[slot] = d_nu
                 self.history_weights[slot] = weight.detach()
             self.history_size.fill_(min(size + 1, stored))
-        return past
+        return (*past, (means, vars_))
 
     def _ensure_history(self, stored: int, weight: torch.Tensor | None, dtype) -> None:
         shape = None if weight is None or not self.compensate else tuple(weight.shape)
@@ -211,6 +220,7 @@ class CrossIterationBatchNorm(NormBase):
             for name in ("mean_grads", "second_moment_grads", "weights"):
                 setattr(self, f"history_{name}", torch.zeros((stored, *shape), **factory))
         self.history_size.zero_()
+        self.history_next.zero_()
 
     def extra_repr(self) -> str:
         text = f"{super().extra_repr()}, window={self.window}, burn_in={self.burn_in}"

@@ -49,11 +49,19 @@ What is, and is not, the large batch (docs/accumulate.md has the measurements):
   ``nk.accumulate``: the forward outputs, the loss and the gradients are those of k batches of m.
   ``whole_batch=True`` with :meth:`Accumulation.prepare` normalizes every plain BatchNorm with the
   statistics of the whole accumulated batch instead, exactly (the forward equals the large
-  batch's); it costs one statistics-only forward pass per BatchNorm depth (a network with L
-  BatchNorms in sequence: L + 1 passes without gradients over the k micro-batches, each stopping
-  at the layer it measures). The gradient then differs from the large batch's only by the
-  cross-micro-batch centring terms: each micro-batch's input gradient subtracts the mean of its
-  own share of dL/dy and dL/dy * x_hat over the whole count, not the whole batch's.
+  batch's, and so are the running statistics of every layer, however deep); it costs one
+  statistics-only forward pass per BatchNorm depth (a network with L BatchNorms in sequence:
+  L + 1 passes without gradients over the k micro-batches, each stopping at the layer it
+  measures). The gradient cannot be the large batch's: BatchNorm's backward subtracts the batch
+  means of dL/dx_hat and dL/dx_hat * x_hat, which need the gradients of micro-batches not yet run.
+  Each micro-batch's backward estimates them from itself (BatchNorm's backward formula at the whole
+  batch's statistics); differentiating through its own share of the statistics instead would
+  subtract 1/k of them and is much further from the large batch's gradient.
+- without ``whole_batch``, a layer's running statistics are exactly those of the inputs it
+  received, merged; the first BatchNorm's inputs are the large batch's, but a deeper layer's inputs
+  were normalized upstream with micro-batch statistics, so its statistics differ from the large
+  batch's by what that changes (about 1e-4 relative in docs/accumulate.md's ConvNet, against 0.13
+  for plain accumulation).
 
 Fits how loops are written: ``micro_batches=k`` ends a step after every k-th training forward of
 each layer (plain loops; Lightning's ``accumulate_grad_batches``); ``optimizer=`` ends it when that
@@ -93,7 +101,9 @@ def accumulate(
     whole_batch: bool = False,
 ) -> Accumulation:
     """A context in which ``model``'s batch-norm layers record the running statistics of the
-    accumulated batch: one update per optimizer step, exactly those of the concatenated batch.
+    accumulated batch: one update per optimizer step, from the merged statistics of the k
+    micro-batches' inputs — for the first BatchNorm (and with ``whole_batch=True`` for every one)
+    exactly those of one training pass over the concatenated batch (module docstring).
 
     Args:
         model: any model (or a single layer).
@@ -267,8 +277,7 @@ class Accumulation:
             output = call(*args, **kwargs)
         finally:
             module.momentum = momentum
-            for name, tensor in saved.items():
-                setattr(module, name, tensor)
+            module._buffers.update(saved)
         count = input.numel() // input.shape[1] if input.dim() > 1 else input.numel()
         pending = self._pending.setdefault(module, _Pending())
         with torch.no_grad():
@@ -406,23 +415,23 @@ class Accumulation:
         raise _Stop(module)
 
     def _normalize_whole(self, module, call, input, args, kwargs):
-        """BatchNorm with the accumulated batch's statistics; the gradient flows through this
-        micro-batch's share of them (count / total), as in the large batch."""
+        """BatchNorm with the accumulated batch's statistics (the large batch's forward, exactly).
+        The backward is BatchNorm's formula at those statistics with the two gradient statistics,
+        mean(dL/dx_hat) and mean(dL/dx_hat * x_hat), estimated from this micro-batch: the large
+        batch's need every micro-batch's dL/dy, which do not exist yet (module docstring)."""
         _check_whole_batch_layer(module)
         if module not in self._whole:
             raise ConfigError(
                 f"whole_batch=True: {type(module).__name__} has no statistics of the accumulated "
                 "batch; call prepare(micro_batch_inputs) before running the micro-batches"
             )
-        from normkit.functional._cross_iteration_batch_norm import _PooledBatchNorm
+        from normkit.functional._cross_iteration_batch_norm import pooled_batch_norm
 
         mean, var, total = self._whole[module]
-        count = input.numel() // input.shape[1]
         dtype = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
-        output = _PooledBatchNorm.apply(
-            input, module.weight, module.bias, mean.to(dtype), var.to(dtype), total / count,
-            module.eps,
-        )  # fmt: skip
+        output = pooled_batch_norm(
+            input, module.weight, module.bias, mean.to(dtype), var.to(dtype), 1, module.eps
+        )
         if self._measuring is None:  # a training micro-batch: the step's statistics are known
             runs = self._whole_runs[module] = self._whole_runs.get(module, 0) + 1
             if self.micro_batches is not None and runs >= self.micro_batches:
@@ -470,13 +479,12 @@ def _tracks(module: nn.Module) -> bool:
 
 
 def _swap_in_scratch(module: nn.Module):
-    saved, scratch = {}, {}
-    for name in _SCRATCH:
-        tensor = getattr(module, name, None)
-        if isinstance(tensor, torch.Tensor):
-            saved[name] = tensor
-            scratch[name] = tensor.detach().clone()
-            setattr(module, name, scratch[name])
+    """Copies of the layer's running buffers in their place (straight into ``_buffers``: this
+    runs per layer and micro-batch); returns ``(the real buffers, the copies)``."""
+    buffers = module._buffers
+    saved = {name: buffers[name] for name in _SCRATCH if buffers.get(name) is not None}
+    scratch = {name: tensor.detach().clone() for name, tensor in saved.items()}
+    buffers.update(scratch)
     return saved, scratch
 
 

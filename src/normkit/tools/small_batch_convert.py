@@ -19,7 +19,6 @@ and each converted convolution is listed in the report.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -46,61 +45,54 @@ def small_batch_spec(to) -> tuple[str, int | None] | None:
     return name, int(number)
 
 
-def convert_for_small_batches(model, to, *, which=None, inplace=False, example_inputs=None, **kw):
-    """``nk.tools.convert`` for the specs of this module; returns ``(model, replacements)``."""
-    from normkit.tools.convert import Replacement, convert
+def norm_spec(name: str, number: int | None, model: nn.Module, selected, **kw):
+    """What the BatchNorms become: a spec of ``nk.create_norm`` or a callable ``layer -> layer``."""
+    if name == "ws_gn":
+        return f"group:{number or _fitted_groups(model, selected)}"
+    if name == "mabn":
+        return "moving_average_batch_norm"  # create_norm's name ("mabn" here means both swaps)
+    if number is not None:
+        kw = {**kw, "window": number}
+    return lambda layer: _cross_iteration(layer, **kw)
 
-    name, number = small_batch_spec(to)
-    target = model if inplace else copy.deepcopy(model)
-    selected = _selector(which)
+
+def transform_convolutions(name: str, model: nn.Module) -> list[tuple[str, str, list[str]]]:
+    """Replace every plain ``Conv2d`` of ``model`` (in place) by the weight-transformed one the
+    spec pairs with its normalization (none for "cbn"); returns ``(path, new class, carried)``."""
     if name == "cbn":
-        return _to_cross_iteration(target, selected, number, example_inputs, kw)
-    spec = (
-        f"group:{number or _fitted_groups(target, selected)}"
-        if name == "ws_gn"
-        else "moving_average_batch_norm"  # create_norm's name ("mabn" here means both swaps)
-    )
-    target, replaced = convert(target, spec, which=selected, inplace=True, **kw)
+        return []
     conv_class = _conv_class(name)
-    for path, conv in _plain_convolutions(target):
-        _set(target, path, _transformed_conv(conv, conv_class))
-        carried = ["weight"] + (["bias"] if conv.bias is not None else [])
-        replaced.append(Replacement([path], "nn.Conv2d", f"nk.{conv_class.__name__}", carried))
-    return target, replaced
+    done = []
+    for path, conv in _plain_convolutions(model):
+        _set(model, path, _transformed_conv(conv, conv_class))
+        done.append((path, conv_class.__name__, ["weight"] + ["bias"] * (conv.bias is not None)))
+    return done
 
 
-def _to_cross_iteration(target, selected, window, example_inputs, kw):
-    from normkit.tools.convert import Skipped, convert
-
-    if window is not None:
-        kw = {**kw, "window": window}
-    producers = _producers(target, selected, example_inputs)
-    paths = {id(m): p for p, m in target.named_modules()}
-
-    def fed(module):
-        return selected(module) and paths.get(id(module)) in producers
-
-    unfed = sorted(p for p, m in target.named_modules() if selected(m) and not fed(m))
-    target, replaced = convert(target, lambda layer: _cross_iteration(layer, **kw), which=fed,
-                               inplace=True)  # fmt: skip
-    modules = dict(target.named_modules())
-    for record in replaced:
-        for path in record.paths:
-            norm = modules[path]
-            norm = getattr(norm, "norm", norm)  # inside a NormAct when an activation was kept
-            norm.attach(modules[producers[path]])
-    for path in unfed:
-        replaced.skipped.append(Skipped([path], type(modules[path]).__name__, _UNFED_REASON))
-    return target, replaced
+def cross_iteration_targets(model: nn.Module, selected, example_inputs):
+    """For "cbn": ``(producers, unfed)``: normalizer path -> the Conv/Linear alone feeding it,
+    and the selected normalizers without one (they stay, with :data:`UNFED_REASON`)."""
+    producers = _producers(model, selected, example_inputs)
+    unfed = sorted(p for p, m in model.named_modules() if selected(m) and p not in producers)
+    return producers, unfed
 
 
-_UNFED_REASON = (
+def attach_producers(model: nn.Module, paths: list[str], producers: dict[str, str]) -> None:
+    """Attach each converted Cross-Iteration BN at ``paths`` to its producer."""
+    modules = dict(model.named_modules())
+    for path in paths:
+        norm = modules[path]
+        norm = getattr(norm, "norm", norm)  # inside a NormAct when an activation was kept
+        norm.attach(modules[producers[path]])
+
+
+UNFED_REASON = (
     "no convolution or linear layer alone feeds it (read from the traced data flow), so "
     "CrossIterationBatchNorm's Taylor compensation has no weight to compensate for"
 )
 
 
-def _selector(which):
+def selector(which):
     if which is None:
         return lambda m: is_batch_norm(m) and not is_frozen_batch_norm(m)
     if isinstance(which, type) or (
