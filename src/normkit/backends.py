@@ -53,10 +53,34 @@ from normkit.functional._batch_norm_act import (
 )
 from normkit.functional._batch_renorm import native_batch_renorm, reference_batch_renorm
 from normkit.functional._compiled import compiler_available
+from normkit.functional._cross_iteration_batch_norm import (
+    native_cross_iteration_batch_norm,
+    reference_cross_iteration_batch_norm,
+)
+from normkit.functional._evo_norm_b0 import native_evo_norm_b0, reference_evo_norm_b0
+from normkit.functional._evo_norm_s0 import native_evo_norm_s0, reference_evo_norm_s0
+from normkit.functional._filter_response_norm import (
+    native_filter_response_norm,
+    reference_filter_response_norm,
+)
 from normkit.functional._ghost_batch_norm import native_ghost_batch_norm, reference_ghost_batch_norm
 from normkit.functional._group_norm import reference_group_norm
 from normkit.functional._inplace_abn import native_inplace_abn, reference_inplace_abn
 from normkit.functional._layer_norm import reference_channel_layer_norm, reference_layer_norm
+from normkit.functional._moving_average_batch_norm import (
+    native_moving_average_batch_norm,
+    reference_moving_average_batch_norm,
+)
+from normkit.functional._rms_norm import (
+    native_channel_rms_norm,
+    native_rms_norm,
+    reference_channel_rms_norm,
+    reference_rms_norm,
+)
+from normkit.functional._std_conv import (
+    native_standardized_weight,
+    reference_standardized_weight,
+)
 from normkit.functional._switchable_norm import native_switchable_norm, reference_switchable_norm
 
 # --- native: ATen (and cuDNN) ---------------------------------------------------------------------
@@ -204,6 +228,30 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable | tuple[Callable, _dispatch.Suppor
         "reference": reference_batch_layer_norm,
     },
     "switchable_norm": {"native": native_switchable_norm, "reference": reference_switchable_norm},
+    # Small batches (issue "Small batches, solved"): the batch-independent normalizers.
+    "rms_norm": {"native": native_rms_norm, "reference": reference_rms_norm},
+    "channel_rms_norm": {
+        "native": native_channel_rms_norm,
+        "reference": reference_channel_rms_norm,
+    },
+    "evo_norm_b0": {"native": native_evo_norm_b0, "reference": reference_evo_norm_b0},
+    "evo_norm_s0": {"native": native_evo_norm_s0, "reference": reference_evo_norm_s0},
+    "moving_average_batch_norm": {
+        "native": native_moving_average_batch_norm,
+        "reference": reference_moving_average_batch_norm,
+    },
+    "cross_iteration_batch_norm": {
+        "native": native_cross_iteration_batch_norm,
+        "reference": reference_cross_iteration_batch_norm,
+    },
+    "standardized_weight": {
+        "native": native_standardized_weight,
+        "reference": reference_standardized_weight,
+    },
+    "filter_response_norm": {
+        "native": native_filter_response_norm,
+        "reference": reference_filter_response_norm,
+    },
     # Fused and memory-saving batch norm: ATen's kernels with hand-written fused backward passes.
     "batch_norm_act": {
         "native": native_batch_norm_act,

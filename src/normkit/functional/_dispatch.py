@@ -58,6 +58,13 @@ AUTO_PREFERENCES: dict[tuple[str, str, torch.dtype, str], list[str]] = {
         for dtype in (torch.float32, torch.bfloat16)
         for layout in ("contiguous", "strided")
     },
+    # RMSNorm on the CPU: normkit's own (one reduction, a hand-derived backward) 0.4x-0.9x
+    # torch.nn.RMSNorm, whose CPU path is composite maths (docs/benchmarks.md, "Small batches").
+    **{
+        ("rms_norm", "cpu", dtype, layout): ["reference", "native"]
+        for dtype in (torch.float32, torch.bfloat16)
+        for layout in ("contiguous", "strided")
+    },
 }
 _DEFAULT = "auto"
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(

@@ -217,3 +217,15 @@ def commit(buffer: torch.Tensor, value: torch.Tensor) -> None:
 def increment(counter: torch.Tensor, amount: int | torch.Tensor = 1) -> None:
     """``counter += amount`` in place, through an alias (see the module docstring)."""
     torch.ops.aten.alias(counter).add_(amount)
+
+
+def transforming() -> bool:
+    """Whether any program transform records this call: graph capture (Dynamo, torch.jit) or
+    torch.func. The small-batch layers' hand-written Functions give way to their plain tensor maths
+    then, which every transform differentiates, batches or fuses (Inductor fuses it better than it
+    could a hand-written backward)."""
+    return capturing() or torch.jit.is_scripting() or composite_required()
+
+
+# A constant for Dynamo, which need not trace the query itself (see _dispatch.current).
+transforming._dynamo_marked_constant = True
