@@ -392,7 +392,7 @@ def test_synchronized_step_refuses_transforms_that_cannot_hold_it(synchronizing)
         "jit.trace": lambda: torch.jit.trace(synchronizing, (x,), check_trace=False),
         "export": lambda: torch.export.export(synchronizing, (x,)),
     }
-    for name, attempt in attempts.items():
+    for attempt in attempts.values():
         with pytest.raises(UnsupportedTransformError, match="synchronized training step"):
             attempt()
     torch._dynamo.reset()
