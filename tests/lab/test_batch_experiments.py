@@ -1,4 +1,4 @@
-"""The small-batch experiments (batch-size, renorm, batch-layer-norm, switchable)
+"""The small-batch experiments (batch-size, renorm, switchable)
 end to end in their tiny presets on the digits: every quantity their figures and tables
 need is in the rows and the summary, within its range, and the reports render."""
 
@@ -10,7 +10,7 @@ import pytest
 from normkit.lab import RunRecord, experiment_names, get_experiment, load_dataset, run_experiment
 from normkit.lab.records import CHECKPOINTS
 
-EXPERIMENTS = ["batch-size", "renorm", "batch-layer-norm", "switchable"]
+EXPERIMENTS = ["batch-size", "renorm", "switchable"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -138,21 +138,6 @@ def test_renorm_reports_eval_and_training_mode_and_the_control(runs):
         s["micro_brn_minus_bn"],
         arms["micro/brn-4"]["test_accuracy"] - arms["micro/bn-4"]["test_accuracy"],
     )
-
-
-def test_batch_layer_norm_has_every_inference_configuration(runs):
-    cells = runs["batch-layer-norm"].summary["cells"]
-    assert set(cells) == {"bn", "ln", "bln", "bln-nosqrt"}
-    for normalizer, by_batch in cells.items():
-        assert set(by_batch) == {"8", "1"}
-        for cell in by_batch.values():
-            assert is_error(cell["test_error"])
-            if normalizer.startswith("bln"):
-                assert len(cell["configurations"]) == 4
-                assert all(is_error(v) for v in cell["configurations"].values())
-            else:
-                assert cell["configurations"] is None
-    assert is_error(cells["bn"]["1"]["batch_stat_error"])
 
 
 def test_switchable_reports_errors_and_the_bn_share(runs):
