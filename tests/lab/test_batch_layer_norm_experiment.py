@@ -2,11 +2,15 @@
 normalizers × batch sizes, BLN's inference configurations, the claims computed from the rows, and
 the report."""
 
+import copy
 import re
 
 import pytest
+import torch
 
+import normkit as nk
 from normkit.lab import RunRecord, get_experiment, load_dataset, run_experiment
+from normkit.lab.small_batch import RefusalRecorder
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -52,9 +56,54 @@ def test_every_inference_configuration_and_batch_statistics(run):
 def test_claims_are_computed_from_the_final_rows(run):
     error = {key: row["test_error"] for key, row in cells(run).items()}
     claims = {c["name"]: c for c in run.summary["claims"]}
-    assert claims["bln-near-ln-small"]["ours"]["mean"] == pytest.approx(abs(error["bln", 1] - error["ln", 1]))
-    assert claims["bln-near-bn-large"]["ours"]["mean"] == pytest.approx(abs(error["bln", 8] - error["bn", 8]))
+    near_ln, near_bn = abs(error["bln", 1] - error["ln", 1]), abs(error["bln", 8] - error["bn", 8])
+    assert claims["bln-near-ln-small"]["ours"]["mean"] == pytest.approx(near_ln)
+    assert claims["bln-near-bn-large"]["ours"]["mean"] == pytest.approx(near_bn)
     assert claims["bn-fails-small"]["published"]["unverified"]
     for claim in claims.values():  # one seed in the tiny preset: never a confident verdict
         if claim["criterion"] is not None:
             assert claim["verdict"] == "inconclusive" and "too few seeds" in claim["reason"]
+
+
+def test_the_hidden_layer_is_normalized_and_bn_refusing_batch_one_is_its_failure(run):
+    """Issue 17: the fully connected layer is normalized too, so at batch 1 it sees one value per
+    channel: BLN trains there (its BN part is 0), BN refuses, and the refusal is recorded."""
+    found = cells(run)
+    bn = found["bn", 1]
+    assert bn["refusal"].startswith("BatchTooSmallError") and "BatchNorm1d" in bn["refusal"]
+    assert bn["diverged"] and bn["step"] < bn["steps"] and bn["batch_stat_error"] is None
+    assert found["bn", 8]["refusal"] is None and not found["bn", 8]["diverged"]
+    for normalizer in ("ln", "bln", "bln-nosqrt"):
+        row = found[normalizer, 1]
+        assert not row["diverged"] and row["step"] == row["steps"], normalizer
+    claims = {c["name"]: c for c in run.summary["claims"]}
+    assert claims["bn-fails-small"]["ours"]["mean"] == pytest.approx(bn["test_error"])
+    assert claims["bn-refuses-small"]["ours"]["mean"] == 1.0
+    experiment = get_experiment("batch-layer-norm")
+    data = load_dataset("digits")
+    for hidden_norm, kind in ((True, nk.BatchLayerNorm), (False, torch.nn.Identity)):
+        settings = experiment.settings("tiny", {"dataset": "digits", "hidden_norm": hidden_norm})
+        trial = next(t for t in experiment.preview(settings, data) if t.params["normalizer"] == "bln")
+        model = experiment.setup(trial, settings, data, torch.Generator().manual_seed(0)).model
+        assert isinstance(model.norm3, kind) and (model.linear3.bias is None) == hidden_norm
+
+
+def test_refusal_recorder_records_the_refusal_and_otherwise_steps_like_the_runner():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), nk.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    twin = copy.deepcopy(model)
+    step = RefusalRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+    loss = step(x, y)
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
+    expected = torch.nn.functional.cross_entropy(twin(x), y)
+    optimizer.zero_grad()
+    expected.backward()
+    optimizer.step()
+    assert torch.equal(loss, expected) and step.refusal is None
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    before = [p.clone() for p in model.parameters()]
+    assert torch.isnan(step(x[:1], y[:1])) and step.refusal.startswith("BatchTooSmallError")
+    assert torch.isnan(step(x, y))  # refused once: the trial is over, nothing more trains
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))

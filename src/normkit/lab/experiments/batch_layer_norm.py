@@ -9,22 +9,21 @@ mean, batch variance, feature mean, feature variance) between its population ave
 current one; the README suggests searching the combinations. One notebook cell records Keras BN at
 batch 1 on CIFAR-10 at test accuracy 0.109 (chance). The paper's tables were not read.
 
-Here (the lab's CPU protocol 7, on a CNN: normkit's BatchNorm and BatchLayerNorm refuse to train on
-one value per channel, which is what a batch of 1 gives a fully connected layer): the small CNN of
-``normkit.lab.models.cnn`` with the normalizer after each convolution and none on the hidden layer,
-BN, LN (over the channels at each position, ``nk.LayerNorm2d``: the LN part of BLN and Keras's
-default axis) or BLN (``batch_size`` = the training batch, as the code fixes m at construction),
-trained with Adam at batch 1 and at batch 25 (the grid) for the same epochs on a subset of
-Fashion-MNIST, ``seeds`` seeds (paired by seed). Evaluation:
+Here (the lab's CPU protocol 7): the small CNN of ``normkit.lab.models.cnn`` with the normalizer
+after each convolution and after the fully connected hidden layer (``hidden_norm``), BN, LN (over
+the channels at each position, ``nk.LayerNorm2d``: the LN part of BLN and Keras's default axis) or
+BLN (``batch_size`` = the training batch, as the code fixes m at construction), trained with Adam at
+batch 1 and at batch 25 (the grid) for the same epochs on a subset of Fashion-MNIST, ``seeds`` seeds
+(paired by seed). At batch 1 the hidden layer gives each normalizer one value per channel: BLN is
+defined there as in the code (its BN part is 0), BN refuses the batch (``BatchTooSmallError``; Keras
+BN trains on it and collapses): the refusal is recorded in the trial's final row, the trial ends at
+its first evaluation, and BN's failure is judged on the error of the network it leaves. Evaluation:
 
 - every network in eval mode (BN, and BLN's BN part, with the running statistics, momentum 0.1);
 - BN with batch statistics: test images in batches of the training batch, in training mode;
-- BLN in the four inference configurations that treat mean and variance alike: the BN part from
-  the population (running statistics) or from the current test batch (of the training batch's
-  size), times the LN part from the example itself or from the population (the average over
-  ``population_examples`` training images of each position's per-example mean and variance; the
-  code sums them over the last epoch instead; the population variance is not corrected, as a
-  variance over the channels of one example has no m/(m − 1) to apply).
+- BLN in the four inference configurations that treat mean and variance alike (BN part from the
+  running statistics or the current test batch, LN part from the example or the population's
+  averages over ``population_examples`` training images; :mod:`normkit.lab.bln_inference`).
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ from normkit.lab.models import cnn, initialize
 from normkit.lab.plan import Arm, Plan
 from normkit.lab.render import Section, Table
 from normkit.lab.settings import Settings
-from normkit.lab.small_batch import batch_statistics_accuracy, error_percent
+from normkit.lab.small_batch import RefusalRecorder, batch_statistics_accuracy, error_percent
 
 LABELS = {"bn": "BN", "ln": "LN", "bln": "BLN", "bln-nosqrt": "BLN without 1/√d_k"}
 SPECS = {"bn": "batch", "ln": "layer2d", "bln": "batch_layer", "bln-nosqrt": "batch_layer"}
@@ -72,6 +71,7 @@ class BatchLayerNormSettings(Settings):
     learning_rate: float = 1e-3  # Adam
     channels: tuple[int, ...] = (8, 16)
     hidden: int = 64
+    hidden_norm: bool = True  # False: the legacy protocol, convolutions only
     seeds: int = 3
     evaluations: int = 10
     eval_examples: int = 1_000
@@ -79,14 +79,25 @@ class BatchLayerNormSettings(Settings):
     batch_stat_examples: int = 2_000
 
 
+def _bn_error(trials, results):
+    """BN's eval-mode error; a refused training counts with the network it leaves (untrained)."""
+    final = trials[0].final
+    return final["test_error"] if final.get("refusal") or not final["diverged"] else None
+
+
+def _trained(trials, results, batch) -> dict:
+    at = batch(results.settings)
+    return {t.params["normalizer"]: t for t in trials if t.params[BATCH] == at and not t.final["diverged"]}
+
+
 def _gap(a, b, batch):
     """|a − b| of the final test errors at ``batch`` (points): "within 1 point" is below(1)."""
 
     def value(trials, results):
-        at = batch(results.settings)
-        errors = {t.params["normalizer"]: t.final["test_error"] for t in trials
-                  if t.params[BATCH] == at and not t.final["diverged"]}  # fmt: skip
-        return abs(errors[a] - errors[b]) if a in errors and b in errors else None
+        found = _trained(trials, results, batch)
+        if not {a, b} <= set(found):
+            return None
+        return abs(found[a].final["test_error"] - found[b].final["test_error"])
 
     return value
 
@@ -95,9 +106,8 @@ def _faster(batch):
     """BLN's best error during training − the better of BN's and LN's best (points)."""
 
     def value(trials, results):
-        at = batch(results.settings)
-        best = {t.params["normalizer"]: min(t.series("test_error")[1], default=None) for t in trials
-                if t.params[BATCH] == at and not t.final["diverged"]}  # fmt: skip
+        found = _trained(trials, results, batch).items()
+        best = {n: min(t.series("test_error")[1], default=None) for n, t in found}
         others = [best[n] for n in ("bn", "ln") if best.get(n) is not None]
         return None if best.get("bln") is None or not others else best["bln"] - min(others)
 
@@ -137,16 +147,18 @@ class BatchLayerNormExperiment(Experiment):
         p = trial.params
         model = cnn(data.sample_shape, s.channels, s.hidden, data.classes, activation="relu",
                     norm=SPECS[p["normalizer"]])  # fmt: skip
-        position = f"linear{len(s.channels) + 1}"
-        old = model._modules[position]
-        model._modules[position] = nn.Linear(old.in_features, old.out_features)
-        model._modules[f"norm{len(s.channels) + 1}"] = nn.Identity()
+        if not s.hidden_norm:  # the hidden layer without a normalizer, with its bias
+            old = model._modules[f"linear{len(s.channels) + 1}"]
+            model._modules[f"linear{len(s.channels) + 1}"] = nn.Linear(old.in_features, old.out_features)
+            model._modules[f"norm{len(s.channels) + 1}"] = nn.Identity()
         for module in model.modules():
             if isinstance(module, nk.BatchLayerNorm):
                 module.batch_size = p[BATCH]
                 module.divide_by_sqrt_features = p["normalizer"] != "bln-nosqrt"
         initialize(model, "he", generator)
-        return Setup(model, torch.optim.Adam(model.parameters(), lr=s.learning_rate), p[BATCH])
+        optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
+        step = RefusalRecorder(model, optimizer) if p["normalizer"] == "bn" else None
+        return Setup(model, optimizer, p[BATCH], train_step=step)
 
     def measure(self, trial, s, setup, data):
         k = s.eval_examples
@@ -160,7 +172,9 @@ class BatchLayerNormExperiment(Experiment):
         values = {"test_error": error_percent(accuracy), "test_loss": loss}
         x, y = data.x_test[: s.batch_stat_examples], data.y_test[: s.batch_stat_examples]
         if p["normalizer"] == "bn":
-            values["batch_stat_error"] = error_percent(batch_statistics_accuracy(model, x, y, m))
+            values["refusal"] = setup.train_step.refusal
+            values["batch_stat_error"] = None if values["refusal"] else error_percent(
+                batch_statistics_accuracy(model, x, y, m))  # fmt: skip
         if p["normalizer"].startswith("bln"):
             population = feature_population(model, data.x_train[: s.population_examples])
             values["configurations"] = {config_name(b, f): error_percent(
@@ -170,10 +184,18 @@ class BatchLayerNormExperiment(Experiment):
     def claims(self, s):
         small, large = SMALL(s), LARGE(s)
         return [
-            Claim("bn-fails-small", f"BN's test error at batch {small}, eval mode (%)",
+            Claim("bn-fails-small", f"BN's test error at batch {small}, eval mode; a refused batch "
+                  "counts with the untrained network (%)",
                   Published("fails: Keras BN at batch 1 reached chance (accuracy 0.109)", NOTEBOOK, 89.1,
                             unverified=True),
-                  final("test_error", arm="bn", **{BATCH: SMALL}), above(50.0), fmt=".2f"),
+                  per_seed(_bn_error, "BN's final test error", arm="bn", **{BATCH: SMALL}), above(50.0),
+                  fmt=".2f"),
+            Claim("bn-refuses-small", f"BN refused to train at batch {small} (fraction of seeds)",
+                  Published("Keras BN trains on one sample and collapses to chance", NOTEBOOK,
+                            unverified=True),
+                  per_seed(lambda trials, results: float(bool(trials[0].final.get("refusal"))),
+                           "1 if BatchTooSmallError stopped its training", arm="bn", **{BATCH: SMALL}),
+                  None, fmt=".2f"),
             Claim("bln-near-ln-small", f"|BLN − LN| test error at batch {small} (points)",
                   Published("BLN works at batch 1 (its LN part dominates)", CODE),
                   per_seed(_gap("bln", "ln", SMALL), "|BLN − LN| final test error"), below(1.0), fmt=".2f"),
@@ -216,10 +238,10 @@ class BatchLayerNormExperiment(Experiment):
 
     def deviations(self, s):
         return [
-            f"A small CNN (conv{'-conv'.join(map(str, s.channels))}, fc{s.hidden}, normalizer after the "
-            f"convolutions only) on {s.train_examples} Fashion-MNIST images for {s.epochs:g} epochs at "
-            f"both batch sizes, Adam at {s.learning_rate:g}, {s.seeds} seeds; the paper: a CIFAR-10 CNN, "
-            "15 epochs.",
+            f"A small CNN (conv{'-conv'.join(map(str, s.channels))}, fc{s.hidden}, normalized after the "
+            f"convolutions{' and fc' if s.hidden_norm else ' only'}) on {s.train_examples} Fashion-MNIST "
+            f"images, {s.epochs:g} epochs at both batches, Adam at {s.learning_rate:g}, {s.seeds} seeds; "
+            "the paper: a CIFAR-10 CNN, 15 epochs.",
             "BN's part of BLN keeps normkit's running statistics (exponential average, momentum 0.1) where "
             "the code averages each epoch's batches; BN's statistics are per channel over (N, H, W), the "
             "code's per position over the batch.",
