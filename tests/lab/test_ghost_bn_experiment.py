@@ -74,3 +74,18 @@ def test_log_fit_recovers_a_logarithm_and_rejects_too_few_points():
     linear = log_fit(steps, [float(t) for t in steps])
     assert linear["r2"] < 0.95  # a straight line in t is not logarithmic
     assert log_fit([1, 2], [0.0, 1.0]) is None
+
+
+def test_ghost_bn_is_isolated_at_equal_updates(run):
+    """Issue 17: lb+lr+ra differs from lb+lr+gbn+ra only in Ghost BN, both at the small batch's
+    number of updates, and the claim is their paired difference."""
+    rows = {row["arm"]: row for row in run.finals().values()}
+    plain, ghost = rows["lb+lr+ra"], rows["lb+lr+gbn+ra"]
+    assert plain["ghost_batch"] is None and ghost["ghost_batch"] == run.settings["ghost_batch"]
+    same = ("batch_size", "learning_rate", "epochs", "steps", "step")
+    assert all(plain[k] == ghost[k] for k in same) and plain["step"] == rows["sb"]["step"]
+    claims = {c["name"]: c for c in run.summary["claims"]}
+    difference = ghost["test_error"] - plain["test_error"]
+    assert claims["gbn-at-equal-updates"]["ours"]["mean"] == pytest.approx(difference)
+    gap = plain["test_error"] - rows["sb"]["test_error"]
+    assert claims["updates-close-gap"]["ours"]["mean"] == pytest.approx(gap)
