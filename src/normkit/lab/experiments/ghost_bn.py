@@ -190,7 +190,7 @@ class GhostBn(Experiment):
             Claim("updates-close-gap", "test error, large batch with √ LR and regime adaptation (no "
                   "Ghost BN) − small batch (points; closed: at most +0.5)",
                   Published("the generalization gap stems from the small number of updates",
-                            "Hoffer et al. 2017, abstract and §4"),
+                            "Hoffer et al. 2017, abstract"),
                   difference(final("test_error", arm="lb+lr+ra"), final("test_error", arm="sb")),
                   below(0.5), fmt="+.2f"),
             Claim("log-distance", "R² of ‖w − w0‖ = a + b·ln(updates), small batch, before the first LR drop",
