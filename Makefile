@@ -1,12 +1,15 @@
 # normkit: `make demo` runs the main job, `make test` runs the tests.
 # Both build .venv from nothing. Torch: when none is importable in the venv, TORCH_SPEC is installed
-# (the CPU build by default); set TORCH_SPEC to choose another, or VENV_ARGS=--system-site-packages
-# to reuse a torch that is already installed on the machine.
+# (the version CI tests, and pyproject.toml's floor) from pip's configured index, or from TORCH_INDEX
+# when set: TORCH_INDEX=https://download.pytorch.org/whl/cpu gets the CPU-only build (PyPI's Linux
+# wheel pulls gigabytes of CUDA libraries). VENV_ARGS=--system-site-packages reuses a torch that is
+# already installed on the machine.
 
 PYTHON     ?= python3
 VENV       ?= .venv
 VENV_ARGS  ?=
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PYTEST_ARGS ?= -n 2
 
 BIN := $(VENV)/bin
@@ -45,8 +48,8 @@ $(VENV)/.torch: | $(PY)
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "torch found: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	else \
-		echo "no torch importable: installing $(TORCH_SPEC)"; \
-		$(PY) -m pip install --quiet "$(TORCH_SPEC)"; \
+		echo "no torch importable: installing $(TORCH_SPEC) $(if $(TORCH_INDEX),from $(TORCH_INDEX))"; \
+		$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"; \
 	fi
 	@touch $@
 
