@@ -3,6 +3,7 @@ any work; progress lines when the output is not a terminal; one closing line tha
 checks held; ``normkit --version``; ``make demo`` wired to all of it."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -128,7 +129,7 @@ def test_make_demo_stops_with_one_line_without_the_lab_extra(tmp_path):
     (fake / "__init__.py").write_text("raise ImportError('not installed')\n")
     result = subprocess.run(["make", "-s", "-C", str(ROOT), "lab-extra", f"PY={sys.executable}"],
                             capture_output=True, text=True,
-                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)})  # fmt: skip
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.splitlines()[0] == (
         "error: make demo needs the lab extra (sklearn is missing): pip install 'normkit[lab]'"
