@@ -58,7 +58,8 @@ def test_run_directory_is_complete(tiny_runs, name):
     plan = experiment.trials(experiment.settings("tiny", record.settings), None, record.finals())
     assert list(record.finals()) == [t.key for t in plan]  # every planned trial ran, once
     markdown = (directory / "report.md").read_text()
-    assert "Published beside ours" in markdown and record.config["command"] in markdown
+    first = "Published beside ours" if experiment.legacy else "## Claims"
+    assert first in markdown and record.config["command"] in markdown
     for figure in (directory / "figures").glob("*.png"):
         assert figure.read_bytes().startswith(PNG)
         assert f"figures/{figure.name}" in markdown
@@ -68,23 +69,35 @@ def _fraction(value):
     return isinstance(value, float) and 0.0 <= value <= 1.0
 
 
+def _claims(record):
+    return {c["name"]: c for c in record.summary["claims"]}
+
+
 def test_population_stats_measures_every_method_at_every_checkpoint(tiny_runs):
     record = tiny_runs["population-stats"]
     settings = record.settings
-    summary = record.summary
     methods = [f"error_ema_{m:g}" for m in settings["ema_momenta"]]
+    methods += [f"error_ema_raw_{m:g}" for m in settings["ema_momenta"]]
     methods += [f"error_precise_{n}" for n in settings["precise_samples"]]
-    assert set(summary["curves"]) == set(methods)
-    assert summary["steps"] == [3, 6]  # step 0 (untrained) is not measured
-    for values in summary["curves"].values():
-        assert len(values) == 2 and all(_fraction(v) for v in values)
-    for momentum, versus in summary["precise_vs_ema"].items():
-        assert versus["checkpoints"] == 2 and 0 <= versus["precise_not_worse"] <= 2
-        ema = summary["curves"][f"error_ema_{momentum}"]
-        best = summary["curves"][summary["reference_method"]]
-        assert versus["mean_advantage"] == pytest.approx(sum(ema) / 2 - sum(best) / 2)
-    assert summary["saturation"][str(max(settings["precise_samples"]))] == 0.0
-    assert len(list((record.directory / "figures").glob("*.png"))) == 2
+    curves = {}
+    for seed in range(settings["seeds"]):
+        rows = [r for r in record.curve(f"bn/seed={seed}") if r["step"] > 0]
+        assert [r["step"] for r in rows] == [2, 4, 6, 8]  # step 0 (untrained) is not measured
+        assert all(_fraction(r[m]) for r in rows for m in methods)
+        curves[seed] = {m: [r[m] for r in rows] for m in methods}
+    claims = _claims(record)
+    largest = f"error_precise_{max(settings['precise_samples'])}"
+    for m in settings["ema_momenta"]:
+        advantage = [sum(c[f"error_ema_{m:g}"]) / 4 - sum(c[largest]) / 4 for c in curves.values()]
+        assert claims[f"precise-beats-ema-{m:g}"]["ours"]["mean"] == pytest.approx(
+            sum(advantage) / len(advantage)
+        )
+    slow = f"{min(settings['ema_momenta']):g}"
+    bias = [c[f"error_ema_raw_{slow}"][0] - c[f"error_ema_{slow}"][0] for c in curves.values()]
+    assert claims["initial-value-bias"]["ours"]["mean"] == pytest.approx(sum(bias) / len(bias))
+    assert claims["saturated"]["published"]["unverified"]
+    for claim in claims.values():  # two seeds in the tiny preset: nothing is judged
+        assert claim["verdict"] in (None, "inconclusive"), claim
 
 
 def test_train_test_gap_reports_the_three_errors_and_the_remedy(tiny_runs):

@@ -245,18 +245,17 @@ def _variance_bias(record: RunRecord) -> list[Evidence]:
 
 
 def _population_stats(record: RunRecord) -> list[Evidence]:
-    s = record.summary
-    best = s["per_method"][s["reference_method"]]
-    momentum, versus = next(iter(s["precise_vs_ema"].items()))
-    ema = s["per_method"][f"error_ema_{momentum}"]
+    claims = {c["name"]: c for c in record.summary["claims"]}
+    name = next(n for n in claims if n.startswith("precise-beats-ema-"))
+    ours, never = claims[name]["ours"], claims[name.replace("precise-beats-ema", "never-worse")]["ours"]
     return [
         Evidence(
             "vision-large",
             "population-stats",
-            f"with BN, population statistics: EMA (m={momentum}) vs PreciseBN, mean eval error "
-            "over checkpoints",
-            f"{_pct(ema['mean_error'])} vs {_pct(best['mean_error'])}; PreciseBN ≤ EMA at "
-            f"{versus['precise_not_worse']}/{versus['checkpoints']} checkpoints",
+            f"with BN, population statistics: EMA (m={name.rpartition('-')[2]}) − PreciseBN, mean "
+            "eval error over checkpoints",
+            f"{100 * ours['mean']:+.2f} pts over {ours['n']} seed(s); PreciseBN ≤ EMA at "
+            f"{_pct(never['mean'])} of checkpoints",
             None,
         )
     ]

@@ -10,15 +10,22 @@ statistics of N fresh batches; "10³-10⁴ samples" suffice.
 
 Here: a BN CNN trained at a deliberately high learning rate (SGD 0.2, momentum 0.9, batch 256, two
 epochs), ``seeds`` seeds, and at ``checkpoints`` points of training the eval-mode test error with
-(i) the EMA at every momentum of ``ema_momenta`` (the layer keeps the first; the others are kept
-beside it by :class:`~normkit.lab.population.EmaTracker` from the same batches, so every EMA
-describes the same weights) and (ii) PreciseBN with N ∈ ``precise_samples`` training samples
-(batches of the training batch size; the smaller sets are prefixes of the largest).
+(i) the EMA at every momentum of ``ema_momenta``, all kept by
+:class:`~normkit.lab.population.EmaTracker` from the same training batches (so every EMA describes
+the same weights), and (ii) PreciseBN with N ∈ ``precise_samples`` training samples (batches of the
+training batch size; the smaller sets are prefixes of the largest).
 
-Decisions: the training set supplies PreciseBN's batches, drawn by a seeded generator that depends
-on the trial's seed and the step only, so a resumed run recomputes the same numbers; step 0
-(untrained weights) is not measured. "Steadier" is the mean |Δ error| between consecutive
-checkpoints over the second half of training.
+Bias correction (our decision): an EMA starts at (0, 1), and after t updates that initial value
+still weighs λᵗ; at the first checkpoint of the full run (step 23) the λ = 0.99 EMA is 79% initial
+value, so its error would be the initialization's, not the EMA's. Skipping the checkpoints before
+one time constant (100 steps) would still leave 37% there and drop the early checkpoints, where the
+EMA's staleness is said to be worst; so every EMA is bias-corrected as in Adam (Kingma & Ba 2015,
+§3): ``(ema − λᵗ·initial) / (1 − λᵗ)``, a weighted average of the batch statistics alone. The
+uncorrected EMA (what PyTorch's running statistics hold) is recorded beside it (``error_ema_raw_*``).
+
+Decisions: PreciseBN's batches are drawn by a generator seeded by the trial's seed and the step
+only, so a resumed run recomputes the same numbers; step 0 (untrained weights) is not measured.
+"Steadier" is the mean |Δ error| between consecutive checkpoints over the second half of training.
 """
 
 from __future__ import annotations
@@ -48,12 +55,18 @@ from normkit.lab.settings import Settings
 WU_JOHNSON = "Wu & Johnson 2021, §3"
 
 
-def ema_key(momentum: float) -> str:
-    return f"error_ema_{momentum:g}"
+def ema_key(momentum: float, raw: bool = False) -> str:
+    return f"error_ema_{'raw_' if raw else ''}{momentum:g}"
 
 
 def precise_key(samples: int) -> str:
     return f"error_precise_{samples}"
+
+
+def _label(method: str) -> str:
+    kind, _, value = method.removeprefix("error_").rpartition("_")
+    names = {"ema": f"EMA m={value}", "ema_raw": f"EMA m={value}, uncorrected"}
+    return names.get(kind, f"PreciseBN N={value}")
 
 
 @dataclass(frozen=True)
@@ -65,18 +78,15 @@ class PopulationStatsSettings(Settings):
     learning_rate: float = 0.2
     momentum: float = 0.9
     checkpoints: int = 20
-    ema_momenta: tuple[float, ...] = (0.1, 0.01)  # the first is the layers' own
+    ema_momenta: tuple[float, ...] = (0.1, 0.01)  # the first is also the layers' own
     precise_samples: tuple[int, ...] = (256, 1024, 4096, 16384)
     test_examples: int = 5_000  # 0: the whole test set
     seeds: int = 3
 
 
 def _methods(s) -> list[str]:
-    return [ema_key(m) for m in s.ema_momenta] + [precise_key(n) for n in sorted(s.precise_samples)]
-
-
-def _series(trial, method: str) -> list[float]:
-    return trial.series(method)[1]
+    emas = [ema_key(m, raw) for raw in (False, True) for m in s.ema_momenta]
+    return emas + [precise_key(n) for n in sorted(s.precise_samples)]
 
 
 def _jitter(values: list[float]) -> float | None:
@@ -86,42 +96,34 @@ def _jitter(values: list[float]) -> float | None:
     return statistics.fmean(steps) if steps else None
 
 
-def _advantage(momentum: float):
+def _paired(a, b, reduce, text: str):
+    """Ours per seed: ``reduce(curve of a, curve of b)``, ``a``/``b`` metric names (or functions of
+    the settings giving them)."""
+
     def value(trials, results):
         (trial,) = trials
-        best = precise_key(max(results.settings.precise_samples))
-        pairs = list(zip(_series(trial, ema_key(momentum)), _series(trial, best), strict=True))
-        return statistics.fmean(e - p for e, p in pairs) if pairs else None
+        names = (k(results.settings) if callable(k) else k for k in (a, b))
+        x, y = (trial.series(name)[1] for name in names)
+        return reduce(x, y) if x and len(x) == len(y) else None
 
-    return value
-
-
-def _never_worse(momentum: float):
-    def value(trials, results):
-        (trial,) = trials
-        best = precise_key(max(results.settings.precise_samples))
-        pairs = list(zip(_series(trial, ema_key(momentum)), _series(trial, best), strict=True))
-        return sum(p <= e for e, p in pairs) / len(pairs) if pairs else None
-
-    return value
+    return per_seed(value, text)
 
 
-def _steadier(momentum: float):
-    def value(trials, results):
-        (trial,) = trials
-        ema = _jitter(_series(trial, ema_key(momentum)))
-        best = _jitter(_series(trial, precise_key(max(results.settings.precise_samples))))
-        return ema / best if ema is not None and best else None
-
-    return value
+def _mean_difference(x, y):
+    return statistics.fmean(i - j for i, j in zip(x, y, strict=True))
 
 
-def _saturation(trials, results):
-    """|mean over checkpoints of error(second-largest N) − error(largest N)|."""
-    (trial,) = trials
-    sizes = sorted(results.settings.precise_samples)
-    pairs = list(zip(*(_series(trial, precise_key(n)) for n in sizes[-2:]), strict=True))
-    return abs(statistics.fmean(a - b for a, b in pairs)) if pairs and len(sizes) > 1 else None
+def _jitter_ratio(x, y):
+    a, b = _jitter(x), _jitter(y)
+    return a / b if a is not None and b else None
+
+
+def _never_worse(x, y):
+    return statistics.fmean(j <= i for i, j in zip(x, y, strict=True))
+
+
+def _best(s) -> str:
+    return precise_key(max(s.precise_samples))
 
 
 @register
@@ -139,7 +141,7 @@ class PopulationStats(Experiment):
     presets = {
         "quick": {"steps": 120, "checkpoints": 6, "channels": (8, 16), "hidden": 64,
                   "precise_samples": (256, 1024, 4096), "test_examples": 2_000},
-        "tiny": {"steps": 6, "batch_size": 32, "checkpoints": 2, "channels": (4, 8), "hidden": 16,
+        "tiny": {"steps": 8, "batch_size": 32, "checkpoints": 4, "channels": (4, 8), "hidden": 16,
                  "precise_samples": (32, 64), "test_examples": 100, "seeds": 2},
     }  # fmt: skip
 
@@ -157,7 +159,7 @@ class PopulationStats(Experiment):
         for layer in batch_norm_layers(net).values():
             layer.momentum = s.ema_momenta[0]
         optimizer = torch.optim.SGD(net.parameters(), lr=s.learning_rate, momentum=s.momentum)
-        return Setup(EmaTracker(net, s.ema_momenta[1:]), optimizer, s.batch_size)
+        return Setup(EmaTracker(net, s.ema_momenta), optimizer, s.batch_size)
 
     def measure(self, trial, s, setup, data):
         tracker: EmaTracker = setup.model
@@ -165,11 +167,12 @@ class PopulationStats(Experiment):
         if step == 0:
             return {}
         x, y = data.x_test, data.y_test
-        row = {ema_key(s.ema_momenta[0]): error_rate(tracker.net, x, y)}
-        for k, momentum in enumerate(s.ema_momenta[1:]):
-            snapshot = tracker.use(k)
-            row[ema_key(momentum)] = error_rate(tracker.net, x, y)
-            snapshot.restore()
+        row = {}
+        for k, momentum in enumerate(s.ema_momenta):
+            for raw in (False, True):
+                snapshot = tracker.use(k, corrected=not raw)
+                row[ema_key(momentum, raw)] = error_rate(tracker.net, x, y)
+                snapshot.restore()
         batches = training_batches(data.x_train, s.batch_size, max(s.precise_samples),
                                    derived_seed(trial.seed, 7, step))  # fmt: skip
         for samples in sorted(s.precise_samples):
@@ -181,36 +184,43 @@ class PopulationStats(Experiment):
         return {}
 
     def claims(self, s):
-        best, sizes = max(s.precise_samples), sorted(s.precise_samples)
+        largest, sizes, slow = max(s.precise_samples), sorted(s.precise_samples), min(s.ema_momenta)
         found = []
         for m in s.ema_momenta:
-            ema = f"EMA m={m:g} (λ={1 - m:g})"
+            ema, versus = f"EMA m={m:g} (λ={1 - m:g})", f"PreciseBN N={largest}"
             found += [
-                Claim(f"precise-beats-ema-{m:g}",
-                      f"eval error, {ema} − PreciseBN N={best}, mean over checkpoints (fraction)",
+                Claim(f"precise-beats-ema-{m:g}", f"eval error, {ema} − {versus}, mean over checkpoints",
                       Published("EMA worse than PreciseBN at high LR (ResNet-50, batch 8192)",
                                 WU_JOHNSON, unverified=True),
-                      per_seed(_advantage(m), "mean over checkpoints of EMA − PreciseBN error"),
+                      _paired(ema_key(m), _best, _mean_difference, "mean over checkpoints"),
                       above(0.0), fmt="+.4f"),
-                Claim(f"steadier-{m:g}", f"checkpoint-to-checkpoint jitter, {ema} / PreciseBN N={best}",
+                Claim(f"steadier-{m:g}", f"checkpoint-to-checkpoint jitter, {ema} / {versus}",
                       Published("EMA gives very high-variance validation results; PreciseBN is "
                                 "more stable", WU_JOHNSON, unverified=True),
-                      per_seed(_steadier(m), "mean |Δ error| over the second half, EMA / PreciseBN"),
+                      _paired(ema_key(m), _best, _jitter_ratio, "mean |Δ error|, late half"),
                       above(1.0), fmt=".2f"),
-                Claim(f"never-worse-{m:g}", f"checkpoints where PreciseBN ≤ {ema} (fraction)",
+                Claim(f"never-worse-{m:g}", f"checkpoints where {versus} ≤ {ema} (fraction)",
                       Published("the protocol's strict form: at every checkpoint", "docs/PROTOCOLS.md §10"),
-                      per_seed(_never_worse(m), "fraction of checkpoints"), None, fmt=".2f"),
+                      _paired(ema_key(m), _best, _never_worse, "fraction of checkpoints"), None, fmt=".2f"),
             ]  # fmt: skip
+        found.append(Claim(
+            "initial-value-bias", f"first checkpoint: error of uncorrected − bias-corrected EMA m={slow:g}",
+            Published("not in the paper: the weight λᵗ an EMA still gives its initial value (0, 1) "
+                      "early in a short run; removed here by bias correction", "Kingma & Ba 2015, §3"),
+            _paired(ema_key(slow, True), ema_key(slow), lambda r, c: r[0] - c[0], "first checkpoint"),
+            None, fmt="+.4f"))  # fmt: skip
         if len(sizes) > 1:
             found.append(Claim(
-                "saturated", f"|PreciseBN error at N={sizes[-2]} − at N={best}|, mean over checkpoints",
+                "saturated", f"|PreciseBN error at N={sizes[-2]} − at N={largest}|, mean over checkpoints",
                 Published("near-optimal from 10³–10⁴ samples", WU_JOHNSON, unverified=True),
-                per_seed(_saturation, "|mean over checkpoints of the difference|"), below(0.005),
-                fmt=".4f"))  # fmt: skip
+                _paired(precise_key(sizes[-2]), _best, lambda a, b: abs(_mean_difference(a, b)),
+                        "|mean over checkpoints|"), below(0.005), fmt=".4f"))  # fmt: skip
         return found
 
     def figures(self, s):
-        labels = {_label(m): m for m in _methods(s)}
+        ends = dict.fromkeys((min(s.precise_samples), max(s.precise_samples)))
+        methods = [ema_key(m) for m in s.ema_momenta] + [ema_key(min(s.ema_momenta), True)]
+        labels = {_label(m): m for m in methods + [precise_key(n) for n in ends]}
         return [Curves("error-by-step", labels, "eval-mode test error (fraction)",
                        "Eval-mode test error at each checkpoint, by source of the statistics.",
                        from_step=1)]  # fmt: skip
@@ -219,11 +229,11 @@ class PopulationStats(Experiment):
         s, rows = results.settings, []
         trials = results.trials()
         for method in _methods(s):
-            per = [(_series(t, method), _jitter(_series(t, method))) for t in trials]
-            means = [statistics.fmean(v) for v, _ in per if v]
-            jitters = [j for _, j in per if j is not None]
-            rows.append([_label(method), fmt(statistics.fmean(means) if means else None, ".4f"),
-                         fmt(statistics.fmean(jitters) if jitters else None, ".4f")])  # fmt: skip
+            curves = [t.series(method)[1] for t in trials]
+            means = [statistics.fmean(c) for c in curves if c]
+            jitters = [j for j in map(_jitter, curves) if j is not None]
+            rows.append([_label(method), *(fmt(statistics.fmean(v), ".4f") if v else "–"
+                                           for v in (means, jitters))])  # fmt: skip
         table = Table(["statistics", "mean error over checkpoints", "jitter (mean |Δ|, late)"], rows,
                       f"Mean over {len(trials)} seed(s).")  # fmt: skip
         return Section("Error by source of the statistics", [table])
@@ -237,8 +247,3 @@ class PopulationStats(Experiment):
             "of directions.",
         ]
 
-
-def _label(method: str) -> str:
-    if method.startswith("error_ema_"):
-        return f"EMA m={method.removeprefix('error_ema_')}"
-    return f"PreciseBN N={method.removeprefix('error_precise_')}"
