@@ -101,25 +101,26 @@ def test_population_stats_measures_every_method_at_every_checkpoint(tiny_runs):
 
 
 def test_train_test_gap_reports_the_three_errors_and_the_remedy(tiny_runs):
-    summary = tiny_runs["train-test-gap"].summary
-    assert set(summary["runs"]) == {"nbs=2", "nbs=2/frozen", "nbs=2/fc", "nbs=32"}
-    for run in summary["runs"].values():
-        for key in (
-            "train_error_batch",
-            "test_error_batch",
-            "test_error_population",
-            "test_error_ema",
-        ):
-            assert _fraction(run[key]), key
-        assert run["inconsistency"] == pytest.approx(
-            run["test_error_population"] - run["test_error_batch"]
-        )
-    assert summary["nbs"] == [2, 32]
-    assert summary["runs"]["nbs=2/fc"]["fc_norm"] and set(summary["fc_norm"]) == {"2"}
-    remedy = summary["freeze"]["2"]
-    assert remedy["improvement"] == pytest.approx(
-        remedy["without_freeze"] - remedy["test_error_population"]
-    )
+    record = tiny_runs["train-test-gap"]
+    finals = record.finals()
+    cells = {"bn": [2, 32], "frozen": [2], "fc": [2]}
+    assert set(finals) == {f"{arm}/nbs={n}/seed={k}" for arm, sizes in cells.items() for n in sizes
+                           for k in range(2)}  # fmt: skip
+    for row in finals.values():
+        for key in ("train_error_batch", "test_error_batch", "test_error_population", "test_error_ema"):
+            assert _fraction(row[key]), key
+        assert row["inconsistency"] == pytest.approx(row["test_error_population"] - row["test_error_batch"])
+    claims = _claims(record)
+
+    def mean(metric, a, b):
+        values = [finals[f"{a}/seed={k}"][metric] - finals[f"{b}/seed={k}"][metric] for k in (0, 1)]
+        return pytest.approx(sum(values) / 2)
+
+    population, small, large = "test_error_population", "bn/nbs=2", "bn/nbs=32"
+    assert claims["freeze-helps-2"]["ours"]["mean"] == mean(population, small, "frozen/nbs=2")
+    assert claims["inconsistency-grows"]["ours"]["mean"] == mean("inconsistency", small, large)
+    assert claims["error-grows"]["ours"]["mean"] == mean(population, small, large)
+    assert claims["fc-norm-2"]["criterion"] is None and claims["error-grows"]["published"]["unverified"]
 
 
 def test_variance_bias_variances_follow_the_definition(tiny_runs):
@@ -202,18 +203,14 @@ def test_guideline_is_the_doctors_table_with_evidence(tiny_runs):
         if piece["experiment"] in ("variance-bias", "population-stats"):
             assert piece["supports"] is None, piece
     # train-test-gap tests the small-batch row in its own terms: BN's error grows as NBS shrinks.
-    gap_runs = tiny_runs["train-test-gap"].summary["runs"]
     tested = [
         e
         for e in summary["evidence"]
         if e["experiment"] == "train-test-gap" and e["supports"] is not None
     ]
     assert [e["row"] for e in tested] == ["vision-small"]
-    errors = (
-        gap_runs["nbs=2"]["test_error_population"],
-        gap_runs["nbs=32"]["test_error_population"],
-    )
-    assert tested[0]["supports"] is (errors[0] > errors[1])
+    grows = _claims(tiny_runs["train-test-gap"])["error-grows"]["ours"]["mean"]
+    assert tested[0]["supports"] is (grows > 0)
     markdown = (tiny_runs["guideline"].directory / "report.md").read_text()
     assert "normkit lab run batch-size" in markdown  # the missing run, with its command
 

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 import normkit as nk
-from normkit.lab.experiments.train_test_gap import FreezeBatchNorm, batch_statistics_error
+from normkit.lab.experiments.train_test_gap import FreezeBatchNorm
 from normkit.lab.experiments.variance_bias import _biased, normalized_variance
 from normkit.lab.population import (
     EmaTracker,
     batch_norm_layers,
+    batch_statistics,
     error_rate,
     precise,
     training_batches,
@@ -124,13 +125,15 @@ def test_freeze_batch_norm_calls_the_hook_once_then_keeps_statistics_fixed():
 
 
 def test_batch_statistics_error_uses_batch_statistics_and_changes_nothing():
+    """``batch_statistics`` (train mode, running statistics frozen) with the error on chunks."""
     torch.manual_seed(0)
     net = _net()
     _train(net, 5)
     net.eval()
     saved = {k: v.clone() for k, v in net.state_dict().items()}
     x, y = torch.randn(64, 1, 8, 8) * 2 + 1, torch.randint(0, 3, (64,))
-    error = batch_statistics_error(net, x, y, chunk=16)
+    with batch_statistics(net):
+        error = error_rate(net, x, y, chunk=16)
     expected = []
     with nk.frozen_running_stats(net):
         net.train()

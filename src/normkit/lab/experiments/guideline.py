@@ -167,60 +167,19 @@ def _batch_size(record: RunRecord) -> list[Evidence]:
 
 def _train_test_gap(record: RunRecord) -> list[Evidence]:
     """One test of the small-batch row, in its own terms ("BatchNorm's error grows as the batch
-    shrinks"): BN's eval-mode test error at the smallest normalization batch against the largest.
-    The train-test inconsistency itself (population − batch statistics, Wu & Johnson's mechanism)
-    and FrozenBN are notes: they describe BN at small batches and compare no normalizers."""
-    summary = record.summary
-    gaps = {int(k): v for k, v in summary["inconsistency_by_nbs"].items()}
-    population = {
-        int(r["nbs"]): r["test_error_population"]
-        for r in summary["runs"].values()
-        if not r["frozen"] and not r.get("fc_norm")
-    }
+    shrinks"): BN's eval-mode test error at the smallest normalization batch against the largest
+    (its claim ``error-grows``). The train-test inconsistency itself (population − batch statistics,
+    Wu & Johnson's mechanism), FrozenBN and BN on the fc layer are notes: they describe BN at small
+    batches and compare no normalizers."""
     found = []
-    if len(population) > 1:
-        small, large = min(population), max(population)
-        found.append(
-            Evidence(
-                "vision-small",
-                "train-test-gap",
-                f"BN's test error (population statistics) at NBS {small} vs NBS {large}",
-                f"{_pct(population[small])} vs {_pct(population[large])}",
-                population[small] > population[large],
-            )
-        )
-    if len(gaps) > 1:
-        small, large = min(gaps), max(gaps)
-        found.append(
-            Evidence(
-                "vision-small",
-                "train-test-gap",
-                f"test error with population − with batch statistics at NBS {small} "
-                f"(Wu & Johnson: much larger at small NBS)",
-                f"{100 * gaps[small]:+.2f} pts (NBS {large}: {100 * gaps[large]:+.2f})",
-                None,
-            )
-        )
-    for nbs, v in summary.get("freeze", {}).items():
-        found.append(
-            Evidence(
-                "vision-small",
-                "train-test-gap",
-                f"FrozenBN at the end, NBS {nbs}: population-statistics error change",
-                f"{_pct(v['without_freeze'])} → {_pct(v['test_error_population'])}",
-                None,
-            )
-        )
-    for nbs, v in summary.get("fc_norm", {}).items():
-        found.append(
-            Evidence(
-                "vision-small",
-                "train-test-gap",
-                f"BN on the fc layer too, NBS {nbs}: test error with batch / population statistics",
-                f"{_pct(v['test_error_batch'])} / {_pct(v['test_error_population'])}",
-                None,
-            )
-        )
+    for claim in record.summary["claims"]:
+        ours, name = claim["ours"], claim["name"]
+        known = name.startswith(("error-grows", "inconsistency-", "freeze-", "fc-"))
+        if ours.get("mean") is None or not known:
+            continue
+        value = f"{100 * ours['mean']:+.2f} pts over {ours['n']} seed(s)"
+        supports = ours["mean"] > 0 if name == "error-grows" else None
+        found.append(Evidence("vision-small", "train-test-gap", claim["quantity"], value, supports))
     return found
 
 
