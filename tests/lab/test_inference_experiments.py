@@ -283,3 +283,45 @@ def test_guideline_lists_an_unreadable_run_and_reports_the_rest(tmp_path):
     assert list(summary["rows"]) == list(guideline_rows())
     assert all(row["verdict"] == "no evidence" for row in summary["rows"].values())
     assert "Runs not found" in (record.directory / "report.md").read_text()
+
+
+def test_train_test_gap_last_batch_norm_pools_nbs_values_per_statistic():
+    """Issue 17: the full preset's CNN goes down to 1×1 maps, so at NBS n its last BN's statistics
+    pool n values per channel (three stages pooled n·3·3 at least); the tiny preset does the same on
+    the 8×8 digits."""
+    from normkit.lab.experiments.train_test_gap import network
+
+    experiment = get_experiment("train-test-gap")
+    for preset, shape in (("full", (1, 28, 28)), ("tiny", (1, 8, 8))):
+        settings = experiment.settings(preset)
+        for nbs in (2, 4):
+            net = network(settings, shape, 10, nbs)
+            pooled = []
+
+            def count(layer, args, found=pooled):  # values per channel in one ghost batch
+                found.append(layer.virtual_batch_size * args[0][0, 0].numel())
+
+            for layer in net.modules():
+                if isinstance(layer, nk.GhostBatchNorm):
+                    layer.register_forward_pre_hook(count)
+            net.train()(torch.randn(8 * nbs, *shape))
+            assert len(pooled) == len(settings.channels) and pooled[-1] == nbs, (preset, pooled)
+
+
+def test_train_test_gap_gpu_preset_plans_resnet50_on_cifar_and_its_tiny_form_runs(tmp_path):
+    experiment = get_experiment("train-test-gap")
+    gpu = experiment.settings("gpu")
+    assert gpu.dataset == "cifar10" and 3 * sum(gpu.resnet_blocks) + 2 == 50 and gpu.seeds >= 3
+    plan = experiment.trials(gpu, None, {})
+    assert len(plan) == gpu.seeds * (len(gpu.nbs) + len(gpu.freeze_nbs) + len(gpu.fc_nbs))
+    assert len(experiment.deviations(gpu)) >= 2 and "ResNet-50" in experiment.deviations(gpu)[0]
+    from normkit.lab.experiments.train_test_gap import network
+
+    convs = [n for n, m in network(gpu, (3, 32, 32), 10, 2).named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len([n for n in convs if "shortcut" not in n]) + 1 == 50  # + the fc layer
+    # The same code path on the CPU: the tiny preset with a two-stage bottleneck ResNet.
+    overrides = {"dataset": "digits", "resnet_blocks": (1, 1), "resnet_width": 4, "seeds": 1}
+    record = run_experiment("train-test-gap", "tiny", overrides, out=tmp_path / "resnet")
+    assert record.settings["resnet_blocks"] == [1, 1]
+    for row in record.finals().values():
+        assert _fraction(row["test_error_population"]) and _fraction(row["test_error_batch"])
