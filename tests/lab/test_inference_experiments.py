@@ -124,18 +124,31 @@ def test_train_test_gap_reports_the_three_errors_and_the_remedy(tiny_runs):
 
 
 def test_variance_bias_variances_follow_the_definition(tiny_runs):
-    cells = tiny_runs["variance-bias"].summary["cells"]
-    assert set(cells) == {"2", "16"}
-    for m, cell in cells.items():
-        m = int(m)
-        assert cell["predicted_ratio"] == pytest.approx(m / (m - 1))
-        first = next(iter(cell["measured_ratio"]))
+    record = tiny_runs["variance-bias"]
+    finals = record.finals()
+    assert set(finals) == {"mlp/batch_size=2/seed=0", "mlp/batch_size=16/seed=0"}
+    worst = {"unbiased": 0.0, "biased": 0.0}
+    for row in finals.values():
+        m = row["batch_size"]
+        first = next(iter(row["var_xhat_unbiased"]))
         # In the first BN layer the inputs do not depend on the choice, so the ratio is
         # (σ² + ε) / ((m−1)/m σ² + ε): m/(m−1) up to ε.
-        assert cell["measured_ratio"][first] == pytest.approx(m / (m - 1), rel=1e-3)
+        ratio = row["var_xhat_biased"][first] / row["var_xhat_unbiased"][first]
+        assert ratio == pytest.approx(m / (m - 1), rel=1e-3)
+        assert row["var_first_biased"] == row["var_xhat_biased"][first]
         for choice in ("unbiased", "biased", "precise"):
-            assert _fraction(cell[f"accuracy_{choice}"])
-            assert all(v > 0 for v in cell[f"var_xhat_{choice}"].values())
+            assert _fraction(row[f"accuracy_{choice}"])
+            assert all(v > 0 for v in row[f"var_xhat_{choice}"].values())
+        worst["unbiased"] = max(worst["unbiased"], abs(row["var_first_unbiased"] - 1))
+        worst["biased"] = max(worst["biased"], abs(row["var_first_biased"] * (m - 1) / m - 1))
+    claims = _claims(record)
+    assert claims["unbiased-near-1"]["ours"]["mean"] == pytest.approx(worst["unbiased"])
+    assert claims["biased-inflates"]["ours"]["mean"] == pytest.approx(worst["biased"])
+    small = finals["mlp/batch_size=2/seed=0"]
+    cost = small["accuracy_unbiased"] - small["accuracy_biased"]
+    assert claims["cost-at-m2"]["ours"]["mean"] == pytest.approx(cost)
+    assert claims["cost-at-m2"]["published"]["unverified"]
+    assert claims["cost-only-small"]["ours"]["mean"] is None  # no m >= 32 in the tiny preset
 
 
 def test_domain_shift_covers_every_arm_and_shift(tiny_runs):
