@@ -1,31 +1,27 @@
 """Wu & Johnson (2021), "Rethinking 'Batch' in BatchNorm", §3: EMA statistics vs PreciseBN.
 
-In eval mode BatchNorm normalizes with population statistics, and what PyTorch keeps for them is an
-exponential moving average (EMA) of the batch statistics, ``running = (1 - m) running + m batch``
-with m = 0.1 (the paper's λ = 1 - m = 0.9). Wu & Johnson argue that the EMA is a poor estimate: with
-a large m it averages only the last few dozen batches, with a small m it remembers batches computed
-by weights that have since changed, and both get worse with a large learning rate. PreciseBN
-(:func:`normkit.tools.recalibrate`) freezes the weights and takes the plain average of the
-statistics of N fresh batches; "10³-10⁴ samples" suffice.
+In eval mode BatchNorm normalizes with population statistics, which PyTorch keeps as an exponential
+moving average (EMA) of the batch statistics, ``running = (1 − m) running + m batch`` (m = 0.1, the
+paper's λ = 1 − m). Wu & Johnson argue that the EMA is a poor estimate, worse at a high learning
+rate: a large m averages only the last few dozen batches, a small m remembers batches computed by
+weights that have since changed. PreciseBN (:func:`normkit.tools.recalibrate`) freezes the weights
+and averages the statistics of N fresh batches; "10³–10⁴ samples" suffice.
 
-Here: a BN CNN trained at a deliberately high learning rate (SGD 0.2, momentum 0.9, batch 256, two
-epochs), ``seeds`` seeds, and at ``checkpoints`` points of training the eval-mode test error with
-(i) the EMA at every momentum of ``ema_momenta``, all kept by
-:class:`~normkit.lab.population.EmaTracker` from the same training batches (so every EMA describes
-the same weights), and (ii) PreciseBN with N ∈ ``precise_samples`` training samples (batches of the
-training batch size; the smaller sets are prefixes of the largest).
+Here: a BN CNN at a deliberately high learning rate (SGD 0.2, momentum 0.9, batch 256, two epochs),
+``seeds`` seeds; at ``checkpoints`` points the eval-mode test error with (i) the EMA at every
+momentum of ``ema_momenta``, all kept by :class:`~normkit.lab.population.EmaTracker` from the same
+batches, and (ii) PreciseBN with N ∈ ``precise_samples`` training samples (batches of the training
+batch size; the smaller sets are prefixes of the largest).
 
-Bias correction (our decision): an EMA starts at (0, 1), and after t updates that initial value
-still weighs λᵗ; at the first checkpoint of the full run (step 23) the λ = 0.99 EMA is 79% initial
-value, so its error would be the initialization's, not the EMA's. Skipping the checkpoints before
-one time constant (100 steps) would still leave 37% there and drop the early checkpoints, where the
-EMA's staleness is said to be worst; so every EMA is bias-corrected as in Adam (Kingma & Ba 2015,
-§3): ``(ema − λᵗ·initial) / (1 − λᵗ)``, a weighted average of the batch statistics alone. The
-uncorrected EMA (what PyTorch's running statistics hold) is recorded beside it (``error_ema_raw_*``).
+Bias correction (issue 17): an EMA starts at (0, 1) and after t updates still gives that start a
+weight λᵗ (79% for λ = 0.99 at the first checkpoint, step 23), so every EMA is corrected as in Adam
+(Kingma & Ba 2015, §3), ``(ema − λᵗ·initial) / (1 − λᵗ)``, a weighted average of batch statistics
+alone; skipping checkpoints before one time constant would leave 37% and lose the early ones. The
+uncorrected EMA (PyTorch's running statistics) is recorded beside it (``error_ema_raw_*``).
 
-Decisions: PreciseBN's batches are drawn by a generator seeded by the trial's seed and the step
-only, so a resumed run recomputes the same numbers; step 0 (untrained weights) is not measured.
-"Steadier" is the mean |Δ error| between consecutive checkpoints over the second half of training.
+Decisions: PreciseBN's batches come from a generator seeded by the trial's seed and the step, so a
+resumed run recomputes the same numbers; step 0 is not measured. "Steadier" is the mean |Δ error|
+between consecutive checkpoints over the second half of training.
 """
 
 from __future__ import annotations
