@@ -121,6 +121,9 @@ def test_train_test_gap_reports_the_three_errors_and_the_remedy(tiny_runs):
     assert claims["inconsistency-grows"]["ours"]["mean"] == mean("inconsistency", small, large)
     assert claims["error-grows"]["ours"]["mean"] == mean(population, small, large)
     assert claims["fc-norm-2"]["criterion"] is None and claims["error-grows"]["published"]["unverified"]
+    for name in ("inconsistency-grows", "freeze-helps-2"):  # the CPU cannot reach the regime
+        assert claims[name]["verdict"] == "inconclusive" and "needs GPU scale" in claims[name]["reason"]
+    assert "too few seeds" in claims["error-grows"]["reason"]
 
 
 def test_variance_bias_variances_follow_the_definition(tiny_runs):
