@@ -335,6 +335,20 @@ def test_train_test_gap_gpu_preset_plans_resnet50_on_cifar_and_its_tiny_form_run
 
     convs = [n for n, m in network(gpu, (3, 32, 32), 10, 2).named_modules() if isinstance(m, torch.nn.Conv2d)]
     assert len([n for n in convs if "shortcut" not in n]) + 1 == 50  # + the fc layer
+    # --dry-run prints the gpu preset's plan on CIFAR-10 files (here a tiny fake set, and the ResNet
+    # shrunk so that the calibration steps are cheap on a CPU): 21 trials of 5,860 steps.
+    from test_datasets import _cifar_batch
+
+    from normkit.lab.runner import dry_run
+
+    for i in range(1, 6):
+        _cifar_batch(tmp_path / f"data_batch_{i}", 16, i)
+    _cifar_batch(tmp_path / "test_batch", 16, 9)
+    small = {"resnet_blocks": (1, 1), "resnet_width": 4, "batch_size": 8, "precise_samples": 16,
+             "train_examples_eval": 8}  # fmt: skip
+    preview = dry_run("train-test-gap", "gpu", small, data_dir=tmp_path, budget_s=5.0)
+    assert preview["data"] == "cifar10" and len(preview["trials"]) == len(plan) == 21
+    assert all(t["steps"] == 5_860 for t in preview["trials"]) and preview["estimated_s"] > 0
     # The same code path on the CPU: the tiny preset with a two-stage bottleneck ResNet.
     overrides = {"dataset": "digits", "resnet_blocks": (1, 1), "resnet_width": 4, "seeds": 1}
     record = run_experiment("train-test-gap", "tiny", overrides, out=tmp_path / "resnet")
