@@ -46,9 +46,9 @@ import normkit as nk
 from normkit.errors import ConfigError
 from normkit.lab import models
 from normkit.lab.datasets import first_test_examples
-from normkit.lab.experiments.population_stats import batch_norm_layers, error_rate
 from normkit.lab.legacy import Experiment, Settings, Setup, Trial, register
 from normkit.lab.models import initialize
+from normkit.lab.population import batch_norm_layers, error_rate
 from normkit.lab.records import RunRecord
 from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
 from normkit.lab.seeds import derived_seed

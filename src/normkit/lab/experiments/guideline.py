@@ -167,96 +167,51 @@ def _batch_size(record: RunRecord) -> list[Evidence]:
 
 def _train_test_gap(record: RunRecord) -> list[Evidence]:
     """One test of the small-batch row, in its own terms ("BatchNorm's error grows as the batch
-    shrinks"): BN's eval-mode test error at the smallest normalization batch against the largest.
-    The train-test inconsistency itself (population − batch statistics, Wu & Johnson's mechanism)
-    and FrozenBN are notes: they describe BN at small batches and compare no normalizers."""
-    summary = record.summary
-    gaps = {int(k): v for k, v in summary["inconsistency_by_nbs"].items()}
-    population = {
-        int(r["nbs"]): r["test_error_population"]
-        for r in summary["runs"].values()
-        if not r["frozen"] and not r.get("fc_norm")
-    }
+    shrinks"): BN's eval-mode test error at the smallest normalization batch against the largest
+    (its claim ``error-grows``). The train-test inconsistency itself (population − batch statistics,
+    Wu & Johnson's mechanism), FrozenBN and BN on the fc layer are notes: they describe BN at small
+    batches and compare no normalizers."""
     found = []
-    if len(population) > 1:
-        small, large = min(population), max(population)
-        found.append(
-            Evidence(
-                "vision-small",
-                "train-test-gap",
-                f"BN's test error (population statistics) at NBS {small} vs NBS {large}",
-                f"{_pct(population[small])} vs {_pct(population[large])}",
-                population[small] > population[large],
-            )
-        )
-    if len(gaps) > 1:
-        small, large = min(gaps), max(gaps)
-        found.append(
-            Evidence(
-                "vision-small",
-                "train-test-gap",
-                f"test error with population − with batch statistics at NBS {small} "
-                f"(Wu & Johnson: much larger at small NBS)",
-                f"{100 * gaps[small]:+.2f} pts (NBS {large}: {100 * gaps[large]:+.2f})",
-                None,
-            )
-        )
-    for nbs, v in summary.get("freeze", {}).items():
-        found.append(
-            Evidence(
-                "vision-small",
-                "train-test-gap",
-                f"FrozenBN at the end, NBS {nbs}: population-statistics error change",
-                f"{_pct(v['without_freeze'])} → {_pct(v['test_error_population'])}",
-                None,
-            )
-        )
-    for nbs, v in summary.get("fc_norm", {}).items():
-        found.append(
-            Evidence(
-                "vision-small",
-                "train-test-gap",
-                f"BN on the fc layer too, NBS {nbs}: test error with batch / population statistics",
-                f"{_pct(v['test_error_batch'])} / {_pct(v['test_error_population'])}",
-                None,
-            )
-        )
+    for claim in record.summary["claims"]:
+        ours, name = claim["ours"], claim["name"]
+        known = name.startswith(("error-grows", "inconsistency-", "freeze-", "fc-"))
+        if ours.get("mean") is None or not known:
+            continue
+        value = f"{100 * ours['mean']:+.2f} pts over {ours['n']} seed(s)"
+        supports = ours["mean"] > 0 if name == "error-grows" else None
+        found.append(Evidence("vision-small", "train-test-gap", claim["quantity"], value, supports))
     return found
 
 
 def _variance_bias(record: RunRecord) -> list[Evidence]:
     """A note on the small-batch row, not a test of it: the variance estimator is a choice within
     BatchNorm at small m, and says nothing about GroupNorm against BatchNorm."""
-    cells = record.summary["cells"]
-    sizes = sorted(int(m) for m in cells)
-    small, large = sizes[0], sizes[-1]
-    cost = {m: cells[str(m)]["accuracy_cost_of_biased"] for m in sizes}
-    accuracy = {m: cells[str(m)]["accuracy_unbiased"] for m in sizes}
+    claims = {c["name"]: c for c in record.summary["claims"]}
+    claim = next(c for name, c in claims.items() if name.startswith("cost-at-m"))
+    ours = claim["ours"]
     return [
         Evidence(
             "vision-small",
             "variance-bias",
-            f"accuracy lost to the biased variance at m = {small} vs m = {large}",
-            f"{100 * cost[small]:+.2f} vs {100 * cost[large]:+.2f} pts (accuracy {_pct(accuracy[small])} "
-            f"vs {_pct(accuracy[large])})",
+            f"{claim['quantity']} (accuracy lost to the biased variance)",
+            f"{100 * ours['mean']:+.2f} pts over {ours['n']} seed(s)",
             None,
         )
     ]
 
 
 def _population_stats(record: RunRecord) -> list[Evidence]:
-    s = record.summary
-    best = s["per_method"][s["reference_method"]]
-    momentum, versus = next(iter(s["precise_vs_ema"].items()))
-    ema = s["per_method"][f"error_ema_{momentum}"]
+    claims = {c["name"]: c for c in record.summary["claims"]}
+    name = next(n for n in claims if n.startswith("precise-beats-ema-"))
+    ours, never = claims[name]["ours"], claims[name.replace("precise-beats-ema", "never-worse")]["ours"]
     return [
         Evidence(
             "vision-large",
             "population-stats",
-            f"with BN, population statistics: EMA (m={momentum}) vs PreciseBN, mean eval error "
-            "over checkpoints",
-            f"{_pct(ema['mean_error'])} vs {_pct(best['mean_error'])}; PreciseBN ≤ EMA at "
-            f"{versus['precise_not_worse']}/{versus['checkpoints']} checkpoints",
+            f"with BN, population statistics: EMA (m={name.rpartition('-')[2]}) − PreciseBN, mean "
+            "eval error over checkpoints",
+            f"{100 * ours['mean']:+.2f} pts over {ours['n']} seed(s); PreciseBN ≤ EMA at "
+            f"{_pct(never['mean'])} of checkpoints",
             None,
         )
     ]
