@@ -1,17 +1,12 @@
 """The lab's part 4 end to end in tiny settings: population-stats, train-test-gap, variance-bias,
-domain-shift, sequence-norms, and the guideline that reads their runs."""
+domain-shift and sequence-norms (the guideline has its own test file)."""
 
-import json
 import math
 
 import pytest
-import torch
 
-import normkit as nk
 from normkit.lab import RunRecord, experiment_names, get_experiment, run_experiment
-from normkit.lab.experiments.guideline import find_run, guideline_rows
 from normkit.lab.records import CHECKPOINTS
-from normkit.tools import ADVICE_TABLE, advise
 
 EXPERIMENTS = [
     "population-stats",
@@ -25,27 +20,23 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    """Each experiment's tiny preset (images: the digits; text: the pydoc corpus), then the
-    guideline over their directory."""
+    """Each experiment's tiny preset (images: the digits; text: the pydoc corpus)."""
     root = tmp_path_factory.mktemp("part4")
     runs = {}
     for name in EXPERIMENTS:
         runs[name] = run_experiment(name, "tiny", {"dataset": "digits"}, out=root / name)
-    runs["guideline"] = run_experiment(
-        "guideline", "tiny", {"runs": str(root)}, out=root / "guideline"
-    )
     return runs
 
 
 def test_registered_with_presets_and_claims():
-    assert set(EXPERIMENTS + ["guideline"]) <= set(experiment_names())
-    for name in EXPERIMENTS + ["guideline"]:
+    assert set(EXPERIMENTS) <= set(experiment_names())
+    for name in EXPERIMENTS:
         experiment = get_experiment(name)
         assert experiment.paper and experiment.claim
         assert {"quick", "tiny"} <= set(experiment.presets)
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS + ["guideline"])
+@pytest.mark.parametrize("name", EXPERIMENTS)
 def test_run_directory_is_complete(tiny_runs, name):
     record = tiny_runs[name]
     directory = record.directory
@@ -158,118 +149,3 @@ def test_sequence_norms_trains_every_normalizer_and_probes_batch_one(tiny_runs):
     assert summary["runs"]["layer/batch=4"]["test_bpc_batch_stats"] is None
     assert 0 < summary["unigram_bpc"] < math.log2(96)
     assert record.config["data"]["name"] == "pydoc-topics"
-
-
-def test_guideline_is_the_doctors_table_with_evidence(tiny_runs):
-    summary = tiny_runs["guideline"].summary
-    rows = guideline_rows()
-    assert tuple(rows.values()) == ADVICE_TABLE  # every row of the tools' table, in order
-    assert list(summary["rows"]) == list(rows)
-    for key, advice in rows.items():
-        assert summary["rows"][key]["spec"] == advice.spec
-    # The doctor's advice is a row of the same table, its group count fitted to the model's channels.
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), nk.BatchNorm2d(8))
-    report = nk.tools.doctor(model, torch.randn(2, 3, 8, 8), batch_size=4, task="vision")
-    row = rows["vision-small"]
-    assert row is advise("vision", batch_size=4)
-    assert (report.advice.task, report.advice.batches, report.advice.source) == (
-        row.task, row.batches, row.source,
-    )  # fmt: skip
-    assert report.advice.spec == "group:8"  # 32 groups would not divide 8 channels
-    found = {e["experiment"] for e in summary["evidence"]}
-    assert found == set(EXPERIMENTS)
-    assert set(summary["missing"]) == {"batch-size"}
-    for piece in summary["evidence"]:
-        assert piece["row"] in rows and piece["command"].startswith("normkit lab run")
-        assert piece["supports"] in (True, False, None)
-    assert summary["rows"]["sequence"]["tests"] >= 2
-    # Choices within BN (its variance estimator, its population statistics) are notes, not tests
-    # of a row that compares normalizers.
-    for piece in summary["evidence"]:
-        if piece["experiment"] in ("variance-bias", "population-stats"):
-            assert piece["supports"] is None, piece
-    # train-test-gap tests the small-batch row in its own terms: BN's error grows as NBS shrinks.
-    gap_runs = tiny_runs["train-test-gap"].summary["runs"]
-    tested = [
-        e
-        for e in summary["evidence"]
-        if e["experiment"] == "train-test-gap" and e["supports"] is not None
-    ]
-    assert [e["row"] for e in tested] == ["vision-small"]
-    errors = (
-        gap_runs["nbs=2"]["test_error_population"],
-        gap_runs["nbs=32"]["test_error_population"],
-    )
-    assert tested[0]["supports"] is (errors[0] > errors[1])
-    markdown = (tiny_runs["guideline"].directory / "report.md").read_text()
-    assert "normkit lab run batch-size" in markdown  # the missing run, with its command
-
-
-def _fake_batch_size_run(root, errors, percent):
-    """A finished ``batch-size`` run holding only final rows, in part 3's format (``normalizer``,
-    ``batch_per_device``, ``processes``, ``test_error`` in percent) or a plainer one."""
-    directory = root / "batch-size"
-    directory.mkdir(parents=True)
-    (directory / "config.json").write_text(
-        json.dumps({"experiment": "batch-size", "command": "normkit lab run batch-size",
-                    "settings": {}, "preset": "full", "data": {"name": "fashion-mnist"}})
-    )  # fmt: skip
-    rows = []
-    for (norm, batch), error in errors.items():
-        row = {"kind": "final", "trial": f"{norm}/{batch}", "diverged": False}
-        if percent:
-            row |= {"normalizer": norm, "batch_per_device": batch, "processes": 1,
-                    "test_error": 100 * error}  # fmt: skip
-        else:
-            row |= {"norm": norm, "batch_size": batch, "test_accuracy": 1 - error}
-        rows.append(row)
-    if percent:  # SyncBN across processes is not a per-device row: it must be ignored
-        rows.append({"kind": "final", "trial": "syncbn", "normalizer": "bn", "batch_per_device": 2,
-                     "processes": 4, "test_error": 1.0, "diverged": False})  # fmt: skip
-    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (directory / "summary.json").write_text(json.dumps({"complete": True}))
-
-
-@pytest.mark.parametrize("percent", [True, False])
-@pytest.mark.parametrize(
-    "errors, large, small",
-    [
-        # Wu & He's shape: BN degrades as the batch shrinks, GN stays flat.
-        ({("bn", 32): 0.10, ("gn", 32): 0.11, ("bn", 2): 0.20, ("gn", 2): 0.11}, True, True),
-        # The opposite: GN worse everywhere.
-        ({("batch", 32): 0.10, ("group:4", 32): 0.15, ("batch", 2): 0.11, ("group:4", 2): 0.16},
-         True, False),
-    ],
-)  # fmt: skip
-def test_guideline_reads_the_batch_size_study(tmp_path, errors, large, small, percent):
-    _fake_batch_size_run(tmp_path, errors, percent)
-    record = run_experiment("guideline", "tiny", {"runs": str(tmp_path)}, out=tmp_path / "g")
-    pieces = {e["row"]: e for e in record.summary["evidence"] if e["experiment"] == "batch-size"}
-    assert pieces["vision-large"]["supports"] is large
-    assert pieces["vision-small"]["supports"] is small
-    assert record.summary["rows"]["vision-small"]["verdict"] == (
-        "supported" if small else "contradicted"
-    )
-    assert "20.00%" in pieces["vision-small"]["value"] or not small
-    assert find_run(tmp_path, "batch-size").directory == tmp_path / "batch-size"
-
-
-def test_guideline_lists_an_unreadable_run_and_reports_the_rest(tmp_path):
-    """A run whose summary predates the extractor (here: no keys at all) is named with the way to
-    fix it; the guideline still reports every row."""
-    directory = tmp_path / "train-test-gap"
-    directory.mkdir()
-    (directory / "config.json").write_text(
-        json.dumps({"experiment": "train-test-gap", "command": "normkit lab run train-test-gap",
-                    "settings": {}, "preset": "full", "data": {"name": "fashion-mnist"}})
-    )  # fmt: skip
-    (directory / "metrics.jsonl").write_text("")
-    (directory / "summary.json").write_text(json.dumps({"complete": True}))
-    record = run_experiment("guideline", "tiny", {"runs": str(tmp_path)}, out=tmp_path / "g")
-    summary = record.summary
-    assert "KeyError" in summary["missing"]["train-test-gap"]
-    assert "normkit lab report" in summary["missing"]["train-test-gap"]
-    assert set(summary["missing"]) == {*EXPERIMENTS, "batch-size"}
-    assert list(summary["rows"]) == list(guideline_rows())
-    assert all(row["verdict"] == "no evidence" for row in summary["rows"].values())
-    assert "Runs not found" in (record.directory / "report.md").read_text()
