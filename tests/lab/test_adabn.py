@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 import normkit as nk
-from normkit.lab.experiments.domain_shift import adapted, apply_shift, shift_cnn
-from normkit.lab.experiments.population_stats import error_rate
+from normkit.lab.experiments.domain_shift import adapted, apply_shift, error_rate, shift_cnn
 
 
 def _blobs(n, generator, dim=8):
