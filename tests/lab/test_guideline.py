@@ -79,3 +79,15 @@ def test_a_run_without_claims_is_listed_and_the_rest_reported(tmp_path):
     assert set(missing) == set(SOURCES)
     assert all(row["verdict"] == "inconclusive" for row in record.summary["rows"].values())
 
+
+def test_it_reads_real_runs_of_domain_shift_and_sequence_norms(tmp_path):
+    for name in ("domain-shift", "sequence-norms"):
+        run_experiment(name, "tiny", {"dataset": "digits"}, out=tmp_path / name)
+    record = run_experiment("guideline", "tiny", {"runs": str(tmp_path)}, out=tmp_path / "g")
+    evidence = record.summary["evidence"]
+    assert {e["experiment"] for e in evidence} == {"domain-shift", "sequence-norms"}
+    tested = {(e["experiment"], e["claim"]) for e in evidence if e["test"]}
+    assert tested == {k for k in TESTS if k[0] in ("domain-shift", "sequence-norms")}
+    for piece in evidence:  # one seed: every test is inconclusive, so it supports nothing yet
+        assert piece["supports"] is None and piece["command"].startswith("normkit lab run")
+    assert {e["row"] for e in evidence if e["claim"].startswith("adabn-")} == {"vision-large"}
