@@ -50,7 +50,7 @@ TESTS = {  # (experiment, claim) -> the row it tests: the row holds where the cl
     ("sequence-norms", "ln-vs-bn-batch1"): "sequence",
     ("sequence-norms", "per-step-bn-batch1"): "sequence",
     ("domain-shift", "in-beats-bn-scale"): "style",
-    ("domain-shift", "in-beats-bn-mixed"): "style",
+    ("domain-shift", "in-beats-bn-style"): "style",
 }
 NOTES = {("domain-shift", "adabn-"): "vision-large"}  # (experiment, claim prefix) -> row
 SUPPORTS = {REPRODUCED: True, NOT_REPRODUCED: False}
