@@ -47,3 +47,12 @@ def test_claims_are_computed_from_the_final_rows(run):
             assert claim["verdict"] == "inconclusive" and "too few seeds" in claim["reason"]
     markdown = (run.directory / "report.md").read_text()
     assert "## Claims" in markdown and "BatchTooSmallError" in markdown and "unigram" in markdown
+
+
+def test_dry_run_prices_the_probe_that_trains_nothing():
+    from normkit.lab.runner import dry_run
+
+    plan = dry_run("sequence-norms", "tiny")
+    probe = next(r for r in plan["trials"] if r["key"].startswith("batch_time/batch_size=1/"))
+    assert probe["steps"] == 0 and plan["total_steps"] == 5 * 6 + 4 * 4
+    assert all(r["estimated_s"] > 0 for r in plan["trials"])
