@@ -43,7 +43,8 @@ def test_claims_are_the_final_rows_differences_and_one_seed_is_inconclusive(run)
         assert claims[name]["ours"]["per_seed"]["0"] == pytest.approx(value), name
     for claim in claims.values():
         if claim["criterion"] is not None:
-            assert claim["verdict"] == "inconclusive" and "too few seeds" in claim["reason"]
+            reason = "needs GPU scale" if claim["name"] == "bin-clean" else "too few seeds"
+            assert claim["verdict"] == "inconclusive" and reason in claim["reason"], claim["name"]
     # an inversion flips the sign of x̂, which no statistics undo: measured, not a test of AdaBN
     assert claims["adabn-invert"]["criterion"] is None and claims["adabn-invert"]["verdict"] is None
     assert {"in-beats-bn-style", "bin-beats-bn-style", "adabn-style"} <= set(claims)
@@ -68,3 +69,21 @@ def test_full_preset_runs_three_seeds_paired():
     for t in trials:
         seeds[t.key.split("/")[0]].add(t.seed)
     assert len({frozenset(s) for s in seeds.values()}) == 1  # every arm has the same seeds
+
+
+def test_the_gpu_preset_runs_cifar_scale_and_its_tiny_form_runs_here(tmp_path):
+    experiment = get_experiment("domain-shift")
+    gpu = experiment.settings("gpu")
+    assert gpu.dataset == "cifar10" and len(gpu.channels) == 3 and gpu.seeds >= 3
+    assert {t.steps for t in experiment.preview(gpu, None)} == {15_640}
+    tiny = {"dataset": "digits", "steps": 4, "batch_size": 32, "channels": (4, 8, 8), "hidden": 16,
+            "adapt_examples": 64, "test_examples": 64, "eval_every": 2, "seeds": 1}  # fmt: skip
+    record = run_experiment("domain-shift", "gpu", tiny, out=tmp_path / "gpu")
+    assert record.finals()["bn/seed=0"]["adapted_layers"] == ["norm1", "norm2", "norm3", "norm_fc"]
+    claims = {c["name"]: c for c in record.summary["claims"]}
+    assert "too few seeds" in claims["bin-clean"]["reason"]  # judged on the gpu preset
+
+
+def test_bin_on_clean_data_needs_gpu_scale_off_the_gpu_preset(run):
+    claim = next(c for c in run.summary["claims"] if c["name"] == "bin-clean")
+    assert claim["verdict"] == "inconclusive" and claim["reason"].startswith("needs GPU scale")
