@@ -222,7 +222,8 @@ class SequenceNorms(Experiment):
             *(Curves(f"loss-batch{b}", "test_bpc", "test bits per character",
                      f"Test loss (eval mode) along training at batch size {b}.",
                      where={"batch_size": b}, title=f"batch size {b}") for b in (s.batch_size, 1)),
-            MeanTable("test-bpc", "test_bpc", "batch_size", "Final test bits/char (eval mode).", ".3f"),
+            MeanTable("test-bpc", "test_bpc", "batch_size", "Final test bits/char (eval mode); per-time-step "
+                      "BN at batch size 1 cannot train: its cell is the untrained model.", ".3f"),
             MeanTable("batch-stats", "test_bpc_batch_stats", "batch_size",
                       "Final test bits/char of the BN variants with batch statistics (train mode).", ".3f"),
         ]  # fmt: skip
