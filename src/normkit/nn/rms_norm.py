@@ -8,7 +8,13 @@ from torch import nn
 
 from normkit.errors import NormkitError
 from normkit.functional import channel_rms_norm, rms_norm
-from normkit.functional._checks import check_channels, check_eps, check_min_rank, check_positive_int
+from normkit.functional._checks import (
+    check_channels,
+    check_eps,
+    check_min_rank,
+    check_normalized_shape,
+    check_positive_int,
+)
 from normkit.nn._base import named
 
 
@@ -60,9 +66,7 @@ class RMSNorm(nn.RMSNorm):
         device=None,
         dtype=None,
     ) -> None:
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
-        for size in shape:
-            check_positive_int(size, "normalized_shape entries")
+        check_normalized_shape(normalized_shape)
         _check_eps(eps)
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
 
