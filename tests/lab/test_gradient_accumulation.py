@@ -37,6 +37,7 @@ def test_plain_and_exact_train_the_same_weights_and_differ_only_in_running_stati
     plain, exact, whole = finals["plain"], finals["exact"], finals["whole-batch"]
     assert plain["parameter_norm"] == exact["parameter_norm"]
     assert plain["train_mode_error"] == exact["train_mode_error"]
+    assert plain["precise_error"] == exact["precise_error"]  # PreciseBN replaces the running statistics
     assert whole["parameter_norm"] != exact["parameter_norm"]  # whole-batch normalization trains otherwise
     assert [finals[a]["normalization_batch"] for a in ARMS] == [64, 4, 4, 4, 64]
 

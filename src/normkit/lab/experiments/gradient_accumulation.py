@@ -30,6 +30,7 @@ statistics alone. Measured: test error in eval mode (running statistics) and in 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ from normkit.lab.evaluation import accuracy_and_loss
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Bars, Curves
 from normkit.lab.plan import Arm, Plan
-from normkit.lab.population import batch_norm_layers
+from normkit.lab.population import batch_norm_layers, precise, training_batches
 from normkit.lab.settings import Settings
 from normkit.lab.small_batch import batch_statistics_accuracy, error_percent, small_cnn
 
@@ -59,12 +60,14 @@ class GradientAccumulationSettings(Settings):
     epochs: float = 2.0
     learning_rate: float = 0.1  # at the large batch; the small arm's is scaled by 1/k
     momentum: float = 0.9
+    cosine: bool = True  # the learning rate decays to 0 over the run (a cosine), or stays constant
     channels: tuple[int, ...] = (8, 16)
     hidden: int = 64
     seeds: int = 5
     evaluations: int = 4
     eval_examples: int = 1_000
     batch_stat_examples: int = 2_000  # test images for the training-mode error
+    precise_examples: int = 2_048  # training images for PreciseBN's statistics
 
 
 class AccumulatedStep:
@@ -104,7 +107,8 @@ class GradientAccumulation(Experiment):
         "quick": {"train_examples": 3_200, "epochs": 1.0, "seeds": 3, "evaluations": 2,
                   "eval_examples": 500, "batch_stat_examples": 1_000},
         "tiny": {"train_examples": 256, "epochs": 1.0, "channels": (4, 8), "hidden": 16, "seeds": 1,
-                 "evaluations": 1, "eval_examples": 40, "batch_stat_examples": 64},
+                 "evaluations": 1, "eval_examples": 40, "batch_stat_examples": 64,
+                 "precise_examples": 64},
     }  # fmt: skip
 
     def prepare_data(self, s, dataset):
@@ -135,7 +139,8 @@ class GradientAccumulation(Experiment):
         step = None
         if p["micro_batches"] > 1:
             step = AccumulatedStep(model, optimizer, p["micro_batches"], p["statistics"])
-        return Setup(model, optimizer, p["batch"], train_step=step)
+        factor = (lambda t: 0.5 * (1 + math.cos(math.pi * t / trial.steps))) if s.cosine else None
+        return Setup(model, optimizer, p["batch"], lr_factor=factor, train_step=step)
 
     def measure(self, trial, s, setup, data):
         k = s.eval_examples
@@ -148,7 +153,10 @@ class GradientAccumulation(Experiment):
         normalized = p["batch"] if p["statistics"] == "whole-batch" else p["batch"] // p["micro_batches"]
         train_mode = batch_statistics_accuracy(model, data.x_test[:k], data.y_test[:k], normalized)
         steps = max(1, setup.step)
+        batches = training_batches(data.x_train, normalized, s.precise_examples, trial.seed)
+        precise_accuracy, _ = accuracy_and_loss(precise(model, batches), data.x_test, data.y_test)
         return {"test_error": error_percent(accuracy), "test_loss": loss,
+                "precise_error": error_percent(precise_accuracy),
                 "train_mode_error": error_percent(train_mode), "normalization_batch": normalized,
                 "bn_updates_per_step": {name: int(layer.num_batches_tracked) / steps
                                         for name, layer in batch_norm_layers(model).items()},
@@ -187,6 +195,9 @@ class GradientAccumulation(Experiment):
         return [
             Bars("eval-error", "test_error", "test error (%), eval mode",
                  "Test error with the running statistics (eval mode), whole test set."),
+            Bars("precise-error", "precise_error", "test error (%), PreciseBN statistics",
+                 f"Test error in eval mode with PreciseBN statistics ({s.precise_examples} training "
+                 "images in batches of the arm's normalization batch, final weights)."),
             Bars("train-mode-error", "train_mode_error", "test error (%), training mode",
                  "Test error with batch statistics over each arm's normalization batch."),
             Curves("eval-curves", "test_error", "test error (%), eval mode",
