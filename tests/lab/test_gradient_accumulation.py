@@ -93,7 +93,8 @@ def test_claims_are_paired_differences_and_one_seed_is_inconclusive(run):
                 "exact-closes-gap": error["plain"] - error["exact"],
                 "exact-vs-large": error["exact"] - error["large"],
                 "whole-batch-vs-large": error["whole-batch"] - error["large"],
-                "small-vs-large": error["small"] - error["large"]}  # fmt: skip
+                "small-vs-large": error["small"] - error["large"],
+                "exact-vs-precise": error["exact"] - finals["exact/seed=0"]["precise_error"]}  # fmt: skip
     assert set(claims) == set(expected)
     for name, value in expected.items():
         assert claims[name]["ours"]["per_seed"]["0"] == pytest.approx(value), name
