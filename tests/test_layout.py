@@ -25,7 +25,15 @@ NO_OWN_FUNCTIONAL = {"frozen_batch_norm": "_batch_norm.py"}
 # The functional core every form is built from (not a layer's form).
 CORE = {"moments", "normalize"}
 # Test files that run every layer through the same checks (the map's last paragraph).
-GENERIC_TESTS = {"test_base.py", "test_family.py", "test_parity_torch.py", "test_state_dict.py"}
+GENERIC_TESTS = {
+    "test_base.py",
+    "test_family.py",
+    "test_parity_torch.py",
+    "test_state_dict.py",
+    "test_state_under_failure.py",
+    "test_torch_module_tests.py",
+    "test_transform_matrix.py",
+}
 
 
 def _rows() -> list[dict[str, list[str]]]:

@@ -11,14 +11,17 @@ Backends:
   ``TRITON_INTERPRET=1``, which is how the tests run them). Importing normkit never imports
   triton: the kernels load on the first call.
 - ``compiled``: the fused BatchNormAct and Batch-Layer maths compiled by ``torch.compile`` on the
-  CPU (needs a C++ compiler; the first call per shape compiles; not twice differentiable).
+  CPU (needs a C++ compiler; the first call per shape compiles; under ``create_graph=True`` the
+  backward differentiates the unfused definition, so double backward works).
 - ``auto`` (default): the fastest backend verified for the input's device and dtype. On the CPU that
   is ``native`` for every op but BatchNormAct on float32 NCHW inputs and Batch-Layer on float32 and
   bfloat16 inputs, where it is ``compiled`` (``_dispatch.AUTO_PREFERENCES``; docs/benchmarks.md has
   the measurements).
 
 Choose with ``normkit.set_backend(name)`` for the process or ``with normkit.backend(name):`` for a
-block (the block wins; it is local to the thread or task that enters it).
+block (the block wins; it is local to the thread or task that enters it). Under torch.func's
+transforms, forward-mode AD and torch.jit.trace, implementations that are not plain ATen ops give way
+to ``reference`` (``COMPOSITE`` below; docs/transforms.md).
 """
 
 from __future__ import annotations
@@ -50,10 +53,34 @@ from normkit.functional._batch_norm_act import (
 )
 from normkit.functional._batch_renorm import native_batch_renorm, reference_batch_renorm
 from normkit.functional._compiled import compiler_available
+from normkit.functional._cross_iteration_batch_norm import (
+    native_cross_iteration_batch_norm,
+    reference_cross_iteration_batch_norm,
+)
+from normkit.functional._evo_norm_b0 import native_evo_norm_b0, reference_evo_norm_b0
+from normkit.functional._evo_norm_s0 import native_evo_norm_s0, reference_evo_norm_s0
+from normkit.functional._filter_response_norm import (
+    native_filter_response_norm,
+    reference_filter_response_norm,
+)
 from normkit.functional._ghost_batch_norm import native_ghost_batch_norm, reference_ghost_batch_norm
 from normkit.functional._group_norm import reference_group_norm
 from normkit.functional._inplace_abn import native_inplace_abn, reference_inplace_abn
 from normkit.functional._layer_norm import reference_channel_layer_norm, reference_layer_norm
+from normkit.functional._moving_average_batch_norm import (
+    native_moving_average_batch_norm,
+    reference_moving_average_batch_norm,
+)
+from normkit.functional._rms_norm import (
+    native_channel_rms_norm,
+    native_rms_norm,
+    reference_channel_rms_norm,
+    reference_rms_norm,
+)
+from normkit.functional._std_conv import (
+    native_standardized_weight,
+    reference_standardized_weight,
+)
 from normkit.functional._switchable_norm import native_switchable_norm, reference_switchable_norm
 
 # --- native: ATen (and cuDNN) ---------------------------------------------------------------------
@@ -81,10 +108,11 @@ def native_group_norm(input, num_groups, weight, bias, eps):
 
 def native_channel_layer_norm(input, weight, bias, eps):
     # ATen's layer norm reduces over the last dim; with the channels moved last a channels_last
-    # input is contiguous, so this is one kernel. Other layouts pay a copy in and one out.
-    channels = input.shape[1]
-    y = torch.layer_norm(input.movedim(1, -1), (channels,), weight, bias, eps, _cudnn())
-    y = y.movedim(-1, 1)
+    # input is contiguous, so this is one kernel. Other layouts pay a copy in and one out. The dims
+    # are spelled out (not -1): ONNX's Transpose takes no negative permutation.
+    channels, last = input.shape[1], input.dim() - 1
+    y = torch.layer_norm(input.movedim(1, last), (channels,), weight, bias, eps, _cudnn())
+    y = y.movedim(last, 1)
     return y if y.stride() == input.stride() else _like(input, y)
 
 
@@ -107,12 +135,17 @@ def memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
 # --- compiled: torch.compile on the CPU --------------------------------------------------------------
 
 
-@functools.cache
+_COMPILER: list[bool] = []  # the answer, once looked up
+
+
 def _compiler_available() -> bool:
-    return compiler_available()
+    if not _COMPILER:
+        _COMPILER.append(compiler_available())
+    return _COMPILER[0]
 
 
-# A constant for torch.compile, which cannot trace the PATH lookup (see _dispatch.current).
+# A constant for torch.compile, which cannot trace the PATH lookup (see _dispatch.current). A plain
+# function: Dynamo reads the mark on functions, not through functools.cache's wrapper.
 _compiler_available._dynamo_marked_constant = True
 
 
@@ -195,6 +228,30 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable | tuple[Callable, _dispatch.Suppor
         "reference": reference_batch_layer_norm,
     },
     "switchable_norm": {"native": native_switchable_norm, "reference": reference_switchable_norm},
+    # Small batches (issue "Small batches, solved"): the batch-independent normalizers.
+    "rms_norm": {"native": native_rms_norm, "reference": reference_rms_norm},
+    "channel_rms_norm": {
+        "native": native_channel_rms_norm,
+        "reference": reference_channel_rms_norm,
+    },
+    "evo_norm_b0": {"native": native_evo_norm_b0, "reference": reference_evo_norm_b0},
+    "evo_norm_s0": {"native": native_evo_norm_s0, "reference": reference_evo_norm_s0},
+    "moving_average_batch_norm": {
+        "native": native_moving_average_batch_norm,
+        "reference": reference_moving_average_batch_norm,
+    },
+    "cross_iteration_batch_norm": {
+        "native": native_cross_iteration_batch_norm,
+        "reference": reference_cross_iteration_batch_norm,
+    },
+    "standardized_weight": {
+        "native": native_standardized_weight,
+        "reference": reference_standardized_weight,
+    },
+    "filter_response_norm": {
+        "native": native_filter_response_norm,
+        "reference": reference_filter_response_norm,
+    },
     # Fused and memory-saving batch norm: ATen's kernels with hand-written fused backward passes.
     "batch_norm_act": {
         "native": native_batch_norm_act,
@@ -209,9 +266,16 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable | tuple[Callable, _dispatch.Suppor
     },
 }
 
+# Made of ATen ops alone, as every `reference` implementation is: torch's transforms (torch.func,
+# forward-mode AD, jit.trace) see through them, so they keep running there; the others (hand-written
+# autograd.Functions, compiled maths, kernels) give way to `reference` (functional/_transforms.py).
+COMPOSITE = {native_batch_norm, native_layer_norm, native_group_norm, native_channel_layer_norm}
+
 for _op, _table in IMPLEMENTATIONS.items():
     for _backend, _entry in _table.items():
-        _dispatch.register(_op, _backend, *(_entry if isinstance(_entry, tuple) else (_entry,)))
+        _fn, *_supports = _entry if isinstance(_entry, tuple) else (_entry,)
+        _composite = _backend == "reference" or _fn in COMPOSITE
+        _dispatch.register(_op, _backend, _fn, *(_supports or [None]), composite=_composite)
 
 
 def set_backend(name: str) -> None:

@@ -25,6 +25,10 @@ from normkit.nn import (
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
+    CrossIterationBatchNorm,
+    EvoNormB0,
+    EvoNormS0,
+    FilterResponseNorm,
     FrozenBatchNorm,
     GhostBatchNorm,
     GroupNorm,
@@ -33,6 +37,9 @@ from normkit.nn import (
     InstanceNorm3d,
     LayerNorm,
     LayerNorm2d,
+    MovingAverageBatchNorm,
+    RMSNorm,
+    RMSNorm2d,
     SwitchableNorm,
 )
 
@@ -77,6 +84,25 @@ def _ghost(num_features, size, **kw):
     return GhostBatchNorm(num_features, **kw)
 
 
+def _fitted_groups(num_features: int, limit: int = DEFAULT_GROUPS) -> int:
+    """The largest number of groups up to ``limit`` that divides ``num_features``."""
+    return max(g for g in range(1, min(limit, num_features) + 1) if num_features % g == 0)
+
+
+def _evo_norm_s0(num_features, groups, **kw):
+    if groups is None and "group_size" not in kw:
+        groups = kw.pop("groups", None) or _fitted_groups(num_features)
+    if groups is not None:
+        kw["groups"] = groups
+    return EvoNormS0(num_features, **kw)
+
+
+def _cross_iteration(num_features, window, **kw):
+    if window is not None:
+        kw["window"] = window
+    return CrossIterationBatchNorm(num_features, **kw)
+
+
 def _sync(num_features, argument, **kw):
     return _sync_batch_norm()(num_features, **kw)
 
@@ -110,6 +136,15 @@ SPECS: dict[str, _Spec] = {
     "switchable": _Spec(_plain(SwitchableNorm), layer="nk.SwitchableNorm"),
     "frozen": _Spec(_plain(FrozenBatchNorm), layer="nk.FrozenBatchNorm"),
     "sync": _Spec(_sync, layer="nk.SyncBatchNorm"),
+    "rms": _Spec(_plain(RMSNorm), layer="nk.RMSNorm(C), over the last dim"),
+    "rms2d": _Spec(_plain(RMSNorm2d), layer="nk.RMSNorm2d(C), over dim 1"),
+    "frn": _Spec(_plain(FilterResponseNorm), layer="nk.FilterResponseNorm (with its TLU)"),
+    "evonorm_b0": _Spec(_plain(EvoNormB0), layer="nk.EvoNormB0"),
+    "evonorm_s0": _Spec(
+        _evo_norm_s0, "groups", "nk.EvoNormS0, G = the largest divisor of C up to 32 by default"
+    ),
+    "mabn": _Spec(_plain(MovingAverageBatchNorm), layer="nk.MovingAverageBatchNorm"),
+    "cbn": _Spec(_cross_iteration, "window", "nk.CrossIterationBatchNorm(C, window=k)"),
     "none": _Spec(_none, layer="torch.nn.Identity()"),
 }
 # Other spellings users reach for; normalized like the names (lowercase, '_' and '-' dropped).
@@ -135,6 +170,15 @@ ALIASES = {
     "sn": "switchable",
     "frozenbatchnorm": "frozen",
     "syncbatchnorm": "sync",
+    "rmsnorm": "rms",
+    "rmsnorm2d": "rms2d",
+    "filterresponsenorm": "frn",
+    "evonormb0": "evonorm_b0",
+    "evob0": "evonorm_b0",
+    "evonorms0": "evonorm_s0",
+    "evos0": "evonorm_s0",
+    "movingaveragebatchnorm": "mabn",
+    "crossiterationbatchnorm": "cbn",
     "identity": "none",
 }
 
@@ -176,6 +220,14 @@ def create_norm(
     ``switchable``    ``nk.SwitchableNorm``
     ``frozen``        ``nk.FrozenBatchNorm``
     ``sync``          ``nk.SyncBatchNorm`` (from :mod:`normkit.distributed`, imported when asked)
+    ``rms``           ``nk.RMSNorm(C)`` over the last dim; ``rms2d``: ``nk.RMSNorm2d(C)`` over dim 1
+    ``frn``           ``nk.FilterResponseNorm`` (FRN + TLU)
+    ``evonorm_b0``    ``nk.EvoNormB0``
+    ``evonorm_s0[:G]`` ``nk.EvoNormS0(C, groups=G)``, G the largest divisor of C up to 32 unless
+                      given
+    ``mabn``          ``nk.MovingAverageBatchNorm``
+    ``cbn[:k]``       ``nk.CrossIterationBatchNorm(C, window=k)`` (attach its producer:
+                      ``nk.tools.convert(model, "cbn")`` does)
     ``none``          ``torch.nn.Identity()`` (also ``spec=None``)
     ================= ============================================================================
 

@@ -45,6 +45,19 @@ LAYERS = {
     "LayerNorm": (lambda: nk.LayerNorm(4), (8, 3, 4)),
     "LayerNorm2d": (lambda: nk.LayerNorm2d(4), (8, 4, 3, 3)),
     "FrozenBatchNorm": (lambda: nk.FrozenBatchNorm(4), (8, 4, 3, 3)),
+    "RMSNorm": (lambda: nk.RMSNorm(4), (8, 3, 4)),
+    "RMSNorm2d": (lambda: nk.RMSNorm2d(4), (8, 4, 3, 3)),
+    "FilterResponseNorm": (lambda: nk.FilterResponseNorm(4), (8, 4, 3, 3)),
+    "EvoNormB0": (lambda: nk.EvoNormB0(4), (8, 4, 3, 3)),
+    "EvoNormS0": (lambda: nk.EvoNormS0(4, groups=2), (8, 4, 3, 3)),
+    "MovingAverageBatchNorm": (lambda: nk.MovingAverageBatchNorm(4), (8, 4, 3, 3)),
+    "CrossIterationBatchNorm": (
+        lambda: nk.CrossIterationBatchNorm(4, compensate=False),
+        (8, 4, 3, 3),
+    ),
+    "StdConv2d": (lambda: nk.StdConv2d(4, 4, 3), (8, 4, 5, 5)),
+    "ScaledStdConv2d": (lambda: nk.ScaledStdConv2d(4, 4, 3), (8, 4, 5, 5)),
+    "CenteredConv2d": (lambda: nk.CenteredConv2d(4, 4, 3), (8, 4, 5, 5)),
 }
 PLAIN_BATCH_NORMS = {"BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"}
 

@@ -356,3 +356,46 @@ def test_converted_model_computes_the_same_without_a_process_group():
     model.eval()
     reference_model.eval()
     assert_close(model(x), reference_model(x), torch.float32, "eval")
+
+
+# --- the synchronized step under PyTorch's transforms ---------------------------------------------
+
+
+@pytest.fixture
+def synchronizing(monkeypatch):
+    """A layer that believes it has peers: the refusals come before any collective, so none runs."""
+    from normkit.distributed import sync_batch_norm
+
+    monkeypatch.setattr(sync_batch_norm, "synchronizing_group", lambda group: _PEERS)
+    layer = nk.SyncBatchNorm(3).train()
+    monkeypatch.setattr(layer, "_synchronized_forward", _no_collectives)
+    return layer
+
+
+_PEERS = object()  # stands for a process group of two ranks
+
+
+def _no_collectives(*args):
+    raise AssertionError("a collective would have run")
+
+
+def test_synchronized_step_refuses_transforms_that_cannot_hold_it(synchronizing):
+    """torch.func, torch.jit.trace and torch.export refuse the synchronized step with its reason
+    (docs/transforms.md); torch.compile breaks the graph with it."""
+    from normkit.errors import UnsupportedTransformError
+    from normkit.functional._transforms import SYNCHRONIZED_STEP
+
+    x = torch.randn(4, 3, 2)
+    attempts = {
+        "grad": lambda: torch.func.grad(lambda t: synchronizing(t).sum())(x),
+        "jvp": lambda: torch.func.jvp(synchronizing, (x,), (x,)),
+        "jit.trace": lambda: torch.jit.trace(synchronizing, (x,), check_trace=False),
+        "export": lambda: torch.export.export(synchronizing, (x,)),
+    }
+    for attempt in attempts.values():
+        with pytest.raises(UnsupportedTransformError, match="synchronized training step"):
+            attempt()
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError) as info:
+        torch.compile(synchronizing, fullgraph=True, backend="eager")(x)
+    assert SYNCHRONIZED_STEP.reason in str(info.value)

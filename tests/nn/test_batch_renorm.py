@@ -137,18 +137,29 @@ def test_callable_schedule_gets_the_step():
         layer(torch.randn(5, 3))
 
 
-def test_step_counter_is_in_the_state_dict_and_round_trips():
+def test_state_dict_has_batch_norms_keys_and_the_step_round_trips():
+    """The keys are exactly BatchNorm2d's, so a Batch Renorm checkpoint loads strictly into
+    torch.nn.BatchNorm2d (issue 20, item 9); the schedule's step comes back from the batches the
+    running statistics have seen."""
     layer = nk.BatchRenorm2d(3, r_max=2.0, d_max=1.0)
     for seed in range(4):
         layer(make_input((4, 3, 2, 2), seed=seed))
     state = layer.state_dict()
-    bn_keys = set(torch.nn.BatchNorm2d(3).state_dict())
-    assert set(state) == bn_keys | {"renorm_step"}
+    assert set(state) == set(torch.nn.BatchNorm2d(3).state_dict())
+    torch.nn.BatchNorm2d(3).load_state_dict(state)  # strict
     other = nk.BatchRenorm2d(3, r_max=2.0, d_max=1.0)
     other.load_state_dict(state)
     assert int(other.renorm_step) == 4
     for key, value in state.items():
         assert torch.equal(other.state_dict()[key], value), key
+
+
+def test_older_checkpoints_with_the_step_still_load():
+    layer = nk.BatchRenorm2d(3)
+    old = {**layer.state_dict(), "renorm_step": torch.tensor(123)}
+    other = nk.BatchRenorm2d(3)
+    other.load_state_dict(old)  # strict
+    assert int(other.renorm_step) == 123
 
 
 def test_batch_norm_checkpoint_starts_the_schedule_at_its_batch_count():

@@ -99,3 +99,21 @@ def test_bad_input_and_sources_are_refused():
         nk.FrozenBatchNorm.from_batch_norm(torch.nn.BatchNorm2d(3, track_running_stats=False))
     with pytest.raises(ChannelMismatchError, match="FrozenBatchNorm"):
         nk.FrozenBatchNorm(3)(torch.randn(2, 4, 5))
+
+
+def test_caffe2_checkpoints_of_weight_and_bias_load():
+    """Caffe2/Detectron checkpoints fold the statistics into weight and bias; detectron2's
+    FrozenBatchNorm2d loads them with mean 0 and variance 1, and so does this one (issue 20)."""
+    weight, bias = torch.tensor([0.5, 2.0, -1.0]), torch.tensor([0.1, 0.2, 0.3])
+    frozen = nk.FrozenBatchNorm(3, eps=1e-5)
+    with torch.no_grad():  # not the defaults, so the load must write them
+        frozen.running_mean.fill_(7.0)
+        frozen.running_var.fill_(9.0)
+    frozen.load_state_dict({"weight": weight, "bias": bias})  # strict
+    assert torch.equal(frozen.running_mean, torch.zeros(3))
+    assert torch.equal(frozen.running_var, torch.ones(3))
+    x = torch.randn(2, 3, 4)
+    expected = x * (weight / (1 + 1e-5) ** 0.5).view(1, 3, 1) + bias.view(1, 3, 1)
+    torch.testing.assert_close(frozen(x), expected)
+    with pytest.raises(RuntimeError, match="Missing key"):  # a partial BatchNorm is still refused
+        nk.FrozenBatchNorm(3).load_state_dict({"weight": weight, "bias": bias, "running_mean": bias})

@@ -23,7 +23,6 @@ import functools
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from normkit.distributed import _collectives as wire
 from normkit.distributed._moments import local_moments, merge_moments
@@ -44,6 +43,7 @@ from normkit.functional._running_stats import (
     guarded_update,
     update_running_stats,
 )
+from normkit.functional._transforms import SYNCHRONIZED_STEP
 
 CHECK_RANKS = ("auto", "always", "never")
 
@@ -250,8 +250,9 @@ class _SyncNormalize(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph=True: the all-reduced backward is first-order
+            raise SYNCHRONIZED_STEP.error()
         input, weight, mean, var, count = ctx.saved_tensors
         ndim, dims = input.dim(), batch_dims(input.dim())
         dtype = stats_dtype(input.dtype)

@@ -17,6 +17,7 @@ from normkit.distributed._sync_batch_norm import (
     synchronizing_group,
 )
 from normkit.errors import ConfigError, NormkitError
+from normkit.functional._transforms import SYNCHRONIZED_STEP, composite_required, exporting
 from normkit.nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normkit.nn._base import DEFAULT_MOMENTUM, NormBase, named
 from normkit.nn._origin import forget_origin, mark_origin
@@ -70,8 +71,9 @@ class SyncBatchNorm(BatchNorm):
     statistics are NaN and the guard skips it); if every rank is empty the output is empty and the
     running statistics and ``num_batches_tracked`` are unchanged (on accelerators without a header
     read: counted in ``num_batches_skipped``). Not supported while synchronizing: nk.BatchNorm's
-    padding ``mask``, double backward. Under ``torch.compile`` the synchronized step runs eagerly
-    (a graph break). docs/distributed.md has the details.
+    padding ``mask``. Under ``torch.compile`` the synchronized step runs eagerly (a graph break);
+    torch.export, torch.jit.trace, torch.func's transforms and double backward refuse it
+    (docs/transforms.md). docs/distributed.md has the details.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype, bias, decay,
@@ -104,6 +106,8 @@ class SyncBatchNorm(BatchNorm):
         'BatchNorm2d'
     """
 
+    transform_refusals = (*NormBase.transform_refusals, SYNCHRONIZED_STEP)
+
     def __init__(
         self, num_features: int, eps: float = 1e-5, momentum: float | None = DEFAULT_MOMENTUM,
         affine: bool = True, track_running_stats: bool = True, process_group=None, *args,
@@ -132,7 +136,10 @@ class SyncBatchNorm(BatchNorm):
             raise named(self, error) from None
         if group is None:
             return super().forward(input, **local)
+        if exporting() or composite_required():  # torch.export, torch.func, jit.trace
+            raise named(self, SYNCHRONIZED_STEP.error())
         if torch.compiler.is_compiling():  # collectives and host checks run eagerly (graph break)
+            torch._dynamo.graph_break(msg=SYNCHRONIZED_STEP.reason)
             return torch.compiler.disable(self._synchronized_forward)(input, group)
         return self._synchronized_forward(input, group)
 

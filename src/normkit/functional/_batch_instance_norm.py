@@ -35,7 +35,12 @@ from normkit.functional._instance_stats import (
     spatial_dims,
 )
 from normkit.functional._moments import stats_dtype
-from normkit.functional._normalize import channel_view, normalize, normalize_over
+from normkit.functional._normalize import (
+    channel_view,
+    empty_output,
+    normalize,
+    normalize_over,
+)
 from normkit.functional._running_stats import (
     exponential_average_factor,
     guarded_update,
@@ -76,6 +81,9 @@ def batch_instance_norm(
         bias=bias,
     )
     check_instance_statistics_size(input)
+    if input.numel() == 0:  # an empty batch: an empty output, the running statistics untouched
+        ndim = input.dim()
+        return empty_output(input, channel_view(weight, ndim), channel_view(bias, ndim))
     gate = rho.clamp(0.0, 1.0)
     if not training:
         if running_mean is None or running_var is None:

@@ -22,14 +22,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from normkit.errors import ConfigError
 from normkit.functional import _dispatch
 from normkit.functional._batch_instance_norm import mix_with_batch_statistics
 from normkit.functional._batch_norm import batch_dims
 from normkit.functional._checks import (
-    check_batch_statistics_size,
     check_eps,
     check_floating,
     check_min_rank,
@@ -39,7 +37,12 @@ from normkit.functional._checks import (
 from normkit.functional._compiled import CompiledMaths
 from normkit.functional._given_statistics import batch_norm_statistics
 from normkit.functional._moments import stats_dtype
-from normkit.functional._normalize import channel_view, normalize, normalize_over
+from normkit.functional._normalize import (
+    channel_view,
+    empty_output,
+    normalize,
+    normalize_over,
+)
 
 # The offsets of the official code: the weights are 1/m - 1e-4 and 1 - (1/m + 1e-4).
 WEIGHT_OFFSET = 1e-4
@@ -75,6 +78,9 @@ def batch_layer_norm(
     )
     if batch_size is not None:
         check_positive_int(batch_size, "batch_size")
+    if input.numel() == 0:  # an empty batch: an empty output, the running statistics untouched
+        ndim = input.dim()
+        return empty_output(input, channel_view(weight, ndim), channel_view(bias, ndim))
     batch_weight, layer_weight = mixing_weights(
         batch_size or max(input.shape[0], 1), input.shape[1], divide_by_sqrt_features
     )
@@ -87,7 +93,8 @@ def batch_layer_norm(
                 "and running_var, but they were not given; pass them, or training=True"
             )
         return impl(input, *arguments, running_mean, running_var, eps)[0]
-    check_batch_statistics_size(input)
+    if input.shape[0] * math.prod(input.shape[2:]) == 1:
+        return _one_value_per_channel(impl, input, layer_weight, weight, bias, eps)
     return mix_with_batch_statistics(
         impl,
         input,
@@ -100,6 +107,17 @@ def batch_layer_norm(
         num_batches_skipped=num_batches_skipped,
         on_nonfinite=on_nonfinite,
     )
+
+
+def _one_value_per_channel(impl, input, layer_weight, weight, bias, eps):
+    """Training on one value per channel (an (1, C) input, or one sample's 1x1 map), as the
+    official code computes it: its batch moments over one sample are mu_B = x, sigma2_B = 0, so
+    x_b = (x - x) / sqrt(0 + eps) = 0 and only the LN part and beta remain (value and gradient).
+    The running statistics are left as they are: one value has no variance (the code's unbiased
+    correction m / (m - 1) divides by zero there). BatchNorm keeps its BatchTooSmallError."""
+    constant = torch.zeros(input.shape[1], dtype=stats_dtype(input.dtype), device=input.device)
+    # the BN part weighted 0 against constant statistics: exactly its x_b = 0 and zero gradients
+    return impl(input, 0.0, layer_weight, weight, bias, constant, constant + 1.0, eps)[0]
 
 
 def mixing_weights(batch_size: int, features: int, divide: bool) -> tuple[float, float]:
@@ -244,7 +262,8 @@ def _compiled_backward_maths(
 class _CompiledBatchLayerNorm(torch.autograd.Function):
     """y = BN(x; w_b, b) + LN_C(x; w_f) as two pure-tensor passes forward and two backward, fused
     by torch.compile in the input's own layout (no channels-last copies); saves x, the float32
-    per-channel and per-position statistics. Not twice differentiable."""
+    per-channel and per-position statistics. Under ``create_graph=True`` the backward is autograd's
+    of the same maths, so it is twice differentiable."""
 
     @staticmethod
     def forward(ctx, x, w_b, b, w_f, running_mean, running_var, eps):
@@ -261,9 +280,11 @@ class _CompiledBatchLayerNorm(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, _dmean, _dvar):
         x, w_b, w_f, mean, var, mean_f, invstd_f = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: double backward
+            grads = _differentiable_backward(dy, x, w_b, w_f, mean, var, ctx)
+            return (*grads, None, None, None)
         dx, dw_b, db, dw_f = CompiledMaths.call(
             _compiled_backward_maths, dy, x, w_b, w_f, mean, var, mean_f, invstd_f, ctx.eps,
             ctx.training,
@@ -278,6 +299,31 @@ class _CompiledBatchLayerNorm(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _differentiable_backward(dy, x, w_b, w_f, mean, var, ctx):
+    """The backward under ``create_graph=True``: the gradients of w_b·x̂_B + w_f·x̂_F (+ b) by
+    autograd, recomputing the statistics from x (the batch's in training; the running ones are
+    constants in eval), so that they are differentiable again."""
+    ndim, dims, dtype = x.dim(), batch_dims(x.dim()), stats_dtype(x.dtype)
+    needs = ctx.needs_input_grad
+    flags = (needs[0], needs[1], needs[3])
+    wanted = [t if need else None for t, need in zip((x, w_b, w_f), flags, strict=True)]
+    with torch.enable_grad():
+        xs = x.to(dtype)
+        if ctx.training:
+            var, mean = torch.var_mean(xs, dims, correction=0, keepdim=True)
+        else:
+            mean, var = channel_view(mean, ndim), channel_view(var, ndim)
+        var_f, mean_f = torch.var_mean(xs, (1,), correction=0, keepdim=True)
+        y = (xs - mean) * torch.rsqrt(var + ctx.eps) * channel_view(w_b, ndim) + (
+            xs - mean_f
+        ) * torch.rsqrt(var_f + ctx.eps) * channel_view(w_f, ndim)
+        inputs = [t for t in wanted if t is not None]
+        grads = iter(torch.autograd.grad(y.to(x.dtype), inputs, dy, create_graph=True))
+    dx, dw_b, dw_f = (next(grads) if t is not None else None for t in wanted)
+    db = dy.to(dtype).sum(dims) if needs[2] else None
+    return dx, dw_b, db, dw_f
 
 
 def compiled_batch_layer_norm(

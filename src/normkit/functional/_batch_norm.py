@@ -22,6 +22,7 @@ from normkit.functional._checks import (
 from normkit.functional._masked import masked_batch_norm
 from normkit.functional._normalize import channel_view, empty_output, normalize, normalize_over
 from normkit.functional._running_stats import (
+    average_into,
     exponential_average_factor,
     guarded_update,
     update_running_stats,
@@ -98,7 +99,9 @@ def batch_norm(
     return guarded_update(
         running_mean,
         running_var,
-        lambda mean, var: impl(input, mean, var, weight, bias, True, factor, eps),
+        lambda mean, var: average_into(
+            mean, var, factor, lambda m, v, f: impl(input, m, v, weight, bias, True, f, eps)
+        ),
         num_batches_tracked=num_batches_tracked,
         num_batches_skipped=num_batches_skipped,
         on_nonfinite=on_nonfinite,

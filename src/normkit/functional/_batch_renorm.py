@@ -116,6 +116,8 @@ def renorm_corrections(
     d_max: Bound,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """r and d of Algorithm 1, per channel, in the dtype of the batch statistics (no gradient)."""
+    # detached: no_grad stops backward, not forward-mode AD's tangents (torch.func.jvp)
+    batch_mean, batch_var = batch_mean.detach(), batch_var.detach()
     dtype = batch_mean.dtype
     sigma = torch.sqrt(running_var.to(dtype) + eps)
     r_max = r_max.to(dtype) if isinstance(r_max, torch.Tensor) else float(r_max)
@@ -132,7 +134,7 @@ def update_renorm_statistics(
     batch_mean: torch.Tensor,
     batch_var: torch.Tensor,
     eps: float,
-    momentum: float,
+    momentum: float | torch.Tensor,
 ) -> None:
     """The paper's moving averages, in place: of the mean, and of sigma = sqrt(var + eps).
 
@@ -140,9 +142,11 @@ def update_renorm_statistics(
     sigma that divides), so it is written as sigma^2 - eps (never negative: sigma >= sqrt(eps)).
     """
     dtype = batch_mean.dtype
+    if isinstance(momentum, torch.Tensor):  # the cumulative average's 1/(k+1), on the device
+        momentum = momentum.to(dtype)
     sigma = torch.sqrt(running_var.to(dtype) + eps)
     sigma = torch.lerp(sigma, torch.sqrt(batch_var + eps), momentum)
-    running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
+    running_mean.copy_(torch.lerp(running_mean.to(dtype), batch_mean, momentum))
     running_var.copy_((sigma.square() - eps).clamp_(min=0.0))
 
 

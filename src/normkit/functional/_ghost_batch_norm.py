@@ -75,7 +75,7 @@ def ghost_batch_norm(
                 "running_var, but they were not given; pass them, or training=True"
             )
         return batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
-    sizes = ghost_batch_sizes(input.shape[0], virtual_batch_size)
+    sizes = ghost_batch_sizes(int(input.shape[0]), virtual_batch_size)
     if input.numel() == 0:
         ndim = input.dim()
         return empty_output(input, channel_view(weight, ndim), channel_view(bias, ndim))
@@ -83,10 +83,7 @@ def ghost_batch_norm(
     impl = _dispatch.resolve("ghost_batch_norm", input)
     if running_mean is None or running_var is None:
         return impl(input, sizes, weight, bias, eps)[0]
-    exponential_average_factor(momentum, num_batches_tracked)  # momentum=None needs the counter
-    # the cumulative average weighs by the ghost batches seen, read on the host (as torch.nn does)
-    seen = int(num_batches_tracked) if momentum is None else 0
-    accepted = []
+    factor = exponential_average_factor(momentum, num_batches_tracked)
 
     def normalize_and_track(new_mean, new_var):
         y, means, variances = impl(input, sizes, weight, bias, eps)
@@ -94,26 +91,23 @@ def ghost_batch_norm(
             plane = math.prod(input.shape[2:])
             counts = torch.tensor(sizes, dtype=variances.dtype, device=variances.device) * plane
             variances = unbiased(variances, counts.unsqueeze(1))  # per ghost batch: m / (m - 1)
-            if momentum is None:
-                blend_cumulative(new_mean, means, seen)
-                blend_cumulative(new_var, variances, seen)
+            if momentum is None:  # the cumulative average weighs by the ghost batches seen
+                blend_cumulative(new_mean, means, num_batches_tracked)
+                blend_cumulative(new_var, variances, num_batches_tracked)
             else:
-                blend_exponential(new_mean, means, momentum)
-                blend_exponential(new_var, variances, momentum)
-            accepted.append(torch.isfinite(new_var).all())
+                blend_exponential(new_mean, means, factor)
+                blend_exponential(new_var, variances, factor)
         return y
 
-    y = guarded_update(
+    return guarded_update(
         running_mean,
         running_var,
         normalize_and_track,
+        num_batches_tracked=num_batches_tracked,
         num_batches_skipped=num_batches_skipped,
         on_nonfinite=on_nonfinite,
+        count=len(sizes),
     )
-    if num_batches_tracked is not None:
-        with torch.no_grad():
-            num_batches_tracked.add_(accepted[0].long() * len(sizes))
-    return y
 
 
 def ghost_batch_sizes(batch: int, virtual_batch_size: int) -> tuple[int, ...]:
@@ -140,11 +134,13 @@ def blend_exponential(running: torch.Tensor, stats: torch.Tensor, momentum: floa
     running.mul_(decay**count).add_(blended)
 
 
-def blend_cumulative(running: torch.Tensor, stats: torch.Tensor, seen: int) -> None:
-    """The cumulative average after G more statistics: ``(t running + sum_k stat_k) / (t + G)``."""
+def blend_cumulative(running: torch.Tensor, stats: torch.Tensor, seen: torch.Tensor) -> None:
+    """The cumulative average after G more statistics: ``(t running + sum_k stat_k) / (t + G)``,
+    with t, the ghost batches ``seen`` so far, read on the device."""
     count = stats.shape[0]
     total = stats.sum(0).reshape(running.shape).to(running.dtype)
-    running.mul_(seen / (seen + count)).add_(total, alpha=1.0 / (seen + count))
+    seen = seen.to(running.dtype)
+    running.mul_(seen / (seen + count)).add_(total / (seen + count))
 
 
 def _check_ghost_size(input, sizes, virtual_batch_size) -> None:

@@ -16,6 +16,7 @@ from normkit.functional import _dispatch
 from normkit.functional._checks import (
     check_eps,
     check_floating,
+    check_like_input,
     check_min_rank,
     check_per_channel,
     check_trailing_shape,
@@ -43,6 +44,7 @@ def layer_norm(
     check_eps(eps)
     normalized_shape = _as_shape(normalized_shape)
     check_trailing_shape(input, normalized_shape)
+    check_like_input(input, weight=weight, bias=bias)
     if mask is not None:
         return masked_layer_norm(input, mask, normalized_shape, weight, bias, eps)
     impl = _dispatch.resolve("layer_norm", input)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from normkit.functional._moments import moments, stats_dtype
+from normkit.functional._transforms import composite_required
 
 
 def _affine(
@@ -70,8 +71,14 @@ def normalize_over(
     """Normalize ``x`` with its own mean and biased variance over ``dims``.
 
     Returns ``(y, mean, var)``; ``mean`` and ``var`` keep the reduced dims (size 1) and carry no
-    gradient, ready for a running-statistics update.
+    gradient, ready for a running-statistics update. Under torch.func's transforms, forward-mode
+    AD and torch.jit.trace the same maths is differentiated by autograd instead of the hand-written
+    backward (functional/_transforms.py).
     """
+    if composite_required():
+        mean, var = moments(x, tuple(dims))
+        y = _affine((x.to(mean.dtype) - mean) * torch.rsqrt(var + eps), weight, bias)
+        return y.to(x.dtype), mean.detach(), var.detach()
     return _NormalizeOver.apply(x, weight, bias, tuple(dims), eps)
 
 

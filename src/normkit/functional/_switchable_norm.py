@@ -39,7 +39,7 @@ from normkit.functional._instance_stats import (
     spatial_dims,
 )
 from normkit.functional._moments import moments, stats_dtype
-from normkit.functional._normalize import channel_view
+from normkit.functional._normalize import channel_view, empty_output
 
 KINDS = ("IN", "LN", "BN")
 
@@ -79,6 +79,9 @@ def switchable_norm(
                 f"shape {shape_str(logits.shape)}"
             )
     check_instance_statistics_size(input)
+    if input.numel() == 0:  # an empty batch: an empty output, the running statistics untouched
+        ndim = input.dim()
+        return empty_output(input, channel_view(weight, ndim), channel_view(bias, ndim))
     impl = _dispatch.resolve("switchable_norm", input)
     if not training:
         if running_mean is None or running_var is None:

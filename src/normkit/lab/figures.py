@@ -103,6 +103,7 @@ class Curves(FigureSpec):
     logy: bool = False
     ylim: tuple[float, float] | None = None
     from_step: int = 0
+    logx: bool = False  # e.g. a random walk's log(updates) growth as a straight line
 
     def draw(self, results):
         figure = new_figure()
@@ -123,7 +124,9 @@ class Curves(FigureSpec):
                 for trial in trials:
                     if trial.final["diverged"] and trial.series(metric)[0]:
                         axes.plot(*(v[-1:] for v in trial.series(metric)), "kx")
-        axes.set_xlabel(STEP_LABEL)
+        axes.set_xlabel(STEP_LABEL + (" (log scale)" if self.logx else ""))
+        if self.logx:
+            axes.set_xscale("log")
         axes.set_ylabel(self.ylabel)
         if self.title:
             axes.set_title(self.title, fontsize="medium")

@@ -21,18 +21,21 @@ from normkit.lab.render import (
     Section,
     Table,
     close_figures,
+    code_block,
     fmt,
     html_blocks,
     html_page,
     html_table,
+    literal,
     markdown,
     markdown_table,
     new_figure,
+    no_raw_html,
     save_figures,
     text_html,
 )
 
-__all__ = ["Check", "Figure", "Report", "RunReport", "Section", "Table", "fmt", "new_figure"]
+__all__ = ["Check", "Figure", "Report", "RunReport", "Section", "Table", "fmt", "literal", "new_figure"]
 
 
 @dataclass
@@ -65,12 +68,13 @@ def _standard_sections(record: RunRecord, report: RunReport) -> list[Section]:
     config = record.config
     data = config["data"]
     sections = []
+    # what the user chose (settings, paths, names) goes in through literal(): shown as written
     data_blocks: list[str | Table | Figure] = [
-        f"{data['name']} from `{data['source']}`: {data['train']} training, "
+        f"{literal(data['name'])} from {literal(data['source'])}: {data['train']} training, "
         f"{data.get('validation', 0)} validation and {data['test']} test examples of shape "
         f"{tuple(data['sample_shape'])}."
     ]
-    data_blocks += [f"**Note:** {note}" for note in data.get("notes", [])]
+    data_blocks += [f"**Note:** {literal(note)}" for note in data.get("notes", [])]
     sections.append(Section("Data", data_blocks))
     if report.deviations:
         sections.append(
@@ -80,7 +84,8 @@ def _standard_sections(record: RunRecord, report: RunReport) -> list[Section]:
             )
         )
     # settings as the user typed them: 1e-4 stays 1e-4 (not "0.000"), 0.1 stays 0.1
-    settings = Table(["setting", "value"], [[k, fmt(v, "g")] for k, v in record.settings.items()])
+    settings = Table(["setting", "value"],
+                     [[literal(k), literal(fmt(v, "g"))] for k, v in record.settings.items()])  # fmt: skip
     timing = (record.summary or {}).get("timing", {})
     execution = config.get("execution", {})
     how = f"{config['torch_threads']} torch threads"
@@ -90,8 +95,9 @@ def _standard_sections(record: RunRecord, report: RunReport) -> list[Section]:
             f" ({execution['executor']}), device {execution['device']}"
         )
     run_blocks: list[str | Table | Figure] = [
-        f"Reproduce with:\n\n```\n{config['command']}\n```",
-        f"Preset `{config['preset']}`, created {config['created']}, {how}; training took "
+        "Reproduce with:",
+        code_block(config["command"]),
+        f"Preset {literal(config['preset'])}, created {config['created']}, {how}; training took "
         f"{fmt(timing.get('total_seconds'), '.1f')} s of wall time (summed over trials).",
         settings,
     ]
@@ -102,7 +108,7 @@ def _standard_sections(record: RunRecord, report: RunReport) -> list[Section]:
     sections.append(
         Section(
             "Environment",
-            [Table(["", ""], [[k, fmt(environment.get(k))] for k in keep if k in environment])],
+            [Table(["", ""], [[k, literal(fmt(environment.get(k)))] for k in keep if k in environment])],
         )
     )
     return sections
@@ -134,7 +140,8 @@ def write_run_report(record: RunRecord, experiment) -> tuple[Path, Path]:
     title, intro, sections = _parts(record, experiment)
     save_figures(sections, record.directory / "figures")
     md_path = record.directory / "report.md"
-    md_path.write_text("\n".join([f"# {title}", "", intro, ""] + markdown(sections, 2, "figures")),
+    md_path.write_text("\n".join([f"# {no_raw_html(title)}", "", no_raw_html(intro), ""]
+                                  + markdown(sections, 2, "figures")),
                        encoding="utf-8")  # fmt: skip
     page = html_page(
         title, [f"<h1>{html.escape(title)}</h1>", text_html(intro)] + html_blocks(sections, 2)
@@ -151,13 +158,14 @@ def scoreboard(records: list[RunRecord]) -> tuple[Table, Table]:
     runs = Table(["run", "experiment", "preset", "data", "verdict", "claims"], [])
     for record in records:
         entries = (record.summary or {}).get("claims", [])
-        name = f"{record.config['experiment']} ({record.config['preset']})"
+        name = literal(f"{record.config['experiment']} ({record.config['preset']})")
         claims.rows += [[name, *card_row(e)] for e in entries]
         verdicts = [e["verdict"] for e in entries]
         counts = {v: verdicts.count(v) for v in dict.fromkeys(v for v in verdicts if v)}
         runs.rows.append([
-            str(record.directory), record.config["experiment"], record.config["preset"],
-            record.config["data"]["name"], (record.summary or {}).get("verdict") or roll_up(verdicts) or "–",
+            literal(record.directory), literal(record.config["experiment"]),
+            literal(record.config["preset"]), literal(record.config["data"]["name"]),
+            (record.summary or {}).get("verdict") or roll_up(verdicts) or "–",
             ", ".join(f"{n} {v}" for v, n in counts.items()) or "–",
         ])  # fmt: skip
     return runs, claims
@@ -171,7 +179,8 @@ def write_combined_report(records: list[RunRecord], experiments: list, out: Path
     for index, (record, experiment) in enumerate(zip(records, experiments, strict=True), start=1):
         title, intro, sections = _parts(record, experiment, prefix=f"run{index}-")
         all_sections += sections
-        markdown_lines += [f"## {index}. {title}", "", intro, ""] + markdown(sections, 3, "figures")
+        markdown_lines += [f"## {index}. {no_raw_html(title)}", "", no_raw_html(intro), ""]
+        markdown_lines += markdown(sections, 3, "figures")
         body += [f"<h2>{index}. {html.escape(title)}</h2>", text_html(intro)] + html_blocks(sections, 3)
     title = f"normkit lab: {len(records)} runs"
     save_figures(all_sections, out / "figures")

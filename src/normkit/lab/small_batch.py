@@ -250,6 +250,28 @@ def hidden_norm_name(channels: Sequence[int]) -> str:
     return f"norm{len(channels) + 1}"
 
 
+class RefusalRecorder:
+    """The runner's training step (cross-entropy, backward, optimizer step) that records a
+    normalizer's refusal of a batch (``BatchTooSmallError``) instead of raising it; from then on
+    the loss is NaN, which ends the trial (marked diverged) at its next evaluation."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer, self.refusal = model, optimizer, None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.refusal is None:
+            try:
+                loss = nn.functional.cross_entropy(self.model(x), y)
+            except nk.errors.BatchTooSmallError as error:
+                self.refusal = f"{type(error).__name__}: {error}"
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                return loss
+        return torch.tensor(float("nan"))
+
+
 @torch.no_grad()
 def batch_statistics_accuracy(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int

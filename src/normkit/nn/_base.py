@@ -19,6 +19,13 @@ from torch.nn.modules.batchnorm import _NormBase
 from normkit.errors import NormkitError, ShapeError
 from normkit.functional._checks import check_eps, check_policy, check_positive_int, shape_str
 from normkit.functional._running_stats import DefaultMomentum, momentum_argument
+from normkit.functional._transforms import (
+    HOST_POLICY_UNDER_CAPTURE,
+    JIT_SCRIPT,
+    VMAP_RUNNING_STATISTICS,
+    Refusal,
+    batched,
+)
 from normkit.nn._origin import mark_origin
 
 
@@ -45,7 +52,23 @@ def drop_bias_if_unsupported(module: nn.Module, has_bias: bool, bias: bool) -> N
         module.register_parameter("bias", None)
 
 
-class NormBase(_NormBase):
+class NormLayer:
+    """What every normkit layer declares about PyTorch's transforms (docs/transforms.md).
+
+    ``transform_refusals``: the :class:`~normkit.functional._transforms.Refusal` s the layer answers
+    some transforms with, in some modes and configurations; everything else works, and the
+    transform matrix test (tests/test_transform_matrix.py) holds every public layer to both. A
+    layer adds its own to its base's: ``transform_refusals = NormBase.transform_refusals + (...)``.
+    ``torch.jit.script`` is refused here, before TorchScript reads the forward.
+    """
+
+    transform_refusals: tuple[Refusal, ...] = (JIT_SCRIPT,)
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls it first, on every submodule
+        raise named(self, JIT_SCRIPT.error())
+
+
+class NormBase(NormLayer, _NormBase):
     r"""The base of normkit's layers with running statistics: BatchNorm and its family.
 
     It owns the constructor, as torch's ``_NormBase`` does: torch's arguments ``(num_features,
@@ -91,6 +114,8 @@ class NormBase(_NormBase):
 
     _ranks: tuple[int, ...] | None = None
     _layout = "(N, C, *)"
+    transform_refusals = (*NormLayer.transform_refusals, VMAP_RUNNING_STATISTICS,
+                          HOST_POLICY_UNDER_CAPTURE)  # fmt: skip
 
     def __init__(
         self,
@@ -147,9 +172,12 @@ class NormBase(_NormBase):
 
         torch.nn's rules: the running statistics (and ``num_batches_tracked``,
         ``num_batches_skipped``) are updated only in training with ``track_running_stats``; they
-        are used, instead of the batch's, in eval when the layer keeps them.
+        are used, instead of the batch's, in eval when the layer keeps them. An update under
+        ``torch.func.vmap`` over the input is refused (``VMAP_RUNNING_STATISTICS``).
         """
         update = self.training and self.track_running_stats
+        if update and batched(input):
+            raise named(self, VMAP_RUNNING_STATISTICS.error())
         running_mean, running_var = (
             (None, None) if self.training and not update else (self.running_mean, self.running_var)
         )

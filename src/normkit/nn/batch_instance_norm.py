@@ -28,9 +28,9 @@ class BatchInstanceNorm(NormBase):
 
     - ρ is the parameter ``rho``, initialised to 1 (pure BN) as in the paper's code. The paper keeps
       ρ in [0, 1] by clipping it after every update; here each training-mode forward first projects
-      ``rho`` onto [0, 1] in place (the clip of the previous step, applied when ρ is next used), and
-      the formula always uses ``rho.clamp(0, 1)``, so a value set by hand outside the range is never
-      used. The gradient passes at the bounds, so ρ can leave 1.
+      ``rho`` onto [0, 1] in place (the clip of the previous step, applied when ρ is next used; undone
+      if the forward raises), and the formula always uses ``rho.clamp(0, 1)``, so a value set by
+      hand outside the range is never used. The gradient passes at the bounds, so ρ can leave 1.
     - The paper trains the gates with 10× the learning rate and no weight decay: give ``rho`` its own
       parameter group, e.g. ``[p for n, p in model.named_parameters() if n.endswith("rho")]``.
     - ``running_mean``/``running_var`` are the BN part's, with BatchNorm's conventions and guard.
@@ -67,7 +67,13 @@ class BatchInstanceNorm(NormBase):
             nn.init.ones_(self.rho)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():  # Nam & Kim's clip of the gate after each update
-                self.rho.clamp_(0.0, 1.0)
-        return self._normalize(batch_instance_norm, input, self.rho)
+        rho = self.rho
+        if not self.training:
+            return self._normalize(batch_instance_norm, input, rho)
+        before = rho.detach().clone()
+        rho.detach().clamp_(0.0, 1.0)  # Nam & Kim's clip of the gate after each update
+        try:
+            return self._normalize(batch_instance_norm, input, rho)
+        except Exception:
+            rho.detach().copy_(before)  # a forward that raises leaves the layer as it was
+            raise

@@ -13,6 +13,7 @@ from normkit.errors import ConfigError, NormkitError
 from normkit.functional import batch_norm, batch_renorm
 from normkit.functional._batch_renorm import check_bound
 from normkit.functional._running_stats import DefaultMomentum
+from normkit.functional._transforms import increment
 from normkit.nn._base import NormBase, named
 
 Schedule = float | Callable[[int], float]
@@ -130,9 +131,11 @@ class BatchRenorm(NormBase):
     - ``r_max`` and ``d_max`` are numbers or schedules, callables of the training step. The default
       is the paper's schedule (:class:`RenormRamp`: plain BatchNorm for 5000 steps, then r_max 1 → 3
       by step 40k and d_max 0 → 5 by 25k). The step is the buffer ``renorm_step``: it counts the
-      training-mode forwards and is saved in the ``state_dict``. A checkpoint without it (a
-      BatchNorm's) starts the schedule at its ``num_batches_tracked``: the running statistics it
-      brings have seen that many batches, which is what the ramp waits for (0 if absent too).
+      training-mode forwards of non-empty batches. It is not in the ``state_dict``, whose keys
+      are exactly BatchNorm's (a Batch Renorm checkpoint loads strictly into
+      ``torch.nn.BatchNorm2d`` and back): loading restarts the schedule at the checkpoint's
+      ``num_batches_tracked``, the batches its running statistics have seen, which is what the
+      ramp waits for (the step itself, when an older checkpoint carries ``renorm_step``).
     - Statistics are computed in float32 for float16/bfloat16 inputs (mixed precision), and r, d in
       the statistics' dtype.
 
@@ -175,7 +178,8 @@ class BatchRenorm(NormBase):
         d_max = check_schedule(RenormRamp.paper_d_max() if d_max is None else d_max, "d_max", 0.0)
         super().__init__(num_features, eps, momentum, affine, True, *args, **kwargs)
         self.r_max, self.d_max = r_max, d_max
-        self.register_buffer("renorm_step", torch.zeros_like(self.num_batches_tracked))
+        step = torch.zeros_like(self.num_batches_tracked)
+        self.register_buffer("renorm_step", step, persistent=False)
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -194,17 +198,17 @@ class BatchRenorm(NormBase):
         except NormkitError as error:
             raise named(self, error) from None
         y = self._normalize(batch_renorm, input, r_max=r_max, d_max=d_max)
-        with torch.no_grad():
-            step.add_(1)
+        if input.numel() > 0:  # after the forward succeeded; an empty batch is no step
+            increment(step)
         return y
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "renorm_step"
-        if key not in state_dict:  # a BatchNorm checkpoint: continue the schedule where it is
-            tracked = state_dict.get(prefix + "num_batches_tracked")
-            start = torch.zeros((), dtype=torch.long) if tracked is None else tracked.clone()
-            state_dict[key] = start
+        step = state_dict.pop(prefix + "renorm_step", None)  # older checkpoints carry it
+        if step is None:  # continue the schedule where the running statistics are
+            step = state_dict.get(prefix + "num_batches_tracked")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with torch.no_grad():
+            self.renorm_step.copy_(0 if step is None else step)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r_max={self.r_max!r}, d_max={self.d_max!r}"

@@ -9,10 +9,11 @@ from normkit.errors import ConfigError, NormkitError
 from normkit.functional import batch_norm
 from normkit.functional._checks import check_channels, check_eps, check_min_rank, check_positive_int
 from normkit.functional._moments import stats_dtype
-from normkit.nn._base import named
+from normkit.functional._transforms import composite_required
+from normkit.nn._base import NormLayer, named
 
 
-class FrozenBatchNorm(nn.Module):
+class FrozenBatchNorm(NormLayer, nn.Module):
     r"""BatchNorm with frozen statistics and affine: the same map in training and eval mode.
 
     Detection and segmentation models fine-tune with batches of one or two images per device, too
@@ -27,7 +28,9 @@ class FrozenBatchNorm(nn.Module):
     ``weight``, ``bias``, ``running_mean`` and ``running_var`` are buffers, not parameters: they are
     saved and moved with the layer, never trained, and the input gradient passes through. It equals
     a BatchNorm in eval mode with the same state, and ``load_state_dict`` takes a BatchNorm's
-    ``state_dict`` (its ``num_batches_tracked`` is accepted and ignored). ``eps`` must be > 0: with
+    ``state_dict`` (its ``num_batches_tracked`` is accepted and ignored), or a Caffe2/Detectron
+    one of ``weight`` and ``bias`` alone (statistics folded in: they load as mean 0, variance 1,
+    as in detectron2's ``FrozenBatchNorm2d``). ``eps`` must be > 0: with
     ``eps=0`` a channel whose running variance is 0 divides by zero (a default that once produced
     NaNs in a widely used frozen BatchNorm). channels_last inputs give channels_last outputs.
 
@@ -97,7 +100,7 @@ class FrozenBatchNorm(nn.Module):
         try:
             check_min_rank(input, 2, "(N, C, *)")
             check_channels(input, self.num_features)
-            if not input.requires_grad:
+            if not input.requires_grad or composite_required():  # torch's transforms: ATen's op
                 return batch_norm(
                     input, self.running_mean, self.running_var, self.weight, self.bias,
                     False, 0.0, self.eps,
@@ -110,6 +113,12 @@ class FrozenBatchNorm(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.pop(prefix + "num_batches_tracked", None)  # a BatchNorm's counter: not needed
+        statistics = (prefix + "running_mean", prefix + "running_var")
+        if prefix + "weight" in state_dict and not any(key in state_dict for key in statistics):
+            # Caffe2/Detectron checkpoints: the statistics are folded into weight and bias, so
+            # they load with mean 0 and variance 1, as detectron2's FrozenBatchNorm2d does.
+            state_dict[statistics[0]] = torch.zeros_like(self.running_mean)
+            state_dict[statistics[1]] = torch.ones_like(self.running_var)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -7,6 +7,7 @@ import torch
 from normkit.errors import ConfigError
 from normkit.functional import inplace_abn
 from normkit.functional._activation import INVERTIBLE_ACTIVATIONS, check_activation
+from normkit.functional._transforms import INPLACE_DOUBLE_BACKWARD
 from normkit.nn._base import NormBase
 
 
@@ -52,6 +53,8 @@ class InPlaceABN(NormBase):
         >>> y.data_ptr() == x.data_ptr()  # the output took the input's memory
         True
     """
+
+    transform_refusals = (*NormBase.transform_refusals, INPLACE_DOUBLE_BACKWARD)
 
     def __init__(
         self, *args, activation: str = "leaky_relu", activation_param: float = 0.01,

@@ -13,12 +13,13 @@ from normkit.functional._checks import (
     check_channels,
     check_eps,
     check_min_rank,
+    check_normalized_shape,
     check_positive_int,
 )
-from normkit.nn._base import named
+from normkit.nn._base import NormLayer, named
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(NormLayer, nn.LayerNorm):
     r"""Layer normalization over the trailing dims of each sample (Ba, Kiros & Hinton 2016).
 
     Paper: https://arxiv.org/abs/1607.06450 (eq. 4). Statistics are the mean and biased variance of
@@ -60,9 +61,7 @@ class LayerNorm(nn.LayerNorm):
         device=None,
         dtype=None,
     ) -> None:
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
-        for size in shape:
-            check_positive_int(size, "normalized_shape entries")
+        check_normalized_shape(normalized_shape)
         check_eps(eps)
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
 
@@ -75,7 +74,7 @@ class LayerNorm(nn.LayerNorm):
             raise named(self, error) from None
 
 
-class LayerNorm2d(nn.Module):
+class LayerNorm2d(NormLayer, nn.Module):
     r"""Layer normalization over the channels of an (N, C, \*) input, at each position.
 
     The LayerNorm of ConvNeXt (Liu et al. 2022, https://arxiv.org/abs/2201.03545) and of many

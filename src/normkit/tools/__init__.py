@@ -13,6 +13,8 @@ tensors, exported too.
   (:func:`absorb_bias`).
 - :func:`recalibrate`: PreciseBN, population statistics as a true average over batches.
 - :func:`adapt`: AdaBN, statistics re-estimated on a new domain.
+- :func:`accumulate`: BatchNorm's running statistics under gradient accumulation, those of the
+  large batch (also ``normkit.accumulate``).
 - :func:`doctor`: find normalization mistakes; :func:`advise`: which normalizer to use
   (:data:`ADVICE_TABLE`).
 
@@ -22,6 +24,7 @@ reported with the reason. docs/tools.md lists what each tool guarantees.
 """
 
 from normkit.tools._statistics import LayerShift, StatisticsReport
+from normkit.tools.accumulate import Accumulation, accumulate
 from normkit.tools.adapt import adapt
 from normkit.tools.advice import ADVICE_TABLE, Advice, advise, guess_task
 from normkit.tools.bias import BiasReport, absorb_bias, remove_redundant_bias
@@ -38,6 +41,7 @@ from normkit.tools.recalibrate import recalibrate
 
 __all__ = [
     "ADVICE_TABLE",
+    "Accumulation",
     "Advice",
     "BiasReport",
     "DoctorReport",
@@ -49,6 +53,7 @@ __all__ = [
     "Replacements",
     "StatisticsReport",
     "absorb_bias",
+    "accumulate",
     "activation_module",
     "adapt",
     "advise",

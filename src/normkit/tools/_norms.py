@@ -42,10 +42,27 @@ _BN_EQUIVALENT_NAMES = (
     "BatchRenorm3d",
     "GhostBatchNorm",
     "SyncBatchNorm",
+    "CrossIterationBatchNorm",
 )
+# normkit layers whose eval-mode forward is BatchNorm's with mean 0 (no running_mean): MABN.
+_MEANLESS_NAMES = ("MovingAverageBatchNorm",)
 # ... and normkit's batch-statistics layers that are not torch _BatchNorms (their output is not BN's).
-_BATCH_STATISTICS_NAMES = (*_BN_EQUIVALENT_NAMES, "BatchNormAct", "InPlaceABN")
-_NORMALIZER_TYPES = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+_BATCH_STATISTICS_NAMES = (
+    *_BN_EQUIVALENT_NAMES,
+    *_MEANLESS_NAMES,
+    "BatchNormAct",
+    "InPlaceABN",
+    "EvoNormB0",
+)
+# the batch-statistics layers built for small batches (the doctor does not warn about them)
+SMALL_BATCH_NAMES = ("MovingAverageBatchNorm", "CrossIterationBatchNorm")
+_NORMALIZER_TYPES = (
+    _NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
 # normkit layers whose forward is a normalization and nothing else.
 _PLAIN_NORMKIT_NAMES = (
     *_BN_EQUIVALENT_NAMES,
@@ -62,6 +79,9 @@ _PLAIN_NORMKIT_NAMES = (
     "BatchInstanceNorm",
     "BatchLayerNorm",
     "SwitchableNorm",
+    *_MEANLESS_NAMES,
+    "RMSNorm",
+    "RMSNorm2d",
 )
 # timm's BatchNorm + activation layers: forward is act(drop(batch_norm(x))), with ``drop`` and ``act``
 # child modules (timm.layers.norm_act).
@@ -82,8 +102,20 @@ def _normkit_classes(names) -> list[type]:
 
 def _known_eval_forwards() -> set:
     forwards = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
-    forwards.update(cls.forward for cls in _normkit_classes(_BN_EQUIVALENT_NAMES))
+    forwards.update(
+        cls.forward for cls in _normkit_classes((*_BN_EQUIVALENT_NAMES, *_MEANLESS_NAMES))
+    )
     return forwards
+
+
+def is_meanless(module: nn.Module) -> bool:
+    """MABN: BatchNorm's eval map with mean 0 and only a running variance (its second moment)."""
+    return isinstance(module, tuple(_normkit_classes(_MEANLESS_NAMES)))
+
+
+def is_small_batch_layer(module: nn.Module) -> bool:
+    """A batch-statistics layer built for small batches (MABN, Cross-Iteration BN)."""
+    return isinstance(module, tuple(_normkit_classes(SMALL_BATCH_NAMES)))
 
 
 def is_frozen_batch_norm(module: nn.Module) -> bool:
@@ -157,7 +189,12 @@ def eval_affine_obstacle(module: nn.Module) -> str | None:
             "it is in training mode, where it normalizes with each batch's statistics; call "
             "model.eval() before folding"
         )
-    if not has_running_stats(module) or not getattr(module, "track_running_stats", True):
+    statistics = (
+        isinstance(getattr(module, "running_var", None), torch.Tensor)
+        if is_meanless(module)
+        else has_running_stats(module)
+    )
+    if not statistics or not getattr(module, "track_running_stats", True):
         return (
             "it keeps no running statistics (track_running_stats=False), so it normalizes with the "
             "batch's statistics in eval mode too"
@@ -167,9 +204,12 @@ def eval_affine_obstacle(module: nn.Module) -> str | None:
 
 def eval_statistics(module: nn.Module):
     """``(mean, var, eps, gamma, beta)`` of a module for which :func:`eval_affine_obstacle` is None;
-    ``gamma``/``beta`` are None when the layer has no affine parameters."""
+    ``gamma``/``beta`` are None when the layer has no affine parameters (mean 0 for MABN)."""
+    mean = module.running_mean
+    if mean is None and is_meanless(module):
+        mean = torch.zeros_like(module.running_var)
     return (
-        module.running_mean,
+        mean,
         module.running_var,
         float(module.eps),
         getattr(module, "weight", None),
@@ -185,6 +225,11 @@ def batch_statistics_obstacle(module: nn.Module) -> str | None:
     """
     if is_frozen_batch_norm(module):
         return "frozen BatchNorm never uses batch statistics (convert it back to re-estimate)"
+    if is_meanless(module):
+        return (
+            "MABN's running statistic is a moving average of the second moment over its own "
+            "training steps, not a mean and variance that batches can re-estimate"
+        )
     if not is_batch_norm(module):
         return f"{type(module).__name__} keeps no population statistics"
     if not has_running_stats(module) or not getattr(module, "track_running_stats", True):

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from normkit.errors import ConfigError, NormkitError
+from normkit.tools import small_batch_convert
 from normkit.tools._norms import (
     Split,
     has_running_stats,
@@ -46,6 +47,7 @@ from normkit.tools._norms import (
     split,
 )
 from normkit.tools.norm_act import NormAct
+from normkit.tools.small_batch_convert import small_batch_spec
 
 # Specs handled here rather than by nk.create_norm: a change of library, not of normalizer.
 _LIBRARY_SPECS = ("torch", "normkit")
@@ -323,6 +325,10 @@ def convert(
               A BatchNorm + activation layer becomes the library's BatchNorm and torch.nn
               activation modules in a :class:`~normkit.tools.NormAct`: the form torch.ao's
               quantization fuses and quantizes (``convert(model, "torch")`` first);
+            - ``"ws_gn[:G]"``, ``"mabn"``, ``"cbn[:k]"``: the small-batch remedies that change the
+              convolutions too — Weight Standardization + GroupNorm, MABN with centred filters,
+              Cross-Iteration BN attached to the layer that feeds it
+              (:mod:`normkit.tools.small_batch_convert`);
             - a callable ``old_layer -> new_layer``; for a BatchNorm + activation layer it gets
               the normalization alone, and the activation is kept around what it builds.
         which: the layers to replace: ``"batch"`` (the BatchNorm family, frozen included; the
@@ -353,6 +359,8 @@ def convert(
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not (callable(to) or isinstance(to, str)):
         raise ConfigError(f"to must be a spec string or a callable, got {type(to).__name__}")
+    if small_batch_spec(to) is not None:  # "ws_gn", "mabn", "cbn": convolutions change too
+        return _convert_for_small_batches(model, to, which, inplace, example_inputs, kwargs)
     select = _selector(which, to)
     target = model if inplace else copy.deepcopy(model)
     ranks = _input_ranks(target, example_inputs, select) if example_inputs is not None else {}
@@ -420,6 +428,35 @@ def convert(
     for parent, name, new in plan:
         setattr(parent, name, new)
     return root, replacements
+
+
+def _convert_for_small_batches(model, to, which, inplace, example_inputs, kwargs):
+    """``"ws_gn[:G]"``, ``"mabn"``, ``"cbn[:k]"``: the normalizations, then the convolutions
+    (:mod:`normkit.tools.small_batch_convert`)."""
+    name, number = small_batch_spec(to)
+    target = model if inplace else copy.deepcopy(model)
+    selected = small_batch_convert.selector(which)
+    producers, unfed, pick = {}, [], selected
+    if name == "cbn":  # only the layers that a convolution or linear layer alone feeds
+        producers, unfed = small_batch_convert.cross_iteration_targets(
+            target, selected, example_inputs
+        )
+        paths = {id(m): p for p, m in target.named_modules()}
+        pick = lambda m: selected(m) and paths.get(id(m)) in producers  # noqa: E731
+    kw = {} if name == "cbn" else kwargs  # for "cbn" the keywords build the layers
+    spec = small_batch_convert.norm_spec(name, number, target, selected, **kwargs)
+    target, replaced = convert(target, spec, which=pick, inplace=True, **kw)
+    if name == "cbn":
+        small_batch_convert.attach_producers(
+            target, [p for r in replaced for p in r.paths], producers
+        )
+        modules = dict(target.named_modules())
+        for path in unfed:
+            layer = type(modules[path]).__name__
+            replaced.skipped.append(Skipped([path], layer, small_batch_convert.UNFED_REASON))
+    for path, cls, carried in small_batch_convert.transform_convolutions(name, target):
+        replaced.append(Replacement([path], "nn.Conv2d", f"nk.{cls}", carried))
+    return target, replaced
 
 
 def _in_library(module: nn.Module, to) -> bool:

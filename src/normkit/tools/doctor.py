@@ -47,6 +47,7 @@ from normkit.tools._norms import (
     is_batch_norm,
     is_frozen_batch_norm,
     is_normalizer,
+    is_small_batch_layer,
     num_channels,
 )
 from normkit.tools._statistics import ChannelStatistics, private_copy
@@ -368,7 +369,9 @@ def _check_converted_to_torch_sync(model: nn.Module, report: DoctorReport) -> No
 
 def _check_batch_size(model: nn.Module, batch_size: int, report: DoctorReport) -> None:
     layers = [
-        path for path, m in model.named_modules() if is_batch_norm(m) and not _synchronized(m)
+        path
+        for path, m in model.named_modules()
+        if is_batch_norm(m) and not _synchronized(m) and not is_small_batch_layer(m)
     ]
     if not layers or batch_size >= SMALL_BATCH:
         return
@@ -380,7 +383,11 @@ def _check_batch_size(model: nn.Module, batch_size: int, report: DoctorReport) -
                 f"nk.tools.convert(model, '{_group_spec(model)}') (GroupNorm, Wu & He 2018); "
                 "'sync' to share "
                 "statistics across devices (SyncBatchNorm); 'renorm' (Batch Renorm, Ioffe 2017); "
-                "or nk.tools.freeze(model) when fine-tuning")
+                "'ws_gn' (Weight Standardization + GroupNorm, Qiao et al. 2019), 'mabn' (Yan et "
+                "al. 2020) or 'cbn' (Cross-Iteration BN, Yao et al. 2021); "
+                "or nk.tools.freeze(model) when fine-tuning. When the batch is small only because "
+                "gradients are accumulated, train inside nk.accumulate(model, micro_batches=k) "
+                "for the large batch's running statistics")
     )  # fmt: skip
 
 
@@ -560,6 +567,8 @@ def _check_discrepancy(model: nn.Module, data, num_batches: int, report: DoctorR
 def _current_kind(model: nn.Module) -> str | None:
     kinds = Counter()
     for m in model.modules():
+        if is_small_batch_layer(m):
+            continue  # a remedy for small batches, not the BatchNorm the advice replaces
         if _batch_family(m):
             kinds["batch"] += 1
         elif isinstance(m, nn.GroupNorm):

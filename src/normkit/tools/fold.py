@@ -156,7 +156,7 @@ def fold_into(layer: nn.Module, norm: nn.Module) -> str | None:
     ``spectral_norm``, ...) is folded at its current value and the parametrization removed; the
     return value then says so (None otherwise).
     """
-    note = _remove_parametrizations(layer)
+    note = _remove_parametrizations(layer) or _apply_weight_transform(layer)
     mean, var, eps, gamma, beta = eval_statistics(norm)
     if isinstance(layer, nn.Linear):
         weight, bias = fold_linear_bn_weights(layer.weight, layer.bias, mean, var, eps, gamma, beta)
@@ -202,6 +202,32 @@ def _remove_parametrizations(layer: nn.Module) -> str | None:
     )
 
 
+def transforms_weight(layer: nn.Module) -> bool:
+    """normkit's convolutions with a transformed weight (``StdConv2d``, ``ScaledStdConv2d``,
+    ``CenteredConv2d``): a plain convolution of ``transformed_weight()``, so they fold."""
+    return type(layer).__module__.startswith("normkit.") and callable(
+        getattr(layer, "transformed_weight", None)
+    )
+
+
+def _apply_weight_transform(layer: nn.Module) -> str | None:
+    """Turn a normkit weight-transformed convolution into the torch convolution it computes (its
+    transformed weight, once), in place, so that a BatchNorm folds into it like any other."""
+    if not transforms_weight(layer):
+        return None
+    name = type(layer).__name__
+    with torch.no_grad():
+        weight = layer.transformed_weight().detach().clone()
+    trainable = layer.weight.requires_grad
+    base = next(cls for cls in type(layer).__mro__ if cls in _graph.WEIGHTED_LAYERS)
+    for extra in [n for n in layer._parameters if n not in ("weight", "bias")]:
+        del layer._parameters[extra]  # ScaledStdConv2d's gain, now inside the weight
+    layer.__dict__.pop("_cache", None)
+    layer.__class__ = base
+    layer.weight = nn.Parameter(weight, requires_grad=trainable)
+    return f"its {name} weight transform applied once: it is a plain {base.__name__} now"
+
+
 def producer_obstacle(layer: nn.Module) -> str | None:
     """Why folding into ``layer`` could change what the model computes; None when it cannot.
 
@@ -215,7 +241,7 @@ def producer_obstacle(layer: nn.Module) -> str | None:
 
     base = next(cls for cls in _graph.WEIGHTED_LAYERS if isinstance(layer, cls))
     name = type(layer).__name__
-    if type(layer).forward is not base.forward:
+    if type(layer).forward is not base.forward and not transforms_weight(layer):
         return (
             f"{name} overrides {base.__name__}'s forward, which may transform its weight (weight "
             "standardization, quantization), so a folded weight may not give the same output"
