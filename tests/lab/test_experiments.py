@@ -113,12 +113,22 @@ def test_lr_tolerance_summary(tiny_runs):
     assert all("validation_accuracy" in r for r in record.curve("bn-x5"))
 
 
-def test_init_sensitivity_has_every_cell(tiny_runs):
-    cells = tiny_runs["init-sensitivity"].summary["cells"]
-    assert set(cells) == {
-        f"{n}/{i}" for n in ("plain", "bn") for i in ("gaussian:0.01", "gaussian:1", "he")
-    }
-    assert all(0.0 <= c["mean"] <= 1.0 and c["n"] == 1 for c in cells.values())
+def test_init_sensitivity_judges_the_spread_over_scales_per_seed(tiny_runs):
+    record = tiny_runs["init-sensitivity"]
+    finals = record.finals()
+    inits = ("gaussian:0.01", "gaussian:1", "he")
+    assert set(finals) == {f"{n}/init={i}/seed=0" for n in ("plain", "bn") for i in inits}
+    chance = 1 / record.config["data"]["classes"]
+
+    def spread(network):  # the Gaussian scales only; a diverged network counts at chance
+        values = [chance if f["diverged"] else f["test_accuracy"]
+                  for f in (finals[f"{network}/init={i}/seed=0"] for i in inits[:2])]  # fmt: skip
+        return max(values) - min(values)
+
+    claims = {c["name"]: c for c in record.summary["claims"]}
+    assert claims["spread"]["ours"]["per_seed"] == {"0": spread("plain") - spread("bn")}
+    assert claims["spread-bn"]["ours"]["per_seed"] == {"0": spread("bn")}
+    assert claims["spread"]["verdict"] == "inconclusive" and "too few seeds" in claims["spread"]["reason"]
 
 
 def test_regularization_reports_gaps_and_paired_tests(tiny_runs):
