@@ -145,17 +145,24 @@ def test_init_sensitivity_judges_the_spread_over_scales_per_seed(tiny_runs):
     assert claims["spread"]["verdict"] == "inconclusive" and "too few seeds" in claims["spread"]["reason"]
 
 
-def test_regularization_reports_gaps_and_paired_tests(tiny_runs):
+def test_regularization_judges_the_gaps_paired_by_seed(tiny_runs):
     record = tiny_runs["regularization"]
     assert record.config["data"]["train"] == 100
-    variants = record.summary["variants"]
-    assert set(variants) == {"none", "dropout", "bn", "bn+dropout"}
-    for cell in variants.values():
-        assert cell["gap"]["mean"] == pytest.approx(
-            cell["train_accuracy"]["mean"] - cell["test_accuracy"]["mean"]
-        )
-        assert cell["gap"]["n"] == 2
-    assert set(record.summary["versus_none"]) == {"dropout", "bn", "bn+dropout"}
+    finals = record.finals()
+    variants = ("none", "dropout", "bn", "bn+dropout")
+    assert set(finals) == {f"{v}/batch_size=20/seed={k}" for v in variants for k in (0, 1)}
+    for row in finals.values():
+        assert row["gap"] == pytest.approx(row["train_accuracy"] - row["test_accuracy"])
+
+    def per_seed(metric, a, b):
+        return {str(k): finals[f"{a}/batch_size=20/seed={k}"][metric]
+                - finals[f"{b}/batch_size=20/seed={k}"][metric] for k in (0, 1)}  # fmt: skip
+
+    claims = {c["name"]: c for c in record.summary["claims"]}
+    assert claims["gap-bn"]["ours"]["per_seed"] == per_seed("gap", "bn", "none")
+    assert claims["accuracy-bn"]["ours"]["per_seed"] == per_seed("test_accuracy", "bn", "none")
+    assert claims["dropout-removable"]["ours"]["per_seed"] == per_seed("test_accuracy", "bn", "bn+dropout")
+    assert claims["gap-bn"]["criterion"] and claims["gap-bn"]["verdict"] == "inconclusive"
 
 
 def test_placement_judges_the_paired_difference_over_seeds(tiny_runs):
