@@ -100,8 +100,23 @@ def test_lr_tolerance_judges_speedups_to_each_seeds_own_target(tiny_runs):
     record = tiny_runs["lr-tolerance"]
     finals = record.finals()
     arms = ("plain-x1", "bn-x1", "bn-x5", "plain-x30", "bn-x5-sigmoid", "plain-x1-sigmoid")
-    assert set(finals) == {f"{arm}/seed=0" for arm in arms}
-    assert finals["bn-x5/seed=0"]["learning_rate"] == pytest.approx(5 * record.settings["base_lr"])
+    sweep = {f"sweep/plain-x1/base_lr={v:g}" for v in record.settings["lr_sweep"]}
+    assert set(finals) == {f"{arm}/seed=0" for arm in arms} | sweep
+
+
+def test_lr_tolerance_base_rate_is_the_largest_stable_rate_without_bn(tiny_runs):
+    record = tiny_runs["lr-tolerance"]
+    settings, finals = record.settings, record.finals()
+    (pick,) = record.summary["sweeps"]
+    stable = [f["base_lr"] for k, f in finals.items() if k.startswith("sweep/")
+              and not f["diverged"] and f["train_loss"] <= settings["stable_loss"]]  # fmt: skip
+    assert 5.0 not in stable  # the tiny sweep's 5.0 is past the edge: the rule must reject it
+    assert pick["value"] == max(stable)
+    for key, row in finals.items():
+        if not key.startswith("sweep/"):
+            assert row["learning_rate"] == pytest.approx(pick["value"] * row["multiplier"]), key
+            long = row["network"] == "bn" and row["accelerated"] and row["activation"] == "relu"
+            assert row["steps"] == settings["long_steps" if long else "steps"], key
 
     def curve(arm):
         return [(r["step"], r["validation_accuracy"]) for r in record.curve(f"{arm}/seed=0")]
@@ -145,24 +160,42 @@ def test_init_sensitivity_judges_the_spread_over_scales_per_seed(tiny_runs):
     assert claims["spread"]["verdict"] == "inconclusive" and "too few seeds" in claims["spread"]["reason"]
 
 
-def test_regularization_judges_the_gaps_paired_by_seed(tiny_runs):
+def test_regularization_judges_the_gaps_paired_by_seed_at_each_batch(tiny_runs):
     record = tiny_runs["regularization"]
-    assert record.config["data"]["train"] == 100
-    finals = record.finals()
+    assert record.config["data"]["train"] == 100 and record.config["data"]["validation"] == 60
+    finals = {k: f for k, f in record.finals().items() if not k.startswith("sweep/")}
     variants = ("none", "dropout", "bn", "bn+dropout")
-    assert set(finals) == {f"{v}/batch_size=20/seed={k}" for v in variants for k in (0, 1)}
+    assert set(finals) == {f"{v}/batch_size={b}/seed={k}" for v in variants for b in (10, 20) for k in (0, 1)}
     for row in finals.values():
         assert row["gap"] == pytest.approx(row["train_accuracy"] - row["test_accuracy"])
 
-    def per_seed(metric, a, b):
-        return {str(k): finals[f"{a}/batch_size=20/seed={k}"][metric]
-                - finals[f"{b}/batch_size=20/seed={k}"][metric] for k in (0, 1)}  # fmt: skip
+    def per_seed(metric, a, b, batch):
+        return {str(k): finals[f"{a}/batch_size={batch}/seed={k}"][metric]
+                - finals[f"{b}/batch_size={batch}/seed={k}"][metric] for k in (0, 1)}  # fmt: skip
 
     claims = {c["name"]: c for c in record.summary["claims"]}
-    assert claims["gap-bn"]["ours"]["per_seed"] == per_seed("gap", "bn", "none")
-    assert claims["accuracy-bn"]["ours"]["per_seed"] == per_seed("test_accuracy", "bn", "none")
-    assert claims["dropout-removable"]["ours"]["per_seed"] == per_seed("test_accuracy", "bn", "bn+dropout")
-    assert claims["gap-bn"]["criterion"] and claims["gap-bn"]["verdict"] == "inconclusive"
+    for batch in (10, 20):
+        assert claims[f"gap-bn-b{batch}"]["ours"]["per_seed"] == per_seed("gap", "bn", "none", batch)
+        assert claims[f"accuracy-bn-b{batch}"]["ours"]["per_seed"] == per_seed(
+            "test_accuracy", "bn", "none", batch)
+        assert claims[f"dropout-removable-b{batch}"]["ours"]["per_seed"] == per_seed(
+            "test_accuracy", "bn", "bn+dropout", batch)
+    assert claims["gap-bn-b10"]["verdict"] == "inconclusive"
+
+
+def test_regularization_picks_each_variants_rate_at_each_batch_on_validation(tiny_runs):
+    record = tiny_runs["regularization"]
+    finals = record.finals()
+    sweeps = {(s["group"]["arm"], s["group"]["batch_size"]): s["value"] for s in record.summary["sweeps"]}
+    assert set(sweeps) == {(v, b) for v in ("none", "dropout", "bn", "bn+dropout") for b in (10, 20)}
+    for (arm, batch), value in sweeps.items():
+        tried = {f["learning_rate"]: f["validation_accuracy"] for k, f in finals.items()
+                 if k.startswith(f"sweep/{arm}/batch_size={batch}/")}  # fmt: skip
+        assert set(tried) == set(record.settings["lr_sweep"])
+        assert value == min(v for v, acc in tried.items() if acc == max(tried.values()))
+        for k in (0, 1):
+            row = finals[f"{arm}/batch_size={batch}/seed={k}"]
+            assert row["learning_rate"] == value and row["batch_size"] == batch
 
 
 def test_placement_judges_the_paired_difference_over_seeds(tiny_runs):
