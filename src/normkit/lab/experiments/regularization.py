@@ -9,6 +9,13 @@ subset for every run) trained long enough to fit it, in four variants: no regula
 BN + Dropout; ``seeds`` seeds each (a seed fixes the initial weights, batch order and dropout masks,
 shared across variants: the comparisons are paired by seed). Measured in eval mode at the end:
 train and test accuracy and the generalization gap (train − test accuracy).
+
+Decisions: BN's noise comes from the batch's statistics and shrinks as the batch grows, so every
+variant trains at each of ``batch_sizes`` (equal steps: equal updates), and the claims are judged
+per batch size. One learning rate for all variants would favour some (Dropout alone underfits at the
+rate the others fit with), so each variant, at each batch size, gets its own: a sweep over
+``lr_sweep`` (``sweep_steps`` steps, seed 0) picks the rate with the highest validation accuracy, on
+``validation`` examples held out of the training set (never the training subset or the test set).
 """
 
 from __future__ import annotations
@@ -18,12 +25,12 @@ from dataclasses import dataclass
 import torch
 
 from normkit.lab.claims import Claim, Published, above, below, difference, final
-from normkit.lab.datasets import subset
+from normkit.lab.datasets import split_validation, subset
 from normkit.lab.evaluation import accuracy_and_loss
 from normkit.lab.experiment import Experiment, Setup, register
-from normkit.lab.figures import Curves, MeanTable
+from normkit.lab.figures import Curves, MeanTable, VersusSetting
 from normkit.lab.models import initialize, mlp
-from normkit.lab.plan import Arm, Plan
+from normkit.lab.plan import Arm, Plan, Sweep, highest
 from normkit.lab.settings import Settings
 
 SOURCE = "Ioffe & Szegedy 2015, §3.4"
@@ -39,9 +46,12 @@ VARIANTS = {  # name: (norm, dropout; None = the dropout setting), label
 class RegularizationSettings(Settings):
     train_examples: int = 1_000
     steps: int = 4_000
-    batch_sizes: tuple[int, ...] = (50,)
+    batch_sizes: tuple[int, ...] = (10, 50)
     hidden: tuple[int, ...] = (256, 256)
-    learning_rate: float = 0.05
+    learning_rate: float = 0.05  # used as is when lr_sweep is empty
+    lr_sweep: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
+    sweep_steps: int = 1_500
+    validation: int = 1_000  # held out of the training set for the sweep
     momentum: float = 0.9
     dropout: float = 0.5
     seeds: int = 5
@@ -63,31 +73,40 @@ class Regularization(Experiment):
     )
     settings_class = RegularizationSettings
     presets = {
-        "quick": {"steps": 2_000, "seeds": 3, "eval_every": 250},
+        "quick": {"steps": 2_000, "seeds": 3, "eval_every": 500, "lr_sweep": (0.01, 0.03, 0.1),
+                  "sweep_steps": 500},
         "tiny": {"train_examples": 100, "steps": 16, "seeds": 2, "eval_every": 8, "hidden": (16,),
-                 "batch_sizes": (20,)},
+                 "batch_sizes": (10, 20), "lr_sweep": (0.01, 0.2), "sweep_steps": 8, "validation": 60},
     }  # fmt: skip
 
     def prepare_data(self, s, dataset):
-        return subset(dataset, s.train_examples, s.seed)
+        return subset(split_validation(dataset, s.validation, s.seed), s.train_examples, s.seed)
 
     def plan(self, s, data):
-        arms = [Arm(name, {"variant": name}, label) for name, (*_, label) in VARIANTS.items()]
+        fixed = {} if s.lr_sweep else {"learning_rate": s.learning_rate}
+        arms = [Arm(name, {"variant": name, **fixed}, label) for name, (*_, label) in VARIANTS.items()]
+        sweep = None
+        if s.lr_sweep:
+            sweep = Sweep("learning_rate", s.lr_sweep, highest("validation_accuracy"), s.sweep_steps,
+                          by=("arm", "batch_size"))  # fmt: skip
         return Plan(arms, s.steps, seeds=s.seeds, seed=s.seed, eval_every=s.eval_every,
-                    grid={"batch_size": s.batch_sizes})  # fmt: skip
+                    grid={"batch_size": s.batch_sizes}, sweep=sweep)  # fmt: skip
 
     def setup(self, trial, s, data, generator):
         norm, dropout, _ = VARIANTS[trial.params["variant"]]
         model = mlp(data.features, s.hidden, data.classes, activation="relu", norm=norm,
                     dropout=s.dropout if dropout is None else dropout)  # fmt: skip
         initialize(model, "he", generator)
-        optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum)
+        optimizer = torch.optim.SGD(model.parameters(), lr=trial.params["learning_rate"], momentum=s.momentum)
         return Setup(model, optimizer, trial.params["batch_size"])
 
     def measure(self, trial, s, setup, data):
         train, _ = accuracy_and_loss(setup.model, data.x_train, data.y_train)
         test, test_loss = accuracy_and_loss(setup.model, data.x_test, data.y_test)
-        return {"train_accuracy": train, "test_accuracy": test, "test_loss": test_loss, "gap": train - test}
+        row = {"train_accuracy": train, "test_accuracy": test, "test_loss": test_loss, "gap": train - test}
+        if data.x_val is not None:
+            row["validation_accuracy"] = accuracy_and_loss(setup.model, data.x_val, data.y_val)[0]
+        return row
 
     def finish(self, trial, s, setup, data):
         return self.measure(trial, s, setup, data)
@@ -124,6 +143,8 @@ class Regularization(Experiment):
                    f"Test accuracy (eval mode) during training, batch {batch['batch_size']}.", where=batch),
             Curves("gap", "gap", "train − test accuracy",
                    f"Generalization gap during training, batch {batch['batch_size']}.", where=batch),
+            VersusSetting("gap-by-batch", "gap", "batch_size", "batch size", "train − test accuracy",
+                          "Final generalization gap of each variant against the batch size."),
             *(MeanTable(f"{metric}-table", metric, "batch_size", f"Final {text}; mean [95% interval].",
                         spec=".4f") for metric, text in (("train_accuracy", "train accuracy (eval mode)"),
                                                          ("test_accuracy", "test accuracy"),
@@ -133,7 +154,10 @@ class Regularization(Experiment):
     def deviations(self, s):
         return [
             f"A {'-'.join(str(h) for h in s.hidden)} ReLU MLP on {s.train_examples} training examples, SGD "
-            f"with momentum {s.momentum:g} at {s.learning_rate:g}, {s.steps} steps: a setting made to "
+            f"with momentum {s.momentum:g}, {s.steps} steps at every batch size: a setting made to "
             "overfit, where the paper reports the effect on ImageNet.",
+            "Learning rate: " + ("each variant's own at each batch size, from the sweeps below ("
+                                 + ", ".join(f"{v:g}" for v in s.lr_sweep) + ")" if s.lr_sweep
+                                 else f"{s.learning_rate:g} for every variant") + ".",
             f"Dropout p = {s.dropout:g} after every hidden layer.",
         ]
