@@ -198,6 +198,20 @@ def test_regularization_picks_each_variants_rate_at_each_batch_on_validation(tin
             assert row["learning_rate"] == value and row["batch_size"] == batch
 
 
+@pytest.mark.parametrize("name, setting", [("regularization", "learning_rate"), ("lr-tolerance", "base_lr"),
+                                           ("ioffe2015-mnist", "learning_rate")])  # fmt: skip
+def test_settings_table_shows_the_values_that_ran(tiny_runs, name, setting):
+    """Issue 22 item 13: the table showed the setting's lr 0.5 where the sweep's 2.0 had run."""
+    record = tiny_runs[name]
+    ran = {f[setting] for k, f in record.finals().items() if not k.startswith("sweep/")}
+    markdown = (record.directory / "report.md").read_text().split("## Reproducing this run")[1]
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {setting} |"))
+    assert all(f"{value:g}" in row for value in ran), (ran, row)
+    assert f"the setting's {record.settings[setting]:g} was not used" in row
+    if name == "regularization":  # its tiny setting (0.05) is none of the swept rates (0.01, 0.2)
+        assert record.settings[setting] not in ran
+
+
 def test_placement_judges_the_paired_difference_over_seeds(tiny_runs):
     record = tiny_runs["placement"]
     finals = record.finals()
