@@ -73,8 +73,8 @@ class Regularization(Experiment):
     )
     settings_class = RegularizationSettings
     presets = {
-        "quick": {"steps": 2_000, "seeds": 3, "eval_every": 500, "lr_sweep": (0.01, 0.03, 0.1),
-                  "sweep_steps": 500},
+        "quick": {"steps": 1_500, "seeds": 2, "eval_every": 500, "lr_sweep": (0.01, 0.05),
+                  "sweep_steps": 400},
         "tiny": {"train_examples": 100, "steps": 16, "seeds": 2, "eval_every": 8, "hidden": (16,),
                  "batch_sizes": (10, 20), "lr_sweep": (0.01, 0.2), "sweep_steps": 8, "validation": 60},
     }  # fmt: skip
