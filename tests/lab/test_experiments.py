@@ -81,19 +81,70 @@ def test_ioffe_rows_hold_what_fig_1_needs(tiny_runs):
             assert row["p15"] <= row["p50"] <= row["p85"]
     assert all("bn_gamma" in r and "bn_running_std" in r for r in record.curve("bn/seed=1"))
     summary = record.summary
-    (sweep,) = summary["sweeps"]
-    assert sweep["setting"] == "learning_rate" and sweep["value"] in record.settings["lr_sweep"]
-    losses = {c["value"]: c["train_loss"] for c in sweep["table"]}
-    assert sweep["value"] == min(losses, key=losses.get)  # the rule: the lowest training loss
-    assert all(f["learning_rate"] == sweep["value"] for k, f in record.finals().items()
-               if not k.startswith("sweep/"))  # fmt: skip
+    picks = {sweep["group"]["arm"]: sweep for sweep in summary["sweeps"]}
+    assert set(picks) == {"plain", "bn"}  # each network its own rate, by the same rule
+    for arm, sweep in picks.items():
+        assert sweep["setting"] == "learning_rate" and sweep["value"] in record.settings["lr_sweep"]
+        losses = {c["value"]: c["train_loss"] for c in sweep["table"]}
+        assert sweep["value"] == min(losses, key=losses.get)  # the rule: the lowest training loss
+        assert all(f["learning_rate"] == sweep["value"] for k, f in record.finals().items()
+                   if k.startswith(f"{arm}/"))  # fmt: skip
     claims = {c["name"]: c for c in summary["claims"]}
-    assert set(claims) == {"final-accuracy", "ahead-throughout", "faster", "drift"}
+    assert set(claims) == {"final-accuracy", "ahead-at-20", "faster", "drift"}
     finals = record.finals()
     per_seed = {k: finals[f"bn/seed={k}"]["test_accuracy"] - finals[f"plain/seed={k}"]["test_accuracy"]
                 for k in (0, 1)}  # fmt: skip
     assert claims["final-accuracy"]["ours"]["per_seed"] == {str(k): v for k, v in per_seed.items()}
     assert claims["final-accuracy"]["published"]["unverified"]  # read from the figure [M]
+
+
+def test_ioffe_judges_bn_ahead_at_fixed_budgets_and_drift_late_minus_early(tiny_runs):
+    record = tiny_runs["ioffe2015-mnist"]
+    claims = {c["name"]: c for c in record.summary["claims"]}
+
+    def at(key, metric, step):
+        return next(r[metric] for r in record.curve(key) if r["step"] == step)
+
+    assert claims["ahead-at-20"]["ours"]["per_seed"] == {
+        str(k): at(f"bn/seed={k}", "test_accuracy", 20) - at(f"plain/seed={k}", "test_accuracy", 20)
+        for k in (0, 1)}  # fmt: skip
+
+    def drift(key):  # evaluations at 10..60: the first quarter is step 10, the last step 60
+        rows = [r for r in record.curve(key) if r["step"] > 0]
+        assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+        first, last = rows[0], rows[-1]
+        return (abs(last["train_p50"] - first["train_p50"])
+                + abs((last["train_p85"] - last["train_p15"]) - (first["train_p85"] - first["train_p15"])))
+
+    expected = {str(k): drift(f"plain/seed={k}") / drift(f"bn/seed={k}") for k in (0, 1)}
+    assert claims["drift"]["ours"]["per_seed"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_ioffe_drift_probe_uses_the_batchs_statistics_and_leaves_the_model_alone():
+    import torch
+
+    from normkit.lab.datasets import load_digits_dataset
+    from normkit.lab.plan import Trial
+
+    experiment = get_experiment("ioffe2015-mnist")
+    settings = experiment.settings("tiny", {"dataset": "digits"})
+    data = load_digits_dataset()
+    trial = Trial("bn/seed=0", {"arm": "bn", "phase": "main", "network": "bn", "learning_rate": 0.5},
+                  60, 10)  # fmt: skip
+    setup = experiment.setup(trial, settings, data, torch.Generator().manual_seed(0))
+    norm = setup.model.norm3
+    with torch.no_grad():  # running statistics far from the data's, as early in training
+        norm.running_mean.fill_(5.0)
+        norm.running_var.fill_(9.0)
+    setup.model.eval()
+    before = {k: v.clone() for k, v in setup.model.state_dict().items()}
+    with torch.no_grad():
+        row = experiment.measure(trial, settings, setup, data)
+    assert all(torch.equal(before[k], v) for k, v in setup.model.state_dict().items())
+    assert not setup.model.training
+    # train mode normalizes by the fixed batch itself: with γ = 1, β = 0 its median sits near 0,
+    # where eval mode's (running mean 5, std 3) sits near -5/3
+    assert abs(row["train_p50"]) < 0.5 < abs(row["p50"])
 
 
 def test_lr_tolerance_judges_speedups_to_each_seeds_own_target(tiny_runs):
