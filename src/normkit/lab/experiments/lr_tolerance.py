@@ -2,30 +2,28 @@
 
 On ImageNet, BN-x5 (5× the learning rate plus the §4.2.1 changes) reached Inception's best accuracy
 (72.2%) in 14× fewer steps, BN-x30 was slower at first but went further, and Inception at BN-x5's
-learning rate diverged. Here a small CNN on Fashion-MNIST (CPU protocol 1b, docs/PROTOCOLS.md), SGD
-with momentum 0.9, ``seeds`` seeds (paired: a seed fixes every arm's batch order):
+rate diverged. Here a small CNN on Fashion-MNIST (CPU protocol 1b, docs/PROTOCOLS.md), SGD with
+momentum 0.9, ``seeds`` seeds (paired: a seed fixes every arm's batch order):
 
-- the base rate η0 is the largest rate the network without BN trains at: a sweep of ``plain-x1``
-  over ``lr_sweep`` (``sweep_steps`` steps, seed 0) picks the largest value that neither diverges
-  nor ends with a training loss above ``stable_loss`` (a collapse to chance ends near ln 10 = 2.3).
-  So BN-x5 and BN-x30 sit past the edge of the plain network's stability, as in the paper.
-- ``plain-x1``: no BN, η0, the base recipe (dropout, L2 5e-4, exponential decay of the learning
-  rate by ``base_decay`` over ``steps``). Its best validation accuracy (per seed) is the target,
-  the analogue of 72.2%.
-- ``bn-x1``: BN before every ReLU, otherwise the same ("BN-Baseline").
-- ``bn-xK`` and ``plain-xK`` for K in ``multipliers`` / ``plain_multipliers``: K·η0 with the §4.2.1
-  changes that fit this network: no dropout, L2 ÷ 5, the learning rate decayed 6× faster.
+- η0 is the largest rate the network without BN trains at: a sweep of ``plain-x1`` over ``lr_sweep``
+  (``sweep_steps`` steps, seed 0) picks the largest value that neither diverges nor ends with a
+  training loss above ``stable_loss`` (a collapse to chance ends near ln 10 = 2.3), so BN-x5 and
+  BN-x30 sit past the plain network's edge of stability, as in the paper.
+- ``plain-x1``: no BN at η0 with the base recipe (dropout, L2 5e-4, the learning rate decaying
+  exponentially by ``base_decay`` over ``steps``); its best validation accuracy (per seed) is the
+  target, the analogue of 72.2%. ``bn-x1``: BN before every ReLU, otherwise the same.
+- ``bn-xK`` / ``plain-xK`` (K in ``multipliers`` / ``plain_multipliers``): K·η0 with the §4.2.1
+  changes that fit this network: no dropout, L2 ÷ 5, the decay constant ×6.
 - ``bn-x5-sigmoid`` (accelerated recipe) and ``plain-x1-sigmoid`` (base recipe): sigmoids for ReLUs.
 
-Metric: the first evaluated step at which validation accuracy (on a split held out of the training
-set) reaches the seed's target; the speedup of an arm is the no-BN network's steps over the arm's
-(0 when the arm never reaches the target: no speedup). A run whose training loss becomes NaN/Inf or
-exceeds 1000 is stopped and marked diverged; one whose best accuracy stays under 1.5× chance did
-not train. Decisions: the "6× faster decay" is read as the exponential decay constant ×6, defined
-per step over ``steps`` (a longer arm keeps decaying at the same rate); shuffling, LRN and
-photometric distortions have no analogue here. BN-x30 reaches the rate BN-x5 ends at only
-after log(384)/log(64) ≈ 1.43× ``steps``, so the accelerated BN arms train ``long_steps`` (1.5×):
-their best accuracies compare at equal budgets, and the curves up to ``steps`` are unchanged.
+Metric: the first evaluation at which validation accuracy (a split held out of the training set)
+reaches the seed's target; an arm's speedup is the no-BN steps over its own (0 if it never gets
+there). A run whose training loss becomes NaN/Inf or exceeds 1000 stops, diverged; one whose best
+accuracy stays under 1.5× chance did not train. The decay is defined per step over ``steps``, so a
+longer arm keeps decaying at the same rate: BN-x30 reaches the rate BN-x5 ends at only after
+log(384)/log(64) ≈ 1.43× ``steps``, so both train ``long_steps`` (1.5×), their best accuracies
+compare at equal budgets, and their curves up to ``steps`` are unchanged. Shuffling, LRN and
+photometric distortions have no analogue here.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from normkit.lab.claims import Claim, Published, above, difference, per_seed
+from normkit.lab.claims import Claim, Published, above, difference, from_curve, per_seed
 from normkit.lab.datasets import first_test_examples, split_validation
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Curves
@@ -88,10 +86,11 @@ def _best(trial) -> float | None:
     return max(trial.series(METRIC)[1], default=None)
 
 
-def _failed(trial, classes: int) -> bool:
-    """Diverged, or never better than 1.5× chance (dead units, collapse)."""
+def _outcome(trial, classes: int) -> str:
     best = _best(trial)
-    return trial.final["diverged"] or best is None or best < 1.5 / classes
+    if trial.final["diverged"]:
+        return "diverged"
+    return "stuck at chance" if best is None or best < 1.5 / classes else "trained"
 
 
 def _reached(trial, target: float) -> int | None:
@@ -110,27 +109,21 @@ def speedup(arm: str):
         plain, other = _arm(trials, "plain-x1"), _arm(trials, arm)
         if plain is None or other is None or plain.final["diverged"]:
             return None
-        base = _reached(plain, _best(plain))
         steps = None if other.final["diverged"] else _reached(other, _best(plain))
-        return 0.0 if steps is None else (base / steps if steps else None)
+        return 0.0 if steps is None else (_reached(plain, _best(plain)) / steps if steps else None)
 
     return per_seed(value, f"steps to the no-BN best, no BN / {arm}")
 
 
 def best(arm: str):
-    def value(trials, results):
-        trial = _arm(trials, arm)
-        return None if trial is None or trial.final["diverged"] else _best(trial)
-
-    return per_seed(value, f"best validation accuracy of {arm}")
+    return from_curve(lambda steps, values: max(values, default=None), METRIC, "best", arm=arm)
 
 
 def failed(arm: str):
     def value(trials, results):
-        trial = _arm(trials, arm)
-        return None if trial is None else float(_failed(trial, results.record.config["data"]["classes"]))
+        return float(_outcome(trials[0], results.record.config["data"]["classes"]) != "trained")
 
-    return per_seed(value, f"{arm} failed (1: diverged or stuck at chance, 0: trained)")
+    return per_seed(value, "1: diverged or stuck at chance, 0: trained", arm=arm)
 
 
 @register
@@ -193,18 +186,15 @@ class LrTolerance(Experiment):
                   Published('"less than half the number of training steps": 31.0M / 13.3M', FIG3,
                             31.0 / 13.3, unverified=True),
                   speedup("bn-x1"), above(2.0), fmt=".2f"),
+            Claim("bn-x5-speedup", "steps to the target, no BN / BN-x5",
+                  Published("14× fewer steps (31.0M / 2.1M)", FIG3, 31.0 / 2.1), speedup("bn-x5"), None,
+                  fmt=".2f"),
+            Claim("bn-x5-over-x1", "speedup of BN-x5 − speedup of BN-x1",
+                  Published("BN-x5 much faster than BN-Baseline: 14× vs 2.3×", FIG3, 14.8 - 2.3,
+                            unverified=True),
+                  difference(speedup("bn-x5"), speedup("bn-x1")), above(0.0), fmt="+.2f"),
         ]
-        if 5.0 in s.multipliers:
-            claims += [
-                Claim("bn-x5-speedup", "steps to the target, no BN / BN-x5",
-                      Published("14× fewer steps (31.0M / 2.1M)", FIG3, 31.0 / 2.1), speedup("bn-x5"),
-                      None, fmt=".2f"),
-                Claim("bn-x5-over-x1", "speedup of BN-x5 − speedup of BN-x1",
-                      Published("BN-x5 much faster than BN-Baseline: 14× vs 2.3×", FIG3, 14.8 - 2.3,
-                                unverified=True),
-                      difference(speedup("bn-x5"), speedup("bn-x1")), above(0.0), fmt="+.2f"),
-            ]
-        if {5.0, 30.0} <= set(s.multipliers):
+        if 30.0 in s.multipliers:
             claims.append(Claim(
                 "bn-x30-best", "best validation accuracy, BN-x30 − BN-x5",
                 Published("74.8% vs 73.0%: BN-x30 slower at first, ends higher", FIG3, 0.018,
@@ -233,35 +223,27 @@ class LrTolerance(Experiment):
         ]  # fmt: skip
 
     def extra_section(self, results):
-        classes = results.record.config["data"]["classes"]
-        rows = []
-        for arm in results.labels:
+        classes, rows = results.record.config["data"]["classes"], []
+        plain = {t.replicate: t for t in results.trials(arm="plain-x1")}
+        for arm in [a for a in results.labels if results.trials(arm=a)]:
             trials = results.trials(arm=arm)
-            if not trials:
-                continue
-            by_seed = {t.replicate: t for t in results.trials(arm="plain-x1")}
-            reached = [_reached(t, _best(by_seed[t.replicate])) if t.replicate in by_seed else None
+            reached = [_reached(t, _best(plain[t.replicate])) if t.replicate in plain else None
                        for t in trials]  # fmt: skip
             rows.append([arm, fmt(trials[0].final.get("learning_rate"), "g"),
                          ", ".join(fmt(r, "d", none="never") for r in reached),
-                         ", ".join(fmt(_best(t)) for t in trials),
-                         ", ".join("diverged" if t.final["diverged"] else "stuck" if _failed(t, classes)
-                                   else "trained" for t in trials)])  # fmt: skip
-        return Section("Runs", [Table(
-            ["arm", "learning rate", "steps to the target", "best validation accuracy", "outcome"], rows,
-            "One value per seed, in seed order; the target is the seed's no-BN best accuracy.")])
+                         ", ".join(f"{fmt(_best(t))} ({_outcome(t, classes)})" for t in trials)])  # fmt: skip
+        headers = ["arm", "learning rate", "steps to the target", "best validation accuracy"]
+        note = "One value per seed, in seed order; the target is the seed's no-BN best accuracy."
+        return Section("Runs", [Table(headers, rows, note)])
 
     def deviations(self, s):
+        rate = (f"the largest the network without BN trains at (the sweep, over {s.lr_sweep})" if s.lr_sweep
+                else f"{s.base_lr:g}")  # fmt: skip
         return [
-            f"A small CNN (conv{'-conv'.join(str(c) for c in s.channels)}, fc{s.hidden}) for {s.steps} "
-            "steps instead of Inception on ImageNet for millions; steps are compared as ratios.",
-            ("Base learning rate η0: the largest rate the network without BN trains at (the sweep "
-             f"below, over {', '.join(f'{v:g}' for v in s.lr_sweep)})" if s.lr_sweep
-             else f"Base learning rate η0 = {s.base_lr:g}")
-            + f" (SGD, momentum {s.momentum:g}, batch {s.batch_size}); Inception's 0.0015 was its tuned "
-            "rate (batch 32, distributed), not its edge of stability.",
-            f"BN-x5 and BN-x30 train {s.long_steps} steps, the others {s.steps}.",
-            "Of §4.2.1's changes: dropout removed, L2 ÷ 5 and the learning rate decayed 6× faster for the "
-            "accelerated runs; LRN, shuffling and photometric distortions have no analogue here.",
-            "The target is reached on a validation split held out of the training set, not the test set.",
+            f"A small CNN (conv{'-conv'.join(str(c) for c in s.channels)}, fc{s.hidden}) for {s.steps} steps "
+            f"({s.long_steps} for BN-x5 and BN-x30) instead of Inception on ImageNet for millions; steps "
+            "are compared as ratios, on a validation split held out of the training set.",
+            f"Base learning rate η0: {rate}; SGD, momentum {s.momentum:g}, batch {s.batch_size}. Inception's "
+            "0.0015 (batch 32) was a tuned rate, not its edge of stability.",
+            "Of §4.2.1's changes, LRN, shuffling and photometric distortions have no analogue here.",
         ]
