@@ -274,6 +274,20 @@ def test_placement_judges_the_paired_difference_over_seeds(tiny_runs):
     assert "too few seeds" in (record.directory / "report.md").read_text()
 
 
+def test_placement_gives_each_placement_its_own_rate_by_validation_accuracy(tiny_runs):
+    record = tiny_runs["placement"]
+    finals = record.finals()
+    assert record.config["data"]["validation"] == 100
+    picks = {s["group"]["arm"]: s["value"] for s in record.summary["sweeps"]}
+    assert set(picks) == {"before", "after"}
+    for arm, value in picks.items():
+        tried = {f["learning_rate"]: f["validation_accuracy"] for k, f in finals.items()
+                 if k.startswith(f"sweep/{arm}/")}  # fmt: skip
+        assert set(tried) == set(record.settings["lr_sweep"])
+        assert value == min(v for v, acc in tried.items() if acc == max(tried.values()))
+        assert all(finals[f"{arm}/seed={k}"]["learning_rate"] == value for k in (0, 1))
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_html_report_is_self_contained(tiny_runs, name):
     page = (tiny_runs[name].directory / "report.html").read_text()
