@@ -51,7 +51,7 @@ class Ioffe2015Settings(Settings):
     hidden: tuple[int, ...] = (100, 100, 100)
     init_std: float = 0.01
     learning_rate: float = 0.5  # used as is when lr_sweep is empty
-    lr_sweep: tuple[float, ...] = (0.1, 0.5, 2.0, 8.0)  # 2.0 was the baseline's pick: not the edge
+    lr_sweep: tuple[float, ...] = (0.02, 0.1, 0.5, 2.0, 8.0)  # picks inside the grid, not at its edge
     sweep_steps: int = 5_000
     eval_every: int = 250
     seeds: int = 3
