@@ -55,7 +55,7 @@ def test_dry_run_prints_the_plan_and_its_cost_and_trains_nothing(tmp_path, monke
     result = runner.invoke(app, ["lab", "run", "ioffe2015-mnist", "--preset", "tiny",
                                  "--dataset", "digits", "--dry-run"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "ioffe2015-mnist (tiny) on digits: 6 trials" in result.output
+    assert "ioffe2015-mnist (tiny) on digits: 8 trials" in result.output
     assert "sweep/plain/learning_rate=0.5" in result.output and "bn/seed=1" in result.output
     assert "estimated cost: ~" in result.output
     assert not (tmp_path / "runs").exists()

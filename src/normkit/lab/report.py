@@ -64,6 +64,21 @@ def claims_card(entries: list[dict], caption: str = "") -> Table:
     return Table(CARD_HEADERS, [card_row(e) for e in entries], caption)
 
 
+def ran_settings(record: RunRecord) -> dict[str, str]:
+    """Each setting as it ran, as the user typed it (1e-4 stays 1e-4, not "0.000"); a setting that
+    a sweep replaced shows the picked value(s) (per group) and says the setting's own went unused."""
+    picks: dict[str, list[str]] = {}
+    for sweep in (record.summary or {}).get("sweeps", []):
+        group = ", ".join(f"{k} {v}" for k, v in sweep["group"].items())
+        picks.setdefault(sweep["setting"], []).append(
+            fmt(sweep["value"], "g") + (f" ({group})" if group else ""))  # fmt: skip
+    ran = {key: fmt(value, "g") for key, value in record.settings.items()}
+    for key, values in picks.items():
+        unused = f" (the setting's {ran[key]} was not used)" if key in ran else ""
+        ran[key] = f"{'; '.join(values)}: picked by the sweep{unused}"
+    return ran
+
+
 def _standard_sections(record: RunRecord, report: RunReport) -> list[Section]:
     config = record.config
     data = config["data"]
@@ -83,9 +98,9 @@ def _standard_sections(record: RunRecord, report: RunReport) -> list[Section]:
                 ["\n".join(f"- {d}" for d in report.deviations)],
             )
         )
-    # settings as the user typed them: 1e-4 stays 1e-4 (not "0.000"), 0.1 stays 0.1
-    settings = Table(["setting", "value"],
-                     [[literal(k), literal(fmt(v, "g"))] for k, v in record.settings.items()])  # fmt: skip
+    ran = ran_settings(record)
+    settings = Table(["setting", "value"], [[literal(k), literal(v)] for k, v in ran.items()],
+                     "The values that ran: a setting a sweep replaced shows the sweep's picks.")  # fmt: skip
     timing = (record.summary or {}).get("timing", {})
     execution = config.get("execution", {})
     how = f"{config['torch_threads']} torch threads"
