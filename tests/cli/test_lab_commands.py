@@ -27,11 +27,10 @@ def test_list_json():
     rows = {r["name"]: r for r in json.loads(result.output)}
     assert set(rows) == set(experiment_names())
     placement = rows["placement"]
-    assert placement["paper"].startswith("Ioffe & Szegedy 2015") and not placement["legacy"]
+    assert placement["paper"].startswith("Ioffe & Szegedy 2015")
     assert placement["presets"] == ["full", "quick", "tiny"]
     assert [c["name"] for c in placement["claims"]] == ["after-minus-before", "before", "after"]
-    assert all(r["claims"] == [] for r in rows.values() if r["legacy"])  # until all are ported
-    assert not rows["renorm"]["legacy"] and rows["renorm"]["claims"]
+    assert all(r["claims"] for r in rows.values() if r["name"] != "guideline")  # every one declares
 
 
 def test_show_gives_protocol_claims_and_settings():

@@ -61,7 +61,7 @@ def test_run_directory_and_report(runs, name):
     figures = sorted((directory / "figures").glob("*.png"))
     assert figures and all(f.read_bytes().startswith(PNG) for f in figures)
     markdown = (directory / "report.md").read_text()
-    first = "Published beside ours" if get_experiment(name).legacy else "## Claims"
+    first = "## Claims"
     assert first in markdown and "Deviations" in markdown
     assert all(f"figures/{f.name}" in markdown for f in figures)
     page = (directory / "report.html").read_text()

@@ -68,7 +68,7 @@ def test_run_directory_is_complete_and_well_formed(tiny_runs, name):
     markdown = (directory / "report.md").read_text()
     for figure in figures:
         assert f"figures/{figure.name}" in markdown
-    first = "Published beside ours" if get_experiment(name).legacy else "## Claims"
+    first = "## Claims"
     assert first in markdown and record.config["command"] in markdown
 
 

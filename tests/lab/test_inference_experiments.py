@@ -47,7 +47,7 @@ def test_run_directory_is_complete(tiny_runs, name):
     plan = experiment.trials(experiment.settings("tiny", record.settings), None, record.finals())
     assert list(record.finals()) == [t.key for t in plan]  # every planned trial ran, once
     markdown = (directory / "report.md").read_text()
-    first = "Published beside ours" if experiment.legacy else "## Claims"
+    first = "## Claims"
     assert first in markdown and record.config["command"] in markdown
     for figure in (directory / "figures").glob("*.png"):
         assert figure.read_bytes().startswith(PNG)

@@ -47,14 +47,13 @@ def _describe(experiment) -> dict:
     from dataclasses import asdict
 
     settings = experiment.settings("full")
-    claims = [] if experiment.legacy else experiment.claims(settings)
+    claims = experiment.claims(settings)
     return {
         "name": experiment.name,
         "title": experiment.title,
         "paper": experiment.paper,
         "claim": " ".join(experiment.claim.split()),
         "presets": experiment.preset_names(),
-        "legacy": experiment.legacy,
         "protocol": textwrap.dedent(sys.modules[type(experiment).__module__].__doc__ or "").strip(),
         "claims": [
             {"name": c.name, "quantity": c.quantity, "published": asdict(c.published),
@@ -103,8 +102,6 @@ def show(
         return
     out = [f"{info['name']}: {info['title']}", f"Paper: {info['paper']}", "", info["protocol"], "",
            "Claims:"]  # fmt: skip
-    if info["legacy"]:
-        out.append("  (legacy experiment, not yet ported: its checks are judged on one run)")
     for c in info["claims"]:
         p = c["published"]
         out.append(f"  - {c['quantity']}: {c['criterion'] or 'measured, no criterion'}")

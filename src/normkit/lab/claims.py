@@ -297,7 +297,7 @@ def judge(claims: list[Claim], results: Results) -> list[Judgement]:
 
 
 def ours_text(entry: dict) -> str:
-    """``mean [low, high], n seeds`` in the claim's format (a legacy entry's text as it is)."""
+    """``mean [low, high], n seeds`` in the claim's format (an entry with its own text shows that)."""
     ours, spec = entry["ours"], entry.get("fmt", ".3f")
     if "text" in ours:
         return ours["text"]

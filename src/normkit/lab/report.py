@@ -14,7 +14,7 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from normkit.lab.claims import CARD_HEADERS, Check, card_row, roll_up
+from normkit.lab.claims import CARD_HEADERS, card_row, roll_up
 from normkit.lab.records import RunRecord
 from normkit.lab.render import (
     Figure,
@@ -35,7 +35,7 @@ from normkit.lab.render import (
     text_html,
 )
 
-__all__ = ["Check", "Figure", "Report", "RunReport", "Section", "Table", "fmt", "literal", "new_figure"]
+__all__ = ["Figure", "RunReport", "Section", "Table", "fmt", "literal", "new_figure"]
 
 
 @dataclass
@@ -46,17 +46,6 @@ class RunReport:
     headline: str
     sections: list[Section]
     deviations: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Report:
-    """Legacy: what a legacy experiment's ``report()`` returns (delete with normkit.lab.legacy)."""
-
-    comparison: Table  # quantity | published | ours | verdict
-    sections: list[Section] = field(default_factory=list)
-    checks: list[Check] = field(default_factory=list)
-    deviations: list[str] = field(default_factory=list)
-    headline: str = ""
 
 
 def claims_card(entries: list[dict], caption: str = "") -> Table:

@@ -421,7 +421,7 @@ def dry_run(name: str, preset: str | None = None, overrides: dict | None = None,
     threads = threads or default_threads(workers)[0]
     data = experiment.prepare_data(settings, load_dataset(settings.dataset, data_dir))
     trials = experiment.preview(settings, data)
-    sweep = getattr(experiment.plan(settings, data), "sweep", None) if not experiment.legacy else None
+    sweep = experiment.plan(settings, data).sweep
     execution = Execution(threads=threads, device=device)
     costs: dict[tuple, tuple[float, float]] = {}
     spent = time.perf_counter()
