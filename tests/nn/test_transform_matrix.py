@@ -123,6 +123,13 @@ EXAMPLES: dict[str, list[Example]] = {
         Example("InstanceNorm3d", lambda: nk.InstanceNorm3d(4, affine=True), THREE_D)
     ],
     "LayerNorm": [Example("LayerNorm", lambda: nk.LayerNorm(3))],
+    # eps=None is the machine epsilon of the input's dtype: float32's and the float64 reference's
+    # would differ, and double backward would compare two functions (|diff| 1e-4 of the scale)
+    "RMSNorm": [Example("RMSNorm", lambda: nk.RMSNorm(3, eps=1e-6))],
+    "EvoNormS0": [Example("EvoNormS0", lambda: nk.EvoNormS0(4, groups=2))],
+    "StdConv2d": [Example("StdConv2d", lambda: nk.StdConv2d(4, 4, 3, padding=1))],
+    "ScaledStdConv2d": [Example("ScaledStdConv2d", lambda: nk.ScaledStdConv2d(4, 4, 3, padding=1))],
+    "CenteredConv2d": [Example("CenteredConv2d", lambda: nk.CenteredConv2d(4, 4, 3, padding=1))],
 }
 
 

@@ -12,9 +12,10 @@ from normkit.errors import ConfigError
 from normkit.functional._checks import check_eps
 from normkit.functional._std_conv import centered_weight, fan_in, standardized_weight
 from normkit.functional._transforms import transforming
+from normkit.nn._base import NormLayer
 
 
-class _TransformedWeightConv2d(nn.Conv2d):
+class _TransformedWeightConv2d(NormLayer, nn.Conv2d):
     """A Conv2d that convolves with a function of its weight, computed once in eval mode.
 
     Training (or any call that records gradients, or a program transform) recomputes the weight
