@@ -46,7 +46,7 @@ from normkit.functional._given_statistics import batch_norm_statistics
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view
 from normkit.functional._running_stats import exponential_average_factor
-from normkit.functional._transforms import transforming
+from normkit.functional._transforms import MABN_TRAINING_STEP, transforming
 
 
 def moving_average_batch_norm(
@@ -116,12 +116,7 @@ def moving_average_batch_norm(
             )
     check_batch_statistics_size(input)
     if transforming():
-        raise ConfigError(
-            "MovingAverageBatchNorm's training step cannot run under torch.compile, torch.func, "
-            "export or tracing: its backward is MABN's rule (not the gradient of the forward) and "
-            "writes the moving average of the gradient statistics. Compile the rest of the model "
-            "around it, or trace in eval mode"
-        )
+        raise MABN_TRAINING_STEP.error()
     with torch.no_grad():
         iteration.add_(1)
     step = int(iteration)  # the schedule is on the host, as in the authors' code
@@ -238,6 +233,8 @@ class _MovingAverageBN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, chi_bar, r = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: double backward
+            return (*_differentiable_backward(ctx, dy, x, weight, chi_bar, r), *(None,) * 5)
         eps, ndim = ctx.eps, x.dim()
         count = x.numel() // x.shape[1]
         zeros = torch.zeros_like(chi_bar)
@@ -262,3 +259,49 @@ class _MovingAverageBN(torch.autograd.Function):
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             dbias = sum_dy.to(ctx.bias_dtype)
         return dx, dweight, dbias, None, None, None, None, None
+
+
+def _differentiable_backward(ctx, dy, x, weight, chi_bar, r):
+    """MABN's backward rule (the class docstring) as a function of dL/dy, x and gamma that autograd
+    differentiates again (double backward; a gradient penalty through an MABN layer).
+
+    The rule's statistics depend on this batch as the forward computed them: chi_bar on chi_B(x)
+    (wholly while the window fills, by its share 1/m after), r on chi_bar (where it is not
+    clipped), Psi_bar on Psi_B(dL/dy, x, gamma) likewise; the other iterations' entries are
+    constants. Each is written as its value plus share * (s - s.detach()): the same numbers as the
+    plain backward, with the derivatives of the statistics' dependence. Writes Psi_B into the
+    window as the plain backward does."""
+    eps, schedule, ndim = ctx.eps, ctx.schedule, x.dim()
+    chi_bar, r = (
+        chi_bar.detach(),
+        r.detach(),
+    )  # the values (the reference computes them with autograd)
+    dtype = chi_bar.dtype
+    dims = (0, *range(2, ndim))
+    count = x.numel() // x.shape[1]
+    share = 1.0 if schedule.batch_only else 1.0 / schedule.window
+    xs, dys = x.to(dtype), dy.to(dtype)
+    chi_b = xs.square().mean(dims)
+    std = torch.sqrt(chi_bar + share * (chi_b - chi_b.detach()) + eps)
+    if schedule.renormalize:  # r = clip(std / sqrt(chi_hat + eps)): std's derivative inside
+        inside = (r > 1 / schedule.r_max) & (r < schedule.r_max)
+        r = torch.where(inside, r * std / std.detach(), r)
+    scale = r if weight is None else r * weight.to(dtype)
+    z = xs / channel_view(std, ndim)
+    sum_dy_z = (dys * z).sum(dims)
+    psi_b = scale * sum_dy_z / count
+    with torch.no_grad():
+        psi_fixed = _gradient_statistic(psi_b.detach(), ctx.gradient_moments, schedule)
+    psi_bar = psi_fixed + share * (psi_b - psi_b.detach())
+    needs = ctx.needs_input_grad
+    dx = dweight = dbias = None
+    if needs[0]:
+        dx = (dys * channel_view(scale, ndim) - z * channel_view(psi_bar, ndim)) / channel_view(
+            std, ndim
+        )
+        dx = dx.to(x.dtype)
+    if weight is not None and needs[1]:
+        dweight = (r * sum_dy_z).to(weight.dtype)
+    if ctx.bias_dtype is not None and needs[2]:
+        dbias = dys.sum(dims).to(ctx.bias_dtype)
+    return dx, dweight, dbias

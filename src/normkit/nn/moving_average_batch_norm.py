@@ -8,7 +8,8 @@ from normkit.errors import ConfigError, NormkitError
 from normkit.functional import moving_average_batch_norm
 from normkit.functional._checks import check_positive_int
 from normkit.functional._running_stats import DefaultMomentum
-from normkit.nn._base import NormBase, named
+from normkit.functional._transforms import MABN_TRAINING_STEP, compiling, exporting
+from normkit.nn._base import NormBase, NormLayer, named
 
 # The authors' EMA decay 0.98, in PyTorch's convention (the weight of the new value).
 PAPER_MOMENTUM = DefaultMomentum(0.02)
@@ -81,6 +82,11 @@ class MovingAverageBatchNorm(NormBase):
         (6, (4, 8))
     """
 
+    # The training step refuses every transform that would record it (MABN_TRAINING_STEP, which
+    # also covers vmap: the advice of NormBase's refusal does not apply, the layer needs its
+    # running statistics; and on_nonfinite's host read, inside the same step).
+    transform_refusals = (*NormLayer.transform_refusals, MABN_TRAINING_STEP)
+
     def __init__(
         self, num_features: int, eps: float = 1e-5, momentum: float | None = PAPER_MOMENTUM,
         affine: bool = True, track_running_stats: bool = True, *args, window: int = 16,
@@ -117,6 +123,12 @@ class MovingAverageBatchNorm(NormBase):
                 buffer.zero_()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.training and compiling() and not exporting():  # runs eagerly: a graph break
+            torch._dynamo.graph_break(msg=MABN_TRAINING_STEP.reason)
+            return torch.compiler.disable(self._forward)(input)
+        return self._forward(input)
+
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         try:
             return moving_average_batch_norm(
