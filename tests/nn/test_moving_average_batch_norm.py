@@ -148,3 +148,29 @@ def test_double_backward_differentiates_the_rule(steps):
         (grad,) = torch.autograd.grad(((y + beta) * weights).sum(), leaf2, create_graph=True)
         (true,) = torch.autograd.grad(grad.square().sum(), leaf2)
         torch.testing.assert_close(analytic, true, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_func_grad_of_a_training_step_is_eager_modes():
+    """torch.func.grad through functional_call, past the warm-up and with renormalization: the
+    rule's gradients and the state (EMA, both windows, counters) of an eager step on a copy
+    (float32, the same kernels in the same order: 1e-5 of the scale)."""
+    torch.manual_seed(0)
+    layer = nk.MovingAverageBatchNorm(3, window=4, warmup_iters=5, renorm_iters=8)
+    for _ in range(12):
+        layer(torch.randn(4, 3, 3, 3) * 1.3 + 0.2).sum().backward()
+    twin = copy.deepcopy(layer)
+    x, weights = torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+    buffers = dict(layer.named_buffers())
+
+    def loss(p, inp):
+        return (torch.func.functional_call(layer, (p, buffers), (inp,)) * weights).sum()
+
+    grad_params, grad_x = torch.func.grad(loss, argnums=(0, 1))(params, x)
+    leaf = x.clone().requires_grad_()
+    (twin(leaf) * weights).sum().backward()
+    assert_close(grad_x, leaf.grad, torch.float32, "input grad")
+    for name, p in twin.named_parameters():
+        assert_close(grad_params[name], p.grad, torch.float32, f"grad of {name}")
+    for (name, mine), theirs in zip(layer.named_buffers(), twin.buffers(), strict=True):
+        assert_close(mine.double(), theirs.double(), torch.float32, name)

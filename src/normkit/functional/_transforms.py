@@ -158,14 +158,16 @@ INPLACE_DOUBLE_BACKWARD = Refusal(
 
 
 MABN_TRAINING_STEP = Refusal(
-    ("compile", "grad", "vmap", "jvp", "export", "jit_trace"),
+    ("compile", "vmap", "jvp", "export", "jit_trace"),
     "train",
-    "MovingAverageBatchNorm's training step cannot run under torch.compile, torch.func, export or "
+    "MovingAverageBatchNorm's training step cannot run under torch.compile, vmap, jvp, export or "
     "tracing: its backward is MABN's rule, not the gradient of its forward (forward-mode AD would "
-    "compute another derivative), it writes the moving average of the gradient statistics, and "
-    "its schedule is read on the host. torch.compile runs the step eagerly (a graph break, an "
-    "error with fullgraph=True); the others refuse it. Compile the rest of the model around it, "
-    "or trace, export and map in eval mode (BatchNorm's eval map)",
+    "compute another derivative), it writes the moving average of the gradient statistics once "
+    "per step (not per mapped sample), and its schedule is read on the host (a captured graph "
+    "would fix one step's). torch.compile runs the step eagerly (a graph break, an error with "
+    "fullgraph=True); the others refuse it. torch.func.grad works (the rule, as in eager mode). "
+    "Compile the rest of the model around it, or trace, export and map in eval mode (BatchNorm's "
+    "eval map)",
 )
 
 
@@ -219,6 +221,18 @@ def composite_required() -> bool:
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return True
     return torch.autograd.forward_ad._current_level >= 0
+
+
+def only_grad_transforms() -> bool:
+    """Whether the only transforms recording this call are torch.func's reverse-mode ones (grad,
+    vjp, jacrev; any depth): no vmap, no forward-mode AD, no graph capture. There a hand-written
+    Function runs as in eager mode, its backward included (it needs ``setup_context``)."""
+    if capturing() or torch.autograd.forward_ad._current_level >= 0:
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    grad = torch._C._functorch.TransformType.Grad
+    return all(i.key() == grad for i in retrieve_all_functorch_interpreters())
 
 
 def batched(tensor: torch.Tensor) -> bool:

@@ -53,8 +53,10 @@ class MovingAverageBatchNorm(NormBase):
     - statistics in float32 for half inputs. There is no ``running_mean`` (MABN has none).
 
     The backward is MABN's rule, not the gradient of its forward, and it updates Ψ's window: the
-    training step runs eagerly and refuses program transforms (torch.compile, torch.func, export,
-    tracing) with a clear error; eval mode traces as BatchNorm's eval map does. Under
+    training step runs eagerly (torch.compile: a graph break) and refuses torch.func's vmap and
+    jvp, export and tracing with a clear error; ``torch.func.grad`` runs it as eager mode does,
+    and double backward differentiates the rule. Eval mode goes everywhere, as BatchNorm's eval
+    map does (docs/transforms.md). Under
     ``nk.accumulate`` each micro-batch is one of MABN's iterations, as the paper's algorithm has it.
 
     Args:
