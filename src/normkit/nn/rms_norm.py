@@ -15,7 +15,7 @@ from normkit.functional._checks import (
     check_normalized_shape,
     check_positive_int,
 )
-from normkit.nn._base import named
+from normkit.nn._base import NormLayer, named
 
 
 def _check_eps(eps: float | None) -> None:
@@ -23,7 +23,7 @@ def _check_eps(eps: float | None) -> None:
         check_eps(eps)
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(NormLayer, nn.RMSNorm):
     r"""Root mean square layer normalization over the last dims (Zhang & Sennrich 2019).
 
     Paper: https://arxiv.org/abs/1910.07467, eqs. 3-4. LayerNorm without the mean: the re-centring
@@ -77,7 +77,7 @@ class RMSNorm(nn.RMSNorm):
             raise named(self, error) from None
 
 
-class RMSNorm2d(nn.Module):
+class RMSNorm2d(NormLayer, nn.Module):
     r"""RMS normalization over the channels of an (N, C, \*) input, at each position.
 
     :class:`RMSNorm` for convolutional maps, as :class:`LayerNorm2d` is LayerNorm's: for every
