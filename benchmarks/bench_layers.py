@@ -1,7 +1,11 @@
 """Core layers against torch.nn on the CPU: forward+backward (training) and eval forward.
 
-Every row times torch.nn's layer and normkit's (each backend) on the same tensor in the same process,
-alternating them for several rounds and keeping the median of each; the ratio is ours / torch's.
+Every row times torch.nn's layer and normkit's (``auto``, what a user gets, and each backend) on the
+same tensor in the same process, alternating them for several rounds and keeping the median of
+each; the ratio is ours / torch's. Beside it, each provider's fraction of the memory bound: the
+time of the passes over the tensor that the computation needs at least, at the speed of a tensor
+copy (``y.copy_(x)``, two passes, timed in the same rounds): 8 passes for forward + backward in
+training (forward: statistics, normalize; backward: two sums, then dx), 2 for the eval forward.
 Prints a table and writes JSON (machine, date, command, every timing).
 
     python benchmarks/bench_layers.py                # the full table (a few minutes on 2 cores)
@@ -80,7 +84,9 @@ ROWS = [
         "ln2d_cl", (32, 64, 56, 56), lambda: nk.LayerNorm2d(64), lambda: PermutedLayerNorm(64), True
     ),
 ]
-BACKENDS = ["native", "reference"]
+BACKENDS = ["auto", "native", "reference"]
+# Passes over the tensor each mode needs at least (see the module docstring).
+PASSES = {"train": 8, "eval": 2}
 
 
 def _time(fn: Callable[[], object], min_run_time: float) -> float:
@@ -111,9 +117,10 @@ def measure(row: Row, rounds: int, min_run_time: float) -> dict:
         x = x.to(memory_format=torch.channels_last)
     dy = torch.randn_like(x)
     result = {"name": row.name, "shape": list(row.shape), "channels_last": row.channels_last}
+    copy_out = torch.empty_like(x)
     for mode in ("train", "eval"):
         providers = {"torch": row.torch_layer()} | {b: row.ours() for b in BACKENDS}
-        samples: dict[str, list[float]] = {name: [] for name in providers}
+        samples: dict[str, list[float]] = {name: [] for name in [*providers, "copy"]}
         for _ in range(rounds):  # alternate providers so drift hits them all alike
             for name, layer in providers.items():
                 layer.train(mode == "train")
@@ -121,10 +128,15 @@ def measure(row: Row, rounds: int, min_run_time: float) -> dict:
                 with nk.backend(name if name in BACKENDS else "auto"):
                     step()  # warm-up
                     samples[name].append(_time(step, min_run_time))
+            samples["copy"].append(_time(lambda: copy_out.copy_(x), min_run_time))
         medians = {name: statistics.median(values) for name, values in samples.items()}
+        bound = PASSES[mode] / 2 * medians["copy"]
         result[mode] = {
             "ms": {name: value * 1e3 for name, value in medians.items()},
             "ratio": {b: medians[b] / medians["torch"] for b in BACKENDS},
+            "passes": PASSES[mode],
+            "bound_ms": bound * 1e3,
+            "of_bound": {name: bound / medians[name] for name in providers},
         }
     return result
 
@@ -144,17 +156,21 @@ def environment() -> dict:
 
 
 def print_table(results: list[dict]) -> None:
-    header = f"{'layer':9s} {'shape':17s} {'mode':5s} {'torch ms':>9s} " + " ".join(
-        f"{b + ' ms':>12s} {b + '/torch':>15s}" for b in BACKENDS
+    header = (
+        f"{'layer':9s} {'shape':17s} {'mode':5s} {'copy ms':>8s} {'torch ms':>9s} {'bound':>6s} "
+        + " ".join(f"{b + ' ms':>12s} {b + '/torch':>15s} {'bound':>6s}" for b in BACKENDS)
     )
     print(header)
     print("-" * len(header))
     for r in results:
         for mode in ("train", "eval"):
-            ms, ratio = r[mode]["ms"], r[mode]["ratio"]
+            ms, ratio, of_bound = r[mode]["ms"], r[mode]["ratio"], r[mode]["of_bound"]
             shape = "x".join(map(str, r["shape"])) + (" CL" if r["channels_last"] else "")
-            cells = " ".join(f"{ms[b]:12.3f} {ratio[b]:15.2f}" for b in BACKENDS)
-            print(f"{r['name']:9s} {shape:17s} {mode:5s} {ms['torch']:9.3f} {cells}")
+            cells = " ".join(f"{ms[b]:12.3f} {ratio[b]:15.2f} {of_bound[b]:6.0%}" for b in BACKENDS)
+            print(
+                f"{r['name']:9s} {shape:17s} {mode:5s} {ms['copy']:8.3f} {ms['torch']:9.3f} "
+                f"{of_bound['torch']:6.0%} {cells}"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,6 +36,7 @@ from normkit.functional import (
     _batch_instance,
     _batch_layer,
     _batch_norm_act,
+    _batch_norm_compiled,
     _compiled,
     _dispatch,
     _ghost,
@@ -125,7 +126,23 @@ _dispatch.register(
     "batch_norm_act", "compiled", _batch_norm_act.compiled_batch_norm_act, _compiled_supports
 )
 _dispatch.register(
+    "batch_norm", "compiled", _batch_norm_compiled.compiled_batch_norm, _compiled_supports
+)
+_dispatch.register(
     "batch_layer_norm", "compiled", _batch_layer._compiled_batch_layer_norm, _compiled_supports
+)
+# The per-plane family in four fused passes (normkit.functional._plane_compiled).
+_dispatch.register(
+    "ghost_batch_norm", "compiled", _ghost._compiled_ghost_batch_norm, _compiled_supports
+)
+_dispatch.register(
+    "batch_instance_norm",
+    "compiled",
+    _batch_instance._compiled_batch_instance_norm,
+    _compiled_supports,
+)
+_dispatch.register(
+    "switchable_norm", "compiled", _switchable._compiled_switchable_norm, _compiled_supports
 )
 
 # The Triton kernels: registered for every op they implement, imported (with triton) on first use.

@@ -16,6 +16,11 @@ import torch
 
 from normkit.functional._running_stats import compiling
 
+# Below this many elements a layer runs ATen's kernels even under the compiled backend: a compiled
+# call costs tens of microseconds of guards and each new shape seconds of compilation, more than
+# ATen needs for the whole layer (4M elements: 16 MB of float32, a layer of a few milliseconds).
+MIN_NUMEL = 1 << 22
+
 # Every op, dtype, layout, mode and (before shapes turn dynamic) shape is a guard of the same
 # function: a model has more than torch's default 8 of them, past which Dynamo would run the maths
 # eagerly, several times slower than ATen.
@@ -27,6 +32,20 @@ def compiled(fn):
     """``torch.compile(fn)``, once per function. Not fullgraph: past the recompile limit (many
     shapes, thread-count changes) Dynamo runs the function eagerly for the new case."""
     return torch.compile(fn)
+
+
+def worth_compiling(input: torch.Tensor) -> bool:
+    """Whether a compiled implementation compiles ``input``'s layer rather than running ATen's:
+    at least MIN_NUMEL elements, and not inside the user's own torch.compile (which fuses ATen's
+    ops into its graph), ``torch.jit.trace`` or a torch.func transform (vmap, grad, jvp), which
+    need ATen's differentiable, batchable ops."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return (
+        input.numel() >= MIN_NUMEL
+        and not compiling()
+        and not torch.jit.is_tracing()
+        and not (check is not None and check(input))
+    )
 
 
 def compiler_available() -> bool:
