@@ -47,6 +47,34 @@ $(VENV)/.installed-%: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install --quiet -e ".[$*]"
 	@touch $@
 
+# The dev install adds timm (the tools' tests run timm's models, built with random weights) without
+# letting anything change the installed torch: torchvision pins an exact torch, so it is installed
+# with --no-deps at the release made for the installed torch (minor + 15: torch 2.13 -> 0.28,
+# 2.14 -> 0.29), and timm with --no-deps plus its own dependencies. Override TORCHVISION_SPEC (e.g.
+# torchvision==0.28.0) or TIMM_SPEC; TIMM_SPEC= (empty) installs neither, and timm's tests skip.
+TIMM_SPEC        ?= timm>=1.0,<2
+TIMM_DEPS        ?= huggingface_hub pyyaml safetensors
+TORCHVISION_SPEC ?=
+
+$(VENV)/.installed-dev: pyproject.toml Makefile $(VENV)/.torch
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@if [ -n "$(TIMM_SPEC)" ]; then \
+		torch_before="$$($(PY) -c 'import torch; print(torch.__version__)')"; \
+		vision="$(TORCHVISION_SPEC)"; \
+		if [ -z "$$vision" ]; then \
+			vision="torchvision==0.$$($(PY) -c 'import torch; print(int(torch.__version__.split(".")[1]) + 15)').*"; \
+		fi; \
+		echo "timm for the tests: $(TIMM_SPEC), $$vision (no dependencies; torch stays $$torch_before)"; \
+		$(PY) -m pip install --quiet --no-deps "$$vision" "$(TIMM_SPEC)" \
+			&& $(PY) -m pip install --quiet $(TIMM_DEPS) \
+			|| { echo "could not install timm; TIMM_SPEC= skips it (its tests then skip)"; exit 1; }; \
+		torch_after="$$($(PY) -c 'import torch; print(torch.__version__)')"; \
+		if [ "$$torch_before" != "$$torch_after" ]; then \
+			echo "torch changed from $$torch_before to $$torch_after while installing timm"; exit 1; \
+		fi; \
+	fi
+	@touch $@
+
 # Fashion-MNIST for the lab, from Debian's package where apt-get is available to root. Never fails:
 # without it the experiments fall back to scikit-learn's digits and say so.
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist

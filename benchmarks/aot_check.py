@@ -7,7 +7,7 @@ shapes of docs/benchmarks.md with the bytes each kernel moves.
     python benchmarks/aot_check.py --json aot.json       # also write the rows as a JSON list
     python benchmarks/aot_check.py --plans-only          # the launch plans alone (seconds)
 
-Configurations are what the launchers choose (normkit.kernels.aot.configurations): every
+Configurations are what the launchers choose (normkit.kernels._aot.configurations): every
 compile-time flag the entry points reach (activation, residual, training or eval, affine or not,
 running statistics, InPlace-ABN's from-output backward, which gradients are asked for), the tile
 shapes and warps of the plans on the docs' shapes, each in float32, bfloat16 and float16. ``--ci``
@@ -16,7 +16,7 @@ largest tile per thread with every optional input and the costliest activation.
 
 Each row: kernel, configuration, input dtype, target, registers per thread, spill bytes, shared
 memory, warps, resident CTAs per SM allowed by registers and in all (occupancy formula in
-normkit/kernels/aot.py). Fails (exit 1) on a compile error, any spill, or fewer than 2 CTAs per SM
+normkit/kernels/_aot.py). Fails (exit 1) on a compile error, any spill, or fewer than 2 CTAs per SM
 by registers; and on a launch plan that leaves the SMs unfilled without a reason or falls back to
 one program per channel with a long serial loop.
 """
@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-from normkit.kernels import aot, launch_plans  # noqa: E402
+from normkit.kernels import _aot as aot  # noqa: E402
+from normkit.kernels import _launch_plans as launch_plans  # noqa: E402
 
 # The flags that change a kernel's loop structure; --ci keeps the heaviest configuration per
 # kernel, value of these, and dtype.

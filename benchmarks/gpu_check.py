@@ -10,8 +10,8 @@ Steps, each timed and recorded even if a later one fails, each within its time b
 got), so that the whole check ends within 8 minutes:
 
 1. copy: the roofline, ``y.copy_(x)`` GB/s at 256 MB, 512 MB and 1 GB;
-2. prewarm: every kernel configuration of the launch plans (normkit.kernels.launch_plans) compiled
-   ahead of time for this GPU's capability in parallel processes (normkit.kernels.aot), which
+2. prewarm: every kernel configuration of the launch plans (normkit.kernels._launch_plans) compiled
+   ahead of time for this GPU's capability in parallel processes (normkit.kernels._aot), which
    fills triton's cache for the later steps and gives ptxas's registers and spills per
    configuration;
 3. sweep: a built-in sweep of the kernels against the float64 oracle (every op, dtype and
@@ -228,10 +228,10 @@ def copy_roofline(timing: B.Timing) -> list[dict]:
 
 
 def plan_cases(dtypes=PLAN_DTYPES) -> list:
-    """Every plan row of normkit.kernels.launch_plans (the docs' shapes) in each dtype."""
+    """Every plan row of normkit.kernels._launch_plans (the docs' shapes) in each dtype."""
     from dataclasses import replace
 
-    from normkit.kernels import launch_plans
+    from normkit.kernels import _launch_plans as launch_plans
 
     return [
         replace(case, dtype=getattr(torch, dtype))
@@ -242,7 +242,7 @@ def plan_cases(dtypes=PLAN_DTYPES) -> list:
 
 def launch_key(launch) -> tuple:
     """What makes triton compile a kernel anew: kernel, launcher's choices, dtypes, specialization."""
-    from normkit.kernels import aot
+    from normkit.kernels import _aot as aot
 
     return (launch.name, aot.config_label(launch), aot.input_dtype(launch),
             aot.signature_label(launch))  # fmt: skip
@@ -250,7 +250,7 @@ def launch_key(launch) -> tuple:
 
 def plan_launches(dtypes=PLAN_DTYPES, multiprocessors: int = 132) -> list:
     """One launch (on meta tensors) per distinct compilation the plan rows need."""
-    from normkit.kernels import launch_plans
+    from normkit.kernels import _launch_plans as launch_plans
 
     seen: dict[tuple, object] = {}
     for case in plan_cases(dtypes):
@@ -269,7 +269,7 @@ def _prewarm_init(dtypes, multiprocessors) -> None:
 
 
 def _prewarm_one(job: tuple[int, int]) -> tuple[tuple, dict]:
-    from normkit.kernels import aot
+    from normkit.kernels import _aot as aot
 
     index, capability = job
     launch = _PREWARM[index]
@@ -297,7 +297,7 @@ def prewarm(dtypes, multiprocessors: int, capability: int, jobs: int, deadline: 
 
 def achieved(row, seconds: float, copy_gbps: float | None) -> dict:
     """A plan row's measured time against its ideal: the bytes it moves at the spec bandwidth
-    (normkit.kernels.launch_plans.H100_BANDWIDTH) and at this run's copy rate."""
+    (normkit.kernels._launch_plans.H100_BANDWIDTH) and at this run's copy rate."""
     gbps = row.bytes / seconds / 1e9
     return {
         "op": row.case.op, "shape": list(row.case.shape), "layout": row.case.layout,
@@ -334,7 +334,7 @@ def plans_on_gpu(predicted: dict, copy_gbps: float | None, rep_ms: int, deadline
     with the prediction. Stops at ``deadline``."""
     import triton.testing
 
-    from normkit.kernels import launch_plans
+    from normkit.kernels import _launch_plans as launch_plans
     from normkit.kernels._utils import recording
 
     props = torch.cuda.get_device_properties(0)

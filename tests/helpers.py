@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from hypothesis import strategies as st
 from torch import nn
 
 import normkit as nk
@@ -300,3 +301,41 @@ def reference_directional_derivative(f, inputs, directions, weights, step=1e-3) 
         return (value(h) - value(-h)) / (2 * h)
 
     return (4 * central(step / 2) - central(step)) / 3
+
+
+# --- Random configurations against torch.nn (hypothesis) --------------------------------------------
+
+SPATIAL = st.lists(st.integers(1, 4), min_size=0, max_size=3)
+BACKENDS = st.sampled_from(["native", "reference"])
+DTYPES = st.sampled_from([torch.float32, torch.float64])
+
+
+def compare_steps_with_torch(ours, theirs, shape, dtype, backend, steps, channels_last=False):
+    """Train/eval ``steps`` of a normkit layer and its torch namesake on the same random inputs:
+    outputs, input and parameter gradients, and the final state agree within ``assert_close``."""
+    randomize_parameters(ours)
+    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    generator = torch.Generator().manual_seed(len(shape))
+    for step, training in enumerate(steps):
+        x = (torch.randn(shape, generator=generator, dtype=torch.float64) * 3 + 1).to(dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        dy = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+        ours.train(training)
+        theirs.train(training)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with nk.backend(backend):
+            ya = ours(a)
+        yb = theirs(b)
+        ya.backward(dy)
+        yb.backward(dy)
+        assert_close(ya, yb, dtype, f"step {step} output")
+        assert_close(a.grad, b.grad, dtype, f"step {step} input grad")
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+            assert_close(p.grad, q.grad, dtype, f"step {step} grad of {name}")
+            p.grad, q.grad = None, None
+    for (key, value), expected in zip(
+        ours.state_dict().items(), theirs.state_dict().values(), strict=True
+    ):
+        assert_close(value, expected, value.dtype if value.is_floating_point() else dtype, key)

@@ -16,7 +16,8 @@ SPECS = [
     ("group:4", nk.GroupNorm, (2, 8, 5)),
     ("layer", nk.LayerNorm, (2, 5, 8)),
     ("layer2d", nk.LayerNorm2d, (2, 8, 3, 3)),
-    ("instance", nk.GroupNorm, (2, 8, 4, 4, 4)),
+    ("instance", nk.InstanceNorm2d, (2, 8, 4, 4)),
+    ("group_instance", nk.GroupNorm, (2, 8, 4, 4, 4)),
     ("instance2d", nk.InstanceNorm2d, (2, 8, 4, 4)),
     ("renorm", nk.BatchRenorm, (4, 8, 5)),
     ("renorm3d", nk.BatchRenorm3d, (2, 8, 2, 2, 2)),
@@ -43,8 +44,15 @@ def test_numbers_after_the_colon():
     assert nk.create_norm("group", 64, num_groups=16).num_groups == 16
     assert nk.create_norm("ghost:16", 8).virtual_batch_size == 16
     assert nk.create_norm("ghost", 8).virtual_batch_size == 32
-    instance = nk.create_norm("instance", 6)
+    instance = nk.create_norm("group_instance", 6)
     assert instance.num_groups == 6 and instance.num_channels == 6  # one channel per group
+
+
+def test_instance_builds_an_instance_norm_as_its_name_says():
+    layer = nk.create_norm("instance", 6)
+    assert isinstance(layer, torch.nn.InstanceNorm2d) and type(layer) is nk.InstanceNorm2d
+    assert not layer.affine and not layer.track_running_stats  # torch's defaults
+    assert isinstance(nk.create_norm("in", 6), torch.nn.InstanceNorm2d)
 
 
 @pytest.mark.parametrize(

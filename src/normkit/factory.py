@@ -25,6 +25,10 @@ from normkit.nn import (
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
+    CrossIterationBatchNorm,
+    EvoNormB0,
+    EvoNormS0,
+    FilterResponseNorm,
     FrozenBatchNorm,
     GhostBatchNorm,
     GroupNorm,
@@ -33,6 +37,9 @@ from normkit.nn import (
     InstanceNorm3d,
     LayerNorm,
     LayerNorm2d,
+    MovingAverageBatchNorm,
+    RMSNorm,
+    RMSNorm2d,
     SwitchableNorm,
 )
 
@@ -67,7 +74,7 @@ def _group(num_features, groups, **kw):
     return GroupNorm(groups or keyword or DEFAULT_GROUPS, num_features, **kw)
 
 
-def _instance(num_features, argument, **kw):
+def _group_instance(num_features, argument, **kw):
     return GroupNorm(num_features, num_features, **kw)
 
 
@@ -75,6 +82,25 @@ def _ghost(num_features, size, **kw):
     if size is not None:
         kw["virtual_batch_size"] = size
     return GhostBatchNorm(num_features, **kw)
+
+
+def _fitted_groups(num_features: int, limit: int = DEFAULT_GROUPS) -> int:
+    """The largest number of groups up to ``limit`` that divides ``num_features``."""
+    return max(g for g in range(1, min(limit, num_features) + 1) if num_features % g == 0)
+
+
+def _evo_norm_s0(num_features, groups, **kw):
+    if groups is None and "group_size" not in kw:
+        groups = kw.pop("groups", None) or _fitted_groups(num_features)
+    if groups is not None:
+        kw["groups"] = groups
+    return EvoNormS0(num_features, **kw)
+
+
+def _cross_iteration(num_features, window, **kw):
+    if window is not None:
+        kw["window"] = window
+    return CrossIterationBatchNorm(num_features, **kw)
 
 
 def _sync(num_features, argument, **kw):
@@ -93,7 +119,10 @@ SPECS: dict[str, _Spec] = {
     "group": _Spec(_group, "num_groups", "nk.GroupNorm(G, C), G = 32 by default"),
     "layer": _Spec(_plain(LayerNorm), layer="nk.LayerNorm(C), over the last dim"),
     "layer2d": _Spec(_plain(LayerNorm2d), layer="nk.LayerNorm2d(C), over dim 1"),
-    "instance": _Spec(_instance, layer="nk.GroupNorm(C, C): InstanceNorm for any rank"),
+    "instance": _Spec(_plain(InstanceNorm2d), layer="nk.InstanceNorm2d (torch's defaults)"),
+    "group_instance": _Spec(
+        _group_instance, layer="nk.GroupNorm(C, C): instance normalization for any rank, with γ, β"
+    ),
     "instance1d": _Spec(_plain(InstanceNorm1d), layer="nk.InstanceNorm1d"),
     "instance2d": _Spec(_plain(InstanceNorm2d), layer="nk.InstanceNorm2d"),
     "instance3d": _Spec(_plain(InstanceNorm3d), layer="nk.InstanceNorm3d"),
@@ -107,6 +136,15 @@ SPECS: dict[str, _Spec] = {
     "switchable": _Spec(_plain(SwitchableNorm), layer="nk.SwitchableNorm"),
     "frozen": _Spec(_plain(FrozenBatchNorm), layer="nk.FrozenBatchNorm"),
     "sync": _Spec(_sync, layer="nk.SyncBatchNorm"),
+    "rms": _Spec(_plain(RMSNorm), layer="nk.RMSNorm(C), over the last dim"),
+    "rms2d": _Spec(_plain(RMSNorm2d), layer="nk.RMSNorm2d(C), over dim 1"),
+    "frn": _Spec(_plain(FilterResponseNorm), layer="nk.FilterResponseNorm (with its TLU)"),
+    "evonorm_b0": _Spec(_plain(EvoNormB0), layer="nk.EvoNormB0"),
+    "evonorm_s0": _Spec(
+        _evo_norm_s0, "groups", "nk.EvoNormS0, G = the largest divisor of C up to 32 by default"
+    ),
+    "mabn": _Spec(_plain(MovingAverageBatchNorm), layer="nk.MovingAverageBatchNorm"),
+    "cbn": _Spec(_cross_iteration, "window", "nk.CrossIterationBatchNorm(C, window=k)"),
     "none": _Spec(_none, layer="torch.nn.Identity()"),
 }
 # Other spellings users reach for; normalized like the names (lowercase, '_' and '-' dropped).
@@ -132,6 +170,15 @@ ALIASES = {
     "sn": "switchable",
     "frozenbatchnorm": "frozen",
     "syncbatchnorm": "sync",
+    "rmsnorm": "rms",
+    "rmsnorm2d": "rms2d",
+    "filterresponsenorm": "frn",
+    "evonormb0": "evonorm_b0",
+    "evob0": "evonorm_b0",
+    "evonorms0": "evonorm_s0",
+    "evos0": "evonorm_s0",
+    "movingaveragebatchnorm": "mabn",
+    "crossiterationbatchnorm": "cbn",
     "identity": "none",
 }
 
@@ -162,8 +209,10 @@ def create_norm(
     ``group[:G]``     ``nk.GroupNorm(G, C)``, G = 32 unless given (or ``num_groups=``)
     ``layer``         ``nk.LayerNorm(C)``: over the last dim ((N, L, C) inputs, transformers)
     ``layer2d``       ``nk.LayerNorm2d(C)``: over the channels of (N, C, \\*) maps (ConvNeXt)
-    ``instance``      ``nk.GroupNorm(C, C)``: InstanceNorm for any rank, with affine;
-                      ``instance1d/2d/3d`` for ``nk.InstanceNorm*d`` (torch's defaults)
+    ``instance``      ``nk.InstanceNorm2d`` (torch's defaults: no affine, no running
+                      statistics); ``instance1d/3d`` for the other ranks
+    ``group_instance`` ``nk.GroupNorm(C, C)``: one channel per group, which is instance
+                      normalization for any rank with a per-channel γ, β (Wu & He 2018's IN)
     ``renorm``        ``nk.BatchRenorm``; ``renorm1d/2d/3d`` for the rank-checked ones
     ``ghost[:v]``     ``nk.GhostBatchNorm(C, virtual_batch_size=v)``
     ``batch_instance`` ``nk.BatchInstanceNorm``
@@ -171,6 +220,14 @@ def create_norm(
     ``switchable``    ``nk.SwitchableNorm``
     ``frozen``        ``nk.FrozenBatchNorm``
     ``sync``          ``nk.SyncBatchNorm`` (from :mod:`normkit.distributed`, imported when asked)
+    ``rms``           ``nk.RMSNorm(C)`` over the last dim; ``rms2d``: ``nk.RMSNorm2d(C)`` over dim 1
+    ``frn``           ``nk.FilterResponseNorm`` (FRN + TLU)
+    ``evonorm_b0``    ``nk.EvoNormB0``
+    ``evonorm_s0[:G]`` ``nk.EvoNormS0(C, groups=G)``, G the largest divisor of C up to 32 unless
+                      given
+    ``mabn``          ``nk.MovingAverageBatchNorm``
+    ``cbn[:k]``       ``nk.CrossIterationBatchNorm(C, window=k)`` (attach its producer:
+                      ``nk.tools.convert(model, "cbn")`` does)
     ``none``          ``torch.nn.Identity()`` (also ``spec=None``)
     ================= ============================================================================
 

@@ -26,6 +26,12 @@ LayerNorm, where they have the normalized shape.
   2022, the official code), :func:`switchable_norm` (Luo et al. 2018, eqs. 3-4), and the masked
   statistics :func:`masked_batch_norm` and :func:`masked_layer_norm`.
 - ℓp normalization, Santurkar et al. 2018, §3.3: :func:`lp_batch_norm` (the lab's ℓ1/ℓ2/ℓ∞ layers).
+- Small batches: :func:`rms_norm` and :func:`channel_rms_norm` (Zhang & Sennrich 2019, eqs. 3-4),
+  :func:`filter_response_norm` (Singh & Krishnan 2020, eqs. 1-3), :func:`evo_norm_b0` and
+  :func:`evo_norm_s0` (Liu et al. 2020), :func:`standardized_weight` (Qiao et al. 2019, eqs. 5-6;
+  Brock et al. 2021) and :func:`centered_weight`, :func:`mabn_train` and :func:`mabn_backward` (Yan
+  et al. 2020, MABN), :func:`cross_iteration_statistics` (Yao et al. 2021, CBN), and
+  :func:`accumulated_running_average` (what ``nk.accumulate`` must record).
 """
 
 from __future__ import annotations
@@ -575,3 +581,200 @@ def lp_batch_norm(x, p: float, gamma=1.0, beta=0.0, eps: float = 1e-5):
         raise ValueError(f"p={p} must be 1, 2 or inf")
     y = _channel(gamma, x.ndim) * (x - mu) / (scale + eps) + _channel(beta, x.ndim)
     return y, mu.reshape(-1), scale.reshape(-1)
+
+
+# --- Small batches: batch-independent normalizers, weight standardization, MABN, CBN ----------------
+
+
+def rms_norm(x, normalized_ndim: int, gain=1.0, eps: float = 1e-6):
+    """Zhang & Sennrich 2019, eqs. 3-4, over the last ``normalized_ndim`` axes (eps inside the
+    root, as torch.nn.RMSNorm):
+
+        RMS(a) = sqrt(1/n sum_i a_i^2 + eps)
+        y_i    = a_i / RMS(a) * g_i
+    """
+    x = _f64(x)
+    axes = tuple(range(x.ndim - normalized_ndim, x.ndim))
+    rms = np.sqrt((x**2).mean(axis=axes, keepdims=True) + eps)  # eq. 4
+    return x / rms * _f64(gain)  # eq. 3
+
+
+def channel_rms_norm(x, gain=1.0, eps: float = 1e-6):
+    """:func:`rms_norm` over the channel axis of (N, C, *) at each position."""
+    x = _f64(x)
+    rms = np.sqrt((x**2).mean(axis=1, keepdims=True) + eps)
+    gain = _channel(gain, x.ndim) if np.ndim(gain) else gain
+    return x / rms * gain
+
+
+def filter_response_norm(x, gamma, beta, tau=None, eps: float = 1e-6):
+    """Singh & Krishnan 2020, eqs. 1-3, per sample and channel over the spatial axes:
+
+    nu2   = 1/N sum_i x_i^2             (eq. 1)
+    y     = gamma * x / sqrt(nu2 + eps) + beta   (eq. 2)
+    z     = max(y, tau)                 (eq. 3, the TLU; none when ``tau`` is None)
+    """
+    x = _f64(x)
+    spatial = tuple(range(2, x.ndim))
+    nu2 = (x**2).mean(axis=spatial, keepdims=True)  # eq. 1
+    y = _channel(gamma, x.ndim) * x / np.sqrt(nu2 + eps) + _channel(beta, x.ndim)  # eq. 2
+    return y if tau is None else np.maximum(y, _channel(tau, x.ndim))  # eq. 3
+
+
+def evo_norm_b0(x, v, gamma, beta, eps: float = 1e-5, running_var=None):
+    """EvoNorm-B0, Liu et al. 2020 (Figure 1 / Table 1), per channel:
+
+        y = x / max(sqrt(s2_{b,w,h}(x) + eps), v x + sqrt(s2_{w,h}(x) + eps)) * gamma + beta
+
+    with s2 the biased variance: over the batch and space (``running_var`` instead when given,
+    inference), and over space per sample. Returns ``(y, s2_{b,w,h})``.
+    """
+    x = _f64(x)
+    spatial, batch = tuple(range(2, x.ndim)), _batch_axes(x.ndim)
+    var_b = x.var(axis=batch) if running_var is None else _f64(running_var)
+    left = np.sqrt(_channel(var_b, x.ndim) + eps)
+    right = _channel(v, x.ndim) * x + np.sqrt(x.var(axis=spatial, keepdims=True) + eps)
+    y = x / np.maximum(left, right)
+    return y * _channel(gamma, x.ndim) + _channel(beta, x.ndim), var_b
+
+
+def evo_norm_s0(x, v, gamma, beta, groups: int, eps: float = 1e-5):
+    """EvoNorm-S0, Liu et al. 2020 (Figure 1 / Table 1):
+
+        y = x * sigmoid(v x) / sqrt(s2_{w,h,c/g}(x) + eps) * gamma + beta
+
+    s2 the biased variance of each sample's group of C/G channels over space (GroupNorm's);
+    ``v=None`` drops the gate.
+    """
+    x = _f64(x)
+    n, c = x.shape[:2]
+    grouped = x.reshape(n, groups, c // groups, *x.shape[2:])
+    axes = tuple(range(2, grouped.ndim))
+    std = np.sqrt(grouped.var(axis=axes, keepdims=True) + eps)
+    std = np.broadcast_to(std, grouped.shape).reshape(x.shape)
+    gate = 1.0 if v is None else 1.0 / (1.0 + np.exp(-_channel(v, x.ndim) * x))
+    return x * gate / std * _channel(gamma, x.ndim) + _channel(beta, x.ndim)
+
+
+def standardized_weight(w, eps: float = 1e-6, gain=None, scale: float = 1.0):
+    """Weight Standardization, Qiao et al. 2019, eqs. 5-6, per output filter i (axis 0):
+
+    mu_i    = 1/I sum_j W_ij                                   (eq. 5)
+    sigma_i = sqrt(1/I sum_j (W_ij - mu_i)^2 + eps)             (eq. 6)
+    W_hat   = (W - mu_i) / sigma_i  [* gain_i * scale: Scaled WS, Brock et al. 2021, eq. 2]
+    """
+    w = _f64(w)
+    flat = w.reshape(w.shape[0], -1)
+    mu = flat.mean(axis=1, keepdims=True)  # eq. 5
+    sigma = np.sqrt(((flat - mu) ** 2).mean(axis=1, keepdims=True) + eps)  # eq. 6
+    w_hat = (flat - mu) / sigma
+    if gain is not None:
+        w_hat = w_hat * _f64(gain).reshape(-1, 1)
+    return (w_hat * scale).reshape(w.shape)
+
+
+def centered_weight(w):
+    """Weight centralization, Yan et al. 2020, §4.2: W_hat_i = W_i - mean_j W_ij."""
+    w = _f64(w)
+    flat = w.reshape(w.shape[0], -1)
+    return (flat - flat.mean(axis=1, keepdims=True)).reshape(w.shape)
+
+
+@dataclass
+class MABNState:
+    """What MABN (Yan et al. 2020) carries between iterations: the windows of the last m values of
+    chi_B and Psi_B (one row per ring slot), the EMA chi_hat, and the step count t."""
+
+    second_moments: np.ndarray  # (m, C)
+    gradient_moments: np.ndarray  # (m, C)
+    running_var: np.ndarray  # chi_hat, (C,)
+    step: int = 0
+
+
+def mabn_train(x, gamma, beta, state: MABNState, eps=1e-5, momentum=0.02, warmup_iters=100,
+               renorm_iters=1000, r_max=5.0):  # fmt: skip
+    """One training forward of MABN, Yan et al. 2020, §4 (Algorithm 1), as the authors' code
+    schedules it; updates ``state`` in place. Per channel, t the 1-based step and m the window:
+
+        chi_B   = 1/|B| sum x^2                           (§4.2: the second moment, no mean)
+        chi_bar = 1/m sum_{s=0}^{m-1} chi_B(t - s)         (§4.1: SMA; chi_B alone while
+                                                           t <= m or t < warmup_iters)
+        r       = clip(sqrt(chi_bar + eps) / sqrt(chi_hat + eps), 1/r_max, r_max)
+                                                          (§4.3: renormalization; 1 while
+                                                           t <= max(renorm_iters, warmup_iters))
+        z       = x / sqrt(chi_bar + eps),   y = gamma * r * z + beta
+        chi_hat = (1 - momentum) * chi_hat + momentum * chi_bar      (EMA; for inference)
+
+    Returns ``(y, cache)`` for :func:`mabn_backward`.
+    """
+    x = _f64(x)
+    state.step += 1
+    t, m = state.step, state.second_moments.shape[0]
+    chi_b = (x**2).mean(axis=_batch_axes(x.ndim))
+    state.second_moments[t % m] = chi_b
+    batch_only = t <= m or t < warmup_iters
+    chi_bar = chi_b if batch_only else state.second_moments.mean(axis=0)
+    s = np.sqrt(chi_bar + eps)
+    if t > max(renorm_iters, warmup_iters):
+        r = np.clip(s / np.sqrt(state.running_var + eps), 1.0 / r_max, r_max)
+    else:
+        r = np.ones_like(s)
+    state.running_var = (1 - momentum) * state.running_var + momentum * chi_bar
+    z = x / _channel(s, x.ndim)
+    y = _channel(_f64(gamma) * r, x.ndim) * z + _channel(beta, x.ndim)
+    return y, {"z": z, "s": s, "r": r, "gamma": _f64(gamma), "batch_only": batch_only, "t": t}
+
+
+def mabn_backward(dy, cache, state: MABNState):
+    """MABN's backward (Yan et al. 2020, §4.1-4.2), updating Psi's window in ``state``:
+
+        g       = dL/dy * gamma * r                     (dL/dz)
+        Psi_B   = 1/|B| sum g * z,    Psi_bar = SMA of Psi_B (Psi_B alone while warming up)
+        dL/dx   = (g - z * Psi_bar) / sqrt(chi_bar + eps)
+        dL/dgamma = sum dL/dy * r * z,    dL/dbeta = sum dL/dy
+
+    Returns ``(dx, dgamma, dbeta)``.
+    """
+    dy = _f64(dy)
+    z, s, r, gamma = cache["z"], cache["s"], cache["r"], cache["gamma"]
+    axes, ndim = _batch_axes(dy.ndim), dy.ndim
+    g = dy * _channel(gamma * r, ndim)
+    psi_b = (g * z).mean(axis=axes)
+    m = state.gradient_moments.shape[0]
+    state.gradient_moments[cache["t"] % m] = psi_b
+    psi_bar = psi_b if cache["batch_only"] else state.gradient_moments.mean(axis=0)
+    dx = (g - z * _channel(psi_bar, ndim)) / _channel(s, ndim)
+    return dx, (dy * z).sum(axis=axes) * r, dy.sum(axis=axes)
+
+
+def cross_iteration_statistics(means, nus, mean_grads, nu_grads, weights, weight_now):
+    """Cross-Iteration BN, Yao et al. 2021, §3.2-3.3: k iterations' statistics, index 0 the
+    current one, compensated to the current weights and pooled, per channel c:
+
+        mu_{t-tau}(theta_t) = mu_{t-tau} + sum_j dmu_c/dtheta_cj (theta_t - theta_{t-tau})_cj   (§3.2)
+        nu_{t-tau}(theta_t) = nu_{t-tau} + sum_j dnu_c/dtheta_cj (theta_t - theta_{t-tau})_cj
+        mu_bar  = 1/k sum_tau mu_{t-tau}(theta_t)                                            (§3.3)
+        nu_bar  = 1/k sum_tau max(nu_{t-tau}(theta_t), mu_{t-tau}(theta_t)^2)
+        sigma2  = nu_bar - mu_bar^2
+
+    ``means``, ``nus`` (k, C); ``mean_grads``, ``nu_grads``, ``weights`` (k, C, ...) (entry 0's
+    are unused: no compensation for the current iteration); ``weight_now`` (C, ...). Returns
+    ``(mu_bar, sigma2)``.
+    """
+    means, nus = _f64(means).copy(), _f64(nus).copy()
+    change = _f64(weight_now)[None] - _f64(weights)
+    for tau in range(1, means.shape[0]):
+        means[tau] += (_f64(mean_grads[tau]) * change[tau]).reshape(means.shape[1], -1).sum(1)
+        nus[tau] += (_f64(nu_grads[tau]) * change[tau]).reshape(nus.shape[1], -1).sum(1)
+    mu_bar = means.mean(axis=0)
+    nu_bar = np.maximum(nus, means**2).mean(axis=0)
+    return mu_bar, nu_bar - mu_bar**2
+
+
+def accumulated_running_average(running_mean, running_var, micro_batches, momentum):
+    """What one training pass over the concatenated batch records (Ioffe & Szegedy 2015,
+    Algorithm 2's exponential average in practice): :func:`running_average` of the micro-batches
+    joined along N, one update, the variance of the whole batch unbiased by m/(m-1). The reference
+    for ``nk.accumulate``. ``momentum=None`` is not handled here (the caller passes 1/(k+1))."""
+    x = np.concatenate([_f64(b) for b in micro_batches], axis=0)
+    return running_average(running_mean, running_var, x, momentum)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,7 +79,7 @@ def test_doctor_json_finds_the_mistakes(factory_module):
     codes = {f["code"] for f in report["findings"]}
     assert {"bias-before-norm", "small-batch", "eps-not-positive", "never-updated",
             "norm-after-final-layer"} <= codes  # fmt: skip
-    assert report["advice"]["spec"] == "group:32" and report["task"] == "vision"
+    assert report["advice"]["spec"] == "group:2" and report["task"] == "vision"  # channels 8, 10
 
 
 def test_doctor_table_on_trained_weights(factory_module, trained_weights):
@@ -145,3 +146,42 @@ def test_cli_errors_are_normkit_errors(factory_module):
     """main() prints a NormkitError as one line and a hint; here the error itself is checked."""
     result = runner.invoke(app, ["doctor", "--model", "missing_module_xyz:f"])
     assert result.exit_code != 0 and isinstance(result.exception, ConfigError)
+
+
+@pytest.mark.parametrize("command", ["doctor", "fold"])
+def test_a_file_in_the_current_directory_never_shadows_an_installed_package(tmp_path, command):
+    """A stray ./sympy.py beside the user's ./my_models.py: code importing sympy (torch does,
+    lazily) must get the installed package, not the stray file, whichever command loads the model."""
+    import subprocess
+
+    (tmp_path / "sympy.py").write_text("raise SystemExit('the stray ./sympy.py was imported')\n")
+    (tmp_path / "my_models.py").write_text(
+        textwrap.dedent(
+            """
+            from torch import nn
+
+            def build():
+                import sympy  # the installed package (torch's dependency)
+
+                assert hasattr(sympy, "Symbol"), sympy.__file__
+                return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+            """
+        )
+    )
+    normkit = str(Path(sys.executable).parent / "normkit")
+    extra = ["--out", str(tmp_path / "folded.pt")] if command == "fold" else []
+    result = subprocess.run(
+        [normkit, command, "--model", "my_models:build", *extra],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stray" not in result.stdout + result.stderr
+
+
+def test_load_factory_searches_the_current_directory_last(tmp_path, monkeypatch):
+    (tmp_path / "only_here.py").write_text("from torch import nn\nbuild = nn.Identity\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "only_here", raising=False)
+    assert isinstance(load_factory("only_here:build"), torch.nn.Identity)
+    assert sys.path[-1] == str(tmp_path)  # found, and after every installed package

@@ -390,8 +390,10 @@ def _mismatch_errors(rank, world, store):
     layer = nk.SyncBatchNorm(4)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(3, 4, 5)
-    dtype = torch.float64 if rank == 1 else torch.float32
+    dtype = torch.bfloat16 if rank == 1 else torch.float32  # each legal alone (mixed precision)
     errors["dtype"] = _expect_error(lambda: layer(x.to(dtype)))
+    local_dtype = torch.float64 if rank == 1 else torch.float32  # rank 1's own input is wrong
+    errors["local_dtype"] = _expect_error(lambda: layer(x.to(local_dtype)))
     channels = 5 if rank == 1 else 4
     errors["channels"] = _expect_error(lambda: layer(torch.randn(3, channels, 5)))
     eps_layer = nk.SyncBatchNorm(4, eps=1e-5 if rank == 0 else 1e-3)
@@ -475,6 +477,7 @@ def _check_ddp(ranks, gather: str = "all_gather"):
 
 EXPECTED_ERRORS = {
     "dtype": (DtypeError, "different dtypes"),
+    "local_dtype": (DtypeError, "dtype"),
     "channels": (ChannelMismatchError, "channels"),
     "eps": (RankMismatchError, "eps"),
     "too_small": (BatchTooSmallError, "1 in total"),
@@ -498,6 +501,9 @@ def _check_mismatch_errors(ranks):
     # the rank whose input was at fault explains it; the other names that rank
     assert "build the layer for 5 channels" in ranks[1]["mismatch"]["errors"]["channels"][1]
     assert "rank 1 could not normalize" in ranks[0]["mismatch"]["errors"]["channels"][1]
+    own = "has dtype torch.float32, but the input has dtype torch.float64"
+    assert own in ranks[1]["mismatch"]["errors"]["local_dtype"][1]
+    assert "rank 1 could not normalize" in ranks[0]["mismatch"]["errors"]["local_dtype"][1]
 
 
 # --- Four ranks: sub-groups, and a world of four with an empty rank ------------------------------------

@@ -17,7 +17,7 @@ from helpers import CASES, assert_close, make_input, randomize_parameters, run_s
 from normkit import reference
 from normkit.distributed import (
     RankMismatchError,
-    _functional,
+    _sync_batch_norm,
     local_moments,
     merge_moments,
     synchronized_batch_norm,
@@ -136,7 +136,7 @@ def test_sync_backward_formula_is_batch_norm_backward(shape, channels_last, affi
     try:
         leaf = x.clone().requires_grad_(True)
         args = (mean, var, n, 1e-5, None, None, "test")
-        y = _functional._SyncNormalize.apply(leaf, w, b, *args)
+        y = _sync_batch_norm._SyncNormalize.apply(leaf, w, b, *args)
         y.backward(dy)
     finally:
         wire.all_reduce_sum = original
@@ -356,3 +356,46 @@ def test_converted_model_computes_the_same_without_a_process_group():
     model.eval()
     reference_model.eval()
     assert_close(model(x), reference_model(x), torch.float32, "eval")
+
+
+# --- the synchronized step under PyTorch's transforms ---------------------------------------------
+
+
+@pytest.fixture
+def synchronizing(monkeypatch):
+    """A layer that believes it has peers: the refusals come before any collective, so none runs."""
+    from normkit.distributed import sync_batch_norm
+
+    monkeypatch.setattr(sync_batch_norm, "synchronizing_group", lambda group: _PEERS)
+    layer = nk.SyncBatchNorm(3).train()
+    monkeypatch.setattr(layer, "_synchronized_forward", _no_collectives)
+    return layer
+
+
+_PEERS = object()  # stands for a process group of two ranks
+
+
+def _no_collectives(*args):
+    raise AssertionError("a collective would have run")
+
+
+def test_synchronized_step_refuses_transforms_that_cannot_hold_it(synchronizing):
+    """torch.func, torch.jit.trace and torch.export refuse the synchronized step with its reason
+    (docs/transforms.md); torch.compile breaks the graph with it."""
+    from normkit.errors import UnsupportedTransformError
+    from normkit.functional._transforms import SYNCHRONIZED_STEP
+
+    x = torch.randn(4, 3, 2)
+    attempts = {
+        "grad": lambda: torch.func.grad(lambda t: synchronizing(t).sum())(x),
+        "jvp": lambda: torch.func.jvp(synchronizing, (x,), (x,)),
+        "jit.trace": lambda: torch.jit.trace(synchronizing, (x,), check_trace=False),
+        "export": lambda: torch.export.export(synchronizing, (x,)),
+    }
+    for attempt in attempts.values():
+        with pytest.raises(UnsupportedTransformError, match="synchronized training step"):
+            attempt()
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError) as info:
+        torch.compile(synchronizing, fullgraph=True, backend="eager")(x)
+    assert SYNCHRONIZED_STEP.reason in str(info.value)

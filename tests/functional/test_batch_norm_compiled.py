@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import normkit as nk
-import normkit.functional as F
+import normkit.functional as nkf
 from helpers import assert_close, make_input, randomize_parameters
 from normkit import reference as R
 from normkit.functional import _compiled
@@ -105,12 +105,12 @@ def test_transforms_tracing_and_small_inputs_run_atens_kernels(monkeypatch):
     monkeypatch.setattr(_compiled.CompiledMaths, "call", refuse)
     x = make_input(SHAPE)
     with nk.backend("compiled"):  # below MIN_NUMEL
-        small = F.batch_norm(x, None, None, training=True)
+        small = nkf.batch_norm(x, None, None, training=True)
     torch.testing.assert_close(small, torch.nn.functional.batch_norm(x, None, None, training=True))
     monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
     stack = torch.stack([x, x * 2 + 1])
     with nk.backend("compiled"):
-        batched = torch.func.vmap(lambda t: F.batch_norm(t, None, None, training=True))(stack)
+        batched = torch.func.vmap(lambda t: nkf.batch_norm(t, None, None, training=True))(stack)
         traced = torch.jit.trace(nk.BatchNorm2d(4).eval(), (x,), check_trace=False)
     for i in range(2):
         expected = torch.nn.functional.batch_norm(stack[i], None, None, training=True)

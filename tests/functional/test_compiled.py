@@ -78,7 +78,7 @@ def test_auto_uses_compiled_only_where_measured_faster(monkeypatch):
     preferences = dict(_dispatch.AUTO_PREFERENCES)
     for (entry_op, device, dtype, layout), order in preferences.items():
         assert device == "cpu", "only measured CPU entries"
-        if entry_op != op:  # Batch-Layer's entries are tested in test_batch_layer.py
+        if entry_op != op:  # Batch-Layer's entries are tested in test_batch_layer_norm.py
             continue
         x = torch.zeros(2, 3, 4, 5, dtype=dtype)
         if layout == "strided":

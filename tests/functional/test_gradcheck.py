@@ -8,7 +8,7 @@ used by gradient penalties).
 import pytest
 import torch
 
-import normkit.functional as F
+import normkit.functional as nkf
 
 
 def _inputs(shape, *param_shapes):
@@ -20,31 +20,33 @@ def _inputs(shape, *param_shapes):
 
 
 def _batch_norm_train(x, w, b):
-    return F.batch_norm(x, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype), w, b, True)
+    return nkf.batch_norm(
+        x, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype), w, b, True
+    )
 
 
 def _batch_norm_eval(x, w, b):
     mean = torch.tensor([0.1, -0.2, 0.3], dtype=x.dtype)
     var = torch.tensor([0.5, 1.5, 2.0], dtype=x.dtype)
-    return F.batch_norm(x, mean, var, w, b, False)
+    return nkf.batch_norm(x, mean, var, w, b, False)
 
 
 OPS = {
     "batch_norm_train": (_batch_norm_train, (4, 3, 2, 3), (3,), (3,)),
     "batch_norm_train_no_affine": (
-        lambda x: F.batch_norm(x, None, None, training=True),
+        lambda x: nkf.batch_norm(x, None, None, training=True),
         (4, 3, 5),
     ),
     "batch_norm_eval": (_batch_norm_eval, (4, 3, 2), (3,), (3,)),
-    "layer_norm": (lambda x, w, b: F.layer_norm(x, (2, 3), w, b), (3, 4, 2, 3), (2, 3), (2, 3)),
-    "group_norm": (lambda x, w, b: F.group_norm(x, 3, w, b), (2, 6, 2, 2), (6,), (6,)),
+    "layer_norm": (lambda x, w, b: nkf.layer_norm(x, (2, 3), w, b), (3, 4, 2, 3), (2, 3), (2, 3)),
+    "group_norm": (lambda x, w, b: nkf.group_norm(x, 3, w, b), (2, 6, 2, 2), (6,), (6,)),
     "instance_norm": (
-        lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
+        lambda x, w, b: nkf.instance_norm(x, weight=w, bias=b),
         (2, 3, 3, 2),
         (3,),
         (3,),
     ),
-    "channel_layer_norm": (F.channel_layer_norm, (2, 4, 3, 2), (4,), (4,)),
+    "channel_layer_norm": (nkf.channel_layer_norm, (2, 4, 3, 2), (4,), (4,)),
 }
 
 

@@ -134,9 +134,19 @@ def test_constant_channel_normalizes_to_bias(backend):
 
 GROUPS_OF_ONE = {  # layer, input shape
     "layer_norm": (lambda: nk.LayerNorm(1), (4, 1)),
-    "group_norm": (lambda: nk.GroupNorm(3, 3), (4, 3, 1)),
     "layer_norm_2d": (lambda: nk.LayerNorm2d(1), (4, 1, 3)),
 }
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 1), (1, 3), (4, 6)], ids=str)
+def test_group_norm_refuses_groups_of_one_value(shape):
+    """GroupNorm whose groups hold one value each normalizes every input to β: torch.nn raises for
+    a batch of one such sample and returns β otherwise; normkit raises for any batch (issue 20,
+    item 9), before touching anything."""
+    layer = nk.GroupNorm(shape[1], shape[1])
+    with pytest.raises(nk.errors.BatchTooSmallError, match="groups of one value"):
+        layer(torch.randn(shape))
+    assert layer(torch.randn(0, *shape[1:])).shape == (0, *shape[1:])  # an empty batch is fine
 
 
 @pytest.mark.parametrize("name", list(GROUPS_OF_ONE))

@@ -7,7 +7,7 @@ import torch
 
 import normkit as nk
 from normkit.errors import ConfigError, NonFiniteStatisticsError
-from normkit.functional._running_stats import _guard_on_device
+from normkit.functional._running_stats import _commit_on_device
 
 STATEFUL = {
     "batch_norm": lambda **kw: nk.BatchNorm2d(3, **kw),
@@ -85,21 +85,16 @@ def test_skip_policy_is_silent(backend):
 
 @pytest.mark.parametrize("finite", [True, False])
 def test_device_guard_selects_without_host_sync(finite):
-    """The accelerator/compiled path, run on CPU tensors: same decisions, made with torch.where."""
+    """The accelerator/captured path, run on CPU tensors: same decisions, made with torch.where."""
     mean, var = torch.zeros(3), torch.ones(3)
     tracked, skipped = torch.tensor(0), torch.tensor(0)
-
-    def update(m, v):
-        m.fill_(0.5)
-        v.fill_(2.0 if finite else float("nan"))
-        return "output"
-
-    result, accepted = _guard_on_device(mean, var, update, tracked, skipped)
-    assert result == "output" and isinstance(accepted, torch.Tensor)
-    assert bool(accepted) is finite
+    new_mean = torch.full((3,), 0.5)
+    new_var = torch.full((3,), 2.0 if finite else float("nan"))
+    flag = torch.isfinite(new_var).all()
+    _commit_on_device(mean, var, new_mean, new_var, flag, tracked, skipped, count=2)
     assert torch.equal(mean, torch.full((3,), 0.5 if finite else 0.0))
     assert torch.equal(var, torch.full((3,), 2.0 if finite else 1.0))
-    assert (int(tracked), int(skipped)) == ((1, 0) if finite else (0, 1))
+    assert (int(tracked), int(skipped)) == ((2, 0) if finite else (0, 1))
 
 
 def test_functional_guard_protects_plain_buffers(backend):

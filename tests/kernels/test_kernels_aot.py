@@ -1,5 +1,5 @@
 """Ahead-of-time compilation of normkit's Triton kernels for the A100 (sm_80) and the H100 (sm_90)
-on a machine without a GPU (normkit.kernels.aot, benchmarks/aot_check.py): every kernel compiles
+on a machine without a GPU (normkit.kernels._aot, benchmarks/aot_check.py): every kernel compiles
 in float32, bfloat16 and float16 for both targets with no spill and registers for at least two CTAs
 per SM; the occupancy formula is NVIDIA's calculator's; the check fails on a compile error, on
 spills and on register-hungry kernels.
@@ -40,7 +40,7 @@ def _env(tmp_path: Path) -> dict:
 
 
 def test_occupancy_follows_the_cuda_occupancy_calculator():
-    from normkit.kernels.aot import SM80, SM90, occupancy
+    from normkit.kernels._aot import SM80, SM90, occupancy
 
     # 128 registers: 4096 per warp, 16 warps by registers: two CTAs of 8 warps.
     assert occupancy(128, 8, 0, SM90).by_registers == 2
@@ -118,7 +118,7 @@ import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 import bad_kernels
 from normkit.kernels._utils import Launch
-from normkit.kernels.aot import SM90, compile_launch
+from normkit.kernels._aot import SM90, compile_launch
 
 x = torch.empty(64, 65536, device="meta")
 launches = {

@@ -1,4 +1,4 @@
-"""Launch plans of the Triton kernels, computed without a GPU (normkit.kernels.launch_plans and the
+"""Launch plans of the Triton kernels, computed without a GPU (normkit.kernels._launch_plans and the
 pure plan functions of normkit.kernels._utils and layer_norm): the docs' shapes fill an H100's 132
 and an A100's 108 SMs with at least two programs per SM (or say why they cannot), no reduction is
 left to one program per channel with a long serial loop, the split covers every tile exactly once,
@@ -19,7 +19,7 @@ pytest.importorskip("triton", reason="the launch plans need triton (the dev extr
 @pytest.fixture(scope="module")
 def plans():
     # imported here: tests/kernels_interpreter.py may re-import normkit.kernels between modules
-    from normkit.kernels import launch_plans
+    from normkit.kernels import _launch_plans as launch_plans
 
     return launch_plans
 

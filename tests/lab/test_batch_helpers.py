@@ -15,16 +15,16 @@ from helpers import assert_close
 from normkit.errors import ConfigError
 from normkit.lab import RunRecord, run_experiment
 from normkit.lab.experiments import renorm as renorm_module
-from normkit.lab.experiments._gloo import GlooDataParallel
-from normkit.lab.experiments._small_batch import (
+from normkit.lab.experiments.batch_layer_norm import BlnInference, feature_population
+from normkit.lab.experiments.renorm import PairedBatches, PerMicrobatch, paired_test_order
+from normkit.lab.gloo import GlooDataParallel
+from normkit.lab.records import CHECKPOINTS
+from normkit.lab.small_batch import (
     batch_statistics_accuracy,
     error_vs_batch_figure,
     renorm_ramps,
     small_cnn,
 )
-from normkit.lab.experiments.batch_layer_norm import BlnInference, feature_population
-from normkit.lab.experiments.renorm import PairedBatches, PerMicrobatch, paired_test_order
-from normkit.lab.records import CHECKPOINT
 
 
 def labels(count=60, classes=5):
@@ -244,7 +244,7 @@ def test_renorm_resumes_with_its_paired_batch_order(tmp_path, monkeypatch):
     monkeypatch.setattr(renorm_module.Renorm, "measure", failing)
     with pytest.raises(KeyboardInterrupt):
         run_experiment("renorm", "tiny", overrides, out=tmp_path / "cut", checkpoint_every_s=0)
-    assert (tmp_path / "cut" / CHECKPOINT).exists()
+    assert list((tmp_path / "cut" / CHECKPOINTS).glob("*.pt"))
     assert "noniid/brn" not in RunRecord.load(tmp_path / "cut").finals()
     monkeypatch.setattr(renorm_module.Renorm, "measure", original)
     run_experiment("renorm", out=tmp_path / "cut", resume=True, write_report=False)

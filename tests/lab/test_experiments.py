@@ -16,7 +16,7 @@ from normkit.lab import (
     run_experiment,
     write_combined_report,
 )
-from normkit.lab.records import CHECKPOINT
+from normkit.lab.records import CHECKPOINTS
 
 EXPERIMENTS = ["ioffe2015-mnist", "lr-tolerance", "init-sensitivity", "regularization", "placement"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -51,7 +51,7 @@ def test_run_directory_is_complete_and_well_formed(tiny_runs, name):
     directory = record.directory
     for file in ("config.json", "metrics.jsonl", "summary.json", "report.md", "report.html"):
         assert (directory / file).is_file(), file
-    assert not (directory / CHECKPOINT).exists()
+    assert not (directory / CHECKPOINTS).exists()
     reread = RunRecord.load(directory)
     assert reread.complete and reread.rows == record.rows
     plan = get_experiment(name).trials(
@@ -68,21 +68,32 @@ def test_run_directory_is_complete_and_well_formed(tiny_runs, name):
     markdown = (directory / "report.md").read_text()
     for figure in figures:
         assert f"figures/{figure.name}" in markdown
-    assert "Published beside ours" in markdown and record.config["command"] in markdown
+    first = "Published beside ours" if get_experiment(name).legacy else "## Claims"
+    assert first in markdown and record.config["command"] in markdown
 
 
 def test_ioffe_rows_hold_what_fig_1_needs(tiny_runs):
     record = tiny_runs["ioffe2015-mnist"]
     assert record.config["data"]["name"] == "fashion-mnist"
-    for network in ("plain", "bn"):
+    for network in ("plain/seed=0", "bn/seed=0", "plain/seed=1", "bn/seed=1"):
         for row in record.curve(network):
             assert 0.0 <= row["test_accuracy"] <= 1.0
             assert row["p15"] <= row["p50"] <= row["p85"]
-    assert all("bn_gamma" in r and "bn_running_std" in r for r in record.curve("bn"))
+    assert all("bn_gamma" in r and "bn_running_std" in r for r in record.curve("bn/seed=1"))
     summary = record.summary
-    assert summary["learning_rate"] in record.settings["lr_sweep"]
-    assert set(summary["checks"]) == {"bn_ahead_after", "baseline_drifts_more"}
-    assert summary["median_range"]["plain"] >= 0 and summary["median_range"]["bn"] >= 0
+    (sweep,) = summary["sweeps"]
+    assert sweep["setting"] == "learning_rate" and sweep["value"] in record.settings["lr_sweep"]
+    losses = {c["value"]: c["train_loss"] for c in sweep["table"]}
+    assert sweep["value"] == min(losses, key=losses.get)  # the rule: the lowest training loss
+    assert all(f["learning_rate"] == sweep["value"] for k, f in record.finals().items()
+               if not k.startswith("sweep/"))  # fmt: skip
+    claims = {c["name"]: c for c in summary["claims"]}
+    assert set(claims) == {"final-accuracy", "ahead-throughout", "faster", "drift"}
+    finals = record.finals()
+    per_seed = {k: finals[f"bn/seed={k}"]["test_accuracy"] - finals[f"plain/seed={k}"]["test_accuracy"]
+                for k in (0, 1)}  # fmt: skip
+    assert claims["final-accuracy"]["ours"]["per_seed"] == {str(k): v for k, v in per_seed.items()}
+    assert claims["final-accuracy"]["published"]["unverified"]  # read from the figure [M]
 
 
 def test_lr_tolerance_summary(tiny_runs):
@@ -123,12 +134,15 @@ def test_regularization_reports_gaps_and_paired_tests(tiny_runs):
     assert set(record.summary["versus_none"]) == {"dropout", "bn", "bn+dropout"}
 
 
-def test_placement_states_significance(tiny_runs):
-    summary = tiny_runs["placement"].summary
-    assert len(summary["accuracy"]["before"]) == len(summary["accuracy"]["after"]) == 2
-    test = summary["after_minus_before"]
-    assert isinstance(test["significant"], bool) and 0.0 <= test["p_paired"] <= 1.0
-    assert "significant" in (tiny_runs["placement"].directory / "report.md").read_text()
+def test_placement_judges_the_paired_difference_over_seeds(tiny_runs):
+    record = tiny_runs["placement"]
+    finals = record.finals()
+    claim = next(c for c in record.summary["claims"] if c["name"] == "after-minus-before")
+    accuracy = {key: row["test_accuracy"] for key, row in finals.items()}
+    expected = {str(k): accuracy[f"after/seed={k}"] - accuracy[f"before/seed={k}"] for k in (0, 1)}
+    assert claim["ours"]["per_seed"] == expected and claim["ours"]["n"] == 2
+    assert claim["verdict"] == "inconclusive" and "too few seeds" in claim["reason"]
+    assert "too few seeds" in (record.directory / "report.md").read_text()
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -148,9 +162,14 @@ def test_combined_report(tiny_runs, tmp_path):
     text = markdown.read_text()
     assert (
         "normkit lab: 2 runs" in text
+        and "## Scoreboard" in text
         and "1. BN before or after" in text
         and "2. BN as a regularizer" in text
     )
+    # the scoreboard lists every claim of every run, the ported run's with their intervals
+    scoreboard = text.split("## 1.")[0]
+    for claim in tiny_runs["placement"].summary["claims"]:
+        assert claim["quantity"] in scoreboard
     assert len(re.findall("data:image/png;base64,", page.read_text())) == len(
         list((tmp_path / "combined" / "figures").glob("*.png"))
     )
@@ -206,7 +225,7 @@ def test_a_cnn_experiment_on_mnist1d_uses_1d_convolutions(tmp_path):
         "placement", "tiny", {"dataset": "mnist1d"}, out=tmp_path / "m", write_report=False
     )
     assert record.config["data"]["sample_shape"] == [1, 40]
-    assert all(0.0 <= acc <= 1.0 for acc in record.summary["accuracy"]["before"])
+    assert all(0.0 <= f["test_accuracy"] <= 1.0 for f in record.finals().values())
 
 
 def test_models_follow_the_papers_placement_and_initialization():

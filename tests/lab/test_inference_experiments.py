@@ -10,7 +10,7 @@ import torch
 import normkit as nk
 from normkit.lab import RunRecord, experiment_names, get_experiment, run_experiment
 from normkit.lab.experiments.guideline import find_run, guideline_rows
-from normkit.lab.records import CHECKPOINT
+from normkit.lab.records import CHECKPOINTS
 from normkit.tools import ADVICE_TABLE, advise
 
 EXPERIMENTS = [
@@ -51,7 +51,7 @@ def test_run_directory_is_complete(tiny_runs, name):
     directory = record.directory
     for file in ("config.json", "metrics.jsonl", "summary.json", "report.md", "report.html"):
         assert (directory / file).is_file(), file
-    assert not (directory / CHECKPOINT).exists()
+    assert not (directory / CHECKPOINTS).exists()
     reread = RunRecord.load(directory)
     assert reread.complete and reread.rows == record.rows
     experiment = get_experiment(name)
@@ -167,10 +167,15 @@ def test_guideline_is_the_doctors_table_with_evidence(tiny_runs):
     assert list(summary["rows"]) == list(rows)
     for key, advice in rows.items():
         assert summary["rows"][key]["spec"] == advice.spec
-    # The doctor's advice is a row of the same table.
+    # The doctor's advice is a row of the same table, its group count fitted to the model's channels.
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), nk.BatchNorm2d(8))
     report = nk.tools.doctor(model, torch.randn(2, 3, 8, 8), batch_size=4, task="vision")
-    assert report.advice is rows["vision-small"] is advise("vision", batch_size=4)
+    row = rows["vision-small"]
+    assert row is advise("vision", batch_size=4)
+    assert (report.advice.task, report.advice.batches, report.advice.source) == (
+        row.task, row.batches, row.source,
+    )  # fmt: skip
+    assert report.advice.spec == "group:8"  # 32 groups would not divide 8 channels
     found = {e["experiment"] for e in summary["evidence"]}
     assert found == set(EXPERIMENTS)
     assert set(summary["missing"]) == {"batch-size"}

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from normkit.errors import ConfigError
-from normkit.lab import Experiment, RunRecord, Settings, Setup, Trial, register, run_experiment
+from normkit.lab import Arm, Experiment, Plan, RunRecord, Settings, Setup, register, run_experiment
 from normkit.lab.models import mlp
-from normkit.lab.records import CHECKPOINT, METRICS
+from normkit.lab.records import CHECKPOINTS, METRICS, SCHEMA
 
 # ioffe2015-mnist's tiny preset on the digits, long enough to be killed many times over
 KILLABLE = {"dataset": "digits", "steps": "300", "eval_every": "5"}
@@ -34,15 +34,12 @@ class _Diverging(Experiment):
     title = paper = claim = "test"
     settings_class = _DivergeSettings
 
-    def trials(self, settings, data, finals):
-        return [Trial("huge-lr", {"network": "plain"}, settings.steps, 5, settings.seed)]
+    def plan(self, settings, data):
+        return Plan([Arm("huge-lr", {"network": "plain"})], settings.steps, eval_every=5)
 
     def setup(self, trial, settings, data, generator):
         model = mlp(data.features, (32,), data.classes, activation="relu")
         return Setup(model, torch.optim.SGD(model.parameters(), lr=settings.learning_rate), 32)
-
-    def summarize(self, record):
-        return {"finals": record.finals()}
 
 
 def rows_and_results(directory):
@@ -58,20 +55,25 @@ def test_runs_are_deterministic_and_rows_well_formed(tmp_path):
         "ioffe2015-mnist", "tiny", {"dataset": "digits"}, out=tmp_path / "b", write_report=False
     )
     assert rows_and_results(tmp_path / "a") == rows_and_results(tmp_path / "b")
+    assert (tmp_path / "a" / METRICS).read_bytes() == (tmp_path / "b" / METRICS).read_bytes()
     settings = first.settings
     finals = first.finals()
-    assert list(finals) == ["sweep/plain/lr=0.5", "sweep/plain/lr=2", "plain", "bn"]
-    for key in ("plain", "bn"):
+    sweep = [f"sweep/plain/learning_rate={lr:g}" for lr in settings["lr_sweep"]]
+    main = [f"{arm}/seed={k}" for k in range(settings["seeds"]) for arm in ("plain", "bn")]
+    assert list(finals) == sweep + main
+    for key in main:
         steps = [r["step"] for r in first.curve(key)]
         assert steps == list(range(0, settings["steps"] + 1, settings["eval_every"]))
         assert finals[key]["step"] == settings["steps"] and not finals[key]["diverged"]
-    # every line is strict JSON (no NaN), and the checkpoint is gone once the run is complete
+    # every line is strict JSON (no NaN), and the checkpoints are gone once the run is complete
     for line in (tmp_path / "a" / METRICS).read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
-    assert not (tmp_path / "a" / CHECKPOINT).exists()
+    assert not (tmp_path / "a" / CHECKPOINTS).exists()
     config = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert config["environment"]["torch"] == torch.__version__
+    assert config["schema"] == SCHEMA and config["environment"]["torch"] == torch.__version__
     assert config["data"]["name"] == "digits" and config["preset"] == "tiny"
+    assert config["execution"]["threads"] == 1 and config["execution"]["workers"] == 1
+    assert config["execution"]["device"] == "cpu"
 
 
 def test_a_different_seed_gives_different_rows(tmp_path):
@@ -98,53 +100,62 @@ def test_resume_after_an_exception_mid_trial_matches_an_uninterrupted_run(tmp_pa
         run_experiment(
             "ioffe2015-mnist", "tiny", overrides, out=tmp_path / "cut", checkpoint_every_s=0
         )
-    assert (tmp_path / "cut" / CHECKPOINT).exists()
-    assert "plain" not in RunRecord.load(tmp_path / "cut").finals()
+    assert list((tmp_path / "cut" / CHECKPOINTS).glob("*.pt"))
+    assert "plain/seed=0" not in RunRecord.load(tmp_path / "cut").finals()
     monkeypatch.setattr(Ioffe2015Mnist, "measure", original)
     run_experiment("ioffe2015-mnist", out=tmp_path / "cut", resume=True, write_report=False)
     assert rows_and_results(tmp_path / "cut") == rows_and_results(tmp_path / "whole")
 
 
-def _start(out, resume=False):
-    preset, overrides = (None, None) if resume else ("tiny", KILLABLE)
+def start_run(out, resume=False, workers=1, preset="tiny", overrides=None, name="ioffe2015-mnist"):
+    """``run_experiment`` in a subprocess (so that it can be killed with SIGKILL)."""
+    preset, overrides = (None, None) if resume else (preset, overrides or KILLABLE)
     code = (
         "from normkit.lab import run_experiment; "
-        f"run_experiment('ioffe2015-mnist', {preset!r}, {overrides!r}, out={str(out)!r}, "
-        f"resume={resume}, checkpoint_every_s=0.0, write_report=False)"
+        f"run_experiment({name!r}, {preset!r}, {overrides!r}, out={str(out)!r}, "
+        f"resume={resume}, checkpoint_every_s=0.0, write_report=False, workers={workers})"
     )
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, env=environment)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "NORMKIT_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stderr=subprocess.PIPE, env=environment,
+        start_new_session=True,
+    )  # fmt: skip
 
 
-def _lines(path):
+def lines(path):
     try:
         return path.read_bytes().count(b"\n")
     except FileNotFoundError:
         return 0
 
 
-def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
-    """Kill the run with SIGKILL at several points (mid-trial, mid-write, between trials), resume
-    each time, and compare every row and the results with a run that was never interrupted."""
-    whole = _start(tmp_path / "whole")
-    assert whole.wait(timeout=240) == 0, whole.stderr.read().decode()
-    expected = rows_and_results(tmp_path / "whole")
-    total = len(expected[0])
-    out = tmp_path / "killed"
+def kill_and_resume(out, total, fractions, workers=1, **start):
+    """Start the run, SIGKILL it when metrics.jsonl holds each fraction of ``total`` rows, resume;
+    returns how many kills landed."""
     kills, resume = 0, False
-    for fraction in (0.02, 0.3, 0.55, 0.8):
-        process = _start(out, resume)
-        while _lines(out / METRICS) < fraction * total and process.poll() is None:
+    for fraction in fractions:
+        process = start_run(out, resume, workers, **start)
+        while lines(out / METRICS) < fraction * total and process.poll() is None:
             time.sleep(0.002)
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             kills += 1
         process.wait(timeout=240)
         resume = True
+    final = start_run(out, resume=True, workers=workers, **start)
+    assert final.wait(timeout=300) == 0, final.stderr.read().decode()
+    return kills
+
+
+def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
+    """Kill the run with SIGKILL at several points (mid-trial, mid-write, between trials), resume
+    each time, and compare every row and the results with a run that was never interrupted."""
+    whole = start_run(tmp_path / "whole")
+    assert whole.wait(timeout=240) == 0, whole.stderr.read().decode()
+    expected = rows_and_results(tmp_path / "whole")
+    kills = kill_and_resume(tmp_path / "killed", len(expected[0]), (0.02, 0.3, 0.55, 0.8))
     assert kills >= 3, "the run finished before it could be killed; make KILLABLE longer"
-    final = _start(out, resume=True)
-    assert final.wait(timeout=240) == 0, final.stderr.read().decode()
-    assert rows_and_results(out) == expected
+    assert rows_and_results(tmp_path / "killed") == expected
 
 
 def test_existing_runs_are_protected_and_resume_checks_settings(tmp_path):
@@ -173,25 +184,26 @@ def test_existing_runs_are_protected_and_resume_checks_settings(tmp_path):
     assert RunRecord.load(out).settings["steps"] == 8
 
 
-def test_bad_settings_name_the_problem():
+def test_bad_settings_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="has no setting 'stpes'"):
-        run_experiment("placement", "tiny", {"stpes": "3"})
+        run_experiment("placement", "tiny", {"stpes": "3"}, out=tmp_path / "x")
     with pytest.raises(ConfigError, match="preset 'fast' is not known"):
-        run_experiment("placement", "fast")
+        run_experiment("placement", "fast", out=tmp_path / "x")
     with pytest.raises(ConfigError, match="does not parse as int"):
-        run_experiment("placement", "tiny", {"steps": "many"})
+        run_experiment("placement", "tiny", {"steps": "many"}, out=tmp_path / "x")
     with pytest.raises(ConfigError, match="no experiment named 'ioffe'"):
         run_experiment("ioffe")
+    assert not (tmp_path / "x").exists()  # nothing was created for a run that cannot start
 
 
 def test_a_diverging_trial_is_stopped_and_marked(tmp_path):
     record = run_experiment(
         "test-diverging", None, {"dataset": "digits"}, out=tmp_path / "d", write_report=False
     )
-    final = record.finals()["huge-lr"]
+    final = record.finals()["huge-lr/seed=0"]
     assert final["diverged"] and final["step"] == 5  # stopped at the first evaluation
     assert final["train_loss"] > _Diverging.divergence_loss
-    assert record.curve("huge-lr")[-1]["step"] == final["step"]
+    assert record.curve("huge-lr/seed=0")[-1]["step"] == final["step"]
 
 
 def test_rows_are_strict_json():

@@ -17,11 +17,12 @@ from helpers import TOLERANCES, assert_close
 from normkit import reference
 from normkit.errors import ConfigError
 from normkit.lab import (
+    Arm,
     Experiment,
+    Plan,
     RunRecord,
     Settings,
     Setup,
-    Trial,
     experiment_names,
     get_experiment,
     register,
@@ -36,7 +37,7 @@ from normkit.lab.experiments.santurkar2018_common import (
     vgg,
 )
 from normkit.lab.models import mlp
-from normkit.lab.runner import derived_seed
+from normkit.lab.seeds import derived_seed
 
 EXPERIMENTS = ["santurkar2018-noisy", "santurkar2018-ics", "santurkar2018-landscape"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -241,8 +242,8 @@ class _SeesTheStep(Experiment):
     title = paper = claim = "test"
     settings_class = _StepSettings
 
-    def trials(self, settings, data, finals):
-        return [Trial("only", {}, settings.steps, settings.eval_every)]
+    def plan(self, settings, data):
+        return Plan([Arm("only")], settings.steps, eval_every=settings.eval_every)
 
     def setup(self, trial, settings, data, generator):
         model = mlp(data.features, (4,), data.classes)
@@ -251,15 +252,12 @@ class _SeesTheStep(Experiment):
     def measure(self, trial, settings, setup, data):
         return {"seen_step": setup.step}
 
-    def summarize(self, record):
-        return {}
-
 
 def test_setup_step_is_the_training_step_at_every_measurement(tmp_path):
     record = run_experiment(
         "_sees-the-step", overrides={"dataset": "digits"}, out=tmp_path, write_report=False
     )
-    rows = record.curve("only")
+    rows = record.curve("only/seed=0")
     assert [r["step"] for r in rows] == [0, 3, 6, 7]
     assert all(r["seen_step"] == r["step"] for r in rows)
 

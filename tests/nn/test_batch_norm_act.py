@@ -102,8 +102,11 @@ def test_native_half_no_worse_than_torch(dtype, layout, activation, training):
 
 
 def test_layer_state_dict_is_a_batch_norms():
+    """BatchNorm's keys and numbers, but not a torch _BatchNorm: converters that look for batch
+    norms would replace it by one and drop the activation (nk.nn._base.NormBase)."""
     layer = nk.BatchNormAct(6, activation="silu")
-    assert isinstance(layer, nk.BatchNorm)
+    assert isinstance(layer, torch.nn.modules.batchnorm._NormBase)
+    assert not isinstance(layer, (torch.nn.modules.batchnorm._BatchNorm, nk.BatchNorm))
     plain = torch.nn.BatchNorm2d(6)
     with torch.no_grad():
         plain.weight.uniform_(0.5, 1.5)

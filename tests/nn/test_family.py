@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import normkit as nk
-import normkit.functional as F
+import normkit.functional as nkf
 from helpers import (
     NORMWISE_HALF,
     assert_close,
@@ -203,27 +203,27 @@ def _running(c=3):
 
 OPS = {
     "batch_renorm": (
-        lambda x, w, b: F.batch_renorm(x, *_running(), w, b, True, 0.1, 1e-5, 1.2, 0.3),
+        lambda x, w, b: nkf.batch_renorm(x, *_running(), w, b, True, 0.1, 1e-5, 1.2, 0.3),
         (4, 3, 2, 3),
     ),
     "ghost_batch_norm": (
-        lambda x, w, b: F.ghost_batch_norm(x, None, None, w, b, True, virtual_batch_size=2),
+        lambda x, w, b: nkf.ghost_batch_norm(x, None, None, w, b, True, virtual_batch_size=2),
         (5, 3, 2, 2),
     ),
     "batch_instance_norm": (
-        lambda x, w, b: F.batch_instance_norm(x, w.detach() * 0 + 0.4, None, None, w, b, True),
+        lambda x, w, b: nkf.batch_instance_norm(x, w.detach() * 0 + 0.4, None, None, w, b, True),
         (3, 3, 2, 3),
     ),
     "batch_instance_norm_eval": (
-        lambda x, w, b: F.batch_instance_norm(x, torch.full_like(w, 0.6), *_running(), w, b),
+        lambda x, w, b: nkf.batch_instance_norm(x, torch.full_like(w, 0.6), *_running(), w, b),
         (3, 3, 2, 3),
     ),
     "batch_layer_norm": (
-        lambda x, w, b: F.batch_layer_norm(x, None, None, w, b, True),
+        lambda x, w, b: nkf.batch_layer_norm(x, None, None, w, b, True),
         (4, 3, 2, 2),
     ),
     "switchable_norm": (
-        lambda x, w, b: F.switchable_norm(
+        lambda x, w, b: nkf.switchable_norm(
             x,
             torch.tensor([0.2, -0.1, 0.4], dtype=x.dtype),
             torch.tensor([-0.3, 0.1, 0.2], dtype=x.dtype),

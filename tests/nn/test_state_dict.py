@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import normkit as nk
-from helpers import CASES, ChannelsLastLayerNorm, make_input, randomize_parameters
+from helpers import CASES, ChannelsLastLayerNorm, make_input
 
 
 def _torch_side(module):
@@ -40,15 +40,6 @@ def test_old_checkpoint_without_num_batches_tracked_loads():
     assert int(layer.num_batches_tracked) == 0
 
 
-def test_layer_norm_2d_loads_layer_norm_over_channels():
-    source = torch.nn.LayerNorm(5)
-    randomize_parameters(source)
-    layer = nk.LayerNorm2d(5)
-    layer.load_state_dict(source.state_dict())
-    x = make_input((2, 5, 3, 3))
-    torch.testing.assert_close(layer(x), source(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
-
-
 def test_skip_counter_is_not_in_the_state_dict():
     layer = nk.BatchNorm2d(3)
     assert "num_batches_skipped" not in layer.state_dict()
@@ -64,16 +55,6 @@ def test_save_and_load_with_weights_only():
     restored = nk.BatchNorm2d(3, momentum=None)
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert torch.equal(restored.running_var, layer.running_var)
-
-
-@pytest.mark.parametrize("layer_cls", [nk.BatchNorm1d, nk.BatchNorm2d, nk.BatchNorm3d])
-def test_is_a_torch_batch_norm(layer_cls):
-    """Code that special-cases torch's BN (weight-decay filters, converters) keeps working."""
-    layer = layer_cls(3)
-    assert isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
-    assert isinstance(layer, nk.BatchNorm)
-    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(layer))
-    assert isinstance(converted[0], torch.nn.SyncBatchNorm)
 
 
 def test_device_and_dtype_arguments():

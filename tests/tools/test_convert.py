@@ -106,7 +106,18 @@ def test_layers_without_a_namesake_are_skipped_with_the_reason():
     converted, replaced = convert(model, "torch")
     assert not replaced and converted[0] is not model[0]  # a copy, unchanged
     assert [s.paths for s in replaced.skipped] == [["0"], ["1"]]
-    assert "no namesake in torch.nn" in replaced.skipped[0].reason
+    assert "pass example_inputs=" in replaced.skipped[0].reason  # any rank: which torch class?
+    assert "no namesake in torch.nn" in replaced.skipped[1].reason
+
+
+@pytest.mark.parametrize("shape, cls", [((4, 4), nn.BatchNorm1d), ((2, 4, 3, 3), nn.BatchNorm2d)])
+def test_any_rank_batch_norm_becomes_torchs_by_the_rank_of_its_input(shape, cls):
+    model = trained(nn.Sequential(nk.BatchNorm(4)), shape).eval()
+    x = torch.randn(shape)
+    converted, replaced = convert(model, "torch", example_inputs=x)
+    assert type(converted[0]) is cls and replaced[0].target == f"nn.{cls.__name__}"
+    with torch.no_grad():
+        assert_close(converted(x), exact(model, x), torch.float32)
 
 
 def test_already_the_target_kind_is_skipped():

@@ -63,9 +63,23 @@ def test_bias_before_batch_norm():
 def test_small_per_device_batch(batch_size, severity):
     report = doctor(clean_model(), batch_size=batch_size)
     finding = _finding(report, "small-batch")
-    assert finding.severity == severity and "group:32" in finding.fix
+    # Channels 8 and 16: Wu & He's 32 groups divide neither; 8 is the largest count that fits both.
+    assert finding.severity == severity and "'group:8'" in finding.fix
     assert "Wu & He 2018" in finding.why and "5 other" in finding.message
-    assert report.advice.spec == "group:32"
+    assert report.advice.spec == "group:8" and report.advice.layer == "GroupNorm(8)"
+    converted, _ = nk.tools.convert(clean_model(), report.advice.spec)  # the advice applies
+    assert all(m.num_channels % m.num_groups == 0 for m in converted.modules()
+               if isinstance(m, nn.GroupNorm))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "channels, spec", [((64, 128), "group:32"), ((16, 16), "group:16"), ((24, 48), "group:24"),
+                       ((3, 5), "group:1")],
+)  # fmt: skip
+def test_every_proposed_group_count_divides_the_channels(channels, spec):
+    model = nn.Sequential(*(nk.BatchNorm2d(c) for c in channels))
+    report = doctor(model, batch_size=2, task="vision")
+    assert report.advice.spec == spec and f"'{spec}'" in _finding(report, "small-batch").fix
 
 
 def test_small_batch_does_not_apply_to_sync_or_group_norm():
@@ -194,7 +208,7 @@ def test_report_as_json_and_as_a_table():
     assert data["summary"] == {"error": 1, "warning": 1, "info": 0}
     assert {f["code"] for f in data["findings"]} == {"small-batch", "bias-before-norm"}
     assert set(data["findings"][0]) == {"code", "path", "severity", "message", "why", "fix"}
-    assert data["advice"]["spec"] == "group:32"
+    assert data["advice"]["spec"] == "group:8"  # 8 channels: 32 groups would not divide them
     console = Console(file=io.StringIO(), width=120, record=True)
     report.print(console)
     text = console.export_text()

@@ -210,3 +210,27 @@ def test_ranks_are_combined_under_torch_distributed(tmp_path):
             assert got[method]["n"] == 5, what
             assert_close(got[method]["mean"], torch.from_numpy(mean), torch.float32, what=what)
             assert_close(got[method]["var"], torch.from_numpy(var), torch.float32, what=what)
+
+
+class BatchNormDrop(nn.BatchNorm2d):
+    """A BatchNorm with a dropout child after it, as timm's BatchNormAct2d(drop_layer=...) has."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.drop = nn.Dropout(0.5)
+        self.drop.modes = []  # the dropout's mode at each call (copied with the model)
+        self.drop.register_forward_pre_hook(lambda m, args: m.modes.append(m.training))
+
+    def forward(self, x):
+        return self.drop(super().forward(x))
+
+
+@pytest.mark.parametrize("tool", [nk.tools.recalibrate, nk.tools.adapt])
+def test_only_the_batch_norm_itself_runs_in_training_mode(tool):
+    """Dropout stays off while statistics are gathered, also inside a BatchNorm's children:
+    otherwise every layer after it would see dropped activations."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormDrop(4), nn.Conv2d(4, 4, 1),
+                          nn.BatchNorm2d(4)).eval()  # fmt: skip
+    batches = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+    new, _ = tool(model, batches, progress=False)
+    assert new[1].drop.modes == [False, False, False]

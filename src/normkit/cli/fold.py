@@ -23,7 +23,9 @@ def fold(
 
     To use the file, fold a model from the same factory the same way (nk.tools.fold_batchnorm, with
     an example input of the same shape when --input-shape was given) and load it into the result:
-    ``folded.load_state_dict(torch.load(FILE, weights_only=True))``.
+    ``folded.load_state_dict(torch.load(FILE, weights_only=True))``. The folded model is the
+    factory's own class less the folded layers' tensors (a torch.fx GraphModule only where the
+    report says why); BatchNorm + activation layers keep their activation. See docs/tools.md.
     """
     import json
 

@@ -1,9 +1,12 @@
-"""``normkit lab``: list the experiments, run one, and build reports from finished runs."""
+"""``normkit lab``: list and show the experiments, run one, report on runs, regenerate the docs."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 from typing import Annotated
 
@@ -14,25 +17,113 @@ app = typer.Typer(
     help="Experiments that reproduce the literature's claims about normalization, with reports.",
     no_args_is_help=True,
 )
+LAB_MODULES = ("matplotlib", "scipy", "sklearn")  # what every lab command needs (the lab extra)
+
+
+@app.callback()
+def _needs_the_lab_extra() -> None:
+    """Say which extra to install, in one line, before any work (no traceback)."""
+    for module in LAB_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            typer.secho(f"error: normkit lab needs the lab extra ({module} is missing): "
+                        "pip install 'normkit[lab]'", err=True, fg="red")  # fmt: skip
+            raise typer.Exit(1) from None
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
+def _citation(paper: str) -> str:
+    """``Ioffe & Szegedy 2015``-style authors and year of a paper string (first one if several)."""
+    import re
+
+    match = re.search(r"\b(19|20)\d\d\b", paper)
+    authors = paper[: match.start()].strip(" ,(") if match else paper.split(",")[0]
+    if "(" in authors:
+        authors = authors.split("(")[-1]
+    if "," in authors or len(authors) > 16:
+        authors = re.split(r"[ ,&]", authors.strip())[0] + " et al."
+    return f"{authors} {match.group(0)}" if match else _short(authors, 20)
+
+
+def _describe(experiment) -> dict:
+    from dataclasses import asdict
+
+    settings = experiment.settings("full")
+    claims = [] if experiment.legacy else experiment.claims(settings)
+    return {
+        "name": experiment.name,
+        "title": experiment.title,
+        "paper": experiment.paper,
+        "claim": " ".join(experiment.claim.split()),
+        "presets": experiment.preset_names(),
+        "legacy": experiment.legacy,
+        "protocol": textwrap.dedent(sys.modules[type(experiment).__module__].__doc__ or "").strip(),
+        "claims": [
+            {"name": c.name, "quantity": c.quantity, "published": asdict(c.published),
+             "criterion": None if c.criterion is None else f"ours {c.criterion.text}",
+             "ours": c.ours.text, "needs_gpu": c.needs_gpu}
+            for c in claims
+        ],  # fmt: skip
+        "settings": {
+            key: {"default": value, **{p: experiment.presets[p][key] for p in experiment.presets
+                                       if key in experiment.presets[p]}}
+            for key, value in asdict(settings).items()
+        },  # fmt: skip
+    }
 
 
 @app.command("list")
-def list_experiments() -> None:
-    """The experiments, their presets and the claim each one measures."""
-    from rich.console import Console
-    from rich.table import Table
-
+def list_experiments(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """One line per experiment: name, paper, the claim it measures (80 columns)."""
     from normkit.lab import experiment_names, get_experiment
 
-    table = Table(title="normkit lab experiments")
-    for column in ("name", "presets", "paper", "claim"):
-        table.add_column(column, overflow="fold")
-    for name in experiment_names():
-        experiment = get_experiment(name)
-        table.add_row(
-            name, ", ".join(experiment.preset_names()), experiment.paper, experiment.claim
-        )
-    Console().print(table)
+    experiments = [get_experiment(name) for name in experiment_names()]
+    if as_json:
+        rows = [{k: v for k, v in _describe(e).items() if k not in ("protocol", "settings")}
+                for e in experiments]  # fmt: skip
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    width = max(len(e.name) for e in experiments)
+    for e in experiments:
+        line = f"{e.name:<{width}} {_citation(e.paper):<21} {' '.join(e.claim.split())}"
+        typer.echo(_short(line, 80))
+
+
+@app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="Experiment name (see `normkit lab list`).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The protocol, the claims with their published values and sources, the settings and presets."""
+    from normkit.lab import get_experiment
+
+    info = _describe(get_experiment(name))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, ensure_ascii=False, default=str))
+        return
+    out = [f"{info['name']}: {info['title']}", f"Paper: {info['paper']}", "", info["protocol"], "",
+           "Claims:"]  # fmt: skip
+    if info["legacy"]:
+        out.append("  (legacy experiment, not yet ported: its checks are judged on one run)")
+    for c in info["claims"]:
+        p = c["published"]
+        out.append(f"  - {c['quantity']}: {c['criterion'] or 'measured, no criterion'}")
+        flag = " [unverified]" if p["unverified"] else ""
+        out.append(f"    published: {p['text']} ({p['source']}){flag}")
+        if c["needs_gpu"]:
+            out.append(f"    needs GPU scale: {c['needs_gpu']}")
+    presets = [p for p in info["presets"] if p != "full"]
+    out += ["", "Settings (full" + "".join(f" | {p}" for p in presets) + "):"]
+    for key, values in info["settings"].items():
+        cells = [repr(values["default"])] + [repr(values[p]) if p in values else "·" for p in presets]
+        out.append(f"  {key} = " + " | ".join(cells))
+    typer.echo("\n".join(out))
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -47,39 +138,54 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def _option(help: str, *names: str):
+    return typer.Option(*names, help=help)
+
+
 @app.command()
 def run(
     name: Annotated[str, typer.Argument(help="Experiment name (see `normkit lab list`).")],
-    quick: Annotated[
-        bool, typer.Option("--quick", help="The quick preset: about a minute on 2 cores.")
-    ] = False,
-    preset: Annotated[str | None, typer.Option(help="A preset by name (full, quick, ...).")] = None,
-    dataset: Annotated[
-        str | None, typer.Option(help="auto, fashion-mnist, digits, mnist1d or cifar10.")
-    ] = None,
+    quick: Annotated[bool, _option("The quick preset: a minute or two.", "--quick")] = False,
+    preset: Annotated[str | None, _option("A preset by name (full, quick, tiny, gpu...).")] = None,
+    dataset: Annotated[str | None, _option("auto, fashion-mnist, digits, mnist1d or cifar10.")] = None,
     data_dir: Annotated[
-        Path | None,
-        typer.Option(help="Where the data files are (else NORMKIT_DATA, then system paths)."),
+        Path | None, _option("Where the data files are (else NORMKIT_DATA, then system paths).")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps per trial.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Base seed of the run.")] = None,
+    steps: Annotated[int | None, _option("Training steps per trial.")] = None,
+    seed: Annotated[int | None, _option("Base seed of the run.")] = None,
     settings: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Change a setting: --set KEY=VALUE (repeatable)."),
+        list[str] | None, _option("Change a setting: --set KEY=VALUE (repeatable).", "--set")
     ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Run directory (default runs/NAME[-PRESET]).")
+    out: Annotated[Path | None, _option("Run folder (default runs/NAME[-PRESET]).")] = None,
+    resume: Annotated[bool, _option("Continue the interrupted run in --out.")] = False,
+    overwrite: Annotated[bool, _option("Replace the normkit run in --out (only its files).")] = False,
+    workers: Annotated[int, _option("Trials trained at once, in worker processes.")] = 1,
+    scheduler: Annotated[
+        str | None, _option("Send the trials to this Dask scheduler (tcp://HOST:PORT).")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar with ETA.")] = True,
+    device: Annotated[
+        str | None, _option("cpu, cuda or auto (default: as recorded, else cpu).")
+    ] = None,
+    threads: Annotated[
+        int | None, _option("Torch threads per worker (default: free cores ÷ workers).")
+    ] = None,
+    amp: Annotated[bool, _option("bfloat16 autocast in the training step (CUDA only).")] = False,
+    dry_run: Annotated[
+        bool, _option("Print the trial plan and its estimated cost; train nothing.", "--dry-run")
+    ] = False,
+    progress: Annotated[
+        bool, _option("Show progress (a live display on a terminal, else lines).")
+    ] = True,
 ) -> None:
-    """Run an experiment: config.json, metrics.jsonl, summary.json, figures and report.md/html.
+    """Run an experiment: config.json, metrics.jsonl, summary.json with its claims, figures and
+    report.md/html.
 
-    Seeded and deterministic on the CPU; checkpoints atomically, and --resume continues a run that
-    was interrupted (even by SIGKILL) to the same results.
+    Seeded and deterministic for a given torch build, device and threads per worker, whatever
+    --workers or --scheduler; checkpoints atomically, and --resume continues a run that was
+    interrupted (even by SIGKILL) to the same results.
     """
     from normkit.errors import ConfigError
+    from normkit.lab import dry_run as plan_run
     from normkit.lab import run_experiment
 
     if quick and preset not in (None, "quick"):
@@ -88,46 +194,84 @@ def run(
     for key, value in (("dataset", dataset), ("steps", steps), ("seed", seed)):
         if value is not None:
             overrides[key] = str(value)
+    preset = "quick" if quick else preset
+    if dry_run:
+        _print_plan(plan_run(name, preset, overrides, data_dir=data_dir, workers=workers,
+                             threads=threads, device=device))  # fmt: skip
+        return
     record = run_experiment(
-        name,
-        "quick" if quick else preset,
-        overrides,
-        out=out,
-        data_dir=data_dir,
-        resume=resume,
-        overwrite=overwrite,
-        progress=progress and sys.stderr.isatty(),
+        name, preset, overrides, out=out, data_dir=data_dir, resume=resume, overwrite=overwrite,
+        progress=("rich" if sys.stderr.isatty() else "plain") if progress else False,
         command=shlex.join(["normkit", *sys.argv[1:]]) if sys.argv[1:2] == ["lab"] else None,
-        echo=lambda message: typer.echo(message, err=True),
-    )
-    headline = record.summary and _headline(record)
-    if headline:
-        typer.echo(headline)
+        echo=lambda message: typer.echo(message, err=True), workers=workers, scheduler=scheduler,
+        device=device, threads=threads, amp=amp,
+    )  # fmt: skip
+    _print_claims(record)
     typer.echo(f"report: {record.directory / 'report.html'} (and report.md)")
 
 
-def _headline(record) -> str:
-    from normkit.lab.experiment import get_experiment
+def _print_plan(plan: dict) -> None:
+    trials = plan["trials"]
+    typer.echo(f"{plan['experiment']} ({plan['preset']}) on {plan['data']}: {len(trials)} trials, "
+               f"{plan['total_steps']} steps; device {plan['device']}, {plan['workers']} worker(s) × "
+               f"{plan['threads']} thread(s)")  # fmt: skip
+    for t in trials[:60]:
+        typer.echo(f"  {t['key']:<48} {t['steps']:>7} steps  ~{t['estimated_s']:.0f} s")
+    if len(trials) > 60:
+        typer.echo(f"  ... and {len(trials) - 60} more")
+    typer.echo(f"estimated cost: ~{plan['estimated_s'] / 60:.1f} min "
+               f"({plan['estimated_s_one_worker'] / 60:.1f} min on one worker); {plan['note']}")  # fmt: skip
 
-    try:
-        return get_experiment(record.config["experiment"]).report(record).headline
-    except Exception:  # a report problem must not hide where the run is
-        return ""
+
+def _print_claims(record) -> None:
+    from normkit.lab.claims import check
+
+    entries = (record.summary or {}).get("claims", [])
+    marks = {True: "reproduced", False: "not reproduced", None: "inconclusive"}
+    for entry in entries:
+        if entry["verdict"] is None:
+            continue
+        c = check(entry)
+        typer.echo(f"  [{marks[c.passed]}] {c.name}: {c.detail}")
+    verdict = (record.summary or {}).get("verdict")
+    if entries:
+        judged = [e for e in entries if e["verdict"] is not None]
+        held = sum(e["verdict"] == "reproduced" for e in judged)
+        typer.echo(f"verdict: {verdict} ({held} of {len(judged)} claims reproduced; "
+                   "'inconclusive' names why: too few seeds, an interval that straddles the "
+                   "criterion, or a claim that needs GPU scale)")  # fmt: skip
 
 
 @app.command()
 def report(
-    runs: Annotated[list[Path], typer.Argument(help="Run directories.")],
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (e.g. runs/full/*).")],
     out: Annotated[
-        Path | None,
-        typer.Option(help="Where a report over several runs goes (default runs/report)."),
+        Path | None, _option("Where a report over several runs goes (default runs/report).")
     ] = None,
 ) -> None:
-    """Rebuild the report of one run in its directory, or combine several runs into one report."""
-    from normkit.lab import RunRecord, write_combined_report, write_run_report
+    """Rebuild one run's report in its folder, or make the scoreboard of several runs."""
+    from normkit.lab import rebuild_report, write_combined_report
 
     if len(runs) == 1 and out is None:
-        md, html = write_run_report(RunRecord.load(runs[0]), resummarize=True)
+        md, html = rebuild_report(runs[0])
     else:
         md, html = write_combined_report(runs, out or Path("runs") / "report")
     typer.echo(f"report: {html} (and {md.name})")
+
+
+@app.command()
+def docs(
+    page: Annotated[Path, typer.Argument(help="The Markdown page, e.g. docs/reproductions.md.")],
+    runs: Annotated[list[Path], typer.Argument(help="The finished run folders its tables come from.")],
+    check: Annotated[bool, _option("Fail if the page differs from the runs.", "--check")] = False,
+) -> None:
+    """Regenerate the marked tables of PAGE from the runs' summaries (prose stays as written)."""
+    from normkit.lab.docs_tables import regenerate_file
+
+    changed, notes = regenerate_file(page, runs, check=check)
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+    if check and changed:
+        typer.echo(f"{page} differs from the runs; regenerate it with `normkit lab docs {page} ...`")
+        raise typer.Exit(1)
+    typer.echo(f"{page}: {'regenerated' if changed and not check else 'up to date'}")

@@ -11,10 +11,9 @@
 - :class:`RankMismatchError`, :class:`RankSyncError`: what fails across ranks, raised on every rank.
 """
 
-from normkit.distributed._convert import to_batch_norm, to_sync_batch_norm
-from normkit.distributed._functional import synchronized_batch_norm
 from normkit.distributed._moments import local_moments, merge_moments
-from normkit.distributed.sync_batch_norm import SyncBatchNorm
+from normkit.distributed._sync_batch_norm import synchronized_batch_norm
+from normkit.distributed.sync_batch_norm import SyncBatchNorm, to_batch_norm, to_sync_batch_norm
 from normkit.errors import RankMismatchError, RankSyncError
 
 __all__ = [

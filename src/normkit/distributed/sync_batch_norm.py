@@ -1,21 +1,26 @@
-"""``SyncBatchNorm``: batch normalization with exact statistics over every rank of a process group."""
+"""``SyncBatchNorm``: batch normalization with exact statistics over every rank of a process group,
+and the conversions of a model's batch norms to it and back (:func:`to_sync_batch_norm`,
+:func:`to_batch_norm`), beside the class as torch keeps ``convert_sync_batchnorm``."""
 
 from __future__ import annotations
 
 import datetime
+import inspect
 
 import torch
 from torch import nn
 
 from normkit.distributed._collectives import as_timeout
-from normkit.distributed._functional import (
+from normkit.distributed._sync_batch_norm import (
     check_check_ranks,
     synchronized_batch_norm,
     synchronizing_group,
 )
 from normkit.errors import ConfigError, NormkitError
-from normkit.nn import BatchNorm
-from normkit.nn._base import named
+from normkit.functional._transforms import SYNCHRONIZED_STEP, composite_required, exporting
+from normkit.nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normkit.nn._base import DEFAULT_MOMENTUM, NormBase, named
+from normkit.nn._origin import forget_origin, mark_origin
 
 
 class SyncBatchNorm(BatchNorm):
@@ -66,8 +71,9 @@ class SyncBatchNorm(BatchNorm):
     statistics are NaN and the guard skips it); if every rank is empty the output is empty and the
     running statistics and ``num_batches_tracked`` are unchanged (on accelerators without a header
     read: counted in ``num_batches_skipped``). Not supported while synchronizing: nk.BatchNorm's
-    padding ``mask``, double backward. Under ``torch.compile`` the synchronized step runs eagerly
-    (a graph break). docs/distributed.md has the details.
+    padding ``mask``. Under ``torch.compile`` the synchronized step runs eagerly (a graph break);
+    torch.export, torch.jit.trace, torch.func's transforms and double backward refuse it
+    (docs/transforms.md). docs/distributed.md has the details.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype, bias, decay,
@@ -100,37 +106,16 @@ class SyncBatchNorm(BatchNorm):
         'BatchNorm2d'
     """
 
+    transform_refusals = (*NormBase.transform_refusals, SYNCHRONIZED_STEP)
+
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group=None,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-        decay: float | None = None,
-        on_nonfinite: str = "skip",
-        check_ranks: str = "auto",
-        timeout: float | datetime.timedelta | None = None,
-    ) -> None:
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = DEFAULT_MOMENTUM,
+        affine: bool = True, track_running_stats: bool = True, process_group=None, *args,
+        check_ranks: str = "auto", timeout: float | datetime.timedelta | None = None, **kwargs,
+    ) -> None:  # fmt: skip
         check_check_ranks(check_ranks)
         as_timeout(timeout)
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            decay=decay,
-            on_nonfinite=on_nonfinite,
-        )
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, *args, **kwargs)
         self.process_group = process_group
         self.check_ranks = check_ranks
         self.timeout = timeout
@@ -151,7 +136,10 @@ class SyncBatchNorm(BatchNorm):
             raise named(self, error) from None
         if group is None:
             return super().forward(input, **local)
+        if exporting() or composite_required():  # torch.export, torch.func, jit.trace
+            raise named(self, SYNCHRONIZED_STEP.error())
         if torch.compiler.is_compiling():  # collectives and host checks run eagerly (graph break)
+            torch._dynamo.graph_break(msg=SYNCHRONIZED_STEP.reason)
             return torch.compiler.disable(self._synchronized_forward)(input, group)
         return self._synchronized_forward(input, group)
 
@@ -186,16 +174,113 @@ class SyncBatchNorm(BatchNorm):
         """Replace every batch norm in ``module`` by this class, sharing parameters and buffers.
 
         The same call as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``; see
-        :func:`normkit.distributed.to_sync_batch_norm` for which layers convert.
+        :func:`to_sync_batch_norm` for which layers convert.
         """
-        from normkit.distributed._convert import to_sync_batch_norm
-
         return to_sync_batch_norm(module, process_group, layer=cls)
 
     @classmethod
     def revert_sync_batchnorm(cls, module: nn.Module, layer: type | None = None) -> nn.Module:
         """The reverse: every synchronized batch norm (normkit's or torch's) back to a local one;
-        see :func:`normkit.distributed.to_batch_norm`."""
-        from normkit.distributed._convert import to_batch_norm
-
+        see :func:`to_batch_norm`."""
         return to_batch_norm(module, layer)
+
+
+# --- Conversions between local and synchronized batch norm, both ways, with the same state --------
+# The converted layer *shares* the original's parameters and buffers (as
+# torch.nn.SyncBatchNorm.convert_sync_batchnorm does), so an optimizer built before the conversion
+# keeps working and state_dict keys and values are unchanged.
+
+# Layers that *are* batch norm (exact types). The family layers whose maths differ (Batch Renorm,
+# Ghost BN, BatchNormAct, InPlaceABN, frozen BN, the mixtures) are left alone: synchronizing them
+# would silently turn them into plain BN.
+LOCAL_BATCH_NORMS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+)
+
+
+def to_sync_batch_norm(
+    module: nn.Module, process_group=None, *, layer: type | None = None, **options
+) -> nn.Module:
+    """Replace each batch norm in ``module`` (recursively) by a synchronized one.
+
+    Converts torch.nn's and normkit's ``BatchNorm``/``BatchNorm1d/2d/3d`` and
+    ``torch.nn.SyncBatchNorm`` (exact types). Returns the new layer when ``module`` itself is one,
+    else ``module`` with its children replaced in place.
+
+    Args:
+        module: a layer or a model.
+        process_group: the group the new layers synchronize over (default: the whole world; a
+            ``torch.nn.SyncBatchNorm`` keeps its own when this is ``None``).
+        layer: the class to build (default :class:`normkit.SyncBatchNorm`).
+        **options: extra keywords for it (``check_ranks``, ``timeout``, ``on_nonfinite``).
+    """
+    layer = SyncBatchNorm if layer is None else layer
+    output = module
+    if type(module) in LOCAL_BATCH_NORMS or type(module) is nn.SyncBatchNorm:
+        group = process_group
+        if group is None:
+            group = getattr(module, "process_group", None)
+        output = _rebuild(module, layer, process_group=group, **options)
+        if type(module) is not nn.SyncBatchNorm:
+            output._converted_from = type(module)  # what to_batch_norm gives back by default
+    for name, child in module.named_children():
+        new = to_sync_batch_norm(child, process_group, layer=layer, **options)
+        if new is not child:
+            output.add_module(name, new)
+    return output
+
+
+def to_batch_norm(module: nn.Module, layer: type | None = None) -> nn.Module:
+    """Replace each synchronized batch norm (normkit's or ``torch.nn.SyncBatchNorm``) by a local one.
+
+    Args:
+        module: a layer or a model.
+        layer: the class to build; default: the class a layer was converted from by
+            :func:`to_sync_batch_norm`, else :class:`normkit.BatchNorm` (any rank, as SyncBN is).
+    """
+    output = module
+    if isinstance(module, (SyncBatchNorm, nn.SyncBatchNorm)):
+        target = layer or getattr(module, "_converted_from", None) or BatchNorm
+        output = _rebuild(module, target)
+    for name, child in module.named_children():
+        new = to_batch_norm(child, layer)
+        if new is not child:
+            output.add_module(name, new)
+    return output
+
+
+def _rebuild(source: nn.Module, cls: type, **extra) -> nn.Module:
+    """A ``cls`` with ``source``'s configuration, sharing its parameters and buffers."""
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {
+        "eps": source.eps,
+        "momentum": source.momentum,
+        "affine": source.affine,
+        "track_running_stats": source.track_running_stats,
+    }
+    if "bias" in accepted:
+        kwargs["bias"] = not source.affine or source.bias is not None
+    if "on_nonfinite" in accepted and hasattr(source, "on_nonfinite"):
+        kwargs["on_nonfinite"] = source.on_nonfinite
+    kwargs.update({k: v for k, v in extra.items() if k in accepted})
+    tensors = [*source.parameters(recurse=False), *source.buffers(recurse=False)]
+    device = tensors[0].device if tensors else None
+    target = cls(source.num_features, device=device, **kwargs)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if name in target._parameters:
+                setattr(target, name, getattr(source, name, None))
+        for name in ("running_mean", "running_var", "num_batches_tracked", "num_batches_skipped"):
+            if name in target._buffers and getattr(source, name, None) is not None:
+                setattr(target, name, getattr(source, name))
+    (mark_origin if isinstance(target, NormBase) else forget_origin)(target)  # the tensors' owner
+    target.train(source.training)
+    if hasattr(source, "qconfig"):
+        target.qconfig = source.qconfig
+    return target

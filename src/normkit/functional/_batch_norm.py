@@ -3,7 +3,7 @@
 :func:`batch_norm` is ``torch.nn.functional.batch_norm`` with normkit's checks, the non-finite guard
 on the running statistics and the cumulative average for ``momentum=None``; see
 :class:`normkit.BatchNorm` for the maths and conventions. The arithmetic comes from the backend in
-force; normkit's own version (:func:`_reference_batch_norm`) is registered here as ``reference``.
+force; normkit's own version (:func:`reference_batch_norm`) is registered here as ``reference``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from normkit.functional._checks import (
 from normkit.functional._masked import masked_batch_norm
 from normkit.functional._normalize import channel_view, empty_output, normalize, normalize_over
 from normkit.functional._running_stats import (
+    average_into,
     exponential_average_factor,
     guarded_update,
     update_running_stats,
@@ -98,7 +99,9 @@ def batch_norm(
     return guarded_update(
         running_mean,
         running_var,
-        lambda mean, var: impl(input, mean, var, weight, bias, True, factor, eps),
+        lambda mean, var: average_into(
+            mean, var, factor, lambda m, v, f: impl(input, m, v, weight, bias, True, f, eps)
+        ),
         num_batches_tracked=num_batches_tracked,
         num_batches_skipped=num_batches_skipped,
         on_nonfinite=on_nonfinite,
@@ -110,7 +113,7 @@ def batch_dims(ndim: int) -> tuple[int, ...]:
     return (0, *range(2, ndim))
 
 
-def _reference_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+def reference_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
     """normkit's own batch norm, with the same contract as ``torch.batch_norm``."""
     ndim = input.dim()
     w, b = channel_view(weight, ndim), channel_view(bias, ndim)
@@ -126,6 +129,3 @@ def _reference_batch_norm(input, running_mean, running_var, weight, bias, traini
         n = input.numel() // input.shape[1]
         update_running_stats(running_mean, running_var, mean, var, n, momentum)
     return y
-
-
-_dispatch.register("batch_norm", "reference", _reference_batch_norm)

@@ -28,11 +28,10 @@ convention anyway.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from normkit.errors import ConfigError, ShapeError
 from normkit.functional import _activation, _dispatch
-from normkit.functional._batch_norm import _reference_batch_norm, batch_dims
+from normkit.functional._batch_norm import batch_dims, reference_batch_norm
 from normkit.functional._checks import (
     check_batch_statistics_size,
     check_eps,
@@ -45,6 +44,7 @@ from normkit.functional._compiled import CompiledMaths
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view
 from normkit.functional._running_stats import (
+    average_into,
     exponential_average_factor,
     guarded_update,
     update_running_stats,
@@ -116,19 +116,19 @@ def batch_norm_act(
     return guarded_update(
         running_mean,
         running_var,
-        lambda mean, var: run(mean, var, factor),
+        lambda mean, var: average_into(mean, var, factor, run),
         num_batches_tracked=num_batches_tracked,
         num_batches_skipped=num_batches_skipped,
         on_nonfinite=on_nonfinite,
     )
 
 
-def _reference_batch_norm_act(
+def reference_batch_norm_act(
     input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
     activation, activation_param,
 ):  # fmt: skip
     """The unfused definition: batch norm, then the residual, then the activation."""
-    y = _reference_batch_norm(
+    y = reference_batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps
     )
     if residual is not None:
@@ -164,10 +164,18 @@ class _EagerEngine:
             pre = torch.batch_norm(
                 x, weight, bias, running_mean, running_var, False, 0.0, eps, False
             )
-            mean, invstd = running_mean.float(), torch.rsqrt(running_var.float() + eps)
+            dtype = stats_dtype(x.dtype)  # float64 stays float64: the backward reads them
+            mean, invstd = running_mean.to(dtype), torch.rsqrt(running_var.to(dtype) + eps)
         if z is not None:
             pre.add_(z)
         return _activation.apply_(pre, act, param), mean, invstd
+
+    @staticmethod
+    def backward_from_output(dy, y, act, param):
+        """dL/dpre for relu and leaky_relu (slope >= 0) from the output's sign, one ATen pass."""
+        if act == "relu":
+            return torch.ops.aten.threshold_backward(dy, y, 0)
+        return torch.ops.aten.leaky_relu_backward(dy, y, param, True)
 
     @classmethod
     def backward(cls, dy, x, z, y, weight, bias, mean, invstd, training, eps, act, param, needs):
@@ -175,11 +183,7 @@ class _EagerEngine:
         if act == "identity":
             g = dy
         elif y is not None:  # relu / leaky_relu: the derivative from the output's sign
-            g = (
-                torch.ops.aten.threshold_backward(dy, y, 0)
-                if act == "relu"
-                else torch.ops.aten.leaky_relu_backward(dy, y, param, True)
-            )
+            g = cls.backward_from_output(dy, y, act, param)
         else:
             # the pre-activation, recomputed: (x - mean) * invstd * w + b (+ z), one ATen pass
             scale = invstd if weight is None else invstd * weight.float()
@@ -316,15 +320,61 @@ class FusedBatchNormAct(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, z, y, weight, bias, mean, invstd = ctx.saved_tensors
         training, eps, act, param, engine = ctx.config
-        dx, dz, dweight, dbias = engine.backward(
+        backward = _differentiable_backward if torch.is_grad_enabled() else engine.backward
+        dx, dz, dweight, dbias = backward(
             dy, x, z, y, weight, bias, mean, invstd, training, eps, act, param,
             ctx.needs_input_grad,
         )  # fmt: skip
         return dx, dz, dweight, dbias, None, None, None, None, None, None, None, None
+
+
+def _pre_activation(x, weight, bias, mean, invstd, training: bool, eps: float):
+    """BN(x) as a function autograd differentiates to any order: in training the statistics are
+    recomputed from x (ATen's batch norm, whose double backward is torch's), in eval the running
+    ones (saved as mean and 1/std) are constants. In the statistics' dtype."""
+    ndim, dtype = x.dim(), stats_dtype(x.dtype)
+    w = None if weight is None else weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    if training:
+        return torch.nn.functional.batch_norm(x.to(dtype), None, None, w, b, True, 0.0, eps)
+    scale = invstd if w is None else invstd * w
+    pre = (x.to(dtype) - channel_view(mean, ndim)) * channel_view(scale, ndim)
+    return pre if b is None else pre + channel_view(b, ndim)
+
+
+def _differentiable_backward(
+    dy, x, z, y, weight, bias, mean, invstd, training, eps, act, param, needs
+):  # fmt: skip
+    """The backward under ``create_graph=True`` (double backward, gradient penalties): the
+    gradients of the unfused definition by autograd, so that they are differentiable again. With
+    the output kept (relu, leaky_relu) the activation's derivative is read from its sign, as in
+    the fused backward; otherwise the pre-activation is recomputed from x (and z, saved then)."""
+    if act == "identity":
+        g = dy
+    elif y is not None:  # relu / leaky_relu: the derivative from the output's sign
+        g = _EagerEngine.backward_from_output(dy, y, act, param)
+    else:
+        g = None
+    tensors = (x, z, weight, bias)
+    wanted = [
+        t if need and t is not None else None for t, need in zip(tensors, needs[:4], strict=True)
+    ]
+    if g is not None:
+        wanted[1] = None  # z enters after the normalization: its gradient is g itself
+    with torch.enable_grad():
+        out = _pre_activation(x, weight, bias, mean, invstd, training, eps)
+        if g is None:
+            out = _activation.apply(out if z is None else out + z.to(out.dtype), act, param)
+        out, grad_out = out.to(x.dtype), (dy if g is None else g)
+        inputs = [t for t in wanted if t is not None]
+        grads = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True))
+    dx, dz, dweight, dbias = (next(grads) if t is not None else None for t in wanted)
+    if g is not None and needs[1]:
+        dz = g
+    return dx, dz, dweight, dbias
 
 
 def _fused(engine):
@@ -333,7 +383,7 @@ def _fused(engine):
         activation, activation_param,
     ):  # fmt: skip
         if input.numel() == 0:
-            return _reference_batch_norm_act(
+            return reference_batch_norm_act(
                 input, residual, running_mean, running_var, weight, bias, training, momentum, eps,
                 activation, activation_param,
             )  # fmt: skip
@@ -348,5 +398,3 @@ def _fused(engine):
 
 native_batch_norm_act = _fused(_EagerEngine)
 compiled_batch_norm_act = _fused(_CompiledEngine)
-
-_dispatch.register("batch_norm_act", "reference", _reference_batch_norm_act)

@@ -16,6 +16,7 @@ from normkit.errors import (
     BatchTooSmallError,
     ChannelMismatchError,
     ConfigError,
+    DeviceError,
     DtypeError,
     ShapeError,
 )
@@ -37,6 +38,32 @@ def check_floating(input: torch.Tensor, name: str = "input") -> None:
             f"{name} has dtype {input.dtype}, but normalization needs a floating-point tensor "
             f"(float32, float64, float16 or bfloat16); convert it first, e.g. {name}.float()"
         )
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_like_input(input: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Parameters and buffers live on the input's device, in its dtype — or in float32 for a
+    float16/bfloat16 input (mixed precision, as ATen's kernels allow)."""
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if tensor.device != input.device:
+            raise DeviceError(
+                f"{name} is on {tensor.device}, but the input is on {input.device}; move the "
+                f"layer with .to({str(input.device)!r}) or the input with "
+                f".to({str(tensor.device)!r})"
+            )
+        if tensor.dtype != input.dtype and not (
+            input.dtype in _HALF and tensor.dtype == torch.float32
+        ):
+            raise DtypeError(
+                f"{name} has dtype {tensor.dtype}, but the input has dtype {input.dtype}; "
+                "normalization needs them equal (or float32 parameters for a float16/bfloat16 "
+                f"input): convert the layer with .to({input.dtype}) or the input with "
+                f".to({tensor.dtype})"
+            )
 
 
 def check_eps(eps: float) -> None:
@@ -107,7 +134,8 @@ def check_channels(
 
 
 def check_per_channel(input: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    """weight, bias and running statistics hold one value per channel (dim 1 of the input)."""
+    """weight, bias and running statistics hold one value per channel (dim 1 of the input), on
+    the input's device and in its dtype (:func:`check_like_input`)."""
     for name, tensor in tensors.items():
         if tensor is not None and tensor.numel() != input.shape[1]:
             raise ChannelMismatchError(
@@ -115,6 +143,7 @@ def check_per_channel(input: torch.Tensor, **tensors: torch.Tensor | None) -> No
                 f"{shape_str(input.shape)} has {input.shape[1]} channels at dim 1; build the "
                 f"layer for {input.shape[1]} channels or check the layer that feeds it"
             )
+    check_like_input(input, **tensors)
 
 
 def check_batch_statistics_size(input: torch.Tensor) -> None:

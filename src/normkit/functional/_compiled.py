@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from normkit.functional._running_stats import compiling
+from normkit.functional._transforms import transforming
 
 # Below this many elements a layer runs ATen's kernels even under the compiled backend: a compiled
 # call costs tens of microseconds of guards and each new shape seconds of compilation, more than
@@ -36,16 +37,11 @@ def compiled(fn):
 
 def worth_compiling(input: torch.Tensor) -> bool:
     """Whether a compiled implementation compiles ``input``'s layer rather than running ATen's:
-    at least MIN_NUMEL elements, and not inside the user's own torch.compile (which fuses ATen's
-    ops into its graph), ``torch.jit.trace`` or a torch.func transform (vmap, grad, jvp), which
-    need ATen's differentiable, batchable ops."""
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return (
-        input.numel() >= MIN_NUMEL
-        and not compiling()
-        and not torch.jit.is_tracing()
-        and not (check is not None and check(input))
-    )
+    at least MIN_NUMEL elements, and no program transform recording the call
+    (:func:`~normkit.functional._transforms.transforming`): the user's own torch.compile fuses
+    ATen's ops into its graph, and torch.jit.trace and torch.func need differentiable, batchable
+    ops (the dispatcher already hands the latter ``reference``; this keeps direct calls safe)."""
+    return input.numel() >= MIN_NUMEL and not transforming()
 
 
 def compiler_available() -> bool:

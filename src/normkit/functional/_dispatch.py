@@ -1,10 +1,11 @@
 """The table of implementations behind each op, and the choice of backend.
 
 The functional ops (``batch_norm``, ``layer_norm``, ...) do their checks and running-statistics
-bookkeeping themselves and hand the arithmetic to ``resolve(op, input)``. Implementations register
-here: normkit's own (``reference``) from the functional files, the others (``native``, later
-``triton`` and ``compiled``) from :mod:`normkit.backends`, which also holds the user-facing switch.
-Keeping the table at the bottom lets imports run one way (functional <- backends <- nn).
+bookkeeping themselves and hand the arithmetic to ``resolve(op, input)``. What fills the registry is
+one table, ``IMPLEMENTATIONS`` in :mod:`normkit.backends` (every op, every backend, and the inputs
+each can run on), which also holds the user-facing switch. The registry sits here, below the ops,
+so that imports run one way (functional <- backends <- nn): the ops look implementations up at call
+time, never import them.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ from dataclasses import dataclass
 import torch
 
 from normkit.errors import BackendError
+from normkit.functional._transforms import composite_required
 
 Supports = Callable[[torch.Tensor], bool]
 
 
 @dataclass(frozen=True)
 class Implementation:
-    """One backend's version of one op; ``supports`` says whether it can run on an input."""
+    """One backend's version of one op; ``supports`` says whether it can run on an input, and
+    ``composite`` whether it is made of ATen ops only (no hand-written autograd.Function, compiled
+    function or kernel), so that every PyTorch transform sees through it (:mod:`._transforms`)."""
 
     fn: Callable
     supports: Supports
+    composite: bool = False
 
 
 def _always(_: torch.Tensor) -> bool:
@@ -53,6 +58,13 @@ AUTO_PREFERENCES: dict[tuple[str, str, torch.dtype, str], list[str]] = {
         for dtype in (torch.float32, torch.bfloat16)
         for layout in ("contiguous", "strided")
     },
+    # RMSNorm on the CPU: normkit's own (one reduction, a hand-derived backward) 0.4x-0.9x
+    # torch.nn.RMSNorm, whose CPU path is composite maths (docs/benchmarks.md, "Small batches").
+    **{
+        ("rms_norm", "cpu", dtype, layout): ["reference", "native"]
+        for dtype in (torch.float32, torch.bfloat16)
+        for layout in ("contiguous", "strided")
+    },
 }
 _DEFAULT = "auto"
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -60,9 +72,11 @@ _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
-def register(op: str, backend: str, fn: Callable, supports: Supports | None = None) -> None:
-    """Make ``fn`` the ``backend`` implementation of ``op``."""
-    _REGISTRY.setdefault(op, {})[backend] = Implementation(fn, supports or _always)
+def register(
+    op: str, backend: str, fn: Callable, supports: Supports | None = None, composite: bool = False
+) -> None:
+    """Make ``fn`` the ``backend`` implementation of ``op``; ``composite``: see Implementation."""
+    _REGISTRY.setdefault(op, {})[backend] = Implementation(fn, supports or _always, composite)
 
 
 def known_backends() -> list[str]:
@@ -106,14 +120,26 @@ def set_auto_order(order: list[str]) -> None:
 
 
 def resolve(op: str, input: torch.Tensor, backend: str | None = None) -> Callable:
-    """The function that computes ``op`` on ``input`` under the chosen backend."""
+    """The function that computes ``op`` on ``input`` under the chosen backend.
+
+    Under torch.func's transforms, forward-mode AD and torch.jit.trace
+    (:func:`~normkit.functional._transforms.composite_required`) the choice is kept when it is
+    composite, and is ``reference`` otherwise.
+    """
     name = current() if backend is None else backend
     table = _REGISTRY[op]
+    if composite_required():
+        impl = _choose(op, input, name, table)
+        return impl.fn if impl.composite else table["reference"].fn
+    return _choose(op, input, name, table).fn
+
+
+def _choose(op: str, input: torch.Tensor, name: str, table: dict[str, Implementation]):
     if name == "auto":
         for candidate in auto_order(op, input):
             impl = table.get(candidate)
             if impl is not None and impl.supports(input):
-                return impl.fn
+                return impl
         raise BackendError(f"no backend can run {op} on a {input.dtype} tensor on {input.device}")
     impl = table.get(name)
     if impl is None:
@@ -126,7 +152,7 @@ def resolve(op: str, input: torch.Tensor, backend: str | None = None) -> Callabl
             f"backend {name!r} cannot run {op} on a {input.dtype} tensor on {input.device}; "
             "use backend 'auto' to fall back to one that can"
         )
-    return impl.fn
+    return impl
 
 
 def auto_order(op: str, input: torch.Tensor) -> list[str]:

@@ -23,11 +23,10 @@ Decisions, each documented on :class:`normkit.InPlaceABN` and tested:
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from normkit.errors import ConfigError
 from normkit.functional import _activation, _dispatch
-from normkit.functional._batch_norm import _reference_batch_norm, batch_dims
+from normkit.functional._batch_norm import batch_dims, reference_batch_norm
 from normkit.functional._checks import (
     check_batch_statistics_size,
     check_eps,
@@ -37,7 +36,12 @@ from normkit.functional._checks import (
 )
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view
-from normkit.functional._running_stats import exponential_average_factor, guarded_update
+from normkit.functional._running_stats import (
+    average_into,
+    exponential_average_factor,
+    guarded_update,
+)
+from normkit.functional._transforms import INPLACE_DOUBLE_BACKWARD, capturing
 
 
 def inplace_abn(
@@ -105,7 +109,7 @@ def inplace_abn(
     return guarded_update(
         running_mean,
         running_var,
-        lambda mean, var: run(mean, var, factor),
+        lambda mean, var: average_into(mean, var, factor, run),
         num_batches_tracked=num_batches_tracked,
         num_batches_skipped=num_batches_skipped,
         on_nonfinite=on_nonfinite,
@@ -114,37 +118,32 @@ def inplace_abn(
 
 def can_overwrite(input: torch.Tensor) -> bool:
     """Autograd forbids writing over a leaf that requires grad or a view of one, and inference
-    tensors can be written only in inference mode."""
+    tensors can be written only in inference mode. A captured graph (torch.compile, export, trace)
+    plans its own memory: there the output is a new tensor (keeping only it for backward still
+    halves the saved memory)."""
+    if capturing():
+        return False
     if input.is_inference() and not torch.is_inference_mode_enabled():
         return False
     base = input if input._base is None else input._base
     return not (input.requires_grad and base.is_leaf and base.requires_grad)
 
 
-class _StraightThrough(torch.autograd.Function):
-    """gamma kept at least ``minimum`` away from 0 in the forward; the gradient passes unchanged."""
-
-    @staticmethod
-    def forward(ctx, weight, minimum):
-        floor = torch.full_like(weight, minimum).copysign(weight)
-        return torch.where(weight.abs() < minimum, floor, weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 def effective_weight(weight: torch.Tensor, min_abs_weight: float) -> torch.Tensor:
-    """gamma where |gamma| >= min_abs_weight, else min_abs_weight with gamma's sign (+ for 0)."""
-    return _StraightThrough.apply(weight, min_abs_weight)
+    """gamma where |gamma| >= min_abs_weight, else min_abs_weight with gamma's sign (+ for 0); the
+    gradient passes straight through to gamma (``weight - weight.detach()`` is exactly 0 with
+    gradient 1). Plain ATen ops, so every transform and exporter sees through it."""
+    sign = (weight >= 0).to(weight.dtype) * 2.0 - 1.0
+    floor = min_abs_weight * sign + (weight - weight.detach())
+    return torch.where(weight.abs() < min_abs_weight, floor, weight)
 
 
-def _reference_inplace_abn(
+def reference_inplace_abn(
     input, running_mean, running_var, weight, bias, training, momentum, eps,
     activation, activation_param, inplace,
 ):  # fmt: skip
     """The unfused computation InPlace-ABN must match: batch norm, then the activation."""
-    y = _reference_batch_norm(
+    y = reference_batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps
     )
     return _activation.apply(y, activation, activation_param)
@@ -165,7 +164,7 @@ class InPlaceABNFunction(torch.autograd.Function):
             )
         else:
             y = torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
-            invstd = torch.rsqrt(running_var.float() + eps)
+            invstd = torch.rsqrt(running_var.to(stats_dtype(x.dtype)) + eps)
         y = _activation.apply_(y, act, param)
         if inplace:
             y = x.copy_(y)  # one pass; x's memory now holds the output
@@ -175,11 +174,15 @@ class InPlaceABNFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         y, weight, bias, invstd = ctx.saved_tensors
         training, act, param = ctx.config
         needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: double backward
+            if training:  # the batch statistics' dependence on the overwritten input is gone
+                raise INPLACE_DOUBLE_BACKWARD.error()
+            grads = _differentiable_eval_backward(dy, y, weight, bias, invstd, act, param, needs)
+            return (*grads, None, None, None, None, None, None, None, None)
         ndim, dims, dtype = y.dim(), batch_dims(y.dim()), stats_dtype(y.dtype)
         # Few full-size temporaries: this layer exists to save memory.
         g = _grad_from_output(dy, y, act, param).to(dtype)  # dL/d(pre-activation), new
@@ -202,6 +205,27 @@ class InPlaceABNFunction(torch.autograd.Function):
                 g.sub_(sum_g / n).addcmul_(x_hat, sum_gx / n, value=-1.0)
             dx = g.mul_(scale).to(y.dtype)
         return dx, dweight, dbias, None, None, None, None, None, None, None, None
+
+
+def _differentiable_eval_backward(dy, y, weight, bias, invstd, act, param, needs):
+    """Eval mode's backward in ops autograd differentiates again: the running statistics are
+    constants, so the output y, a differentiable function of the input, is all it reads."""
+    ndim, dims, dtype = y.dim(), batch_dims(y.dim()), stats_dtype(y.dtype)
+    g = _grad_from_output(dy, y, act, param).to(dtype)
+    scale = channel_view(invstd, ndim)
+    if weight is not None:
+        scale = scale * channel_view(weight.to(dtype), ndim)
+    dx = (g * scale).to(y.dtype) if needs[0] else None
+    dweight = dbias = None
+    if weight is not None and needs[1]:
+        x_hat = _activation.inverse(y.to(dtype), act, param)
+        if bias is not None:
+            x_hat = x_hat - channel_view(bias.to(dtype), ndim)
+        x_hat = x_hat / channel_view(weight.to(dtype), ndim)
+        dweight = (g * x_hat).sum(dims).to(weight.dtype)
+    if bias is not None and needs[2]:
+        dbias = g.sum(dims).to(bias.dtype)
+    return dx, dweight, dbias
 
 
 def _grad_from_output(dy, y, act, param):
@@ -228,7 +252,7 @@ def native_inplace_abn(
     activation, activation_param, inplace,
 ):  # fmt: skip
     if input.numel() == 0:
-        return _reference_inplace_abn(
+        return reference_inplace_abn(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             activation, activation_param, inplace,
         )  # fmt: skip
@@ -236,6 +260,3 @@ def native_inplace_abn(
         input, weight, bias, running_mean, running_var, training, momentum, eps,
         activation, activation_param, inplace,
     )  # fmt: skip
-
-
-_dispatch.register("inplace_abn", "reference", _reference_inplace_abn)

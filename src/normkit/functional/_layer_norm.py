@@ -16,6 +16,7 @@ from normkit.functional import _dispatch
 from normkit.functional._checks import (
     check_eps,
     check_floating,
+    check_like_input,
     check_min_rank,
     check_per_channel,
     check_trailing_shape,
@@ -43,6 +44,7 @@ def layer_norm(
     check_eps(eps)
     normalized_shape = _as_shape(normalized_shape)
     check_trailing_shape(input, normalized_shape)
+    check_like_input(input, weight=weight, bias=bias)
     if mask is not None:
         return masked_layer_norm(input, mask, normalized_shape, weight, bias, eps)
     impl = _dispatch.resolve("layer_norm", input)
@@ -74,7 +76,7 @@ def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(normalized_shape)
 
 
-def _reference_layer_norm(input, normalized_shape, weight, bias, eps):
+def reference_layer_norm(input, normalized_shape, weight, bias, eps):
     dims = tuple(range(input.dim() - len(normalized_shape), input.dim()))
     if input.numel() == 0:
         return empty_output(input, weight, bias)
@@ -82,13 +84,9 @@ def _reference_layer_norm(input, normalized_shape, weight, bias, eps):
     return y
 
 
-def _reference_channel_layer_norm(input, weight, bias, eps):
+def reference_channel_layer_norm(input, weight, bias, eps):
     w, b = channel_view(weight, input.dim()), channel_view(bias, input.dim())
     if input.numel() == 0:
         return empty_output(input, w, b)
     y, _, _ = normalize_over(input, (1,), w, b, eps)
     return y
-
-
-_dispatch.register("layer_norm", "reference", _reference_layer_norm)
-_dispatch.register("channel_layer_norm", "reference", _reference_channel_layer_norm)

@@ -121,8 +121,9 @@ def masked_batch_norm(
             # m / (m - 1) with m real elements; undefined (NaN) for m < 2, so the guard skips.
             correction = torch.where(count > 1, count / (count - 1), torch.nan)
             unbiased_var = (var * correction).reshape(new_var.shape).to(new_var.dtype)
-            new_mean.lerp_(mean.reshape(new_mean.shape).to(new_mean.dtype), factor)
-            new_var.lerp_(unbiased_var, factor)
+            weight = factor.to(new_mean.dtype) if isinstance(factor, torch.Tensor) else factor
+            new_mean.lerp_(mean.reshape(new_mean.shape).to(new_mean.dtype), weight)
+            new_var.lerp_(unbiased_var, weight)
         return y
 
     return guarded_update(

@@ -1,8 +1,22 @@
-"""Moments over given dims: the one place normkit computes a mean and a variance.
+"""Moments over given dims: where normkit's own code computes a mean and a variance.
 
 Every normalizer is a choice of dims on this function (DESIGN.md, "The one idea underneath"):
 BatchNorm reduces over (N, *spatial) per channel, LayerNorm over the trailing dims per sample,
-InstanceNorm over *spatial per sample and channel, GroupNorm over (C/G, *spatial) per group.
+InstanceNorm over *spatial per sample and channel, GroupNorm over (C/G, *spatial) per group. The
+``reference`` backend and the tools use it. The other places statistics are computed, and why each
+exists:
+
+- the ``native`` backend: ATen's kernels (``torch.batch_norm`` and friends;
+  ``_given_statistics.batch_norm_statistics`` for the layers that need BN's statistics before
+  normalizing) — PyTorch's speed and cuDNN;
+- ``_instance_stats``: per-(sample, channel) moments and their merges, from which Ghost BN,
+  Batch-Instance and Switchable build BN's and LN's statistics in O(N*C) instead of a pass each;
+- ``_masked.masked_moments``: moments over the real elements of a padded batch;
+- the ``compiled`` maths (``_batch_norm_act``, ``_batch_layer_norm``): ``torch.var_mean`` inside a
+  graph torch.compile fuses;
+- ``normkit.kernels``: the Triton kernels' own reductions (Welford and Chan merges per tile);
+- ``normkit.distributed._moments``: the exact merge of every rank's (count, mean, M2);
+- ``normkit.reference``: the float64 NumPy oracle the tests hold all of the above to.
 
 Numerical care, in one place:
 

@@ -1,4 +1,9 @@
-"""Normalize and apply the affine: the one place normkit computes y = w * (x - mean) / sqrt(var + eps) + b.
+"""Normalize and apply the affine: y = w * (x - mean) / sqrt(var + eps) + b in normkit's own code.
+
+The ``reference`` backend's one place for it; the ``native``, ``compiled`` and ``triton`` backends
+compute the same map in ATen's, torch.compile's and normkit's Triton kernels, and
+``_instance_stats.instance_affine`` folds it into one multiply-add per (sample, channel) for the
+mixtures (see ``_moments`` for why each exists).
 
 Two cases, and only two:
 
@@ -20,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from normkit.functional._moments import moments, stats_dtype
+from normkit.functional._transforms import composite_required
 
 
 def _affine(
@@ -65,8 +71,14 @@ def normalize_over(
     """Normalize ``x`` with its own mean and biased variance over ``dims``.
 
     Returns ``(y, mean, var)``; ``mean`` and ``var`` keep the reduced dims (size 1) and carry no
-    gradient, ready for a running-statistics update.
+    gradient, ready for a running-statistics update. Under torch.func's transforms, forward-mode
+    AD and torch.jit.trace the same maths is differentiated by autograd instead of the hand-written
+    backward (functional/_transforms.py).
     """
+    if composite_required():
+        mean, var = moments(x, tuple(dims))
+        y = _affine((x.to(mean.dtype) - mean) * torch.rsqrt(var + eps), weight, bias)
+        return y.to(x.dtype), mean.detach(), var.detach()
     return _NormalizeOver.apply(x, weight, bias, tuple(dims), eps)
 
 

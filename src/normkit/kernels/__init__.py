@@ -17,9 +17,9 @@ have the same contracts as the other backends' implementations (``torch.batch_no
 - ``_math``: device functions shared by the kernels (Chan's merge, activations); ``_utils``: launch
   helpers (views of an (N, C, *) tensor, block sizes, how to split a reduction, the launch call that
   can be recorded instead of run);
-- ``launch_plans``: every launch of the ops on the shapes of docs/benchmarks.md, planned for an
+- ``_launch_plans``: every launch of the ops on the shapes of docs/benchmarks.md, planned for an
   H100's or an A100's multiprocessors on ``meta`` tensors, with the bytes each moves;
-- ``aot``: ahead-of-time compilation of any recorded launch for sm_80 or sm_90, without a GPU, with
+- ``_aot``: ahead-of-time compilation of any recorded launch for sm_80 or sm_90, without a GPU, with
   ptxas's registers and spills and the occupancy they allow (``benchmarks/aot_check.py``).
 
 Kernels accumulate in float32 and save float32 statistics for any input dtype. They are tested on

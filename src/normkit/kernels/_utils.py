@@ -16,7 +16,7 @@ Other strided inputs are made contiguous first.
 Every launcher starts its kernels through :func:`launch`, and its grid comes from :func:`plan_grid`,
 a pure function of the view's sizes and the multiprocessor count. Inside :func:`recording` the
 launches are recorded (and, unless told to run them, not started), so the launch plans and the
-ahead-of-time compilation (:mod:`normkit.kernels.aot`, :mod:`normkit.kernels.launch_plans`) see
+ahead-of-time compilation (:mod:`normkit.kernels._aot`, :mod:`normkit.kernels._launch_plans`) see
 exactly what the launchers would start on a GPU, from tensors on the ``meta`` device.
 """
 

@@ -1,18 +1,22 @@
-"""What an experiment is, and the registry that finds experiments by name.
+"""What an experiment is: its science, declared; the framework does the rest.
 
 An experiment is one file in ``normkit/lab/experiments/`` holding a subclass of :class:`Experiment`
-decorated with :func:`register`. It declares its settings (a dataclass whose defaults are the full,
-paper-like protocol, plus ``presets`` such as ``quick``), the trials to train, how to build each
-trial's model and optimizer, what to measure, and how to summarize and report. The runner
-(:mod:`normkit.lab.runner`) does the rest: data, seeding, the training loop, metrics.jsonl,
-checkpoints, resume and progress.
+decorated with :func:`register` (docs/lab.md, "Writing an experiment"). It declares:
+
+- the protocol, in the module docstring (paper, section/figure, every decision where it is silent);
+- ``settings_class`` (a frozen dataclass whose defaults are the full protocol) and ``presets``
+  (``quick``, ``tiny``, ``gpu``: overrides of the defaults);
+- :meth:`plan`: the arms, seeds, grid and sweep (:mod:`normkit.lab.plan`);
+- :meth:`setup`: a trial's model and optimizer; :meth:`measure` and :meth:`finish`: what to record;
+- :meth:`claims` (:mod:`normkit.lab.claims`), :meth:`figures` (:mod:`normkit.lab.figures`),
+  :meth:`deviations`, and at most one :meth:`extra_section`.
+
+The framework turns these into trials, metrics rows, summary.json (with its ``claims``), the report
+and the scoreboard; experiments import neither each other nor the runner.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -21,30 +25,17 @@ import torch
 from torch import nn
 
 from normkit.errors import ConfigError
+from normkit.lab.claims import INCONCLUSIVE, Claim, judge, roll_up
+from normkit.lab.plan import Plan, Trial
+from normkit.lab.render import Section, Table, fmt
+from normkit.lab.report import RunReport, claims_card
+from normkit.lab.results import Results
+from normkit.lab.settings import Settings, from_json, resolve
 
 if TYPE_CHECKING:
     from normkit.lab.datasets import Dataset
+    from normkit.lab.figures import FigureSpec
     from normkit.lab.records import RunRecord
-    from normkit.lab.report import Report
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Settings every experiment has; experiments subclass this with their own fields."""
-
-    seed: int = 0
-    dataset: str = "auto"  # see normkit.lab.datasets.DATASET_NAMES
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One network trained inside a run: a unique key, its parameters, and how long to train it."""
-
-    key: str
-    params: dict  # JSON-ready; written into every metrics row of the trial
-    steps: int
-    eval_every: int
-    seed: int = 0  # seeds the weights, the batch order and dropout of this trial
 
 
 @dataclass
@@ -62,7 +53,8 @@ class Setup:
     ``next()`` (the indices of the next batch), ``state()`` and ``load(state)`` (for checkpoints).
     ``train_step(x, y)`` replaces the runner's step (forward, ``loss_fn``, backward, optimizer
     step) and returns the batch's loss, e.g. to train across several processes; the runner still
-    sets the learning rates from ``lr_factor`` before it, and measures ``model`` afterwards.
+    sets the learning rates from ``lr_factor`` before it, and measures ``model`` afterwards. If it
+    has a ``close()``, the runner calls it when the trial ends or is set aside.
     """
 
     model: nn.Module
@@ -92,6 +84,7 @@ class Experiment:
     # A trial stops, marked diverged, when its mean training loss over an evaluation interval is
     # NaN/Inf or above this (cross-entropy starts near ln(classes) = 2.3; 1000 is far past useful).
     divergence_loss: ClassVar[float] = 1e3
+    legacy: ClassVar[bool] = False
 
     # -- settings ----------------------------------------------------------------------------
     @classmethod
@@ -101,30 +94,16 @@ class Experiment:
     @classmethod
     def settings(cls, preset: str = "full", overrides: dict[str, Any] | None = None) -> Settings:
         """The settings of ``preset`` with ``overrides`` applied (values parsed from strings)."""
-        if preset != "full" and preset not in cls.presets:
-            raise ConfigError(
-                f"{cls.name}: preset {preset!r} is not known; choose one of "
-                f"{', '.join(cls.preset_names())}"
-            )
-        values = dict(cls.presets.get(preset, {}))
-        fields = {f.name: f for f in dataclasses.fields(cls.settings_class)}
-        for key, value in (overrides or {}).items():
-            if key not in fields:
-                raise ConfigError(
-                    f"{cls.name} has no setting {key!r}; its settings are {', '.join(fields)}"
-                )
-            default = values.get(key, fields[key].default)
-            values[key] = parse_setting(key, value, default)
-        return cls.settings_class(**values)
+        return resolve(cls.name, cls.settings_class, cls.presets, preset, overrides)
 
-    # -- what to train -----------------------------------------------------------------------
+    # -- the science: what an experiment file defines ----------------------------------------
     def prepare_data(self, settings: Settings, dataset: Dataset) -> Dataset:
         """The data set the trials use (a subset, a validation split); by default as loaded."""
         return dataset
 
-    def trials(self, settings: Settings, data: Dataset, finals: dict[str, dict]) -> list[Trial]:
-        """The trials of the run, in order. ``finals`` maps each finished trial's key to its final
-        metrics row, so a plan can depend on earlier results (a learning-rate sweep, say)."""
+    def plan(self, settings: Settings, data: Dataset | None) -> Plan:
+        """The arms, seeds, grid and sweep. ``data`` is None when only the plan's shape is needed
+        (reports, ``normkit lab show``): use it only inside functions such as ``steps``."""
         raise NotImplementedError
 
     def setup(
@@ -133,7 +112,6 @@ class Experiment:
         """Build the trial's model (weights drawn from ``generator``) and optimizer."""
         raise NotImplementedError
 
-    # -- what to measure ---------------------------------------------------------------------
     def measure(self, trial: Trial, settings: Settings, setup: Setup, data: Dataset) -> dict:
         """Values for a metrics row at an evaluation step (the model is in eval mode, no grad).
 
@@ -152,101 +130,106 @@ class Experiment:
         accuracy, loss = accuracy_and_loss(setup.model, data.x_test, data.y_test)
         return {"test_accuracy": accuracy, "test_loss": loss}
 
-    # -- what it means -----------------------------------------------------------------------
-    def summarize(self, record: RunRecord) -> dict:
-        """The run's results (JSON-ready): the numbers the report places beside the paper's."""
-        raise NotImplementedError
+    def claims(self, settings: Settings) -> list[Claim]:
+        """The published claims this experiment tests, each declared once."""
+        return []
 
-    def report(self, record: RunRecord) -> Report:
-        """The run's report: figures, tables, the comparison with the paper, deviations."""
-        raise NotImplementedError
+    def figures(self, settings: Settings) -> list[FigureSpec]:
+        """The report's figures (and mean tables), from :mod:`normkit.lab.figures`."""
+        return []
+
+    def deviations(self, settings: Settings) -> list[str]:
+        """Where this protocol departs from the paper's, one sentence each."""
+        return []
+
+    def extra_section(self, results: Results) -> Section | None:
+        """At most one short section of the experiment's own (a table the shared types lack)."""
+        return None
+
+    # -- the framework: not overridden -------------------------------------------------------
+    def trials(self, settings: Settings, data: Dataset | None, finals: dict[str, dict]) -> list[Trial]:
+        """The trials to run, given the finished ones (the sweep first, then the main trials)."""
+        return self.plan(settings, data).trials(finals)
+
+    def preview(self, settings: Settings, data: Dataset | None) -> list[Trial]:
+        return self.plan(settings, data).preview()
+
+    def results(self, record: RunRecord) -> Results:
+        settings = from_json(self.settings_class, record.settings)
+        labels = {arm.name: arm.legend for arm in self.plan(settings, None).arms}
+        return Results(record, settings, labels)
+
+    def summary(self, record: RunRecord) -> dict:
+        """summary.json's content: the experiment's verdict, its claims and its sweeps."""
+        results = self.results(record)
+        judgements = judge(self.claims(results.settings), results)
+        summary = {
+            "verdict": roll_up([j.verdict for j in judgements]),
+            "claims": [j.entry() for j in judgements],
+        }
+        plan = self.plan(results.settings, None)
+        if plan.sweep is not None and all(t.key in record.finals() for t in plan.sweep_trials()):
+            sweep = plan.sweep
+            summary["sweeps"] = [
+                {
+                    "setting": sweep.setting,
+                    "group": dict(zip(sweep.by, group, strict=True)),
+                    "rule": sweep.rule.description,
+                    "value": pick["value"],
+                    "note": pick["note"],
+                    "table": [{"value": v, **cell} for v, cell in pick["table"].items()],
+                }
+                for group, pick in plan.picks(record.finals()).items()
+            ]
+        return summary
+
+    def run_report(self, record: RunRecord) -> RunReport:
+        """The run's report: the claims card, the figures, the sweep, the extra section."""
+        results = self.results(record)
+        entries = record.summary["claims"]
+        sections = [Section("Claims", [claims_card(entries)])]
+        blocks = [spec.block(results) for spec in self.figures(results.settings)]
+        if blocks:
+            sections.append(Section("Figures", blocks))
+        for sweep in record.summary.get("sweeps", []):
+            metric = next(k for k in sweep["table"][0] if k not in ("value", "diverged"))
+            group = ", ".join(f"{k} {v}" for k, v in sweep["group"].items())
+            sections.append(Section(
+                f"Sweep of {sweep['setting']}" + (f" ({group})" if group else ""),
+                [f"Rule: {sweep['rule']}. Picked **{sweep['value']:g}**"
+                 + (f" ({sweep['note']})." if sweep["note"] else "."),
+                 Table([sweep["setting"], f"final {metric}", "diverged"],
+                       [[fmt(c["value"], "g"), fmt(c[metric], ".4f"), fmt(c["diverged"])]
+                        for c in sweep["table"]])],
+            ))  # fmt: skip
+        extra = self.extra_section(results)
+        if extra is not None:
+            sections.append(extra)
+        return RunReport(headline(record.summary), sections, self.deviations(results.settings))
 
 
-def seeded_trials(arms: dict[str, dict], settings: Settings, seeds: int) -> list[Trial]:
-    """One trial per arm and seed, keyed ``ARM/seed=K`` with the arm's params plus ``replicate=K``.
-
-    Seeds are the outer loop, so every arm of seed 0 finishes before seed 1 starts, and seed K of
-    every arm draws the same batches (the trial seed is ``settings.seed + K``): arms are paired.
-    """
-    return [
-        Trial(
-            f"{arm}/seed={k}",
-            {**params, "replicate": k},
-            settings.steps,
-            settings.eval_every,
-            settings.seed + k,
-        )
-        for k in range(seeds)
-        for arm, params in arms.items()
-    ]
+def headline(summary: dict) -> str:
+    """``partly: 2 reproduced, 1 inconclusive (too few seeds) of 3 claims``."""
+    entries = summary.get("claims", [])
+    judged = [e for e in entries if e["verdict"] is not None]
+    if not judged:
+        return "no claim judged"
+    counts: dict[str, int] = {}
+    for entry in judged:
+        counts[entry["verdict"]] = counts.get(entry["verdict"], 0) + 1
+    reasons = sorted({e["reason"].split(" (")[0] for e in judged if e["verdict"] == INCONCLUSIVE})
+    parts = [f"{n} {v}" + (f" ({'; '.join(reasons)})" if v == INCONCLUSIVE else "")
+             for v, n in counts.items()]  # fmt: skip
+    return f"{summary.get('verdict')}: {', '.join(parts)} of {len(judged)} claims"
 
 
-def parse_setting(key: str, value: Any, default: Any) -> Any:
-    """A setting given as a string on the command line, converted to the default's type."""
-    if not isinstance(value, str) or isinstance(default, str):
-        return value
-    try:
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, tuple):
-            items = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
-            if default:
-                return tuple(parse_setting(key, v, default[0]) for v in items)
-            return tuple(_number_or_string(v) for v in items)
-        if default is None:
-            return None if value.lower() == "none" else _number_or_string(value)
-    except ValueError as error:
-        raise ConfigError(
-            f"setting {key}={value!r} does not parse as {type(default).__name__} (default {default!r})"
-        ) from error
-    return value
+# Every registered experiment class by name; normkit.lab.catalog reads it.
+REGISTRY: dict[str, type] = {}
 
 
-def _number_or_string(value: str):
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
-
-
-_REGISTRY: dict[str, type[Experiment]] = {}
-
-
-def register(cls: type[Experiment]) -> type[Experiment]:
+def register(cls: type) -> type:
     """Class decorator: make an experiment available as ``normkit lab run <cls.name>``."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise ConfigError(f"two experiments are named {cls.name!r}")
-    _REGISTRY[cls.name] = cls
+    REGISTRY[cls.name] = cls
     return cls
-
-
-def _discover() -> None:
-    """Import every module in ``normkit.lab.experiments``: a new file there is all it takes."""
-    import normkit.lab.experiments as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{info.name}")
-
-
-def experiment_names() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
-
-
-def get_experiment(name: str) -> Experiment:
-    """An instance of the experiment registered as ``name``."""
-    _discover()
-    if name not in _REGISTRY:
-        raise ConfigError(
-            f"no experiment named {name!r}; `normkit lab list` shows them: {', '.join(sorted(_REGISTRY))}"
-        )
-    return _REGISTRY[name]()

@@ -1,9 +1,10 @@
-"""Figures several experiments share: metric curves over training steps."""
+"""LEGACY (delete with normkit.lab.legacy): metric curves over training steps for legacy experiments;
+ported experiments use normkit.lab.figures.Curves."""
 
 from __future__ import annotations
 
 from normkit.lab.records import RunRecord
-from normkit.lab.report import new_figure
+from normkit.lab.render import new_figure
 
 
 def curves(

@@ -1,7 +1,8 @@
-"""A run read back from its directory: config.json, metrics.jsonl and summary.json.
+"""A run read back from its folder: config.json, metrics.jsonl and summary.json.
 
 Reports are built from these files alone, so ``normkit lab report DIR`` can redo a report (or
-combine several runs) long after the run, on another machine.
+combine several runs) long after the run, on another machine. A damaged or foreign file gives one
+line that names it and says what to do (:class:`RunFolderError`), never a traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,38 @@ from normkit.errors import ConfigError
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINTS = "checkpoints"  # one file per trial in progress
+LEGACY_CHECKPOINT = "checkpoint.pt"  # the single checkpoint of runs made before Lab v2
+LOCK = ".normkit.lock"
+TIMING = "timing.json"  # training seconds of each finished trial (not in the rows: not reproducible)
+SCHEMA = "normkit-lab-run"  # config.json's "schema": what marks a folder as a normkit run
+SCHEMA_VERSION = 2
+# Everything a run writes into its folder (figures/ holds only the PNGs it wrote).
+RUN_FILES = (CONFIG, METRICS, SUMMARY, TIMING, LEGACY_CHECKPOINT, "report.md", "report.html")
+RUN_FOLDERS = (CHECKPOINTS, "figures")
+
+
+class RunFolderError(ConfigError):
+    """A run folder's file is damaged, foreign or unwritable; the message names it and the fix."""
+
+
+def read_json(path: Path, what: str, fix: str) -> dict:
+    """A JSON object from ``path``; a damaged file raises :class:`RunFolderError` naming ``fix``."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunFolderError(f"{path} is damaged ({what} that is not valid JSON: {error}); {fix}") from None
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path} is damaged ({what} that is not a JSON object); {fix}")
+    return value
+
+
+def is_run_config(config: dict) -> bool:
+    """Whether a config.json was written by normkit's lab (this schema, or the one before it)."""
+    if config.get("schema") == SCHEMA:
+        return True
+    legacy = ("experiment", "settings", "preset", "command", "environment")
+    return all(k in config for k in legacy) and "normkit" in (config.get("environment") or {})
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -23,10 +55,17 @@ def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.endswith("\n"):
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.endswith("\n"):
+                break
+            try:
                 rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise RunFolderError(
+                    f"{path} is damaged (line {number} is not a JSON row); a run folder's "
+                    "metrics.jsonl is written by normkit only: restore it or start a new run"
+                ) from None
     return rows
 
 
@@ -46,11 +85,18 @@ class RunRecord:
             raise ConfigError(
                 f"{directory} is not a lab run (no {CONFIG}); runs are made by `normkit lab run`"
             )
-        config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
-        summary_path = directory / SUMMARY
-        summary = (
-            json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None
+        config = read_json(
+            directory / CONFIG, "a run's configuration", "this folder cannot be read as a run"
         )
+        summary_path = directory / SUMMARY
+        summary = None
+        if summary_path.exists():
+            summary = read_json(
+                summary_path,
+                "a run's summary",
+                f"delete it and run `normkit lab run {config.get('experiment')} --out {directory} "
+                "--resume`, which writes it again from metrics.jsonl",
+            )
         return cls(directory, config, read_rows(directory / METRICS), summary)
 
     @property

@@ -54,3 +54,22 @@ def paired_difference(a: Sequence[float], b: Sequence[float], alpha: float = 0.0
         "significant": p_paired < alpha,
         "n": len(a),
     }
+
+
+def welch_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
+    """mean(a) − mean(b) with a Welch–Satterthwaite Student-t interval (unpaired samples)."""
+    from scipy import stats
+
+    n_a, n_b = len(a), len(b)
+    mean_a, mean_b = sum(a) / n_a, sum(b) / n_b
+    difference = mean_a - mean_b
+    if n_a < 2 or n_b < 2:
+        return {"n": min(n_a, n_b), "mean": difference, "low": math.nan, "high": math.nan}
+    var_a = sum((v - mean_a) ** 2 for v in a) / (n_a - 1) / n_a
+    var_b = sum((v - mean_b) ** 2 for v in b) / (n_b - 1) / n_b
+    se = math.sqrt(var_a + var_b)
+    if se == 0:
+        return {"n": min(n_a, n_b), "mean": difference, "low": difference, "high": difference}
+    df = (var_a + var_b) ** 2 / (var_a**2 / (n_a - 1) + var_b**2 / (n_b - 1))
+    half = stats.t.ppf(0.5 + confidence / 2, df) * se
+    return {"n": min(n_a, n_b), "mean": difference, "low": difference - half, "high": difference + half}

@@ -6,18 +6,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normkit import functional as F
-from normkit.errors import NormkitError
-from normkit.nn._base import (
-    check_rank,
-    finish_norm_base,
-    named,
-    norm_base_arguments,
-    statistics_arguments,
-)
+from normkit.functional import batch_norm
+from normkit.nn._base import NormBase
 
 
-class BatchNorm(_BatchNorm):
+class BatchNorm(NormBase, _BatchNorm):
     r"""Batch normalization over an input of any rank (N, C, \*) (Ioffe & Szegedy 2015).
 
     Paper: https://arxiv.org/abs/1502.03167 (Algorithm 1 for training, Algorithm 2 for inference).
@@ -82,66 +75,9 @@ class BatchNorm(_BatchNorm):
         (torch.Size([8]), 1)
     """
 
-    _ranks: tuple[int, ...] | None = None
-    _layout = "(N, C, *)"
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-        decay: float | None = None,
-        on_nonfinite: str = "skip",
-    ) -> None:
-        args, kwargs = norm_base_arguments(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias,
-            decay,
-            on_nonfinite,
-        )
-        super().__init__(*args, **kwargs)
-        finish_norm_base(self, bias, on_nonfinite, device)
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if self._ranks is not None:
-            check_rank(self, input, self._ranks, self._layout, "nk.BatchNorm takes any (N, C, *)")
-
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
-        running_mean, running_var, batch_statistics, counters = statistics_arguments(self)
-        try:
-            return F.batch_norm(
-                input,
-                running_mean,
-                running_var,
-                self.weight,
-                self.bias,
-                batch_statistics,
-                self.momentum,
-                self.eps,
-                mask=mask,
-                **counters,
-            )
-        except NormkitError as error:
-            raise named(self, error) from None
-
-    def extra_repr(self) -> str:
-        text = super().extra_repr()
-        return (
-            text if self.on_nonfinite == "skip" else f"{text}, on_nonfinite={self.on_nonfinite!r}"
-        )
+        return self._normalize(batch_norm, input, mask=mask)
 
 
 class BatchNorm1d(BatchNorm, nn.BatchNorm1d):

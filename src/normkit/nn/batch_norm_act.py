@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from normkit.errors import ConfigError, NormkitError
+from normkit.errors import ConfigError
+from normkit.functional import batch_norm_act
 from normkit.functional._activation import FUSED_ACTIVATIONS, check_activation
-from normkit.functional._batch_norm_act import batch_norm_act
-from normkit.nn._base import named, statistics_arguments
-from normkit.nn.batch_norm import BatchNorm
+from normkit.nn._base import NormBase, named
 
 
-class BatchNormAct(BatchNorm):
+class BatchNormAct(NormBase):
     r"""Batch norm fused with an optional residual and an activation: y = act(BN(x) [+ z]).
 
     The batch norm is :class:`normkit.BatchNorm`'s (Ioffe & Szegedy 2015, any rank (N, C, \*),
     same arguments, buffers, guard and ``state_dict`` keys: a plain BatchNorm's state loads as it
-    is, and this layer is a ``BatchNorm``). The activation and the residual ``z`` (a ResNet
+    is). It is not an instance of torch's ``_BatchNorm``, so converters that replace batch norms
+    (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``) leave it, activation and all
+    (:class:`~normkit.nn._base.NormBase` says why). The activation and the residual ``z`` (a ResNet
     block's shortcut, added before the activation as in ``relu(bn(conv(x)) + shortcut)``) run in
     the same pass, forward and backward. Memory: the layer saves only x (and z) and per-channel
     float32 statistics; the pre-activation is recomputed in backward, so nothing of the size of the
@@ -55,35 +56,11 @@ class BatchNormAct(BatchNorm):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        activation: str = "relu",
-        activation_param: float = 0.01,
-        residual: bool = False,
-        bias: bool = True,
-        decay: float | None = None,
-        on_nonfinite: str = "skip",
-    ) -> None:
+        self, *args, activation: str = "relu", activation_param: float = 0.01,
+        residual: bool = False, **kwargs,
+    ) -> None:  # fmt: skip
         check_activation(activation, activation_param, FUSED_ACTIVATIONS, "BatchNormAct")
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            decay=decay,
-            on_nonfinite=on_nonfinite,
-        )
+        super().__init__(*args, **kwargs)
         self.activation = activation
         self.activation_param = float(activation_param)
         self.residual = bool(residual)
@@ -106,24 +83,13 @@ class BatchNormAct(BatchNorm):
                     "residual=True to add it before the activation"
                 ),
             )
-        running_mean, running_var, batch_statistics, counters = statistics_arguments(self)
-        try:
-            return batch_norm_act(
-                input,
-                running_mean,
-                running_var,
-                training=batch_statistics,
-                weight=self.weight,
-                bias=self.bias,
-                momentum=self.momentum,
-                eps=self.eps,
-                activation=self.activation,
-                activation_param=self.activation_param,
-                residual=residual,
-                **counters,
-            )
-        except NormkitError as error:
-            raise named(self, error) from None
+        return self._normalize(
+            batch_norm_act,
+            input,
+            activation=self.activation,
+            activation_param=self.activation_param,
+            residual=residual,
+        )
 
     def extra_repr(self) -> str:
         text = f"{super().extra_repr()}, activation={self.activation!r}"

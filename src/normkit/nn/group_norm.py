@@ -5,13 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normkit import functional as F
 from normkit.errors import NormkitError
+from normkit.functional import group_norm
 from normkit.functional._checks import check_channels, check_eps, check_groups, check_min_rank
-from normkit.nn._base import GROUP_NORM_HAS_BIAS, bias_kwargs, drop_bias_if_unsupported, named
+from normkit.nn._base import (
+    GROUP_NORM_HAS_BIAS,
+    NormLayer,
+    bias_kwargs,
+    drop_bias_if_unsupported,
+    named,
+)
 
 
-class GroupNorm(nn.GroupNorm):
+class GroupNorm(NormLayer, nn.GroupNorm):
     r"""Group normalization (Wu & He 2018): per sample, statistics over C/G channels and space.
 
     Paper: https://arxiv.org/abs/1803.08494 (eqs. 1-3, Fig. 2). Independent of the batch size, the
@@ -66,6 +72,6 @@ class GroupNorm(nn.GroupNorm):
         try:
             check_min_rank(input, 2, "(N, C, *)")
             check_channels(input, self.num_channels, what="num_channels")
-            return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+            return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
         except NormkitError as error:
             raise named(self, error) from None

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from normkit.errors import ConfigError, NormkitError
+from normkit.errors import ConfigError
+from normkit.functional import inplace_abn
 from normkit.functional._activation import INVERTIBLE_ACTIVATIONS, check_activation
-from normkit.functional._inplace_abn import inplace_abn
-from normkit.nn._base import named, statistics_arguments
-from normkit.nn.batch_norm import BatchNorm
+from normkit.functional._transforms import INPLACE_DOUBLE_BACKWARD
+from normkit.nn._base import NormBase
 
 
-class InPlaceABN(BatchNorm):
+class InPlaceABN(NormBase):
     r"""Batch norm and an invertible activation, written over the input, y = act(BN(x)).
 
     Paper: https://arxiv.org/abs/1712.02616 (In-Place Activated BatchNorm, CVPR 2018). Training
@@ -37,7 +37,7 @@ class InPlaceABN(BatchNorm):
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype, bias, decay,
-        on_nonfinite: as :class:`normkit.BatchNorm` (this layer is a BatchNorm, with its keys).
+        on_nonfinite: as :class:`normkit.BatchNorm` (this layer has its keys).
         activation: ``"leaky_relu"``, ``"elu"`` or ``"identity"``. Default: ``"leaky_relu"``.
         activation_param: the leaky slope or ELU's alpha. Default: 0.01.
         min_abs_weight: the smallest |gamma| used in the forward. Default: 1e-3.
@@ -54,41 +54,18 @@ class InPlaceABN(BatchNorm):
         True
     """
 
+    transform_refusals = (*NormBase.transform_refusals, INPLACE_DOUBLE_BACKWARD)
+
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        activation: str = "leaky_relu",
-        activation_param: float = 0.01,
-        min_abs_weight: float = 1e-3,
-        inplace: bool = True,
-        bias: bool = True,
-        decay: float | None = None,
-        on_nonfinite: str = "skip",
-    ) -> None:
+        self, *args, activation: str = "leaky_relu", activation_param: float = 0.01,
+        min_abs_weight: float = 1e-3, inplace: bool = True, **kwargs,
+    ) -> None:  # fmt: skip
         check_activation(activation, activation_param, INVERTIBLE_ACTIVATIONS, "InPlaceABN")
         if isinstance(min_abs_weight, bool) or not isinstance(min_abs_weight, (int, float)):
             raise ConfigError(f"min_abs_weight must be a positive number, got {min_abs_weight!r}")
         if not min_abs_weight > 0:
             raise ConfigError(f"min_abs_weight must be > 0, got {min_abs_weight!r}")
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            decay=decay,
-            on_nonfinite=on_nonfinite,
-        )
+        super().__init__(*args, **kwargs)
         self.activation = activation
         self.activation_param = float(activation_param)
         self.min_abs_weight = float(min_abs_weight)
@@ -96,25 +73,14 @@ class InPlaceABN(BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        running_mean, running_var, batch_statistics, counters = statistics_arguments(self)
-        try:
-            return inplace_abn(
-                input,
-                running_mean,
-                running_var,
-                training=batch_statistics,
-                weight=self.weight,
-                bias=self.bias,
-                momentum=self.momentum,
-                eps=self.eps,
-                activation=self.activation,
-                activation_param=self.activation_param,
-                min_abs_weight=self.min_abs_weight,
-                inplace=self.inplace,
-                **counters,
-            )
-        except NormkitError as error:
-            raise named(self, error) from None
+        return self._normalize(
+            inplace_abn,
+            input,
+            activation=self.activation,
+            activation_param=self.activation_param,
+            min_abs_weight=self.min_abs_weight,
+            inplace=self.inplace,
+        )
 
     def extra_repr(self) -> str:
         text = f"{super().extra_repr()}, activation={self.activation!r}"

@@ -7,20 +7,13 @@ import warnings
 import torch
 from torch import nn
 
-from normkit import functional as F
 from normkit.errors import NormkitError
-from normkit.functional._checks import (
-    check_channels,
-)
-from normkit.nn._base import (
-    check_rank,
-    finish_norm_base,
-    named,
-    norm_base_arguments,
-)
+from normkit.functional import instance_norm
+from normkit.functional._checks import check_channels
+from normkit.nn._base import DEFAULT_MOMENTUM, NormBase, check_rank, named
 
 
-class _InstanceNorm:
+class _InstanceNorm(NormBase):
     r"""Instance normalization (Ulyanov, Vedaldi & Lempitsky 2016): per sample and channel.
 
     Paper: https://arxiv.org/abs/1607.08022. Each (sample, channel) plane is normalized by its own
@@ -54,33 +47,10 @@ class _InstanceNorm:
     _layout: str
 
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = False,
-        track_running_stats: bool = False,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-        decay: float | None = None,
-        on_nonfinite: str = "skip",
-    ) -> None:
-        args, kwargs = norm_base_arguments(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias,
-            decay,
-            on_nonfinite,
-        )
-        super().__init__(*args, **kwargs)
-        finish_norm_base(self, bias, on_nonfinite, device)
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = DEFAULT_MOMENTUM,
+        affine: bool = False, track_running_stats: bool = False, *args, **kwargs,
+    ) -> None:  # fmt: skip
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, *args, **kwargs)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_rank(self, input, self._ranks, self._layout, "see InstanceNorm1d/2d/3d")
@@ -101,27 +71,8 @@ class _InstanceNorm:
                 stacklevel=2,
             )
         if input.dim() == self._get_no_batch_dim():
-            return self._normalize(input.unsqueeze(0)).squeeze(0)
-        return self._normalize(input)
-
-    def _normalize(self, input: torch.Tensor) -> torch.Tensor:
-        update = self.training and self.track_running_stats
-        try:
-            return F.instance_norm(
-                input,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.bias,
-                self.training or not self.track_running_stats,
-                self.momentum,
-                self.eps,
-                num_batches_tracked=self.num_batches_tracked if update else None,
-                num_batches_skipped=self.num_batches_skipped if update else None,
-                on_nonfinite=self.on_nonfinite,
-            )
-        except NormkitError as error:
-            raise named(self, error) from None
+            return self._normalize(instance_norm, input.unsqueeze(0)).squeeze(0)
+        return self._normalize(instance_norm, input)
 
 
 class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):

@@ -7,18 +7,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from normkit import functional as F
 from normkit.errors import NormkitError
+from normkit.functional import channel_layer_norm, layer_norm
 from normkit.functional._checks import (
     check_channels,
     check_eps,
     check_min_rank,
     check_positive_int,
 )
-from normkit.nn._base import named
+from normkit.nn._base import NormLayer, named
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(NormLayer, nn.LayerNorm):
     r"""Layer normalization over the trailing dims of each sample (Ba, Kiros & Hinton 2016).
 
     Paper: https://arxiv.org/abs/1607.06450 (eq. 4). Statistics are the mean and biased variance of
@@ -68,14 +68,14 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         try:
-            return F.layer_norm(
+            return layer_norm(
                 input, self.normalized_shape, self.weight, self.bias, self.eps, mask=mask
             )
         except NormkitError as error:
             raise named(self, error) from None
 
 
-class LayerNorm2d(nn.Module):
+class LayerNorm2d(NormLayer, nn.Module):
     r"""Layer normalization over the channels of an (N, C, \*) input, at each position.
 
     The LayerNorm of ConvNeXt (Liu et al. 2022, https://arxiv.org/abs/2201.03545) and of many
@@ -136,7 +136,7 @@ class LayerNorm2d(nn.Module):
         try:
             check_min_rank(input, 2, "(N, C, *)")
             check_channels(input, self.num_channels, what="num_channels")
-            return F.channel_layer_norm(input, self.weight, self.bias, self.eps)
+            return channel_layer_norm(input, self.weight, self.bias, self.eps)
         except NormkitError as error:
             raise named(self, error) from None
 

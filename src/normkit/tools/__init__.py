@@ -13,11 +13,18 @@ tensors, exported too.
   (:func:`absorb_bias`).
 - :func:`recalibrate`: PreciseBN, population statistics as a true average over batches.
 - :func:`adapt`: AdaBN, statistics re-estimated on a new domain.
+- :func:`accumulate`: BatchNorm's running statistics under gradient accumulation, those of the
+  large batch (also ``normkit.accumulate``).
 - :func:`doctor`: find normalization mistakes; :func:`advise`: which normalizer to use
   (:data:`ADVICE_TABLE`).
+
+No tool changes what a model computes without saying so: a BatchNorm + activation layer keeps its
+activation (:class:`NormAct`), and a layer whose forward normkit does not know is left as it was and
+reported with the reason. docs/tools.md lists what each tool guarantees.
 """
 
 from normkit.tools._statistics import LayerShift, StatisticsReport
+from normkit.tools.accumulate import Accumulation, accumulate
 from normkit.tools.adapt import adapt
 from normkit.tools.advice import ADVICE_TABLE, Advice, advise, guess_task
 from normkit.tools.bias import BiasReport, absorb_bias, remove_redundant_bias
@@ -29,20 +36,25 @@ from normkit.tools.fold import (
     fold_conv_bn_weights,
     fold_linear_bn_weights,
 )
+from normkit.tools.norm_act import NormAct, activation_module
 from normkit.tools.recalibrate import recalibrate
 
 __all__ = [
     "ADVICE_TABLE",
+    "Accumulation",
     "Advice",
     "BiasReport",
     "DoctorReport",
     "Finding",
     "FoldReport",
     "LayerShift",
+    "NormAct",
     "Replacement",
     "Replacements",
     "StatisticsReport",
     "absorb_bias",
+    "accumulate",
+    "activation_module",
     "adapt",
     "advise",
     "carry_state",

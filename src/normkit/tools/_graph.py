@@ -37,6 +37,10 @@ class NormTracer(fx.Tracer):
     """torch.fx's tracer with every normalizer and every normkit module kept as one call."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        from normkit.tools.norm_act import NormAct
+
+        if isinstance(module, NormAct):  # traced through: its norm, drop and act are calls
+            return False
         return (
             super().is_leaf_module(module, qualified_name)
             or is_normalizer(module)
@@ -99,6 +103,15 @@ def _tied_parameters(model: nn.Module) -> dict[str, list[str]]:
     return tied
 
 
+def _takes_residual(module: nn.Module) -> bool:
+    """normkit's BatchNormAct built with ``residual=True``: its second input is added after the
+    normalization, so the first is still the normalized one."""
+    import normkit as nk
+
+    layer = getattr(nk, "BatchNormAct", None)
+    return layer is not None and isinstance(module, layer) and getattr(module, "residual", False)
+
+
 def _other_users(node: fx.Node, keep: fx.Node) -> str:
     return ", ".join(_describe(user) for user in node.users if user is not keep)
 
@@ -116,7 +129,11 @@ def graph_sites(module: fx.GraphModule, select: Callable[[nn.Module], bool]) -> 
         site = Site(norm=node.target, node=node)
         sites.append(site)
         source = node.args[0] if node.args else node.kwargs.get("input")
-        if len(node.args) > 1 or (node.kwargs and node.kwargs.keys() != {"input"}):
+        allowed = 2 if _takes_residual(modules[node.target]) else 1
+        if len(node.args) + len(node.kwargs) > allowed or not set(node.kwargs) <= {
+            "input",
+            "residual",
+        }:
             site.obstacle = "it is called with more than one argument"
             continue
         if not isinstance(source, fx.Node) or source.op != "call_module":
@@ -211,6 +228,10 @@ def find_sites(
     """The calls of the selected normalizers and their producers: ``(sites, graph_module,
     trace_error)``. ``graph_module`` is None when the model does not trace; with example inputs,
     each usable producer's output shape is filled in."""
+    if example_inputs is not None:  # copies: a model may write over its input (InPlaceABN first)
+        example_inputs = tuple(
+            x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs
+        )
     try:
         graph_module = trace(model)
     except Exception as error:  # fx raises many types (TraceError, TypeError, ...)

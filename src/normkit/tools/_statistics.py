@@ -196,6 +196,19 @@ def watch_inputs(layers: dict[str, nn.Module], found: dict[str, ChannelStatistic
     ]
 
 
+def private_copy(batch):
+    """``batch`` with its tensors copied (at the top level of a tuple, list or dict): a model whose
+    first layer writes over its input (InPlaceABN, ReLU(inplace=True)) must not change the
+    caller's data."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(x.clone() if isinstance(x, torch.Tensor) else x for x in batch)
+    if isinstance(batch, dict):
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
 def default_forward(model: nn.Module, batch) -> None:
     """A tensor is the input; a tuple or list (as a DataLoader yields) has it first; a dict is
     passed as keyword arguments."""
@@ -239,7 +252,7 @@ def collect(
         with Progress(transient=True, disable=not show) as bar, torch.no_grad():
             task = bar.add_task(description, total=total)
             for batch in itertools.islice(batches, num_batches):
-                forward(model, batch)
+                forward(model, private_copy(batch))
                 run += 1
                 bar.advance(task)
     finally:
@@ -295,7 +308,8 @@ def reestimate(
     try:
         target.eval()
         for layer in layers.values():
-            layer.train()
+            # The layer alone: its children (timm's drop path, an activation) stay in eval mode.
+            layer.training = True
         found, report.batches = collect(
             target, layers, batches, num_batches, forward, progress, report.method
         )

@@ -22,7 +22,21 @@ from torch import nn
 from normkit.errors import ConfigError
 from normkit.tools import _graph
 from normkit.tools._graph import as_inputs
-from normkit.tools._norms import has_running_stats, is_batch_norm
+from normkit.tools._norms import has_running_stats, is_batch_norm, split
+
+
+def _bias_obstacle(layer: nn.Module) -> str | None:
+    """Why removing ``layer``'s bias could change what it computes; None when it cannot."""
+    from torch.nn.utils import parametrize
+
+    base = next(cls for cls in _graph.WEIGHTED_LAYERS if isinstance(layer, cls))
+    if type(layer).forward is not base.forward:
+        return f"{type(layer).__name__} overrides {base.__name__}'s forward, which may use its bias"
+    if layer._forward_pre_hooks or layer._forward_hooks:
+        return f"{type(layer).__name__} has forward hooks, which may read or recompute its bias"
+    if parametrize.is_parametrized(layer, "bias"):
+        return "its bias is parametrized"
+    return None
 
 
 def absorb_bias(bias: torch.Tensor, running_mean: torch.Tensor) -> torch.Tensor:
@@ -127,6 +141,10 @@ def remove_redundant_bias(
             )
         if reason is None:
             reason = _graph.channel_obstacle(norm, producer, site.producer_shape)
+        if reason is None and isinstance(split(norm), str):
+            reason = split(norm)  # a forward normkit does not know may not subtract the mean
+        if reason is None:
+            reason = _bias_obstacle(producer)
         if reason is not None:
             report.kept.append(BiasKept(site.candidate, site.norm, reason))
             continue

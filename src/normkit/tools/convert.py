@@ -17,6 +17,13 @@ What carries over is decided by meaning, not by name:
 
 Every replacement is listed with what was carried and what was not. A layer shared by several parents
 is replaced once and stays shared.
+
+What a layer computes besides its normalization is kept: a BatchNorm + activation layer (normkit's
+``BatchNormAct`` and ``InPlaceABN``, timm's ``BatchNormAct2d``) becomes a
+:class:`~normkit.tools.NormAct` holding the new normalization, then the layer's drop module and
+activation (a residual input too). A normalizer whose ``forward`` normkit does not know (a subclass
+that overrides it) may compute anything, so it is left as it was and listed in ``skipped`` with the
+reason, unless ``to`` is a callable, which then gets the layer itself and decides.
 """
 
 from __future__ import annotations
@@ -29,13 +36,18 @@ import torch
 from torch import nn
 
 from normkit.errors import ConfigError, NormkitError
+from normkit.tools import small_batch_convert
 from normkit.tools._norms import (
+    Split,
     has_running_stats,
     is_batch_norm,
     is_frozen_batch_norm,
     is_normalizer,
     num_channels,
+    split,
 )
+from normkit.tools.norm_act import NormAct
+from normkit.tools.small_batch_convert import small_batch_spec
 
 # Specs handled here rather than by nk.create_norm: a change of library, not of normalizer.
 _LIBRARY_SPECS = ("torch", "normkit")
@@ -51,9 +63,10 @@ class Replacement:
 
     paths: list[str]
     source: str  # the old layer's class: nn.BatchNorm2d (torch.nn), nk.BatchNorm2d (normkit), ...
-    target: str
+    target: str  # the new normalization's class (inside a NormAct when ``kept`` is not empty)
     carried: list[str] = field(default_factory=list)
     not_carried: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # what follows the normalization, kept as it was
 
 
 @dataclass
@@ -185,12 +198,33 @@ def _constructor_arguments(module: nn.Module) -> tuple[tuple, dict]:
     raise ConfigError(f"no constructor arguments known for {type(module).__name__}")
 
 
-def _change_library(module: nn.Module, to: str) -> nn.Module | str:
-    """The same layer from the other library, with the same state; or the reason there is none."""
+# torch.nn's BatchNorm by the rank of its input: (N, C) and (N, C, L) -> 1d, (N, C, H, W) -> 2d, ...
+_TORCH_BATCH_NORM_BY_RANK = {
+    2: nn.BatchNorm1d,
+    3: nn.BatchNorm1d,
+    4: nn.BatchNorm2d,
+    5: nn.BatchNorm3d,
+}
+
+
+def _change_library(module: nn.Module, to: str, rank: int | None = None) -> nn.Module | str:
+    """The same layer from the other library, with the same state; or the reason there is none.
+    ``rank``: the input rank seen in a forward, for normkit's any-rank BatchNorm."""
+    import normkit as nk
+
     pairs = _namesakes()
     if to == "torch":
         pairs = {mine: theirs for theirs, mine in pairs.items()}
     cls = pairs.get(type(module))
+    if cls is None and to == "torch" and type(module) is nk.BatchNorm:
+        cls = _TORCH_BATCH_NORM_BY_RANK.get(rank)
+        if cls is None:
+            return (
+                "nk.BatchNorm takes any rank and torch.nn's BatchNorm1d/2d/3d one each; pass "
+                "example_inputs= so that normkit reads the rank from a forward"
+                if rank is None
+                else f"its input has rank {rank}, which no torch.nn BatchNorm takes"
+            )
     if cls is None:
         other = "torch.nn" if to == "torch" else "normkit"
         return f"{type(module).__name__} has no namesake in {other}"
@@ -271,6 +305,7 @@ def convert(
     *,
     which=None,
     inplace: bool = False,
+    example_inputs=None,
     **kwargs,
 ) -> tuple[nn.Module, Replacements]:
     """Replace every selected normalization layer of ``model`` with another kind.
@@ -286,19 +321,31 @@ def convert(
             - ``"sync"``: normkit's SyncBatchNorm (:func:`normkit.distributed.to_sync_batch_norm`;
               the new layer shares the old one's tensors);
             - ``"torch"`` / ``"normkit"``: the same layer from the other library (normkit's
-              drop-ins and torch.nn's namesakes have the same ``state_dict``, copied whole);
-            - a callable ``old_layer -> new_layer``.
+              drop-ins and torch.nn's namesakes have the same ``state_dict``, copied whole).
+              A BatchNorm + activation layer becomes the library's BatchNorm and torch.nn
+              activation modules in a :class:`~normkit.tools.NormAct`: the form torch.ao's
+              quantization fuses and quantizes (``convert(model, "torch")`` first);
+            - ``"ws_gn[:G]"``, ``"mabn"``, ``"cbn[:k]"``: the small-batch remedies that change the
+              convolutions too — Weight Standardization + GroupNorm, MABN with centred filters,
+              Cross-Iteration BN attached to the layer that feeds it
+              (:mod:`normkit.tools.small_batch_convert`);
+            - a callable ``old_layer -> new_layer``; for a BatchNorm + activation layer it gets
+              the normalization alone, and the activation is kept around what it builds.
         which: the layers to replace: ``"batch"`` (the BatchNorm family, frozen included; the
             default), ``"all"`` (every normalizer; the default for ``"torch"``/``"normkit"``), a
             class or tuple of classes, or a predicate ``module -> bool``.
         inplace: replace in ``model`` itself instead of a deep copy. Every new layer is built
             before any is put in place, so an error leaves the model as it was.
+        example_inputs: a tensor or tuple of the forward's inputs; with ``"torch"``, the input
+            rank of normkit's any-rank ``nk.BatchNorm`` (and its BatchNorm + activation layers)
+            is read from one forward on them, to pick torch's BatchNorm1d/2d/3d.
         **kwargs: passed to ``nk.create_norm`` (or to the callable).
 
     Returns:
         ``(new_model, replacements)``: a list of :class:`Replacement` (paths, old and new class,
-        what was carried and what was not); ``replacements.skipped`` lists the selected layers left
-        as they were, with the reason.
+        what was carried and what was not, what was kept beside the normalization);
+        ``replacements.skipped`` lists the selected layers left as they were, with the reason
+        (among them every normalizer whose forward normkit does not know).
 
     Example::
 
@@ -312,8 +359,11 @@ def convert(
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not (callable(to) or isinstance(to, str)):
         raise ConfigError(f"to must be a spec string or a callable, got {type(to).__name__}")
+    if small_batch_spec(to) is not None:  # "ws_gn", "mabn", "cbn": convolutions change too
+        return _convert_for_small_batches(model, to, which, inplace, example_inputs, kwargs)
     select = _selector(which, to)
     target = model if inplace else copy.deepcopy(model)
+    ranks = _input_ranks(target, example_inputs, select) if example_inputs is not None else {}
     replacements = Replacements()
     done: dict[int, tuple[nn.Module, Replacement | Skipped | None]] = {}
 
@@ -326,21 +376,39 @@ def convert(
         if not select(module):
             done[id(module)] = (module, None)
             return module
+        parts = split(module)
+        if isinstance(parts, str) and callable(to):
+            parts = Split(module)  # the callable gets the layer itself and decides
+        if isinstance(parts, str):
+            return skip(module, path, parts)
         try:
-            built = _build(module, to, **kwargs)
+            built = _build(parts.norm, to, rank=ranks.get(id(module)), **kwargs)
         except NormkitError as error:  # name the layer; nothing has been replaced yet
             raise type(error)(f"converting '{path or '(model)'}' to {to!r}: {error}") from None
-        if isinstance(built, str) or type(built) is type(module):
-            reason = built if isinstance(built, str) else f"it is already {type(module).__name__}"
-            skipped = Skipped([path], class_name(module), reason)
-            replacements.skipped.append(skipped)
-            done[id(module)] = (module, skipped)
-            return module
+        if isinstance(built, str) and parts.norm is not module and _in_library(parts.norm, to):
+            built = parts.norm  # splitting the layer was the whole change of library
+        if isinstance(built, str):
+            return skip(module, path, built)
+        if built is not parts.norm and type(built) is type(parts.norm):
+            return skip(module, path, f"it is already {type(module).__name__}")
         how = _HOW.get(to, "meaning") if isinstance(to, str) else "meaning"
-        record = _finish(module, built, path, how)
+        if built is parts.norm:
+            how = "state_dict"
+        record = _finish(parts.norm, built, path, how)
+        record.source = class_name(module)
+        if not parts.plain:
+            built = NormAct(built, parts.drop, parts.act, residual=parts.residual)
+            built.train(module.training)
+            record.kept = list(parts.kept)
         replacements.append(record)
         done[id(module)] = (built, record)
         return built
+
+    def skip(module: nn.Module, path: str, reason: str) -> nn.Module:
+        skipped = Skipped([path], class_name(module), reason)
+        replacements.skipped.append(skipped)
+        done[id(module)] = (module, skipped)
+        return module
 
     plan: list[tuple[nn.Module, str, nn.Module]] = []  # applied only once every layer is built
 
@@ -362,11 +430,70 @@ def convert(
     return root, replacements
 
 
-def _build(module: nn.Module, to, **kwargs) -> nn.Module | str:
+def _convert_for_small_batches(model, to, which, inplace, example_inputs, kwargs):
+    """``"ws_gn[:G]"``, ``"mabn"``, ``"cbn[:k]"``: the normalizations, then the convolutions
+    (:mod:`normkit.tools.small_batch_convert`)."""
+    name, number = small_batch_spec(to)
+    target = model if inplace else copy.deepcopy(model)
+    selected = small_batch_convert.selector(which)
+    producers, unfed, pick = {}, [], selected
+    if name == "cbn":  # only the layers that a convolution or linear layer alone feeds
+        producers, unfed = small_batch_convert.cross_iteration_targets(
+            target, selected, example_inputs
+        )
+        paths = {id(m): p for p, m in target.named_modules()}
+        pick = lambda m: selected(m) and paths.get(id(m)) in producers  # noqa: E731
+    kw = {} if name == "cbn" else kwargs  # for "cbn" the keywords build the layers
+    spec = small_batch_convert.norm_spec(name, number, target, selected, **kwargs)
+    target, replaced = convert(target, spec, which=pick, inplace=True, **kw)
+    if name == "cbn":
+        small_batch_convert.attach_producers(
+            target, [p for r in replaced for p in r.paths], producers
+        )
+        modules = dict(target.named_modules())
+        for path in unfed:
+            layer = type(modules[path]).__name__
+            replaced.skipped.append(Skipped([path], layer, small_batch_convert.UNFED_REASON))
+    for path, cls, carried in small_batch_convert.transform_convolutions(name, target):
+        replaced.append(Replacement([path], "nn.Conv2d", f"nk.{cls}", carried))
+    return target, replaced
+
+
+def _in_library(module: nn.Module, to) -> bool:
+    """Whether ``module`` is already from the library ``to`` names ("torch" / "normkit")."""
+    library = {"torch": "torch.", "normkit": "normkit."}.get(to) if isinstance(to, str) else None
+    return library is not None and type(module).__module__.startswith(library)
+
+
+def _input_ranks(model: nn.Module, example_inputs, select) -> dict[int, int]:
+    """id(layer) -> the rank of its input in one forward on ``example_inputs`` (statistics kept)."""
+    from normkit.nn.snapshot import frozen_running_stats
+    from normkit.tools._graph import as_inputs
+
+    ranks: dict[int, int] = {}
+
+    def record(module, args):
+        if args and isinstance(args[0], torch.Tensor):
+            ranks.setdefault(id(module), args[0].dim())
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if select(m)]
+    inputs = tuple(
+        x.clone() if isinstance(x, torch.Tensor) else x for x in as_inputs(example_inputs)
+    )
+    try:
+        with torch.no_grad(), frozen_running_stats(model):
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ranks
+
+
+def _build(module: nn.Module, to, rank: int | None = None, **kwargs) -> nn.Module | str:
     if callable(to):
         return to(module, **kwargs)
     if to in _LIBRARY_SPECS:
-        return _change_library(module, to)
+        return _change_library(module, to, rank)
     if to == "sync":
         return _to_sync(module)
     if to == "frozen":
@@ -405,6 +532,9 @@ def freeze(model: nn.Module, *, which=None, inplace: bool = False):
     Frozen BatchNorm (Wu & Johnson 2021, §4: "FrozenBN" for the last epochs, and the standard for
     fine-tuning detectors) is the eval-mode map of Algorithm 2 with γ, β, μ, σ² as constants: it
     neither uses batch statistics nor updates running ones, whatever ``model.train()`` says.
+    A BatchNorm + activation layer keeps its activation (and drop path, residual) after the frozen
+    BatchNorm, in a :class:`~normkit.tools.NormAct`; a normalizer whose forward normkit does not
+    know is left as it was and listed in ``replacements.skipped``.
     Returns ``(new_model, replacements)`` as :func:`convert`.
     """
     return convert(model, "frozen", which=which, inplace=inplace)

@@ -19,6 +19,7 @@ paper) and the fix, often one of normkit's tools. The checks:
 | ``momentum-looks-like-decay`` | warning | momentum in (0.5, 1): a Keras/Flax decay given as momentum |
 | ``normalizer-choice`` | info | the model's normalizer is not the guideline's (``tools.advice``) |
 | ``forward-failed`` | error | the model did not run on the example input |
+| ``converted-to-torch-sync`` | error / warning | a torch SyncBatchNorm stands where a normkit layer was |
 
 The model is not modified: forward passes run under ``torch.no_grad`` with every running statistic
 restored afterwards, and every mode restored.
@@ -26,6 +27,7 @@ restored afterwards, and every mode restored.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -36,6 +38,8 @@ import torch
 from torch import nn
 
 from normkit.errors import ConfigError
+from normkit.factory import DEFAULT_GROUPS
+from normkit.nn._origin import marked_origin
 from normkit.nn.snapshot import frozen_running_stats
 from normkit.tools import _graph
 from normkit.tools._norms import (
@@ -43,8 +47,10 @@ from normkit.tools._norms import (
     is_batch_norm,
     is_frozen_batch_norm,
     is_normalizer,
+    is_small_batch_layer,
+    num_channels,
 )
-from normkit.tools._statistics import ChannelStatistics
+from normkit.tools._statistics import ChannelStatistics, private_copy
 from normkit.tools.advice import SMALL_BATCH, Advice, advise, canonical_task, guess_task
 
 SEVERITIES = ("error", "warning", "info")
@@ -326,9 +332,46 @@ def _check_gamma(path: str, m: nn.Module, report: DoctorReport) -> None:
         )  # fmt: skip
 
 
+def _check_converted_to_torch_sync(model: nn.Module, report: DoctorReport) -> None:
+    """A ``torch.nn.SyncBatchNorm`` holding tensors a normkit layer made: a converter replaced it.
+
+    Converters move the old layer's parameters and buffers into the new one, and normkit's layers
+    mark those tensors with their class (:mod:`normkit.nn._origin`), so the mark tells what stood
+    there. Plain BatchNorm (a torch ``_BatchNorm`` subclass) keeps its maths and loses normkit's
+    additions; any other layer's maths are gone.
+    """
+    import normkit
+
+    for path, m in model.named_modules():
+        origin = marked_origin(m) if isinstance(m, nn.SyncBatchNorm) else None
+        if origin is None:
+            continue
+        cls = getattr(normkit, origin, None)
+        plain = isinstance(cls, type) and issubclass(cls, nn.modules.batchnorm._BatchNorm)
+        fix = ("convert with nk.SyncBatchNorm.convert_sync_batchnorm(model), which keeps "
+               "normkit's layers and leaves those that are not plain BatchNorm")  # fmt: skip
+        if plain:
+            report.findings.append(
+                Finding("converted-to-torch-sync", path, "warning", f"a torch SyncBatchNorm "
+                        f"stands where nk.{origin} was", "it computes the same statistics but "
+                        "without normkit's guard (a NaN/Inf batch enters the running statistics) "
+                        "and, unlike nk.SyncBatchNorm, only on CUDA", fix)
+            )  # fmt: skip
+        else:
+            report.findings.append(
+                Finding("converted-to-torch-sync", path, "error", f"a torch SyncBatchNorm "
+                        f"stands where nk.{origin} was", f"it computes plain BatchNorm: what "
+                        f"{origin} adds (its activation, its renormalization or virtual batches, "
+                        "its mixture) is gone, silently", f"keep the {origin} (synchronize only "
+                        f"plain BatchNorm): {fix}")
+            )  # fmt: skip
+
+
 def _check_batch_size(model: nn.Module, batch_size: int, report: DoctorReport) -> None:
     layers = [
-        path for path, m in model.named_modules() if is_batch_norm(m) and not _synchronized(m)
+        path
+        for path, m in model.named_modules()
+        if is_batch_norm(m) and not _synchronized(m) and not is_small_batch_layer(m)
     ]
     if not layers or batch_size >= SMALL_BATCH:
         return
@@ -337,10 +380,43 @@ def _check_batch_size(model: nn.Module, batch_size: int, report: DoctorReport) -
     report.findings.append(
         Finding("small-batch", layers[0], severity, f"a per-device batch of {batch_size} feeds "
                 f"'{layers[0]}'{more} (below {SMALL_BATCH})", _WHY["small"],
-                "nk.tools.convert(model, 'group:32') (GroupNorm, Wu & He 2018); 'sync' to share "
+                f"nk.tools.convert(model, '{_group_spec(model)}') (GroupNorm, Wu & He 2018); "
+                "'sync' to share "
                 "statistics across devices (SyncBatchNorm); 'renorm' (Batch Renorm, Ioffe 2017); "
-                "or nk.tools.freeze(model) when fine-tuning")
+                "'ws_gn' (Weight Standardization + GroupNorm, Qiao et al. 2019), 'mabn' (Yan et "
+                "al. 2020) or 'cbn' (Cross-Iteration BN, Yao et al. 2021); "
+                "or nk.tools.freeze(model) when fine-tuning. When the batch is small only because "
+                "gradients are accumulated, train inside nk.accumulate(model, micro_batches=k) "
+                "for the large batch's running statistics")
     )  # fmt: skip
+
+
+def _group_spec(model: nn.Module) -> str:
+    """``group:G`` with G the largest number of groups up to Wu & He's 32 (2018, §4) that divides
+    the channels of every BatchNorm-family layer, so that ``nk.tools.convert(model, spec)`` can
+    build each GroupNorm (a 16-channel layer gets 16 groups, not 32)."""
+    channels = [
+        c for m in model.modules() if _batch_family(m) and (c := num_channels(m)) is not None
+    ]
+    common = math.gcd(*channels) if channels else DEFAULT_GROUPS
+    return f"group:{max(g for g in range(1, DEFAULT_GROUPS + 1) if common % g == 0)}"
+
+
+def _fitted(advice: Advice, model: nn.Module) -> Advice:
+    """The guideline's advice with a group count that this model's channels allow."""
+    if not advice.spec.startswith("group:"):
+        return advice
+    spec = _group_spec(model)
+    if spec == advice.spec:
+        return advice
+    groups = spec.partition(":")[2]
+    return dataclasses.replace(
+        advice,
+        spec=spec,
+        layer=f"GroupNorm({groups})",
+        reason=f"{advice.reason}; {groups} groups: the largest count up to {DEFAULT_GROUPS} that "
+        "divides every BatchNorm's channels in this model",
+    )
 
 
 def _check_data_flow(model: nn.Module, inputs, report: DoctorReport, calls: Counter | None):
@@ -461,7 +537,7 @@ def _check_discrepancy(model: nn.Module, data, num_batches: int, report: DoctorR
                     batch = _placed(model, batch)
                 elif isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
                     batch = (_placed(model, batch[0]), *batch[1:])
-                default_forward(model, batch)
+                default_forward(model, private_copy(batch))
     finally:
         for handle in handles:
             handle.remove()
@@ -491,6 +567,8 @@ def _check_discrepancy(model: nn.Module, data, num_batches: int, report: DoctorR
 def _current_kind(model: nn.Module) -> str | None:
     kinds = Counter()
     for m in model.modules():
+        if is_small_batch_layer(m):
+            continue  # a remedy for small batches, not the BatchNorm the advice replaces
         if _batch_family(m):
             kinds["batch"] += 1
         elif isinstance(m, nn.GroupNorm):
@@ -534,8 +612,8 @@ def doctor(
         >>> report = nk.tools.doctor(model, torch.randn(2, 3, 8, 8), batch_size=4)
         >>> sorted(report.codes())
         ['bias-before-norm', 'small-batch']
-        >>> report.advice.spec
-        'group:32'
+        >>> report.advice.spec  # Wu & He's 32 groups, as many as 8 channels allow
+        'group:8'
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -548,7 +626,10 @@ def doctor(
     inputs = _graph.as_inputs(example_input)
     calls = None
     if inputs is not None:
-        inputs = tuple(_placed(model, x) if isinstance(x, torch.Tensor) else x for x in inputs)
+        # copies: a model may write over its input (InPlaceABN first), the caller's must not change
+        inputs = private_copy(
+            tuple(_placed(model, x) if isinstance(x, torch.Tensor) else x for x in inputs)
+        )
         try:
             calls = _count_calls(model, inputs)
         except Exception as error:  # any failure of the user's forward is a finding
@@ -561,6 +642,7 @@ def doctor(
     else:
         report.notes.append("no example input: a Linear's output shape is not checked")
     _check_static(model, report)
+    _check_converted_to_torch_sync(model, report)
     if batch_size is not None:
         _check_batch_size(model, batch_size, report)
     else:
@@ -571,7 +653,7 @@ def doctor(
     else:
         report.notes.append("no data: running statistics were not compared with data")
     if task is not None and (task != "vision" or batch_size is not None):
-        report.advice = advise(task, batch_size)
+        report.advice = _fitted(advise(task, batch_size), model)
         current = _current_kind(model)
         wanted = report.advice.spec.split(":")[0]
         said = "small-batch" in report.codes()  # which already gives the same advice

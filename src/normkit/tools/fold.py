@@ -18,21 +18,25 @@ Two levels, as in the rest of normkit's tools:
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from normkit.errors import ConfigError
 from normkit.nn.snapshot import frozen_running_stats
 from normkit.tools import _graph
 from normkit.tools._graph import as_inputs
 from normkit.tools._norms import (
+    Split,
     eval_affine_obstacle,
     eval_statistics,
     is_batch_norm,
     is_frozen_batch_norm,
+    split,
 )
+from normkit.tools.norm_act import NormAct
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -145,8 +149,14 @@ def fold_linear_bn_weights(
     return _fold(weight, bias, mean, var, eps, gamma, beta, weight.shape[0], scale_weight)
 
 
-def fold_into(layer: nn.Module, norm: nn.Module) -> None:
-    """Fold the eval-mode normalizer ``norm`` into ``layer`` (Conv/ConvTranspose/Linear), in place."""
+def fold_into(layer: nn.Module, norm: nn.Module) -> str | None:
+    """Fold the eval-mode normalizer ``norm`` into ``layer`` (Conv/ConvTranspose/Linear), in place.
+
+    A parametrized weight or bias (``torch.nn.utils.parametrizations.weight_norm``,
+    ``spectral_norm``, ...) is folded at its current value and the parametrization removed; the
+    return value then says so (None otherwise).
+    """
+    note = _remove_parametrizations(layer) or _apply_weight_transform(layer)
     mean, var, eps, gamma, beta = eval_statistics(norm)
     if isinstance(layer, nn.Linear):
         weight, bias = fold_linear_bn_weights(layer.weight, layer.bias, mean, var, eps, gamma, beta)
@@ -164,14 +174,106 @@ def fold_into(layer: nn.Module, norm: nn.Module) -> None:
         )
     layer.weight = weight
     layer.bias = bias
+    return note
+
+
+def _remove_parametrizations(layer: nn.Module) -> str | None:
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(layer):
+        return None
+    # parametrize.remove_parametrizations deletes the tensor's property from the module's class,
+    # which a deep copy shares with the model it was copied from (whose weight would then vanish):
+    # read the current values, then give this module its own class back by hand.
+    names = list(layer.parametrizations.keys())
+    with torch.no_grad():
+        values = {name: getattr(layer, name).detach().clone() for name in names}
+    trainable = {
+        name: any(p.requires_grad for p in layer.parametrizations[name].parameters())
+        for name in names
+    }
+    del layer._modules["parametrizations"]
+    layer.__class__ = type(layer).__bases__[0]
+    for name, value in values.items():
+        layer.register_parameter(name, nn.Parameter(value, requires_grad=trainable[name]))
+    return (
+        f"the parametrization of {', '.join(repr(n) for n in names)} was removed and its current "
+        "value folded"
+    )
+
+
+def transforms_weight(layer: nn.Module) -> bool:
+    """normkit's convolutions with a transformed weight (``StdConv2d``, ``ScaledStdConv2d``,
+    ``CenteredConv2d``): a plain convolution of ``transformed_weight()``, so they fold."""
+    return type(layer).__module__.startswith("normkit.") and callable(
+        getattr(layer, "transformed_weight", None)
+    )
+
+
+def _apply_weight_transform(layer: nn.Module) -> str | None:
+    """Turn a normkit weight-transformed convolution into the torch convolution it computes (its
+    transformed weight, once), in place, so that a BatchNorm folds into it like any other."""
+    if not transforms_weight(layer):
+        return None
+    name = type(layer).__name__
+    with torch.no_grad():
+        weight = layer.transformed_weight().detach().clone()
+    trainable = layer.weight.requires_grad
+    base = next(cls for cls in type(layer).__mro__ if cls in _graph.WEIGHTED_LAYERS)
+    for extra in [n for n in layer._parameters if n not in ("weight", "bias")]:
+        del layer._parameters[extra]  # ScaledStdConv2d's gain, now inside the weight
+    layer.__dict__.pop("_cache", None)
+    layer.__class__ = base
+    layer.weight = nn.Parameter(weight, requires_grad=trainable)
+    return f"its {name} weight transform applied once: it is a plain {base.__name__} now"
+
+
+def producer_obstacle(layer: nn.Module) -> str | None:
+    """Why folding into ``layer`` could change what the model computes; None when it cannot.
+
+    Folding rewrites ``layer.weight`` and ``layer.bias``: that is exact only when the forward is
+    the torch.nn layer's own (a subclass may standardize or quantize its weight, as timm's
+    StdConv2d does), when no hook recomputes or reads them (the old ``torch.nn.utils.weight_norm``
+    and pruning recompute the weight in a forward pre-hook), and when a parametrization gives the
+    same value at every call (spectral_norm in training mode updates its estimate each call).
+    """
+    from torch.nn.utils import parametrize
+
+    base = next(cls for cls in _graph.WEIGHTED_LAYERS if isinstance(layer, cls))
+    name = type(layer).__name__
+    if type(layer).forward is not base.forward and not transforms_weight(layer):
+        return (
+            f"{name} overrides {base.__name__}'s forward, which may transform its weight (weight "
+            "standardization, quantization), so a folded weight may not give the same output"
+        )
+    if layer._forward_pre_hooks or layer._forward_hooks:
+        return (
+            f"{name} has forward hooks (the old torch.nn.utils.weight_norm and pruning recompute "
+            "the weight in one), which folding would bypass or break"
+        )
+    if parametrize.is_parametrized(layer):
+        training = [
+            n for n, p in layer.parametrizations.items() if any(m.training for m in p.modules())
+        ]
+        if training:
+            return (
+                f"the parametrization of {', '.join(repr(n) for n in training)} is in training "
+                "mode, where it may change at every call (spectral_norm's power iteration); call "
+                "model.eval() before folding"
+            )
+    return None
 
 
 @dataclass
 class Folded:
-    """One BatchNorm call folded into the layer that feeds it."""
+    """One BatchNorm call folded into the layer that feeds it; ``kept``: what the layer computed
+    after its normalization, kept as modules of its own (activation, drop path, residual);
+    ``note``: anything else done (a parametrization removed)."""
 
     norm: str
     into: str
+    kept: list[str] = field(default_factory=list)
+    note: str | None = None
 
 
 @dataclass
@@ -191,7 +293,10 @@ class FoldReport:
         left: each BatchNorm call left in place, with the reason.
         traced: whether the data flow came from a torch.fx trace (else: Sequential neighbours only).
         trace_error: why tracing failed, when it did.
-        modules_before, modules_after: how many modules the model had and has.
+        graph_module: why the folded model is a ``torch.fx.GraphModule`` rather than the model's
+            own class; None when it is the model's own class.
+        modules_before, modules_after: how many modules the model had and has (the
+            ``nn.Identity`` left where a layer was folded away not counted).
         max_relative_error: with ``example_inputs``: max |folded - original| / max |original| over
             the outputs, measured on those inputs.
     """
@@ -200,6 +305,7 @@ class FoldReport:
     left: list[LeftInPlace] = field(default_factory=list)
     traced: bool = True
     trace_error: str | None = None
+    graph_module: str | None = None
     modules_before: int = 0
     modules_after: int = 0
     max_relative_error: float | None = None
@@ -213,7 +319,14 @@ class FoldReport:
             f"{self.modules_before} -> {self.modules_after}"
             + ("" if self.traced else f" (not traced: {self.trace_error})")
         ]
-        lines += [f"  folded {f.norm} into {f.into}" for f in self.folded]
+        lines += [
+            f"  folded {f.norm} into {f.into}"
+            + (f", kept {'; '.join(f.kept)}" if f.kept else "")
+            + (f" ({f.note})" if f.note else "")
+            for f in self.folded
+        ]
+        if self.graph_module is not None:
+            lines.append(f"  returned a torch.fx.GraphModule: {self.graph_module}")
         lines += [f"  left {item.norm}: {item.reason}" for item in self.left]
         if self.max_relative_error is not None:
             lines.append(
@@ -223,10 +336,13 @@ class FoldReport:
 
 
 def _fold_obstacle(norm, producer, producer_shape) -> str | None:
-    """Why this (producer, normalizer) pair cannot be folded, beyond the data flow; None if it can."""
+    """Why this (producer, normalizer) pair cannot be folded, beyond the data flow; None if it can.
+    ``norm`` is the normalization alone (:func:`~normkit.tools._norms.split`)."""
     reason = eval_affine_obstacle(norm)
     if reason is None:
         reason = _graph.channel_obstacle(norm, producer, producer_shape)
+    if reason is None:
+        reason = producer_obstacle(producer)
     return reason
 
 
@@ -260,24 +376,35 @@ def fold_batchnorm(
     ConvTranspose1d/2d/3d (grouped ones too) or Linear that feeds nothing else, is called once and
     shares its parameters with no other layer. Folded are torch.nn's and normkit's BatchNorm,
     SyncBatchNorm, Batch Renorm and Ghost BN in eval mode (all of which are Algorithm 2's fixed map
-    then) and frozen BatchNorm in any mode. Everything else is left in place and listed in the
-    report with the reason (training mode, a ReLU or an addition in between, a shared producer...).
-    A BatchNorm reused after several layers is folded into each of them.
+    then) and frozen BatchNorm in any mode. A BatchNorm + activation layer (normkit's
+    ``BatchNormAct`` and ``InPlaceABN``, timm's ``BatchNormAct2d`` and ``FrozenBatchNormAct2d``) is
+    folded too and its activation, drop path and residual input kept as modules of their own
+    (a :class:`~normkit.tools.NormAct` in the layer's place). Everything else is left in place and
+    listed in the report with the reason (training mode, a ReLU or an addition in between, a
+    shared producer, a producer whose forward or hooks transform its weight, a layer whose forward
+    normkit does not know...). A BatchNorm reused after several layers is folded into each of them.
+    A producer under a parametrization (``weight_norm``, ``spectral_norm``) is folded at its
+    current weight, and the parametrization removed (the report says so).
 
     Args:
         model: any model; call ``model.eval()`` first (BatchNorm in training mode is left).
         example_inputs: a tensor or a tuple of the forward's positional inputs. Optional, but
             needed to fold into a Linear (normkit checks that its output is (N, features)), and
             used to measure the folded model against the original (``max_relative_error``).
-        inplace: fold into the model's own layers instead of a deep copy. The returned model is
-            then built from them, and the original must not be used any more.
+        inplace: fold into the model's own layers instead of a deep copy (which the default
+            returns, leaving ``model`` as it was).
 
     Returns:
-        ``(folded_model, report)``. When the model traces, ``folded_model`` is a
-        ``torch.fx.GraphModule`` with the original's submodules under the same names, less the
-        folded BatchNorms (the forward as it runs in the current mode, for inference). When it
-        does not, ``folded_model`` is the model itself with each BatchNorm folded into the previous
-        child of its ``nn.Sequential`` replaced by ``nn.Identity``, and ``report.traced`` is False.
+        ``(folded_model, report)``. ``folded_model`` is the model's own class, with each folded
+        BatchNorm replaced by ``nn.Identity`` (a ``NormAct`` of its activation for a BatchNorm +
+        activation layer): printing, ``state_dict`` keys (less the folded layers') and scripting
+        stay the model's. The folded forward is checked by tracing it again; where it differs
+        from the folded graph (a forward that reads a folded layer's attributes, or a layer
+        called several times and folded at some calls only), ``folded_model`` is the
+        ``torch.fx.GraphModule`` of the forward as it runs in the current mode, with the
+        original's submodules under the same names, and ``report.graph_module`` says why. When
+        the model does not trace, only BatchNorms after a Conv/Linear in an ``nn.Sequential`` are
+        folded, and ``report.traced`` is False.
 
     Example::
 
@@ -285,8 +412,8 @@ def fold_batchnorm(
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), nk.BatchNorm2d(8), torch.nn.ReLU())
         >>> _ = model(torch.randn(4, 3, 8, 8)); _ = model.eval()
         >>> folded, report = nk.tools.fold_batchnorm(model)
-        >>> [(f.norm, f.into) for f in report.folded], report.modules_before, report.modules_after
-        ([('1', '0')], 4, 3)
+        >>> [(f.norm, f.into) for f in report.folded], type(folded).__name__, folded[1]
+        ([('1', '0')], 'Sequential', Identity())
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -294,38 +421,140 @@ def fold_batchnorm(
     expected = None
     if inputs is not None:
         with torch.no_grad(), frozen_running_stats(model):
-            expected = model(*inputs)
+            expected = model(*_cloned(inputs))
     modules_before = len(list(model.modules()))
     target = model if inplace else copy.deepcopy(model)
     sites, graph_module, trace_error = _graph.find_sites(target, _folds, inputs)
     report = FoldReport(traced=graph_module is not None, trace_error=trace_error)
     modules = dict(target.named_modules())
+    parts: dict[str, Split | str] = {}
+    reasons = []
     for site in sites:
+        if site.norm not in parts:
+            parts[site.norm] = split(modules[site.norm])
         reason = site.obstacle
+        if reason is None and isinstance(parts[site.norm], str):
+            reason = parts[site.norm]
         if reason is None:
-            reason = _fold_obstacle(modules[site.norm], modules[site.producer], site.producer_shape)
+            norm, producer = parts[site.norm].norm, modules[site.producer]
+            reason = _fold_obstacle(norm, producer, site.producer_shape)
+        if reason is None and (
+            modules[site.norm]._forward_pre_hooks or modules[site.norm]._forward_hooks
+        ):
+            reason = "it has forward hooks, which would no longer run once it is folded away"
+        reasons.append(reason)
+    # A layer that computes more than its normalization is replaced as a whole (the activation kept
+    # in a NormAct): every call of it folds, or none does.
+    unfolded = {
+        site.norm for site, reason in zip(sites, reasons, strict=True) if reason is not None
+    }
+    calls = Counter(site.norm for site in sites)
+    for index, site in enumerate(sites):
+        whole = parts[site.norm]
+        if reasons[index] is None and site.norm in unfolded and not whole.plain:
+            reasons[index] = (
+                f"it is called {calls[site.norm]} times and not every call can be folded, so its "
+                "activation cannot be separated from it"
+            )
+    replaced: dict[str, nn.Module] = {}  # layer path -> what takes its place once folded
+    for site, reason in zip(sites, reasons, strict=True):
         if reason is not None:
             report.left.append(LeftInPlace(site.norm, reason))
             continue
-        fold_into(modules[site.producer], modules[site.norm])
-        report.folded.append(Folded(site.norm, site.producer))
-        if graph_module is not None:  # the BatchNorm call disappears from the graph
+        whole = parts[site.norm]
+        note = fold_into(modules[site.producer], whole.norm)
+        report.folded.append(Folded(site.norm, site.producer, list(whole.kept), note))
+        if site.norm not in replaced:
+            replaced[site.norm] = (
+                nn.Identity()
+                if whole.plain
+                else NormAct(nn.Identity(), whole.drop, whole.act, residual=whole.residual)
+            )
+        if graph_module is None:  # the layer's place in its Sequential
+            modules[site.parent][site.index] = replaced[site.norm]
+        elif whole.plain:  # the BatchNorm call disappears from the graph
             site.node.replace_all_uses_with(site.producer_node)
             graph_module.graph.erase_node(site.node)
-        else:  # the BatchNorm's place in its Sequential becomes an identity
-            modules[site.parent][site.index] = nn.Identity()
     folded_model = target
     if graph_module is not None:
+        for path, new in replaced.items():
+            if isinstance(new, NormAct):
+                _set_submodule(graph_module, path, new)
         graph_module.graph.lint()
         graph_module.delete_all_unused_submodules()
         graph_module.recompile()
-        folded_model = graph_module
+        folded_model, report.graph_module = _as_model_class(
+            target, graph_module, replaced, unfolded
+        )
     report.modules_before = modules_before
-    report.modules_after = len(list(folded_model.modules()))
+    placeholders = {id(m) for m in replaced.values() if isinstance(m, nn.Identity)}
+    placeholders |= {id(m.norm) for m in replaced.values() if isinstance(m, NormAct)}
+    report.modules_after = sum(id(m) not in placeholders for m in folded_model.modules())
     if inputs is not None:
         with torch.no_grad(), frozen_running_stats(folded_model):
-            report.max_relative_error = _relative_error(expected, folded_model(*inputs))
+            report.max_relative_error = _relative_error(expected, folded_model(*_cloned(inputs)))
     return folded_model, report
+
+
+def _cloned(inputs: tuple) -> tuple:
+    # A forward may write over its input (InPlaceABN, ReLU(inplace=True) first): each run gets a copy.
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+class _CheckTracer(_graph.NormTracer):
+    """The tools' tracer, tracing through the given modules (the Identity left by a folded layer)."""
+
+    def __init__(self, through: set[int]) -> None:
+        super().__init__()
+        self.through = through
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if id(module) in self.through:
+            return False
+        return super().is_leaf_module(module, qualified_name)
+
+
+def _as_model_class(
+    target: nn.Module, graph_module: fx.GraphModule, replaced: dict[str, nn.Module], unfolded: set
+) -> tuple[nn.Module, str | None]:
+    """The folded model as the user's own class where that computes what the graph does.
+
+    Each folded layer becomes an ``nn.Identity`` (or a NormAct of its activation) in ``target``;
+    ``target`` is returned when its forward, traced again, is the folded graph call for call.
+    Otherwise the GraphModule is returned, with the reason.
+    """
+    if not replaced:
+        return target, None  # nothing folded: the model computes what it did
+    partly = sorted(set(replaced) & unfolded)
+    if partly:
+        return graph_module, (
+            f"{', '.join(repr(p) for p in partly)} is called several times and only some calls "
+            "were folded, which only a rewritten forward can express"
+        )
+    originals = {path: target.get_submodule(path) for path in replaced}
+    for path, new in replaced.items():
+        _set_submodule(target, path, new)
+    through = {id(m) for m in replaced.values() if isinstance(m, nn.Identity)}
+    through |= {id(m.norm) for m in replaced.values() if isinstance(m, NormAct)}
+    try:
+        mine = _CheckTracer(through).trace(target).python_code("self").src
+        folded = _CheckTracer(through).trace(graph_module).python_code("self").src
+    except Exception as error:  # the user's forward may rely on the layers it no longer has
+        mine, folded = f"{type(error).__name__}: {error}", None
+    if mine != folded:
+        for path, old in originals.items():
+            _set_submodule(target, path, old)
+        return graph_module, (
+            "the model's forward, traced again with the folded layers removed, does not compute "
+            "what the folded graph does (it reads the folded layers' attributes or branches on "
+            "them)"
+        )
+    return target, None
 
 
 def _folds(module: nn.Module) -> bool:

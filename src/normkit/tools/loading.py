@@ -19,7 +19,9 @@ from normkit.errors import ConfigError
 def load_factory(spec: str) -> nn.Module:
     """Call ``factory`` from ``package.module:factory`` (no arguments) and return the model it builds.
 
-    The current directory is importable, so ``my_models:resnet`` finds ``./my_models.py``.
+    The current directory is importable, so ``my_models:resnet`` finds ``./my_models.py``; it is
+    searched *after* the installed packages, so that a stray file there (``./sympy.py``) never
+    shadows a package that torch or the model imports.
     """
     import sys
 
@@ -30,7 +32,7 @@ def load_factory(spec: str) -> nn.Module:
             f"model with no arguments), got {spec!r}"
         )
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+        sys.path.append(str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

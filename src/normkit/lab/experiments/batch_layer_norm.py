@@ -11,7 +11,7 @@ batch 1 on CIFAR-10 at test accuracy 0.109 (chance). The paper's tables were not
 
 Here (the lab's CPU protocol 7, on a CNN: normkit's BatchNorm and BatchLayerNorm refuse to train on
 one value per channel, which is what a batch of 1 gives a fully connected layer): the small CNN of
-``_small_batch`` with the normalizer after each convolution and none on the hidden layer, BN, LN
+``normkit.lab.small_batch`` with the normalizer after each convolution and none on the hidden layer, BN, LN
 (over the channels at each position, ``nk.LayerNorm2d``: the LN part of BLN and Keras's default
 axis) or BLN (``batch_size`` = the training batch, as the code fixes m at construction), trained
 with Adam at batch 1 and at batch 25 for the same epochs on a subset of Fashion-MNIST. Evaluation:
@@ -39,16 +39,16 @@ import normkit as nk
 from normkit.errors import ConfigError
 from normkit.lab.datasets import subset
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, register
-from normkit.lab.experiments._small_batch import (
+from normkit.lab.legacy import Experiment, Settings, Setup, register
+from normkit.lab.models import cnn, initialize
+from normkit.lab.records import RunRecord
+from normkit.lab.report import Check, Figure, Report, Section, Table, fmt
+from normkit.lab.small_batch import (
     batch_statistics_accuracy,
     batch_sweep,
     error_percent,
     error_vs_batch_figure,
 )
-from normkit.lab.models import cnn, initialize
-from normkit.lab.records import RunRecord
-from normkit.lab.report import Check, Figure, Report, Section, Table, fmt
 
 LABELS = {"bn": "BN", "ln": "LN", "bln": "BLN", "bln-nosqrt": "BLN without 1/√d_k"}
 SPECS = {"bn": "batch", "ln": "layer2d", "bln": "batch_layer", "bln-nosqrt": "batch_layer"}

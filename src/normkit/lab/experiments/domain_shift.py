@@ -46,14 +46,14 @@ import normkit as nk
 from normkit.errors import ConfigError
 from normkit.lab import models
 from normkit.lab.datasets import first_test_examples
-from normkit.lab.experiment import Experiment, Settings, Setup, Trial, register
 from normkit.lab.experiments.population_stats import batch_norm_layers, error_rate
+from normkit.lab.legacy import Experiment, Settings, Setup, Trial, register
 from normkit.lab.models import initialize
 from normkit.lab.records import RunRecord
 from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
-from normkit.lab.runner import derived_seed
+from normkit.lab.seeds import derived_seed
 
-NORMS = {"bn": "batch", "in": "instance", "bin": "batch_instance"}
+NORMS = {"bn": "batch", "in": "group_instance", "bin": "batch_instance"}
 LABELS = {"bn": "BN", "in": "IN", "bin": "BIN"}
 
 

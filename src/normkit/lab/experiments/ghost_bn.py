@@ -37,11 +37,11 @@ import torch
 from torch import nn
 
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, register
-from normkit.lab.experiments._small_batch import error_percent, measured_trial
+from normkit.lab.legacy import Experiment, Settings, Setup, register
 from normkit.lab.models import initialize, mlp
 from normkit.lab.records import RunRecord
 from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
+from normkit.lab.small_batch import error_percent, measured_trial
 
 ARMS = {
     "sb": "small batch",

@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from normkit.lab.experiment import Experiment, Settings, register
+from normkit.lab.legacy import Experiment, Settings, register
 from normkit.lab.records import CONFIG, RunRecord
 from normkit.lab.report import Report, Section, Table
 from normkit.tools import ADVICE_TABLE, Advice, advise

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from normkit.lab.experiment import Experiment, Settings, Setup, register, seeded_trials
+from normkit.lab.legacy import Experiment, Settings, Setup, register, seeded_trials
 from normkit.lab.models import initialize, mlp
 from normkit.lab.records import RunRecord
 from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure

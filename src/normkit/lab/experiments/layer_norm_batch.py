@@ -23,16 +23,16 @@ import torch
 from normkit.errors import ConfigError
 from normkit.lab.datasets import subset
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, register
-from normkit.lab.experiments._small_batch import (
+from normkit.lab.legacy import Experiment, Settings, Setup, register
+from normkit.lab.models import initialize, mlp
+from normkit.lab.records import RunRecord
+from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
+from normkit.lab.small_batch import (
     batch_statistics_accuracy,
     batch_sweep,
     error_percent,
     error_vs_batch_figure,
 )
-from normkit.lab.models import initialize, mlp
-from normkit.lab.records import RunRecord
-from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
 
 LABELS = {"none": "no normalization", "bn": "BN", "ln": "LN"}
 NORMS = {"none": "none", "bn": "batch", "ln": "layer"}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from normkit.lab.datasets import first_test_examples, split_validation
-from normkit.lab.experiment import Experiment, Settings, Setup, Trial, register
+from normkit.lab.legacy import Experiment, Settings, Setup, Trial, register
 from normkit.lab.models import cnn, initialize
 from normkit.lab.plots import curves
 from normkit.lab.records import RunRecord

@@ -35,21 +35,22 @@ import normkit as nk
 from normkit.functional import moments
 from normkit.lab.datasets import first_test_examples
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, Trial, register
+from normkit.lab.legacy import Experiment, Settings, Setup, Trial, register
 from normkit.lab.models import cnn, initialize
 from normkit.lab.records import RunRecord
 from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
-from normkit.lab.runner import derived_seed
+from normkit.lab.seeds import derived_seed
 
 # --------------------------------------------------------------------------- shared with part 4
 
 
 def batch_norm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
     """Every BatchNorm-like layer (torch's, normkit's, Ghost BN) that keeps running statistics."""
+    family = (_BatchNorm, nk.BatchRenorm, nk.GhostBatchNorm, nk.BatchNormAct, nk.InPlaceABN)
     return {
         path: module
         for path, module in model.named_modules()
-        if isinstance(module, _BatchNorm) and module.running_mean is not None
+        if isinstance(module, family) and module.running_mean is not None
     }
 
 

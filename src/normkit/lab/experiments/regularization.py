@@ -19,7 +19,7 @@ import torch
 
 from normkit.lab.datasets import subset
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, register, seeded_trials
+from normkit.lab.legacy import Experiment, Settings, Setup, register, seeded_trials
 from normkit.lab.models import initialize, mlp
 from normkit.lab.plots import curves
 from normkit.lab.records import RunRecord

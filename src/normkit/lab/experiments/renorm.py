@@ -11,7 +11,7 @@ top-1 validation accuracy:
   BN evaluated in training mode on non-i.i.d. test minibatches of 50 (25 labels × 2): 76.5%; BN
   applied separately to two halves of 16, each holding one image of every pair: 77.4%.
 
-Here (the lab's CPU protocol 2): the small CNN of ``_small_batch`` on Fashion-MNIST, SGD with
+Here (the lab's CPU protocol 2): the small CNN of ``normkit.lab.small_batch`` on Fashion-MNIST, SGD with
 momentum, two runs.
 
 - Microbatches: gradient batch ``gradient_batch`` (128), normalized as a whole (``bn-128``), or in
@@ -42,15 +42,15 @@ from torch import nn
 import normkit as nk
 from normkit.errors import ConfigError
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, register
-from normkit.lab.experiments._small_batch import (
+from normkit.lab.legacy import Experiment, Settings, Setup, register
+from normkit.lab.plots import curves
+from normkit.lab.records import RunRecord
+from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
+from normkit.lab.small_batch import (
     batch_statistics_accuracy,
     measured_trial,
     small_cnn,
 )
-from normkit.lab.plots import curves
-from normkit.lab.records import RunRecord
-from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
 
 PUBLISHED = {  # Ioffe (2017), top-1 accuracy (%)
     "iid-32": {"bn": 78.3, "brn": 78.5},
@@ -216,7 +216,7 @@ class Renorm(Experiment):
             renorm_steps=forwards,
         )
         for name, module in list(model.named_children()):
-            if isinstance(module, nk.BatchNorm):
+            if isinstance(module, (nk.BatchNorm, nk.BatchRenorm, nk.GhostBatchNorm)):
                 module.momentum = settings.running_momentum
                 if arm == "brn-4":
                     model._modules[name] = PerMicrobatch(module, settings.microbatch)

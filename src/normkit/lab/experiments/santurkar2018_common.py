@@ -22,7 +22,7 @@ import normkit as nk
 from normkit.errors import ConfigError
 from normkit.lab.datasets import Dataset
 from normkit.lab.models import initialize
-from normkit.lab.runner import derived_seed
+from normkit.lab.seeds import derived_seed
 
 PAPER = "Santurkar, Tsipras, Ilyas & Madry 2018, How Does Batch Normalization Help Optimization?"
 NORMS = ("none", "batch", "l1", "l2", "linf")

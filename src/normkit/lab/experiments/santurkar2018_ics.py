@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, Trial, register
 from normkit.lab.experiments.santurkar2018_common import (
     PAPER,
     deep_linear,
@@ -46,6 +45,7 @@ from normkit.lab.experiments.santurkar2018_common import (
     probe_batch,
     vgg,
 )
+from normkit.lab.legacy import Experiment, Settings, Setup, Trial, register
 from normkit.lab.metrics import ics
 from normkit.lab.models import initialize
 from normkit.lab.records import RunRecord

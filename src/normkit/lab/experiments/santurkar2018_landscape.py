@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, register, seeded_trials
 from normkit.lab.experiments.santurkar2018_common import LABELS, PAPER, mean, probe_batch, vgg
+from normkit.lab.legacy import Experiment, Settings, Setup, register, seeded_trials
 from normkit.lab.metrics import landscape_probe
 from normkit.lab.models import initialize
 from normkit.lab.plots import curves

@@ -39,8 +39,8 @@ import torch
 
 from normkit.lab.datasets import Dataset
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, register, seeded_trials
 from normkit.lab.experiments.santurkar2018_common import LABELS, PAPER, mean, vgg
+from normkit.lab.legacy import Experiment, Settings, Setup, register, seeded_trials
 from normkit.lab.metrics import ActivationPercentiles
 from normkit.lab.models import initialize, pre_activation
 from normkit.lab.plots import curves

@@ -50,12 +50,12 @@ from torch.nn import functional as F
 import normkit as nk
 from normkit.errors import ConfigError
 from normkit.lab.datasets import Dataset
-from normkit.lab.experiment import Experiment, Settings, Setup, Trial, register
 from normkit.lab.experiments.population_stats import batch_norm_layers
+from normkit.lab.legacy import Experiment, Settings, Setup, Trial, register
 from normkit.lab.plots import curves
 from normkit.lab.records import RunRecord
 from normkit.lab.report import Check, Figure, Report, Section, Table, fmt
-from normkit.lab.runner import derived_seed
+from normkit.lab.seeds import derived_seed
 
 PAD = 0
 IGNORE = -100  # cross_entropy's ignore_index: padded targets

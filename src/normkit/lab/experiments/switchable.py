@@ -9,7 +9,7 @@ reports that the learned weights move away from BN as the batch per GPU shrinks 
 secondary source).
 
 Here (the lab's CPU protocol 8): the batch-size experiment's setting (the small CNN of
-``_small_batch``, Fashion-MNIST subset, SGD with momentum, linear learning-rate scaling, the same
+``normkit.lab.small_batch``, Fashion-MNIST subset, SGD with momentum, linear learning-rate scaling, the same
 epochs) at a large and a small batch, BN, GN and SN; SN's (IN, LN, BN) weights of the mean and of
 the variance are logged at every evaluation and reported per layer at the end. SN sits after both
 convolutions; the hidden fully connected layer, where IN is undefined, uses LN in the SN network.
@@ -23,8 +23,10 @@ import torch
 
 from normkit.lab.datasets import subset
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, register
-from normkit.lab.experiments._small_batch import (
+from normkit.lab.legacy import Experiment, Settings, Setup, register
+from normkit.lab.records import RunRecord
+from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
+from normkit.lab.small_batch import (
     NORMALIZERS,
     batch_statistics_accuracy,
     batch_sweep,
@@ -33,8 +35,6 @@ from normkit.lab.experiments._small_batch import (
     small_cnn,
     switchable_importance,
 )
-from normkit.lab.records import RunRecord
-from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
 
 KINDS = ("IN", "LN", "BN")
 # SN README (ResNet-50, 8 GPUs): top-1 accuracy (%) -> error, by images per GPU.

@@ -39,17 +39,17 @@ from torch import nn
 import normkit as nk
 from normkit.lab import models
 from normkit.lab.datasets import first_test_examples
-from normkit.lab.experiment import Experiment, Settings, Setup, Trial, register
 from normkit.lab.experiments.population_stats import (
     batch_norm_layers,
     error_rate,
     precise,
     training_batches,
 )
+from normkit.lab.legacy import Experiment, Settings, Setup, Trial, register
 from normkit.lab.models import initialize
 from normkit.lab.records import RunRecord
 from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
-from normkit.lab.runner import derived_seed
+from normkit.lab.seeds import derived_seed
 
 
 class FreezeBatchNorm(nn.Module):

@@ -32,12 +32,12 @@ import torch
 from torch import nn
 
 from normkit.lab.evaluation import EVAL_CHUNK, accuracy_and_loss
-from normkit.lab.experiment import Experiment, Settings, Setup, register, seeded_trials
 from normkit.lab.experiments.population_stats import batch_norm_layers, precise, training_batches
+from normkit.lab.legacy import Experiment, Settings, Setup, register, seeded_trials
 from normkit.lab.models import initialize, mlp
 from normkit.lab.records import RunRecord
 from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
-from normkit.lab.runner import derived_seed
+from normkit.lab.seeds import derived_seed
 
 CHOICES = ("unbiased", "biased", "precise")
 

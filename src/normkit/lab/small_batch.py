@@ -1,0 +1,256 @@
+"""What the small-batch experiments share: the normalizers they compare, built into the lab's small
+CNN; Batch Renorm's schedule scaled to a run; accuracy with batch statistics; and the figure of
+error against batch size.
+
+Also the trial plans: :func:`measured_trial` and :func:`batch_sweep`.
+
+Used by ``batch-size`` (Wu & He 2018), ``renorm`` (Ioffe 2017), ``switchable`` (Luo et al. 2018)
+and, for the figure and the measurements, ``ghost-bn``, ``layer-norm`` and ``batch-layer-norm``.
+
+The network is the lab's small CNN (:func:`normkit.lab.models.cnn`: per stage conv5, norm, ReLU,
+max-pool 2; then a fully connected hidden layer, norm, ReLU; then the classifier), with the
+normalizer after every convolution and after the hidden layer. The hidden layer's norm is where
+the batch matters most: its statistics are over the B samples alone (a convolution's are over B
+times its map), the small-scale counterpart of the late, low-resolution layers of a ResNet.
+
+Decisions (documented in the reports too):
+
+- LN is Wu & He's: statistics over (C, H, W) of a sample, ``GroupNorm(1, C)``; on the hidden
+  layer that is LayerNorm over its features.
+- IN and SN need spatial dims (IN's set on a fully connected layer is one value, whose output is
+  always β); their networks use LN on the hidden layer. (The official SN code mixes LN and BN there,
+  which ``nk.SwitchableNorm`` does not offer.)
+- Batch Renorm's r_max/d_max ramps follow the paper's steps as fractions of the run (below); the
+  final values and the moving averages' momentum are each experiment's choice.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+import normkit as nk
+from normkit.errors import ConfigError
+from normkit.lab.models import cnn, initialize
+from normkit.lab.plan import Trial
+from normkit.lab.render import new_figure
+
+# Key -> label, in the order the figures and tables list them.
+NORMALIZERS: dict[str, str] = {
+    "bn": "BN",
+    "gn": "GN",
+    "ln": "LN",
+    "in": "IN",
+    "brn": "Batch Renorm",
+    "gbn": "Ghost BN",
+    "sn": "Switchable Norm",
+    "syncbn": "SyncBN",
+}
+BATCH_DEPENDENT = frozenset({"bn", "brn", "gbn", "sn", "syncbn"})
+
+# Ioffe (2017), §4: r_max = 1, d_max = 0 for 5k steps, then linear (our choice of shape) to d_max = 5
+# at 25k and r_max = 3 at 40k steps, of runs of about 140k steps: as fractions of the run,
+RENORM_BEGIN, RENORM_D_END, RENORM_R_END = 0.035, 0.18, 0.28
+RENORM_R_MAX, RENORM_D_MAX = 3.0, 5.0
+
+
+def renorm_ramps(
+    steps: int, r_max: float = RENORM_R_MAX, d_max: float = RENORM_D_MAX
+) -> tuple[nk.RenormRamp, nk.RenormRamp]:
+    """Ioffe (2017)'s r_max and d_max schedules scaled to a run of ``steps`` forwards of a layer:
+    plain BN until 3.5% of the run, then linear ramps to ``d_max`` (the paper: 5) at 18% and
+    ``r_max`` (3) at 28%."""
+    begin = round(RENORM_BEGIN * steps)
+    r_ramp = nk.RenormRamp(1.0, r_max, begin, max(begin, round(RENORM_R_END * steps)))
+    d_ramp = nk.RenormRamp(0.0, d_max, begin, max(begin, round(RENORM_D_END * steps)))
+    return r_ramp, d_ramp
+
+
+def norm_spec(normalizer: str, groups: int, ghost_batch: int) -> str:
+    """The ``nk.create_norm`` name of a normalizer key (see :data:`NORMALIZERS`)."""
+    specs = {
+        "bn": "batch",
+        "gn": f"group:{groups}",
+        "ln": "group:1",
+        "in": "group_instance",
+        "brn": "renorm",
+        "gbn": f"ghost:{ghost_batch}",
+        "sn": "switchable",
+        "syncbn": "batch",
+    }
+    if normalizer not in specs:
+        raise ConfigError(
+            f"normalizer {normalizer!r} is not known; choose from {', '.join(NORMALIZERS)}"
+        )
+    return specs[normalizer]
+
+
+def small_cnn(
+    sample_shape: Sequence[int],
+    classes: int,
+    normalizer: str,
+    generator: torch.Generator,
+    *,
+    channels: Sequence[int] = (16, 32),
+    hidden: int = 128,
+    groups: int = 4,
+    ghost_batch: int = 4,
+    renorm_steps: int = 1,
+    renorm_limits: tuple[float, float] = (RENORM_R_MAX, RENORM_D_MAX),
+    renorm_momentum: float | None = None,
+    hidden_norm: bool = True,
+) -> nn.Sequential:
+    """The lab's small CNN with ``normalizer`` after every convolution and the hidden layer, He
+    initialization drawn from ``generator``.
+
+    Batch Renorm: ``renorm_steps`` forwards of each layer in the run, for the ramps to
+    ``renorm_limits`` = (r_max, d_max); ``renorm_momentum`` for its moving averages (None: the
+    layer's default, the paper's 0.01). ``hidden_norm`` False leaves the hidden layer unnormalized
+    (with a bias), so that only convolutions normalize.
+    """
+    for name, value in (("groups", groups), ("ghost_batch", ghost_batch)):
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be >= 1")
+    if normalizer == "gn":
+        for width in (*channels, hidden):
+            if width % groups or groups in (1, width):
+                raise ConfigError(
+                    f"GN with groups={groups} on {width} channels is not a group norm (it must "
+                    "divide the channels and be neither 1, which is LN, nor the channels, which is "
+                    "IN); choose another --set groups=G"
+                )
+    model = cnn(
+        tuple(sample_shape),
+        tuple(channels),
+        hidden,
+        classes,
+        activation="relu",
+        norm=norm_spec(normalizer, groups, ghost_batch),
+    )
+    last = f"norm{len(channels) + 1}"
+    if not hidden_norm:
+        position = f"linear{len(channels) + 1}"
+        old = model._modules[position]
+        model._modules[position] = nn.Linear(old.in_features, old.out_features)
+        model._modules[last] = nn.Identity()
+    elif normalizer in ("in", "sn"):
+        model._modules[last] = nk.LayerNorm(hidden)
+    if normalizer == "brn":
+        r_max, d_max = renorm_ramps(renorm_steps, *renorm_limits)
+        for module in model.modules():
+            if isinstance(module, nk.BatchRenorm):
+                module.r_max, module.d_max = r_max, d_max
+                if renorm_momentum is not None:
+                    module.momentum = renorm_momentum
+    if normalizer == "syncbn":
+        model = nk.SyncBatchNorm.convert_sync_batchnorm(model)
+    initialize(model, "he", generator)
+    return model
+
+
+def hidden_norm_name(channels: Sequence[int]) -> str:
+    """The name, in :func:`small_cnn`'s model, of the hidden layer's normalizer."""
+    return f"norm{len(channels) + 1}"
+
+
+@torch.no_grad()
+def batch_statistics_accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> float:
+    """Accuracy with the normalizers in training mode: each run of ``batch_size`` consecutive
+    examples is normalized with its own batch statistics, as in training (the last incomplete batch
+    is dropped). Works on a copy, so the model's running statistics are untouched."""
+    replica = copy.deepcopy(model).train()
+    count = len(y) // batch_size * batch_size
+    if count == 0:
+        raise ConfigError(f"batch statistics need {batch_size} examples, got {len(y)}")
+    correct = 0
+    for start in range(0, count, batch_size):
+        logits = replica(x[start : start + batch_size])
+        correct += int((logits.argmax(dim=1) == y[start : start + batch_size]).sum())
+    return correct / count
+
+
+def error_vs_batch_figure(
+    lines: dict[str, list[tuple[int, float]]],
+    title: str,
+    xlabel: str = "batch size per device (log scale)",
+    published: dict[str, list[tuple[int, float]]] | None = None,
+    published_title: str = "",
+):
+    """Error (%) against batch size on a log axis, one line per normalizer; with ``published``, the
+    paper's numbers in a second panel with the same axes' style."""
+    panels = [(lines, title)] + ([(published, published_title)] if published else [])
+    figure = new_figure(5.2 * len(panels) + 0.6, 4.0)
+    styles = {label: (f"C{i}", "os^vDP*Xh"[i % 9]) for i, label in enumerate(NORMALIZERS.values())}
+    others = [label for series, _ in panels for label in series if label not in styles]
+    for i, label in enumerate(dict.fromkeys(others)):  # e.g. "no normalization", BLN: own styles
+        styles[label] = (
+            ("k", "x") if i == 0 else (f"C{(len(NORMALIZERS) + i - 1) % 10}", "<>ph"[i % 4])
+        )
+    for index, (series, heading) in enumerate(panels, start=1):
+        axes = figure.add_subplot(1, len(panels), index)
+        ticks: set[int] = set()
+        for label, points in series.items():
+            points = sorted((b, e) for b, e in points if e is not None)
+            if not points:
+                continue
+            color, marker = styles.get(label, (None, "o"))
+            axes.plot(
+                [b for b, _ in points],
+                [e for _, e in points],
+                marker=marker,
+                color=color,
+                linestyle="--" if label == "SyncBN" else "-",
+                label=label,
+            )
+            ticks |= {b for b, _ in points}
+        axes.set_xscale("log", base=2)
+        if ticks:
+            axes.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+            axes.minorticks_off()
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel("test error (%)")
+        axes.set_title(heading, fontsize="medium")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    return figure
+
+
+def switchable_importance(model: torch.nn.Module) -> dict[str, dict[str, list[float]]]:
+    """Each SwitchableNorm layer's (IN, LN, BN) softmax weights of the mean and the variance."""
+    return {
+        name: {"mean": mean.tolist(), "var": var.tolist()}
+        for name, module in model.named_modules()
+        if isinstance(module, nk.SwitchableNorm)
+        for mean, var in [module.importance()]
+    }
+
+
+def error_percent(accuracy: float | None) -> float | None:
+    """Top-1 error in percent, from an accuracy fraction."""
+    return None if accuracy is None else 100.0 * (1.0 - accuracy)
+
+
+def measured_trial(key: str, params: dict, steps: int, settings) -> Trial:
+    """A trial of ``steps`` steps, measured ``settings.evaluations`` times along the way."""
+    return Trial(key, params, steps, max(1, steps // max(1, settings.evaluations)), settings.seed)
+
+
+def batch_sweep(settings, examples: int, batch_sizes: Sequence[int], **params) -> list[Trial]:
+    """One trial per batch size and normalizer (``settings.normalizers``), in the given order, each
+    ``settings.epochs`` epochs of ``examples`` training examples; ``params`` join every trial's."""
+    plan = []
+    for batch in batch_sizes:
+        steps = max(1, round(settings.epochs * examples / batch))
+        for normalizer in settings.normalizers:
+            key = f"{normalizer}/b={batch}"
+            plan.append(
+                measured_trial(
+                    key, {"normalizer": normalizer, "batch_size": batch, **params}, steps, settings
+                )
+            )
+    return plan
