@@ -288,13 +288,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-run-time", type=float, default=0.5)
     parser.add_argument("--only", default="", help="only rows whose name contains this")
+    parser.add_argument(
+        "--backend", default="auto", help="normkit's backend (auto: what a user gets)"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_family.json"))
     args = parser.parse_args(argv)
     rounds, min_run_time = (1, 0.2) if args.quick else (args.rounds, args.min_run_time)
     results = []
     for row in ROWS:
         if args.only in row.name:
-            results.append(measure(row, rounds, min_run_time))
+            with nk.backend(args.backend):  # the torch.nn providers ignore it
+                results.append(measure(row, rounds, min_run_time))
             print(f"measured {row.name}", file=sys.stderr)
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)

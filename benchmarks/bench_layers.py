@@ -84,7 +84,7 @@ ROWS = [
         "ln2d_cl", (32, 64, 56, 56), lambda: nk.LayerNorm2d(64), lambda: PermutedLayerNorm(64), True
     ),
 ]
-BACKENDS = ["auto", "native", "reference"]
+BACKENDS = ["auto", "native", "reference"]  # the default; --backends chooses others (compiled)
 # Passes over the tensor each mode needs at least (see the module docstring).
 PASSES = {"train": 8, "eval": 2}
 
@@ -111,7 +111,7 @@ def _eval_step(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def measure(row: Row, rounds: int, min_run_time: float) -> dict:
+def measure(row: Row, rounds: int, min_run_time: float, backends: list[str]) -> dict:
     x = torch.randn(row.shape)
     if row.channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -119,13 +119,13 @@ def measure(row: Row, rounds: int, min_run_time: float) -> dict:
     result = {"name": row.name, "shape": list(row.shape), "channels_last": row.channels_last}
     copy_out = torch.empty_like(x)
     for mode in ("train", "eval"):
-        providers = {"torch": row.torch_layer()} | {b: row.ours() for b in BACKENDS}
+        providers = {"torch": row.torch_layer()} | {b: row.ours() for b in backends}
         samples: dict[str, list[float]] = {name: [] for name in [*providers, "copy"]}
         for _ in range(rounds):  # alternate providers so drift hits them all alike
             for name, layer in providers.items():
                 layer.train(mode == "train")
                 step = _train_step(layer, x, dy) if mode == "train" else _eval_step(layer, x)
-                with nk.backend(name if name in BACKENDS else "auto"):
+                with nk.backend(name if name in backends else "auto"):
                     step()  # warm-up
                     samples[name].append(_time(step, min_run_time))
             samples["copy"].append(_time(lambda: copy_out.copy_(x), min_run_time))
@@ -133,7 +133,7 @@ def measure(row: Row, rounds: int, min_run_time: float) -> dict:
         bound = PASSES[mode] / 2 * medians["copy"]
         result[mode] = {
             "ms": {name: value * 1e3 for name, value in medians.items()},
-            "ratio": {b: medians[b] / medians["torch"] for b in BACKENDS},
+            "ratio": {b: medians[b] / medians["torch"] for b in backends},
             "passes": PASSES[mode],
             "bound_ms": bound * 1e3,
             "of_bound": {name: bound / medians[name] for name in providers},
@@ -155,10 +155,10 @@ def environment() -> dict:
     }
 
 
-def print_table(results: list[dict]) -> None:
+def print_table(results: list[dict], backends: list[str]) -> None:
     header = (
         f"{'layer':9s} {'shape':17s} {'mode':5s} {'copy ms':>8s} {'torch ms':>9s} {'bound':>6s} "
-        + " ".join(f"{b + ' ms':>12s} {b + '/torch':>15s} {'bound':>6s}" for b in BACKENDS)
+        + " ".join(f"{b + ' ms':>12s} {b + '/torch':>15s} {'bound':>6s}" for b in backends)
     )
     print(header)
     print("-" * len(header))
@@ -166,7 +166,7 @@ def print_table(results: list[dict]) -> None:
         for mode in ("train", "eval"):
             ms, ratio, of_bound = r[mode]["ms"], r[mode]["ratio"], r[mode]["of_bound"]
             shape = "x".join(map(str, r["shape"])) + (" CL" if r["channels_last"] else "")
-            cells = " ".join(f"{ms[b]:12.3f} {ratio[b]:15.2f} {of_bound[b]:6.0%}" for b in BACKENDS)
+            cells = " ".join(f"{ms[b]:12.3f} {ratio[b]:15.2f} {of_bound[b]:6.0%}" for b in backends)
             print(
                 f"{r['name']:9s} {shape:17s} {mode:5s} {ms['copy']:8.3f} {ms['torch']:9.3f} "
                 f"{of_bound['torch']:6.0%} {cells}"
@@ -182,16 +182,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads"
     )
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS), help="normkit backends to time, comma-separated"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_layers.json"))
     args = parser.parse_args(argv)
     rounds, min_run_time = (1, 0.2) if args.quick else (args.rounds, args.min_run_time)
     torch.set_num_threads(args.threads)
+    backends = args.backends.split(",")
     results = []
     for row in ROWS:
         if args.only in row.name:
-            results.append(measure(row, rounds, min_run_time))
+            results.append(measure(row, rounds, min_run_time, backends))
             print(f"measured {row.name}", file=sys.stderr)
-    print_table(results)
+    print_table(results, backends)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"environment": environment(), "results": results}, indent=2))
     print(f"\nwrote {args.out}", file=sys.stderr)

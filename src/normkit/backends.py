@@ -17,9 +17,10 @@ Backends:
   ``create_graph=True`` the backward differentiates the unfused definition, so double backward
   works).
 - ``auto`` (default): the fastest backend verified for the input's device and dtype. On the CPU that
-  is ``native`` for every op but BatchNormAct on float32 NCHW inputs and Batch-Layer on float32 and
-  bfloat16 inputs, where it is ``compiled`` (``_dispatch.AUTO_PREFERENCES``; docs/benchmarks.md has
-  the measurements).
+  is ``native`` for every op but these, where it is ``compiled``: BatchNormAct and BatchNorm
+  (training) on float32 NCHW inputs, Ghost BN, Batch-Instance and Switchable on float32 inputs, and
+  Batch-Layer on float32 and bfloat16 inputs (``_dispatch.AUTO_PREFERENCES``; docs/benchmarks.md
+  has the measurements).
 
 Choose with ``normkit.set_backend(name)`` for the process or ``with normkit.backend(name):`` for a
 block (the block wins; it is local to the thread or task that enters it). Under torch.func's

@@ -1,8 +1,8 @@
 """The ``compiled`` batch norm on the CPU (normkit.functional._batch_norm_compiled): 8 passes fused by
 torch.compile, against the float64 oracle (outputs and running statistics in float32, contiguous
 and channels_last, training and eval), every gradient against ATen's in float64, a gradient of the
-gradient, and ATen's kernels where compiling cannot pay or cannot work (small inputs, torch.func
-transforms, tracing). The tests lower ``_compiled.MIN_NUMEL`` so that small inputs compile."""
+gradient, and ATen's kernels where compiling cannot pay or cannot work (evaluation, small inputs,
+torch.func transforms, tracing). The tests lower ``_compiled.MIN_NUMEL`` so that small inputs compile."""
 
 from __future__ import annotations
 
@@ -72,14 +72,13 @@ def test_compiled_batch_norm_matches_the_oracle(layout, compile_small):
     assert "_forward_maths" in compile_small and "_backward_maths" in compile_small
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_compiled_gradients_and_second_derivatives_equal_atens(training, compile_small):
+def test_compiled_gradients_and_second_derivatives_equal_atens(compile_small):
     x = make_input(SHAPE, torch.float64, seed=3).contiguous(memory_format=torch.channels_last)
     dy = make_input(SHAPE, torch.float64, seed=4, scale=1.0, shift=0.0)
     results = {}
     for backend in ("native", "compiled"):
         torch.manual_seed(0)
-        layer = nk.BatchNorm2d(4).double().train(training)
+        layer = nk.BatchNorm2d(4).double()
         randomize_parameters(layer)
         leaf = x.clone().requires_grad_()
         params = list(layer.parameters())
@@ -108,6 +107,10 @@ def test_transforms_tracing_and_small_inputs_run_atens_kernels(monkeypatch):
         small = nkf.batch_norm(x, None, None, training=True)
     torch.testing.assert_close(small, torch.nn.functional.batch_norm(x, None, None, training=True))
     monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
+    mean, var = torch.rand(4), torch.rand(4) + 0.5
+    with nk.backend("compiled"):  # evaluation: ATen's one-pass inference kernel
+        evaluated = nkf.batch_norm(x, mean, var, training=False)
+    torch.testing.assert_close(evaluated, torch.nn.functional.batch_norm(x, mean, var))
     stack = torch.stack([x, x * 2 + 1])
     with nk.backend("compiled"):
         batched = torch.func.vmap(lambda t: nkf.batch_norm(t, None, None, training=True))(stack)
@@ -116,3 +119,22 @@ def test_transforms_tracing_and_small_inputs_run_atens_kernels(monkeypatch):
         expected = torch.nn.functional.batch_norm(stack[i], None, None, training=True)
         torch.testing.assert_close(batched[i], expected)
     torch.testing.assert_close(traced(x), torch.nn.BatchNorm2d(4).eval()(x))
+
+
+def test_auto_uses_compiled_for_float32_nchw_only():
+    """`auto` runs the compiled batch norm for float32 contiguous CPU inputs (measured faster than
+    ATen's in training, docs/benchmarks.md), native elsewhere, and ATen's batch norm (composite)
+    under torch.func rather than the reference."""
+    from normkit.functional import _dispatch
+
+    impls = {name: impl.fn for name, impl in _dispatch.implementations("batch_norm").items()}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            x = torch.zeros(2, 3, 4, 5, dtype=dtype).contiguous(memory_format=memory_format)
+            contiguous = memory_format == torch.contiguous_format
+            want = "compiled" if dtype == torch.float32 and contiguous else "native"
+            assert _dispatch.resolve("batch_norm", x, "auto") is impls[want], (dtype, memory_format)
+    seen = []
+    x = torch.zeros(1, 2, 3, 4, 5)
+    torch.func.vmap(lambda t: seen.append(_dispatch.resolve("batch_norm", t, "auto")) or t)(x)
+    assert seen == [impls["native"]]

@@ -174,3 +174,20 @@ def test_small_inputs_and_traced_calls_run_the_native_engine(monkeypatch):
         traced = torch.jit.trace(_batch_instance().eval(), (x,), check_trace=False)
     with nk.backend("native"):
         torch.testing.assert_close(traced(x), _batch_instance().eval()(x))
+
+
+@pytest.mark.parametrize("op", ["ghost_batch_norm", "batch_instance_norm", "switchable_norm"])
+def test_auto_uses_compiled_for_float32_on_the_cpu(op):
+    """`auto` runs the compiled engine for float32 CPU inputs in both layouts (measured faster than
+    native, docs/benchmarks.md) and native for the other dtypes; under torch.func, ``reference``."""
+    from normkit.functional import _dispatch
+
+    impls = {name: impl.fn for name, impl in _dispatch.implementations(op).items()}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            x = torch.zeros(2, 3, 4, 5, dtype=dtype).contiguous(memory_format=memory_format)
+            want = "compiled" if dtype == torch.float32 else "native"
+            assert _dispatch.resolve(op, x, "auto") is impls[want], (dtype, memory_format)
+    seen = []
+    torch.func.vmap(lambda t: seen.append(_dispatch.resolve(op, t, "auto")) or t)(x[None])
+    assert seen == [impls["reference"]]

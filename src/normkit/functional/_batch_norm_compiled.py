@@ -12,6 +12,8 @@ has the fraction of that bound each implementation reaches.
 Where compiling cannot pay or cannot work, the call runs ATen's kernels instead (the same results
 within float32 rounding):
 
+- evaluation (``training=False``): one pass that reads x and writes y, which ATen's inference
+  kernel already runs at memory speed (measured faster than the compiled pass, docs/benchmarks.md);
 - inputs below ``_compiled.MIN_NUMEL`` elements: a compiled call costs tens of microseconds of
   guards and each new shape seconds of compilation, more than ATen needs for the whole layer;
 - inside the user's own torch.compile (which fuses ATen's batch norm into its graph), under
@@ -90,11 +92,12 @@ def shifted_moments(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tenso
     return k + s1 / n, ((s2 - s1 * s1 / n) / n).clamp_min(0.0)
 
 
-def _forward_maths(x, weight, bias, mean, var, training: bool, eps: float):
-    """Statistics in one pass of shifted sums (float32 for half inputs), then the normalize pass."""
+def _forward_maths(x, weight, bias, eps: float):
+    """Batch statistics in one pass of shifted sums (float32 for half inputs), then the normalize
+    pass."""
     ndim, dtype = x.dim(), stats_dtype(x.dtype)
     xf = x.to(dtype)
-    blocks = channel_blocks(xf) if training else None
+    blocks = channel_blocks(xf)
     if blocks is not None:
         n = blocks.shape[0] * blocks.shape[1]
         k = sample_mean(xf, batch_dims(ndim)).reshape(-1)
@@ -102,10 +105,8 @@ def _forward_maths(x, weight, bias, mean, var, training: bool, eps: float):
         s1, s2 = d.sum(1).sum(0), (d * d).sum(1).sum(0)
         mean = channel_view(k + s1 / n, ndim)
         var = channel_view(((s2 - s1 * s1 / n) / n).clamp_min(0.0), ndim)
-    elif training:
-        mean, var = shifted_moments(xf, batch_dims(ndim))
     else:
-        mean, var = channel_view(mean.to(dtype), ndim), channel_view(var.to(dtype), ndim)
+        mean, var = shifted_moments(xf, batch_dims(ndim))
     invstd = torch.rsqrt(var + eps)
     scale = invstd if weight is None else invstd * channel_view(weight.to(dtype), ndim)
     y = (xf - mean) * scale
@@ -114,7 +115,7 @@ def _forward_maths(x, weight, bias, mean, var, training: bool, eps: float):
     return y.to(x.dtype), mean.reshape(-1), invstd.reshape(-1), var.reshape(-1)
 
 
-def _backward_maths(dy, x, weight, mean, invstd, training: bool):
+def _backward_maths(dy, x, weight, mean, invstd):
     """One reduction pass (sum g, sum g * x_hat per channel; by blocks for channels_last) and one
     elementwise pass: dx = w invstd (g - sum g / n - x_hat sum g x_hat / n), Ioffe & Szegedy §3."""
     ndim, dims, dtype = x.dim(), batch_dims(x.dim()), stats_dtype(x.dtype)
@@ -130,8 +131,7 @@ def _backward_maths(dy, x, weight, mean, invstd, training: bool):
     else:
         sum_g, sum_gx = g.sum(dims), (g * x_hat).sum(dims)
     scale = invstd_c if weight is None else invstd_c * channel_view(weight.to(dtype), ndim)
-    if training:
-        g = g - channel_view(sum_g, ndim) / n - x_hat * channel_view(sum_gx, ndim) / n
+    g = g - channel_view(sum_g, ndim) / n - x_hat * channel_view(sum_gx, ndim) / n
     return (scale * g).to(x.dtype), sum_gx, sum_g
 
 
@@ -142,59 +142,48 @@ def _aten(input, running_mean, running_var, weight, bias, training, momentum, ep
 
 
 class _CompiledBatchNorm(torch.autograd.Function):
-    """torch.batch_norm's contract (running statistics updated in place when training) on the
+    """torch.batch_norm's contract in training (running statistics updated in place) on the
     compiled engine; saves x, the parameters and float32 mean and 1/std."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
-        y, mean, invstd, var = CompiledMaths.call(
-            _forward_maths, x, weight, bias, running_mean, running_var, training, eps
-        )
-        if training and running_mean is not None and running_var is not None:
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, invstd, var = CompiledMaths.call(_forward_maths, x, weight, bias, eps)
+        if running_mean is not None and running_var is not None:
             n = x.numel() // x.shape[1]
             update_running_stats(running_mean, running_var, mean, var, n, momentum)
         if y.stride() != x.stride():
             y = torch.empty_like(x).copy_(y)
-        if training:
-            ctx.save_for_backward(x, weight, bias, mean, invstd)
-        else:  # the running statistics are the ones normalized with: keep them for double backward
-            ctx.save_for_backward(x, weight, bias, mean, invstd, running_mean, running_var)
-        ctx.training, ctx.eps = training, eps
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, mean, invstd, *running = ctx.saved_tensors
+        x, weight, bias, mean, invstd = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph: differentiate ATen's batch norm instead
-            return _differentiable_backward(ctx, dy, x, weight, bias, running)
-        dx, sum_gx, sum_g = CompiledMaths.call(
-            _backward_maths, dy, x, weight, mean, invstd, ctx.training
-        )
+            return _differentiable_backward(ctx, dy, x, weight, bias)
+        dx, sum_gx, sum_g = CompiledMaths.call(_backward_maths, dy, x, weight, mean, invstd)
         if dx.stride() != x.stride():
             dx = torch.empty_like(x).copy_(dx)
         dweight = sum_gx.to(weight.dtype) if weight is not None and needs[1] else None
         dbias = sum_g.to(bias.dtype) if bias is not None and needs[2] else None
-        return (dx if needs[0] else None), dweight, dbias, None, None, None, None, None
+        return (dx if needs[0] else None), dweight, dbias, None, None, None, None
 
 
-def _differentiable_backward(ctx, dy, x, weight, bias, running):
+def _differentiable_backward(ctx, dy, x, weight, bias):
     """The gradients as functions of the inputs (for a gradient of the gradient): the layer
-    recomputed with ATen's batch norm, whose backward is itself differentiable."""
-    running_mean, running_var = running if running else (None, None)
-    y = torch.batch_norm(
-        x, weight, bias, running_mean, running_var, ctx.training, 0.0, ctx.eps, False
-    )
+    recomputed with ATen's batch norm (batch statistics, no running update), whose backward is
+    itself differentiable."""
+    y = torch.batch_norm(x, weight, bias, None, None, True, 0.0, ctx.eps, False)
     needs = ctx.needs_input_grad
     inputs = [t for t, need in zip((x, weight, bias), needs[:3], strict=True) if need]
     grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-    return (*(next(grads) if need else None for need in needs[:3]), None, None, None, None, None)
+    return (*(next(grads) if need else None for need in needs[:3]), None, None, None, None)
 
 
 def compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
     """``torch.batch_norm``'s contract, compiled for large inputs (see the module docstring)."""
-    if input.numel() == 0 or not worth_compiling(input):
+    if not training or input.numel() == 0 or not worth_compiling(input):
         return _aten(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return _CompiledBatchNorm.apply(
-        input, weight, bias, running_mean, running_var, training, momentum, eps
-    )
+    return _CompiledBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)
