@@ -246,6 +246,9 @@ def measure(row: Row, rounds: int, min_run_time: float) -> dict:
         "passes": row.passes,
         "bound_ms": bound_ms,
         "of_bound": {name: bound_ms / ms[name] for name in providers},
+        "cpu_of_bound": {
+            name: row.passes / 2 * cpu_ms["copy"] / cpu_ms[name] for name in providers
+        },
     }
 
 

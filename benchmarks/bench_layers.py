@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,10 +90,15 @@ BACKENDS = ["auto", "native", "reference"]  # the default; --backends chooses ot
 PASSES = {"train": 8, "eval": 2}
 
 
-def _time(fn: Callable[[], object], min_run_time: float) -> float:
+def _time(fn: Callable[[], object], min_run_time: float) -> tuple[float, float]:
+    """(median wall seconds, process CPU seconds) per call. CPU time is the steadier measure on a
+    shared machine: waiting for a core does not count."""
     # Timer runs its statement on one thread unless told otherwise: use torch's own thread count.
     timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    start = time.process_time()
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    calls = len(measurement.raw_times) * measurement.number_per_run
+    return measurement.median, (time.process_time() - start) / calls
 
 
 def _train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
@@ -121,22 +127,32 @@ def measure(row: Row, rounds: int, min_run_time: float, backends: list[str]) -> 
     for mode in ("train", "eval"):
         providers = {"torch": row.torch_layer()} | {b: row.ours() for b in backends}
         samples: dict[str, list[float]] = {name: [] for name in [*providers, "copy"]}
+        cpu: dict[str, list[float]] = {name: [] for name in [*providers, "copy"]}
         for _ in range(rounds):  # alternate providers so drift hits them all alike
             for name, layer in providers.items():
                 layer.train(mode == "train")
                 step = _train_step(layer, x, dy) if mode == "train" else _eval_step(layer, x)
                 with nk.backend(name if name in backends else "auto"):
                     step()  # warm-up
-                    samples[name].append(_time(step, min_run_time))
-            samples["copy"].append(_time(lambda: copy_out.copy_(x), min_run_time))
+                    seconds, cpu_seconds = _time(step, min_run_time)
+                    samples[name].append(seconds)
+                    cpu[name].append(cpu_seconds)
+            seconds, cpu_seconds = _time(lambda: copy_out.copy_(x), min_run_time)
+            samples["copy"].append(seconds)
+            cpu["copy"].append(cpu_seconds)
         medians = {name: statistics.median(values) for name, values in samples.items()}
+        cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
         bound = PASSES[mode] / 2 * medians["copy"]
+        cpu_bound = PASSES[mode] / 2 * cpu_medians["copy"]
         result[mode] = {
             "ms": {name: value * 1e3 for name, value in medians.items()},
             "ratio": {b: medians[b] / medians["torch"] for b in backends},
             "passes": PASSES[mode],
             "bound_ms": bound * 1e3,
             "of_bound": {name: bound / medians[name] for name in providers},
+            "cpu_ms": {name: value * 1e3 for name, value in cpu_medians.items()},
+            "cpu_ratio": {b: cpu_medians[b] / cpu_medians["torch"] for b in backends},
+            "cpu_of_bound": {name: cpu_bound / cpu_medians[name] for name in providers},
         }
     return result
 
