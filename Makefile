@@ -1,22 +1,32 @@
 # normkit: `make demo` runs the main job, `make test` runs the tests.
 # Both build .venv from nothing. Torch: when none is importable in the venv, TORCH_SPEC is installed
-# (the CPU build by default); set TORCH_SPEC to choose another, or VENV_ARGS=--system-site-packages
-# to reuse a torch that is already installed on the machine.
+# (the version CI tests, and pyproject.toml's floor) from pip's configured index, or from TORCH_INDEX
+# when set: TORCH_INDEX=https://download.pytorch.org/whl/cpu gets the CPU-only build (PyPI's Linux
+# wheel pulls gigabytes of CUDA libraries). VENV_ARGS=--system-site-packages reuses a torch that is
+# already installed on the machine.
 
 PYTHON     ?= python3
 VENV       ?= .venv
 VENV_ARGS  ?=
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PYTEST_ARGS ?= -n 2
 
 BIN := $(VENV)/bin
 PY  := $(BIN)/python
 
-.PHONY: demo test lint bench env clean-venv fashion-mnist
+.PHONY: demo test lint bench env clean-venv fashion-mnist lab-extra
 
-# The quick reproduction of Ioffe & Szegedy (2015), Fig. 1; prints where its report is.
-demo: $(VENV)/.installed-lab fashion-mnist
-	$(BIN)/normkit lab run ioffe2015-mnist --quick --out runs/demo --overwrite
+# The quick reproduction of Ioffe & Szegedy (2015), Fig. 1; prints where its report is and ends with
+# one line: how many of its checks held and what a failure means. Torch threads: the free cores
+# (NORMKIT_THREADS=N or DEMO_ARGS='--threads N' to choose).
+DEMO_ARGS ?=
+demo: $(VENV)/.installed-lab lab-extra fashion-mnist
+	$(BIN)/normkit lab run ioffe2015-mnist --quick --out runs/demo --overwrite $(DEMO_ARGS)
+
+# The lab extra, checked before any work: one line naming what is missing and how to install it.
+lab-extra:
+	@$(PY) -m normkit.cli.extras "make demo"
 
 test: $(VENV)/.installed-dev fashion-mnist
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -38,8 +48,8 @@ $(VENV)/.torch: | $(PY)
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "torch found: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	else \
-		echo "no torch importable: installing $(TORCH_SPEC)"; \
-		$(PY) -m pip install --quiet "$(TORCH_SPEC)"; \
+		echo "no torch importable: installing $(TORCH_SPEC) $(if $(TORCH_INDEX),from $(TORCH_INDEX))"; \
+		$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"; \
 	fi
 	@touch $@
 

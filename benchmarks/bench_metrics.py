@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from normkit.lab.experiments.santurkar2018_common import deep_linear, vgg
+from normkit.lab.mechanism import deep_linear, vgg
 from normkit.lab.metrics import ics, landscape_probe
 
 STEP_SIZES = (0.05, 0.1, 0.2, 0.3, 0.4)

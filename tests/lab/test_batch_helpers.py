@@ -14,12 +14,13 @@ import normkit as nk
 from helpers import assert_close
 from normkit.errors import ConfigError
 from normkit.lab import RunRecord, run_experiment
+from normkit.lab.batch_orders import PairedBatches, paired_test_order
 from normkit.lab.experiments import renorm as renorm_module
 from normkit.lab.experiments.batch_layer_norm import BlnInference, feature_population
-from normkit.lab.experiments.renorm import PairedBatches, PerMicrobatch, paired_test_order
 from normkit.lab.gloo import GlooDataParallel
 from normkit.lab.records import CHECKPOINTS
 from normkit.lab.small_batch import (
+    PerMicrobatch,
     batch_statistics_accuracy,
     error_vs_batch_figure,
     renorm_ramps,
@@ -236,8 +237,8 @@ def test_renorm_resumes_with_its_paired_batch_order(tmp_path, monkeypatch):
     original, calls = renorm_module.Renorm.measure, {"n": 0}
 
     def failing(self, trial, *args):
-        calls["n"] += trial.key == "noniid/brn"
-        if trial.key == "noniid/brn" and calls["n"] == 4:
+        calls["n"] += trial.key == "noniid-brn/seed=0"
+        if trial.key == "noniid-brn/seed=0" and calls["n"] == 4:
             raise KeyboardInterrupt
         return original(self, trial, *args)
 
@@ -245,7 +246,7 @@ def test_renorm_resumes_with_its_paired_batch_order(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_experiment("renorm", "tiny", overrides, out=tmp_path / "cut", checkpoint_every_s=0)
     assert list((tmp_path / "cut" / CHECKPOINTS).glob("*.pt"))
-    assert "noniid/brn" not in RunRecord.load(tmp_path / "cut").finals()
+    assert "noniid-brn/seed=0" not in RunRecord.load(tmp_path / "cut").finals()
     monkeypatch.setattr(renorm_module.Renorm, "measure", original)
     run_experiment("renorm", out=tmp_path / "cut", resume=True, write_report=False)
     assert rows_and_results(tmp_path / "cut") == rows_and_results(tmp_path / "whole")

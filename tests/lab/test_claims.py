@@ -177,3 +177,20 @@ def test_measured_quantities_have_no_verdict_and_claim_names_are_unique():
     assert check(judged.entry()).passed is None
     with pytest.raises(ValueError, match="unique"):
         judge([claim(DIFF), claim(DIFF)], results({"a": [1.0], "b": [2.0]}))
+
+
+def test_a_miss_on_a_reduced_preset_is_inconclusive_at_that_scale():
+    """quick/tiny run fewer steps than the protocol: a miss there cannot refute the claim, a hit
+    still counts, and the full and GPU presets judge a miss as before."""
+    a, b = [0.50, 0.52, 0.49, 0.51], [0.60, 0.61, 0.60, 0.63]
+    missed = claim(DIFF, below(0.0))
+    for preset in ("quick", "tiny"):
+        judged = missed.judge(results({"a": a, "b": b}, preset=preset))
+        assert judged.verdict == INCONCLUSIVE
+        assert judged.reason.startswith(f"at {preset} scale, where a miss does not refute the claim")
+        assert claim(DIFF).judge(results({"a": a, "b": b}, preset=preset)).verdict == REPRODUCED
+    for preset in ("full", "gpu"):
+        assert missed.judge(results({"a": a, "b": b}, preset=preset)).verdict == NOT_REPRODUCED
+    entry = missed.judge(results({"a": a, "b": b}, preset="quick")).entry()
+    assert card_row(entry)[3].startswith("**inconclusive** at quick scale, where a miss")
+    assert check(entry).passed is None

@@ -68,7 +68,7 @@ def test_run_directory_is_complete_and_well_formed(tiny_runs, name):
     markdown = (directory / "report.md").read_text()
     for figure in figures:
         assert f"figures/{figure.name}" in markdown
-    first = "Published beside ours" if get_experiment(name).legacy else "## Claims"
+    first = "## Claims"
     assert first in markdown and record.config["command"] in markdown
 
 
@@ -81,14 +81,16 @@ def test_ioffe_rows_hold_what_fig_1_needs(tiny_runs):
             assert row["p15"] <= row["p50"] <= row["p85"]
     assert all("bn_gamma" in r and "bn_running_std" in r for r in record.curve("bn/seed=1"))
     summary = record.summary
-    (sweep,) = summary["sweeps"]
-    assert sweep["setting"] == "learning_rate" and sweep["value"] in record.settings["lr_sweep"]
-    losses = {c["value"]: c["train_loss"] for c in sweep["table"]}
-    assert sweep["value"] == min(losses, key=losses.get)  # the rule: the lowest training loss
-    assert all(f["learning_rate"] == sweep["value"] for k, f in record.finals().items()
-               if not k.startswith("sweep/"))  # fmt: skip
+    picks = {sweep["group"]["arm"]: sweep for sweep in summary["sweeps"]}
+    assert set(picks) == {"plain", "bn"}  # each network its own rate, by the same rule
+    for arm, sweep in picks.items():
+        assert sweep["setting"] == "learning_rate" and sweep["value"] in record.settings["lr_sweep"]
+        losses = {c["value"]: c["train_loss"] for c in sweep["table"]}
+        assert sweep["value"] == min(losses, key=losses.get)  # the rule: the lowest training loss
+        assert all(f["learning_rate"] == sweep["value"] for k, f in record.finals().items()
+                   if k.startswith(f"{arm}/"))  # fmt: skip
     claims = {c["name"]: c for c in summary["claims"]}
-    assert set(claims) == {"final-accuracy", "ahead-throughout", "faster", "drift"}
+    assert set(claims) == {"final-accuracy", "ahead-at-20", "faster", "drift"}
     finals = record.finals()
     per_seed = {k: finals[f"bn/seed={k}"]["test_accuracy"] - finals[f"plain/seed={k}"]["test_accuracy"]
                 for k in (0, 1)}  # fmt: skip
@@ -96,42 +98,169 @@ def test_ioffe_rows_hold_what_fig_1_needs(tiny_runs):
     assert claims["final-accuracy"]["published"]["unverified"]  # read from the figure [M]
 
 
-def test_lr_tolerance_summary(tiny_runs):
+def test_ioffe_judges_bn_ahead_at_fixed_budgets_and_drift_late_minus_early(tiny_runs):
+    record = tiny_runs["ioffe2015-mnist"]
+    claims = {c["name"]: c for c in record.summary["claims"]}
+
+    def at(key, metric, step):
+        return next(r[metric] for r in record.curve(key) if r["step"] == step)
+
+    assert claims["ahead-at-20"]["ours"]["per_seed"] == {
+        str(k): at(f"bn/seed={k}", "test_accuracy", 20) - at(f"plain/seed={k}", "test_accuracy", 20)
+        for k in (0, 1)}  # fmt: skip
+
+    def drift(key):  # evaluations at 10..60: the first quarter is step 10, the last step 60
+        rows = [r for r in record.curve(key) if r["step"] > 0]
+        assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+        first, last = rows[0], rows[-1]
+        return (abs(last["train_p50"] - first["train_p50"])
+                + abs((last["train_p85"] - last["train_p15"]) - (first["train_p85"] - first["train_p15"])))
+
+    expected = {str(k): drift(f"plain/seed={k}") / drift(f"bn/seed={k}") for k in (0, 1)}
+    assert claims["drift"]["ours"]["per_seed"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_ioffe_drift_probe_uses_the_batchs_statistics_and_leaves_the_model_alone():
+    import torch
+
+    from normkit.lab.datasets import load_digits_dataset
+    from normkit.lab.plan import Trial
+
+    experiment = get_experiment("ioffe2015-mnist")
+    settings = experiment.settings("tiny", {"dataset": "digits"})
+    data = load_digits_dataset()
+    trial = Trial("bn/seed=0", {"arm": "bn", "phase": "main", "network": "bn", "learning_rate": 0.5},
+                  60, 10)  # fmt: skip
+    setup = experiment.setup(trial, settings, data, torch.Generator().manual_seed(0))
+    norm = setup.model.norm3
+    with torch.no_grad():  # running statistics far from the data's, as early in training
+        norm.running_mean.fill_(5.0)
+        norm.running_var.fill_(9.0)
+    setup.model.eval()
+    before = {k: v.clone() for k, v in setup.model.state_dict().items()}
+    with torch.no_grad():
+        row = experiment.measure(trial, settings, setup, data)
+    assert all(torch.equal(before[k], v) for k, v in setup.model.state_dict().items())
+    assert not setup.model.training
+    # train mode normalizes by the fixed batch itself: with γ = 1, β = 0 its median sits near 0,
+    # where eval mode's (running mean 5, std 3) sits near -5/3
+    assert abs(row["train_p50"]) < 0.5 < abs(row["p50"])
+
+
+def test_lr_tolerance_judges_speedups_to_each_seeds_own_target(tiny_runs):
     record = tiny_runs["lr-tolerance"]
-    runs = record.summary["runs"]
-    assert set(runs) == {
-        "plain-x1",
-        "bn-x1",
-        "bn-x5",
-        "plain-x30",
-        "bn-x5-sigmoid",
-        "plain-x1-sigmoid",
-    }
-    assert record.summary["target_accuracy"] == runs["plain-x1"]["best_validation_accuracy"]
-    assert runs["plain-x1"]["steps_to_target"] is not None
-    assert runs["bn-x5"]["learning_rate"] == pytest.approx(5 * record.settings["base_lr"])
-    assert all("validation_accuracy" in r for r in record.curve("bn-x5"))
+    finals = record.finals()
+    arms = ("plain-x1", "bn-x1", "bn-x5", "plain-x30", "bn-x5-sigmoid", "plain-x1-sigmoid")
+    sweep = {f"sweep/plain-x1/base_lr={v:g}" for v in record.settings["lr_sweep"]}
+    assert set(finals) == {f"{arm}/seed=0" for arm in arms} | sweep
 
 
-def test_init_sensitivity_has_every_cell(tiny_runs):
-    cells = tiny_runs["init-sensitivity"].summary["cells"]
-    assert set(cells) == {
-        f"{n}/{i}" for n in ("plain", "bn") for i in ("gaussian:0.01", "gaussian:1", "he")
-    }
-    assert all(0.0 <= c["mean"] <= 1.0 and c["n"] == 1 for c in cells.values())
+def test_lr_tolerance_base_rate_is_the_largest_stable_rate_without_bn(tiny_runs):
+    record = tiny_runs["lr-tolerance"]
+    settings, finals = record.settings, record.finals()
+    (pick,) = record.summary["sweeps"]
+    stable = [f["base_lr"] for k, f in finals.items() if k.startswith("sweep/")
+              and not f["diverged"] and f["train_loss"] <= settings["stable_loss"]]  # fmt: skip
+    assert 5.0 not in stable  # the tiny sweep's 5.0 is past the edge: the rule must reject it
+    assert pick["value"] == max(stable)
+    for key, row in finals.items():
+        if not key.startswith("sweep/"):
+            assert row["learning_rate"] == pytest.approx(pick["value"] * row["multiplier"]), key
+            long = row["network"] == "bn" and row["accelerated"] and row["activation"] == "relu"
+            assert row["steps"] == settings["long_steps" if long else "steps"], key
+
+    def curve(arm):
+        return [(r["step"], r["validation_accuracy"]) for r in record.curve(f"{arm}/seed=0")]
+
+    target = max(v for _, v in curve("plain-x1"))
+
+    def reached(arm):  # the first evaluation at the no-BN network's best accuracy
+        return next((s for s, v in curve(arm) if v >= target), None)
+
+    def speedup(arm):  # an arm that never gets there has no speedup
+        return 0.0 if reached(arm) is None else reached("plain-x1") / reached(arm)
+
+    claims = {c["name"]: c for c in record.summary["claims"]}
+    assert set(claims) == {"target", "bn-x1-speedup", "bn-x5-speedup", "bn-x5-over-x1", "plain-fails",
+                           "sigmoid"}  # fmt: skip
+    assert claims["target"]["ours"]["per_seed"] == {"0": target}
+    assert claims["bn-x1-speedup"]["ours"]["per_seed"] == {"0": speedup("bn-x1")}
+    assert claims["bn-x5-over-x1"]["ours"]["per_seed"] == {"0": speedup("bn-x5") - speedup("bn-x1")}
+    assert claims["bn-x1-speedup"]["published"]["unverified"]  # 13.3M is from secondary copies
+    assert claims["bn-x1-speedup"]["verdict"] == "inconclusive"  # one seed decides nothing
+    stuck = max(v for _, v in curve("plain-x30")) < 1.5 / record.config["data"]["classes"]
+    assert claims["plain-fails"]["ours"]["per_seed"] == {
+        "0": float(finals["plain-x30/seed=0"]["diverged"] or stuck)}
 
 
-def test_regularization_reports_gaps_and_paired_tests(tiny_runs):
+def test_init_sensitivity_judges_the_spread_over_scales_per_seed(tiny_runs):
+    record = tiny_runs["init-sensitivity"]
+    finals = record.finals()
+    inits = ("gaussian:0.01", "gaussian:1", "he")
+    assert set(finals) == {f"{n}/init={i}/seed=0" for n in ("plain", "bn") for i in inits}
+    chance = 1 / record.config["data"]["classes"]
+
+    def spread(network):  # the Gaussian scales only; a diverged network counts at chance
+        values = [chance if f["diverged"] else f["test_accuracy"]
+                  for f in (finals[f"{network}/init={i}/seed=0"] for i in inits[:2])]  # fmt: skip
+        return max(values) - min(values)
+
+    claims = {c["name"]: c for c in record.summary["claims"]}
+    assert claims["spread"]["ours"]["per_seed"] == {"0": spread("plain") - spread("bn")}
+    assert claims["spread-bn"]["ours"]["per_seed"] == {"0": spread("bn")}
+    assert claims["spread"]["verdict"] == "inconclusive" and "too few seeds" in claims["spread"]["reason"]
+
+
+def test_regularization_judges_the_gaps_paired_by_seed_at_each_batch(tiny_runs):
     record = tiny_runs["regularization"]
-    assert record.config["data"]["train"] == 100
-    variants = record.summary["variants"]
-    assert set(variants) == {"none", "dropout", "bn", "bn+dropout"}
-    for cell in variants.values():
-        assert cell["gap"]["mean"] == pytest.approx(
-            cell["train_accuracy"]["mean"] - cell["test_accuracy"]["mean"]
-        )
-        assert cell["gap"]["n"] == 2
-    assert set(record.summary["versus_none"]) == {"dropout", "bn", "bn+dropout"}
+    assert record.config["data"]["train"] == 100 and record.config["data"]["validation"] == 60
+    finals = {k: f for k, f in record.finals().items() if not k.startswith("sweep/")}
+    variants = ("none", "dropout", "bn", "bn+dropout")
+    assert set(finals) == {f"{v}/batch_size={b}/seed={k}" for v in variants for b in (10, 20) for k in (0, 1)}
+    for row in finals.values():
+        assert row["gap"] == pytest.approx(row["train_accuracy"] - row["test_accuracy"])
+
+    def per_seed(metric, a, b, batch):
+        return {str(k): finals[f"{a}/batch_size={batch}/seed={k}"][metric]
+                - finals[f"{b}/batch_size={batch}/seed={k}"][metric] for k in (0, 1)}  # fmt: skip
+
+    claims = {c["name"]: c for c in record.summary["claims"]}
+    for batch in (10, 20):
+        assert claims[f"gap-bn-b{batch}"]["ours"]["per_seed"] == per_seed("gap", "bn", "none", batch)
+        assert claims[f"accuracy-bn-b{batch}"]["ours"]["per_seed"] == per_seed(
+            "test_accuracy", "bn", "none", batch)
+        assert claims[f"dropout-removable-b{batch}"]["ours"]["per_seed"] == per_seed(
+            "test_accuracy", "bn", "bn+dropout", batch)
+    assert claims["gap-bn-b10"]["verdict"] == "inconclusive"
+
+
+def test_regularization_picks_each_variants_rate_at_each_batch_on_validation(tiny_runs):
+    record = tiny_runs["regularization"]
+    finals = record.finals()
+    sweeps = {(s["group"]["arm"], s["group"]["batch_size"]): s["value"] for s in record.summary["sweeps"]}
+    assert set(sweeps) == {(v, b) for v in ("none", "dropout", "bn", "bn+dropout") for b in (10, 20)}
+    for (arm, batch), value in sweeps.items():
+        tried = {f["learning_rate"]: f["validation_accuracy"] for k, f in finals.items()
+                 if k.startswith(f"sweep/{arm}/batch_size={batch}/")}  # fmt: skip
+        assert set(tried) == set(record.settings["lr_sweep"])
+        assert value == min(v for v, acc in tried.items() if acc == max(tried.values()))
+        for k in (0, 1):
+            row = finals[f"{arm}/batch_size={batch}/seed={k}"]
+            assert row["learning_rate"] == value and row["batch_size"] == batch
+
+
+@pytest.mark.parametrize("name, setting", [("regularization", "learning_rate"), ("lr-tolerance", "base_lr"),
+                                           ("ioffe2015-mnist", "learning_rate")])  # fmt: skip
+def test_settings_table_shows_the_values_that_ran(tiny_runs, name, setting):
+    """Issue 22 item 13: the table showed the setting's lr 0.5 where the sweep's 2.0 had run."""
+    record = tiny_runs[name]
+    ran = {f[setting] for k, f in record.finals().items() if not k.startswith("sweep/")}
+    markdown = (record.directory / "report.md").read_text().split("## Reproducing this run")[1]
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {setting} |"))
+    assert all(f"{value:g}" in row for value in ran), (ran, row)
+    assert f"the setting's {record.settings[setting]:g} was not used" in row
+    if name == "regularization":  # its tiny setting (0.05) is none of the swept rates (0.01, 0.2)
+        assert record.settings[setting] not in ran
 
 
 def test_placement_judges_the_paired_difference_over_seeds(tiny_runs):
@@ -143,6 +272,20 @@ def test_placement_judges_the_paired_difference_over_seeds(tiny_runs):
     assert claim["ours"]["per_seed"] == expected and claim["ours"]["n"] == 2
     assert claim["verdict"] == "inconclusive" and "too few seeds" in claim["reason"]
     assert "too few seeds" in (record.directory / "report.md").read_text()
+
+
+def test_placement_gives_each_placement_its_own_rate_by_validation_accuracy(tiny_runs):
+    record = tiny_runs["placement"]
+    finals = record.finals()
+    assert record.config["data"]["validation"] == 100
+    picks = {s["group"]["arm"]: s["value"] for s in record.summary["sweeps"]}
+    assert set(picks) == {"before", "after"}
+    for arm, value in picks.items():
+        tried = {f["learning_rate"]: f["validation_accuracy"] for k, f in finals.items()
+                 if k.startswith(f"sweep/{arm}/")}  # fmt: skip
+        assert set(tried) == set(record.settings["lr_sweep"])
+        assert value == min(v for v, acc in tried.items() if acc == max(tried.values()))
+        assert all(finals[f"{arm}/seed={k}"]["learning_rate"] == value for k in (0, 1))
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

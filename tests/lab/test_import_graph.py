@@ -94,10 +94,9 @@ def test_the_graph_sees_imports_inside_functions_and_the_discovery():
 def test_experiments_import_neither_each_other_nor_the_runner():
     graph = import_graph()
     inside = {"runner", "runfolder", "executors", "trial", "catalog"}
-    ported = [m for m, imports in graph.items()
-              if m.startswith(EXPERIMENTS + ".") and f"{PACKAGE}.legacy" not in imports]  # fmt: skip
-    assert {f"{EXPERIMENTS}.{n}" for n in ("ioffe2015_mnist", "placement", "batch_size")} <= set(ported)
-    for name in ported:  # legacy experiments are exempt until they are ported
+    experiments = [m for m in graph if m.startswith(EXPERIMENTS + ".")]
+    assert {f"{EXPERIMENTS}.{n}" for n in ("ioffe2015_mnist", "placement", "batch_size")} <= set(experiments)
+    for name in experiments:
         imports = graph[name]
         assert not {i for i in imports if i.startswith(EXPERIMENTS + ".")}, name
         assert not {i for i in imports if i.rpartition(".")[2] in inside}, name

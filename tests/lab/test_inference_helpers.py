@@ -6,15 +6,16 @@ import torch
 from torch import nn
 
 import normkit as nk
-from normkit.lab.experiments.population_stats import (
+from normkit.lab.experiments.train_test_gap import FreezeBatchNorm
+from normkit.lab.experiments.variance_bias import _biased, normalized_variance
+from normkit.lab.population import (
     EmaTracker,
     batch_norm_layers,
+    batch_statistics,
     error_rate,
     precise,
     training_batches,
 )
-from normkit.lab.experiments.train_test_gap import FreezeBatchNorm, batch_statistics_error
-from normkit.lab.experiments.variance_bias import _biased, normalized_variance
 
 
 def _net():
@@ -43,12 +44,47 @@ def test_ema_tracker_at_the_layers_momentum_equals_the_layers_running_statistics
     _train(tracker, 12)
     assert int(tracker.steps) == 12
     for path, layer in batch_norm_layers(tracker.net).items():
-        mean, var = tracker.ema(0)[path]
+        mean, var = tracker.ema(0)[path]  # uncorrected, as the layer keeps it
         torch.testing.assert_close(mean, layer.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(var, layer.running_var, rtol=1e-5, atol=1e-6)
         slow_mean, _ = tracker.ema(1)[path]
         assert not torch.allclose(slow_mean, layer.running_mean)  # the 0.01 EMA lags behind
     assert any(name.startswith("ema1_") for name in tracker.state_dict())  # resumable
+
+
+def test_bias_corrected_ema_averages_the_batch_statistics_alone():
+    """Adam's correction (Kingma & Ba 2015, §3): after t updates at momentum m the EMA is
+    λᵗ·initial + Σᵢ m λ^(t−i) bᵢ (λ = 1 − m); corrected, it is Σᵢ m λ^(t−i) bᵢ / (1 − λᵗ), whose
+    weights sum to 1, so the initial (0, 1) no longer counts. After one update it is that batch's."""
+    torch.manual_seed(0)
+    tracker = EmaTracker(_net(), momenta=(0.01, 0.3))
+    layer = tracker.net[1]
+    seen = []
+
+    def record(module, args):
+        if module.training:
+            seen.append(args[0].detach().double())
+
+    layer.register_forward_pre_hook(record)
+    for t in (1, 5):
+        _train(tracker, t - len(seen), seed=t)
+        for k, m in enumerate(tracker.momenta):
+            lam = 1 - m
+            weights = [m * lam ** (t - 1 - i) for i in range(t)]
+            means = [x.mean((0, 2, 3)) for x in seen]
+            variances = [x.var((0, 2, 3), unbiased=True) for x in seen]
+            expected_mean = sum(w * b for w, b in zip(weights, means, strict=True)) / (1 - lam**t)
+            expected_var = sum(w * b for w, b in zip(weights, variances, strict=True)) / (1 - lam**t)
+            mean, var = tracker.ema(k, corrected=True)["1"]
+            torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(var.double(), expected_var, rtol=1e-4, atol=1e-5)
+            raw_mean, raw_var = tracker.ema(k)["1"]  # uncorrected: still λᵗ of the initial (0, 1)
+            close = {"rtol": 1e-4, "atol": 1e-5}
+            torch.testing.assert_close(raw_mean.double(), (1 - lam**t) * expected_mean, **close)
+            torch.testing.assert_close(raw_var.double(), lam**t + (1 - lam**t) * expected_var, **close)
+    snapshot = tracker.use(0, corrected=True)
+    torch.testing.assert_close(layer.running_mean, tracker.ema(0, corrected=True)["1"][0])
+    snapshot.restore()
 
 
 def test_ema_tracker_use_swaps_and_restores_and_eval_passes_do_not_update():
@@ -89,13 +125,15 @@ def test_freeze_batch_norm_calls_the_hook_once_then_keeps_statistics_fixed():
 
 
 def test_batch_statistics_error_uses_batch_statistics_and_changes_nothing():
+    """``batch_statistics`` (train mode, running statistics frozen) with the error on chunks."""
     torch.manual_seed(0)
     net = _net()
     _train(net, 5)
     net.eval()
     saved = {k: v.clone() for k, v in net.state_dict().items()}
     x, y = torch.randn(64, 1, 8, 8) * 2 + 1, torch.randint(0, 3, (64,))
-    error = batch_statistics_error(net, x, y, chunk=16)
+    with batch_statistics(net):
+        error = error_rate(net, x, y, chunk=16)
     expected = []
     with nk.frozen_running_stats(net):
         net.train()

@@ -58,7 +58,7 @@ def test_runs_are_deterministic_and_rows_well_formed(tmp_path):
     assert (tmp_path / "a" / METRICS).read_bytes() == (tmp_path / "b" / METRICS).read_bytes()
     settings = first.settings
     finals = first.finals()
-    sweep = [f"sweep/plain/learning_rate={lr:g}" for lr in settings["lr_sweep"]]
+    sweep = [f"sweep/{arm}/learning_rate={lr:g}" for arm in ("plain", "bn") for lr in settings["lr_sweep"]]
     main = [f"{arm}/seed={k}" for k in range(settings["seeds"]) for arm in ("plain", "bn")]
     assert list(finals) == sweep + main
     for key in main:
@@ -91,7 +91,7 @@ def test_resume_after_an_exception_mid_trial_matches_an_uninterrupted_run(tmp_pa
 
     def failing_measure(self, *args):
         calls["n"] += 1
-        if calls["n"] == 16:  # the first main trial (after 2 x 5 sweep evaluations), at step 25
+        if calls["n"] == 26:  # the first main trial (after 2 x 2 x 5 sweep evaluations), at step 25
             raise KeyboardInterrupt
         return original(self, *args)
 

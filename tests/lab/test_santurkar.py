@@ -5,6 +5,7 @@ and loss, the step a measurement is taken at, training undisturbed by measuring,
 from __future__ import annotations
 
 import base64
+import copy
 import math
 import re
 from dataclasses import dataclass
@@ -28,15 +29,22 @@ from normkit.lab import (
     register,
     run_experiment,
 )
-from normkit.lab.experiments.santurkar2018_common import (
+from normkit.lab.evaluation import accuracy_and_loss
+from normkit.lab.experiments import santurkar2018_ics as shift
+from normkit.lab.experiments import santurkar2018_landscape as landscape
+from normkit.lab.experiments import santurkar2018_noisy as noisy
+from normkit.lab.mechanism import (
     LpBatchNorm,
     TimeVaryingNoise,
     deep_linear,
     gaussian_regression,
+    noise_in_eval,
+    noisy_accuracy_and_loss,
     probe_batch,
     vgg,
 )
 from normkit.lab.models import mlp
+from normkit.lab.results import Results
 from normkit.lab.seeds import derived_seed
 
 EXPERIMENTS = ["santurkar2018-noisy", "santurkar2018-ics", "santurkar2018-landscape"]
@@ -77,7 +85,11 @@ def test_run_directory_and_reports(tiny_runs, name):
     figures = sorted((directory / "figures").glob("*.png"))
     assert figures and all(f.read_bytes().startswith(PNG) for f in figures)
     markdown = (directory / "report.md").read_text()
-    assert "Published beside ours" in markdown and "Deviations" in markdown
+    assert "## Claims" in markdown and "Deviations" in markdown
+    claims = record.summary["claims"]
+    assert claims and all(c["published"]["source"] for c in claims)
+    # every claim with a criterion has a verdict; a measured quantity has none
+    assert all((c["verdict"] is None) == (c["criterion"] is None) for c in claims)
     for figure in figures:
         assert f"figures/{figure.name}" in markdown
     page = (directory / "report.html").read_text()
@@ -94,9 +106,8 @@ def test_noisy_records_percentiles_of_every_layer_at_their_steps(tiny_runs):
     assert set(record.finals()) == {
         f"{k}/seed=0" for k in ("standard", "bn", "noisy-bn", "standard-noise")
     }
-    experiment = get_experiment("santurkar2018-noisy")
-    for key, final in record.finals().items():
-        series = experiment.percentile_series(record, key)
+    for trial in Results(record, noisy.NoisySettings()).all:
+        series, final = noisy.percentile_series(trial), trial.final
         assert set(series) == {"layer1", "layer2", "layer3"}  # two conv stages and the fc layer
         for rows in series.values():
             steps = [r[0] for r in rows]
@@ -105,16 +116,27 @@ def test_noisy_records_percentiles_of_every_layer_at_their_steps(tiny_runs):
             for _, p15, p50, p85 in rows:
                 if p15 is not None:
                     assert p15 <= p50 <= p85
-    summary = record.summary
-    assert set(summary["checks"]) == {
-        "noisy_bn_loss_close_to_bn",
-        "noisy_bn_loss_below_standard",
-        "noisy_bn_less_stable_than_standard",
-        "noise_stops_standard",
-    }
-    arms = summary["arms"]
+    names = [c["name"] for c in record.summary["claims"]]
+    assert names == ["like-bn", "beats-standard", "less-stable", "noise-stops-standard"]
+    trials = {t.params["arm"]: t for t in Results(record, noisy.NoisySettings()).all}
     # The noise moves the channel's distribution by O(1) every step, by construction.
-    assert arms["noisy-bn"]["instability"]["layer1"] > arms["bn"]["instability"]["layer1"]
+    unstable = {arm: noisy.instability(noisy.percentile_series(t)["layer1"]) for arm, t in trials.items()}
+    assert unstable["noisy-bn"] > unstable["bn"]
+
+
+def test_noisy_claims_read_the_accuracy_curves_evaluated_with_the_noise_on(tiny_runs):
+    """Issue 17: noisy BN is judged on the test-accuracy curve (its mean after step 0, per seed),
+    paired with BN's; every evaluation carries the noise-on train and test accuracy."""
+    record = tiny_runs["santurkar2018-noisy"]
+    experiment = get_experiment("santurkar2018-noisy")
+    settings = experiment.settings("tiny", {"dataset": "fashion-mnist"})
+    results = Results(record, settings)
+    curves = {t.params["arm"]: [r["test_accuracy"] for r in t.curve if r["step"] > 0] for t in results.all}
+    assert all(len(c) == 2 for c in curves.values())  # steps 4 and 8
+    like = next(c for c in experiment.claims(settings) if c.name == "like-bn")
+    expected = sum(curves["noisy-bn"]) / 2 - sum(curves["bn"]) / 2
+    assert like.ours.per_seed(results)[0] == pytest.approx(expected, abs=1e-12)
+    assert all({"train_accuracy", "train_eval_loss"} <= set(r) for t in results.all for r in t.curve)
 
 
 def test_ics_measures_every_weight_layer_of_both_families(tiny_runs):
@@ -136,9 +158,64 @@ def test_ics_measures_every_weight_layer_of_both_families(tiny_runs):
             assert first["l2"] == 0.0  # nothing before the first layer
             for values in row["ics"]["layers"].values():
                 assert values["l2"] >= 0 and -1 - 1e-9 <= values["cosine"] <= 1 + 1e-9
-    families = record.summary["families"]
-    assert set(families) == {"cnn", "dln"}
-    assert "conv1" not in families["cnn"]["layers"] and "linear1" not in families["dln"]["layers"]
+    names = [c["name"] for c in record.summary["claims"]]
+    assert names == [f"{f}-{q}" for f in ("cnn", "dln") for q in ("relative", "angle", "l2", "faster")]
+    for trial in Results(record, shift.IcsSettings()).all:  # the first layer (G' = G) is left out
+        layers = shift._window_medians(trial, 6)
+        assert layers and not {"conv1", "linear1"} & set(layers)
+        assert all(row["ics_relative"] > 0 and row["ics_turn"] >= 0 for row in trial.curve[1:])
+
+
+def _claim_values(record, name: str) -> dict:
+    experiment = get_experiment("santurkar2018-ics")
+    settings = experiment.settings("tiny", {"dataset": "digits"})
+    claim = next(c for c in experiment.claims(settings) if c.name == name)
+    return claim.ours.per_seed(Results(record, settings))
+
+
+def test_ics_claims_read_the_window_and_the_cnn_convolutions_only(tiny_runs):
+    """Issue 17: the claims read the evaluations at steps 0 < t <= window, of the CNN's conv layers
+    after the first; an evaluation after the window or a change in the fully connected layers
+    leaves them as they are, a change of conv2 inside the window does not."""
+    record = copy.deepcopy(tiny_runs["santurkar2018-ics"])
+    before = _claim_values(record, "cnn-relative")
+    assert before[0] is not None and before[0] > 0
+    curve = record.curve("cnn-bn/seed=0")
+    late = copy.deepcopy(curve[-1])
+    late["step"] = 7  # after the tiny window (6)
+    for layer in late["ics"]["layers"].values():
+        layer["relative_l2"] = 1e6
+    record.rows.append(late)
+    for row in curve[1:]:
+        for layer in ("linear3", "output"):
+            row["ics"]["layers"][layer]["relative_l2"] *= 1e3
+    assert _claim_values(record, "cnn-relative") == before
+    for row in curve[1:]:
+        row["ics"]["layers"]["conv2"]["relative_l2"] *= 2
+    assert _claim_values(record, "cnn-relative")[0] == pytest.approx(2 * before[0], rel=1e-9)
+
+
+def test_ics_quick_is_the_full_protocol_in_the_window_with_fewer_seeds():
+    """Quick trains the full preset's networks with the same window and evaluations: each of its
+    seeds gives exactly the full run's value of that seed, so quick cannot reverse full."""
+    experiment = get_experiment("santurkar2018-ics")
+    full, quick = (experiment.settings(p, {}) for p in ("full", "quick"))
+    changed = {f for f in vars(full) if getattr(full, f) != getattr(quick, f)}
+    assert changed == {"steps", "dln_steps", "seeds"}
+    assert full.window <= min(quick.steps, quick.dln_steps) and quick.seeds < full.seeds
+    assert full.seeds >= 3
+
+
+def test_ics_a_longer_run_gives_the_same_claim_values(tmp_path):
+    """End to end: training past the window (as the full preset does beyond quick's) leaves every
+    judged value of every seed as it is, so a shorter run cannot reverse a longer one."""
+    values = []
+    for steps in (6, 12):
+        overrides = {"dataset": "digits", "steps": steps, "dln_steps": steps}
+        record = run_experiment("santurkar2018-ics", "tiny", overrides, out=tmp_path / str(steps))
+        values.append({c["name"]: c["ours"]["per_seed"] for c in record.summary["claims"]})
+    assert values[0] == values[1]
+    assert all(v["0"] is not None for v in values[0].values())
 
 
 def test_dln_trains_on_its_own_data_with_the_mean_squared_error(tmp_path):
@@ -159,7 +236,6 @@ def test_dln_trains_on_its_own_data_with_the_mean_squared_error(tmp_path):
     assert record.curve("dln-standard/seed=0")[0]["test_mse"] > 0
     final = record.finals()["dln-standard/seed=0"]  # regression: the MSE, no accuracy
     assert final["test_mse"] > 0 and "test_accuracy" not in final
-    assert record.summary["arms"]["dln-standard"]["test"] == final["test_mse"]
 
 
 def test_landscape_rows_and_lp_variants(tiny_runs):
@@ -172,13 +248,30 @@ def test_landscape_rows_and_lp_variants(tiny_runs):
             assert probe["step_sizes"] == steps and len(probe["losses"]) == len(steps)
             assert probe["loss_min"] == min(probe["losses"])
             assert probe["grad_change_max"] == max(probe["grad_changes"])
-    summary = record.summary
-    assert set(summary["lp"]) == {"l1", "l2", "linf"}
-    assert set(summary["checks"]) == {
-        "bn_narrower_loss_band",
-        "bn_more_predictive_gradient",
-        "bn_lower_beta",
-    }
+    claims = {c["name"]: c for c in record.summary["claims"]}
+    assert {"loss-band", "gradient-change", "beta", "lp-comparable", "lp-smoother"} <= set(claims)
+    for arm in ("standard", "bn"):  # the overflow rate is a claim of its own, per arm
+        assert 0 <= claims[f"overflow-{arm}"]["ours"]["mean"] <= 1
+
+
+def _probe(band: float | None) -> dict:
+    """A landscape probe's row; ``band=None``: a step along the gradient overflowed."""
+    losses = [1.0, None] if band is None else [1.0, 1.0 + band]
+    return {"losses": losses, "grad_changes": [1.0, 2.0], "loss_min": 1.0,
+            "loss_max": None if band is None else 1.0 + band, "grad_change_max": 2.0,
+            "beta_smoothness": None if band is None else 3.0}  # fmt: skip
+
+
+def test_landscape_counts_an_overflowed_probe_as_infinite_not_dropped():
+    """Issue 17: dropping overflowed probes favoured the network without BN; a median in which an
+    overflow counts as +inf keeps them, and the overflow rate is reported."""
+    steps, probes = [0, 1, 2, 3], [_probe(9.0), _probe(None), _probe(0.5), _probe(0.7)]
+    assert landscape._median_over_probes("loss_band")(steps, probes) == pytest.approx(0.7)  # not 0.6
+    assert landscape._median_over_probes("beta_smoothness")(steps, probes) == 3.0
+    assert landscape._overflow_rate(steps, probes) == pytest.approx(1 / 3)  # step 0 left out
+    assert landscape._median_over_probes("loss_band")(steps, [_probe(1.0)] + [_probe(None)] * 3) == math.inf
+    assert landscape._over(1.0, math.inf) == 0.0 and landscape._over(math.inf, 1.0) is None
+    assert landscape._over(1.0, 4.0) == 0.25
 
 
 def test_measuring_does_not_change_training(tmp_path):
@@ -318,6 +411,33 @@ def test_lp_normalization_rejects_bad_arguments():
         LpBatchNorm(4, 3)
     with pytest.raises(ConfigError, match=r"\(N, 4, \*\)"):
         LpBatchNorm(4, 2)(torch.randn(2, 5))
+
+
+def test_noise_in_eval_draws_from_its_own_generator_and_is_restored():
+    """Issue 17: noisy BN is evaluated with the noise on (not its expectation 2x), from a generator
+    of its own, so measuring leaves training's random stream alone."""
+    noise = TimeVaryingNoise().eval()
+    x = torch.ones(8, 3, 2, 2)
+    state = torch.get_rng_state()
+    with noise_in_eval(noise, torch.Generator().manual_seed(0)) as layers:
+        first, second = noise(x), noise(x)
+    assert layers == 1 and not torch.equal(first, second) and not torch.equal(first, 2 * x)
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is untouched
+    with noise_in_eval(noise, torch.Generator().manual_seed(0)):
+        assert torch.equal(noise(x), first)  # seeded: the same draws again
+    assert torch.equal(noise(x), 2 * x)  # outside the block: the expectation again
+
+
+def test_noisy_accuracy_averages_draws_with_the_noise_on():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    noisy, plain = (vgg((1, 8, 8), (4, 8), 8, 10, norm="batch", noise=n).eval() for n in ({}, None))
+    with torch.no_grad():
+        expectation = accuracy_and_loss(noisy, x, y)
+        assert noisy_accuracy_and_loss(plain, x, y, 3, seed=1) == accuracy_and_loss(plain, x, y)
+    once, again = (noisy_accuracy_and_loss(noisy, x, y, 3, seed=1) for _ in range(2))
+    assert once == again and once[1] != expectation[1]  # seeded; not the 2x network
+    assert noisy_accuracy_and_loss(noisy, x, y, 1, seed=1) != once  # more draws, another mean
 
 
 def test_networks_have_the_named_layers_the_experiments_use():

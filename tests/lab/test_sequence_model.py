@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from normkit.errors import BatchTooSmallError, ConfigError
-from normkit.lab.experiments.sequence_norms import (
+from normkit.lab.text import (
     ALPHABET,
     IGNORE,
     NORMS,

@@ -16,7 +16,7 @@ from helpers import (
     reference_directional_derivative,
 )
 from normkit import reference as R
-from normkit.errors import ConfigError
+from normkit.errors import BatchTooSmallError, ConfigError
 from normkit.functional import _compiled
 
 SHAPES = [(5, 4), (4, 3, 6), (3, 4, 3, 5), (2, 3, 2, 3, 2)]
@@ -116,6 +116,40 @@ def test_batch_of_one_sample_is_layer_norm_over_the_channels(backend):
     with nk.backend("reference"):  # the expectation, whichever backend the layer runs on
         expected = (1 - 1e-4) * ln(x) - 1e-4 * x_b
     assert_close(layer(x), expected, what="m = 1")
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (1, 5, 1, 1)], ids=str)
+def test_one_value_per_channel_trains_as_the_official_code(shape, backend):
+    """A batch of one sample on (N, C) (or a 1x1 map): the code's batch moments are mu_B = x,
+    sigma2_B = 0, so its BN part is 0 and the output is the LN part plus beta (the float64 oracle
+    computes it that way); the gradients are the oracle's; the running statistics and the batch
+    counter stay as they were (one value has no variance); BatchNorm still refuses the batch."""
+    layer = nk.BatchLayerNorm(5, batch_size=1).double()
+    randomize_parameters(layer)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    rng = np.random.default_rng(4)
+    x, w = rng.normal(0.5, 2.0, shape), rng.normal(size=shape)
+    leaf = torch.tensor(x, requires_grad=True)
+    y = layer(leaf)
+    gamma, beta = _numpy(layer.weight), _numpy(layer.bias)
+    oracle = lambda x_, g_, b_: R.batch_layer_norm(x_, g_, b_, 1e-3, 1)
+    assert_close(y, torch.tensor(oracle(x, gamma, beta)), torch.float64, "output at batch 1")
+    rows = leaf.detach().view(1, 5)
+    x_f = (rows - rows.mean()) / torch.sqrt(rows.var(unbiased=False) + 1e-3)  # LN over the channels
+    expected = (1 / 1 - 1e-4) / math.sqrt(5) * x_f * layer.weight.detach() + layer.bias.detach()
+    assert_close(y, expected.view(shape), torch.float64, "LN part plus beta, no BN part")
+    (y * torch.tensor(w)).sum().backward()
+    inputs = [x, gamma, beta]
+    for k, grad in enumerate([leaf.grad, layer.weight.grad, layer.bias.grad]):
+        directions = [np.zeros_like(a) for a in inputs]
+        directions[k] = rng.normal(size=inputs[k].shape)
+        expected = reference_directional_derivative(oracle, inputs, directions, w)
+        got = (grad * torch.tensor(directions[k])).sum().item()
+        assert got == pytest.approx(expected, rel=1e-7, abs=1e-8), f"input {k}"
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed at one value per channel"
+    with pytest.raises(BatchTooSmallError, match="more than one value per channel"):
+        nk.BatchNorm1d(5).double()(leaf.detach().view(1, 5))
 
 
 def test_eval_weights_follow_the_eval_batch_unless_batch_size_is_given(backend):

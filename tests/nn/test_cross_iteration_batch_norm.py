@@ -6,6 +6,8 @@ average; and how the producer is given."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -168,3 +170,35 @@ def test_convert_attaches_each_layer_to_its_convolution():
     for seed in range(3):
         new(make_input((2, 3, 6, 6), seed=seed)).sum().backward()
     assert int(new[1].history_size) == 3  # window 4: three earlier steps kept
+
+
+@pytest.mark.parametrize("compensate", [False, True], ids=["naive", "compensated"])
+def test_double_backward_over_a_full_window(compensate):
+    """A gradient penalty through a training step that pools k = 3 iterations: the ``native``
+    backward under create_graph=True (pooled statistics as functions of this batch's mean and
+    variance) against autograd twice through the ``reference`` form, float64 (the same maths
+    in another order: 1e-10)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
+    cbn = nk.CrossIterationBatchNorm(4, window=3, compensate=compensate).double().attach(conv)
+    randomize_parameters(cbn)
+    for seed in range(3):  # the window fills
+        cbn(conv(make_input((2, 3, 5, 5), torch.float64, seed=seed))).square().mean().backward()
+    u = make_input((2, 3, 5, 5), torch.float64, seed=9)
+    weights = make_input((2, 4, 5, 5), torch.float64, seed=10)
+    results = []
+    for backend in ("native", "reference"):
+        layer = copy.deepcopy(cbn).attach(copy.deepcopy(conv))
+        leaf = u.clone().requires_grad_()
+        params = [leaf, *layer.parameters()]
+        with nk.backend(backend):
+            y = layer(layer.producer(leaf))
+            first = torch.autograd.grad((y * weights).sum(), params, create_graph=True)
+            penalty = sum(g.square().sum() for g in first)
+            results.append(torch.autograd.grad(penalty, params, allow_unused=True))
+        assert int(layer.history_size) == 2
+    for i, (native, reference) in enumerate(zip(*results, strict=True)):
+        if reference is None:
+            assert native is None or not native.abs().max() > 0, i
+            continue
+        torch.testing.assert_close(native, reference, rtol=1e-10, atol=1e-10, msg=f"grad {i}")

@@ -102,3 +102,75 @@ def test_configuration_errors():
     with pytest.raises(nk.errors.ConfigError, match="window"):
         nk.MovingAverageBatchNorm(4, window=0)
     assert "running_mean" not in nk.MovingAverageBatchNorm(4).state_dict()
+
+
+def _penalty(layer, x, weights):
+    """sum((d sum(y * weights) / dx)^2) through MABN's backward rule, and the input leaf."""
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad((layer(leaf) * weights).sum(), leaf, create_graph=True)
+    return grad.square().sum(), leaf
+
+
+@pytest.mark.parametrize(
+    "steps", [0, 30, 40], ids=["batch statistics", "moving averages", "renormalized"]
+)
+def test_double_backward_differentiates_the_rule(steps):
+    """Under create_graph=True the backward rule is itself differentiable: the gradient of a
+    penalty on it equals central differences of that penalty (each evaluation from a copy of the
+    same state, float64: agreement to ~1e-8 of the scale; 1e-6 allowed). While the window fills
+    the rule is the true gradient, and so its derivative the true second derivative."""
+    torch.manual_seed(0)
+    dtype = torch.float64
+    base = nk.MovingAverageBatchNorm(3, window=4, warmup_iters=5, renorm_iters=35).to(dtype)
+    with torch.no_grad():
+        base.weight.uniform_(0.5, 1.5)
+    for _ in range(steps):
+        base(torch.randn(4, 3, 3, 3, dtype=dtype) * 1.3 + 0.2).sum().backward()
+    x, weights = torch.randn(4, 3, 3, 3, dtype=dtype), torch.randn(4, 3, 3, 3, dtype=dtype)
+    penalty, leaf = _penalty(copy.deepcopy(base), x, weights)
+    (analytic,) = torch.autograd.grad(penalty, leaf)
+    analytic = analytic.detach()
+    h = 1e-6
+    for index in [(0, 0, 0, 0), (1, 2, 1, 0), (3, 1, 2, 2)]:
+        plus, minus = x.clone(), x.clone()
+        plus[index] += h
+        minus[index] -= h
+        numeric = (
+            _penalty(copy.deepcopy(base), plus, weights)[0]
+            - _penalty(copy.deepcopy(base), minus, weights)[0]
+        ) / (2 * h)
+        scale = analytic.abs().max()
+        assert abs(float(analytic[index] - numeric)) <= 1e-6 * float(scale), index
+    if steps == 0:  # y = gamma * x / sqrt(mean(x^2) + eps) + beta, differentiated twice
+        gamma, beta = base.weight.detach().view(1, -1, 1, 1), base.bias.detach().view(1, -1, 1, 1)
+        leaf2 = x.clone().requires_grad_()
+        y = gamma * leaf2 * torch.rsqrt(leaf2.square().mean((0, 2, 3), keepdim=True) + base.eps)
+        (grad,) = torch.autograd.grad(((y + beta) * weights).sum(), leaf2, create_graph=True)
+        (true,) = torch.autograd.grad(grad.square().sum(), leaf2)
+        torch.testing.assert_close(analytic, true, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_func_grad_of_a_training_step_is_eager_modes():
+    """torch.func.grad through functional_call, past the warm-up and with renormalization: the
+    rule's gradients and the state (EMA, both windows, counters) of an eager step on a copy
+    (float32, the same kernels in the same order: 1e-5 of the scale)."""
+    torch.manual_seed(0)
+    layer = nk.MovingAverageBatchNorm(3, window=4, warmup_iters=5, renorm_iters=8)
+    for _ in range(12):
+        layer(torch.randn(4, 3, 3, 3) * 1.3 + 0.2).sum().backward()
+    twin = copy.deepcopy(layer)
+    x, weights = torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+    buffers = dict(layer.named_buffers())
+
+    def loss(p, inp):
+        return (torch.func.functional_call(layer, (p, buffers), (inp,)) * weights).sum()
+
+    grad_params, grad_x = torch.func.grad(loss, argnums=(0, 1))(params, x)
+    leaf = x.clone().requires_grad_()
+    (twin(leaf) * weights).sum().backward()
+    assert_close(grad_x, leaf.grad, torch.float32, "input grad")
+    for name, p in twin.named_parameters():
+        assert_close(grad_params[name], p.grad, torch.float32, f"grad of {name}")
+    for (name, mine), theirs in zip(layer.named_buffers(), twin.buffers(), strict=True):
+        assert_close(mine.double(), theirs.double(), torch.float32, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated
 
 import typer
@@ -11,6 +12,10 @@ import typer
 def demo(
     steps: Annotated[int, typer.Option(help="SGD steps per run.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed for data split, weights and batches.")] = 0,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Torch threads (default: $NORMKIT_THREADS, else the free cores)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Train a sigmoid MLP with and without BatchNorm on scikit-learn's digits and compare.
@@ -18,18 +23,48 @@ def demo(
     Ioffe & Szegedy (2015), Fig. 1 in miniature: same data, weights and batches; four learning rates;
     test accuracy in eval mode (BN uses its running statistics).
     """
+    from normkit.cli.extras import require_lab_extra
+
+    require_lab_extra("normkit demo")  # before any work: one line, no traceback
+
+    import torch
     from rich.console import Console
-    from rich.progress import Progress
     from rich.table import Table
 
+    from normkit.errors import ConfigError
     from normkit.lab.digits_demo import DemoConfig, run_demo, summarize
+    from normkit.lab.executors import default_threads
+    from normkit.lab.progress import TrainingProgress
 
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: give 1 or more")
+    threads, rule = (threads, f"--threads {threads}") if threads else default_threads(1)
     config = DemoConfig(steps=steps, seed=seed, eval_every=max(1, min(250, steps // 4)))
-    total = steps * 2 * len(config.learning_rates)
-    with Progress(transient=True, disable=as_json) as progress:
-        task = progress.add_task("training 8 networks", total=total)
-        results = run_demo(config, on_step=lambda: progress.advance(task))
+    if not as_json:
+        typer.echo(f"normkit demo: {threads} torch thread(s) ({rule}; --threads N to change)", err=True)
+    runs = [(lr, bn) for lr in config.learning_rates for bn in (False, True)]
+    total = steps * len(runs)
+    done = 0
+    mode = "off" if as_json else "rich" if sys.stderr.isatty() else "plain"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with TrainingProgress(mode, "normkit demo") as display:
+
+            def on_step() -> None:
+                nonlocal done
+                done += 1
+                index, step = divmod(done - 1, steps)
+                lr, bn = runs[index]
+                display.plan(total, done, len(runs), (done // steps))
+                display.trial(f"{'BatchNorm' if bn else 'plain'} lr={lr:g}", step + 1, steps,
+                              step + 1 == steps)  # fmt: skip
+
+            results = run_demo(config, on_step=on_step)
+    finally:
+        torch.set_num_threads(previous)
     summary = summarize(results, config)
+    summary["threads"], summary["threads_rule"] = threads, rule
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return

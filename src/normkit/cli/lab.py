@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import shlex
 import sys
@@ -17,19 +16,14 @@ app = typer.Typer(
     help="Experiments that reproduce the literature's claims about normalization, with reports.",
     no_args_is_help=True,
 )
-LAB_MODULES = ("matplotlib", "scipy", "sklearn")  # what every lab command needs (the lab extra)
 
 
 @app.callback()
 def _needs_the_lab_extra() -> None:
     """Say which extra to install, in one line, before any work (no traceback)."""
-    for module in LAB_MODULES:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            typer.secho(f"error: normkit lab needs the lab extra ({module} is missing): "
-                        "pip install 'normkit[lab]'", err=True, fg="red")  # fmt: skip
-            raise typer.Exit(1) from None
+    from normkit.cli.extras import require_lab_extra
+
+    require_lab_extra("normkit lab")
 
 
 def _short(text: str, width: int) -> str:
@@ -53,14 +47,13 @@ def _describe(experiment) -> dict:
     from dataclasses import asdict
 
     settings = experiment.settings("full")
-    claims = [] if experiment.legacy else experiment.claims(settings)
+    claims = experiment.claims(settings)
     return {
         "name": experiment.name,
         "title": experiment.title,
         "paper": experiment.paper,
         "claim": " ".join(experiment.claim.split()),
         "presets": experiment.preset_names(),
-        "legacy": experiment.legacy,
         "protocol": textwrap.dedent(sys.modules[type(experiment).__module__].__doc__ or "").strip(),
         "claims": [
             {"name": c.name, "quantity": c.quantity, "published": asdict(c.published),
@@ -109,8 +102,6 @@ def show(
         return
     out = [f"{info['name']}: {info['title']}", f"Paper: {info['paper']}", "", info["protocol"], "",
            "Claims:"]  # fmt: skip
-    if info["legacy"]:
-        out.append("  (legacy experiment, not yet ported: its checks are judged on one run)")
     for c in info["claims"]:
         p = c["published"]
         out.append(f"  - {c['quantity']}: {c['criterion'] or 'measured, no criterion'}")
@@ -206,8 +197,8 @@ def run(
         echo=lambda message: typer.echo(message, err=True), workers=workers, scheduler=scheduler,
         device=device, threads=threads, amp=amp,
     )  # fmt: skip
-    _print_claims(record)
     typer.echo(f"report: {record.directory / 'report.html'} (and report.md)")
+    _print_claims(record)
 
 
 def _print_plan(plan: dict) -> None:
@@ -224,22 +215,26 @@ def _print_plan(plan: dict) -> None:
 
 
 def _print_claims(record) -> None:
+    """A line per judged claim, then the run's last line: how many checks held, what a failure means."""
     from normkit.lab.claims import check
 
-    entries = (record.summary or {}).get("claims", [])
-    marks = {True: "reproduced", False: "not reproduced", None: "inconclusive"}
+    entries = [e for e in (record.summary or {}).get("claims", []) if e["verdict"] is not None]
     for entry in entries:
-        if entry["verdict"] is None:
-            continue
         c = check(entry)
-        typer.echo(f"  [{marks[c.passed]}] {c.name}: {c.detail}")
-    verdict = (record.summary or {}).get("verdict")
-    if entries:
-        judged = [e for e in entries if e["verdict"] is not None]
-        held = sum(e["verdict"] == "reproduced" for e in judged)
-        typer.echo(f"verdict: {verdict} ({held} of {len(judged)} claims reproduced; "
-                   "'inconclusive' names why: too few seeds, an interval that straddles the "
-                   "criterion, or a claim that needs GPU scale)")  # fmt: skip
+        mark = {True: "reproduced", False: "not reproduced"}.get(c.passed, "inconclusive")
+        if c.passed is None and entry["reason"].startswith("at "):
+            mark += " " + entry["reason"].split(",")[0]  # "inconclusive at quick scale"
+        typer.echo(f"  [{mark}] {c.name}: {c.detail}")
+    if not entries:
+        typer.echo("verdict: none (this run's quantities are measured, not judged against a criterion)")
+        return
+    verdicts = [e["verdict"] for e in entries]
+    held, failed = verdicts.count("reproduced"), verdicts.count("not reproduced")
+    typer.echo(f"verdict: {(record.summary or {}).get('verdict')}: {held} of {len(entries)} checks "
+               f"held, {failed} failed, {len(entries) - held - failed} inconclusive. A failed check "
+               "(not reproduced) means the 95% interval over seeds lies wholly on the wrong side of "
+               "the published claim's criterion at the protocol's scale: a result, not a broken "
+               "install; inconclusive names why it could not be judged here.")  # fmt: skip
 
 
 @app.command()

@@ -29,7 +29,6 @@ from normkit.functional._batch_instance_norm import mix_with_batch_statistics
 from normkit.functional._batch_norm import batch_dims
 from normkit.functional._batch_norm_compiled import shifted_moments
 from normkit.functional._checks import (
-    check_batch_statistics_size,
     check_eps,
     check_floating,
     check_min_rank,
@@ -95,7 +94,8 @@ def batch_layer_norm(
                 "and running_var, but they were not given; pass them, or training=True"
             )
         return impl(input, *arguments, running_mean, running_var, eps)[0]
-    check_batch_statistics_size(input)
+    if input.shape[0] * math.prod(input.shape[2:]) == 1:
+        return _one_value_per_channel(impl, input, layer_weight, weight, bias, eps)
     return mix_with_batch_statistics(
         impl,
         input,
@@ -108,6 +108,17 @@ def batch_layer_norm(
         num_batches_skipped=num_batches_skipped,
         on_nonfinite=on_nonfinite,
     )
+
+
+def _one_value_per_channel(impl, input, layer_weight, weight, bias, eps):
+    """Training on one value per channel (an (1, C) input, or one sample's 1x1 map), as the
+    official code computes it: its batch moments over one sample are mu_B = x, sigma2_B = 0, so
+    x_b = (x - x) / sqrt(0 + eps) = 0 and only the LN part and beta remain (value and gradient).
+    The running statistics are left as they are: one value has no variance (the code's unbiased
+    correction m / (m - 1) divides by zero there). BatchNorm keeps its BatchTooSmallError."""
+    constant = torch.zeros(input.shape[1], dtype=stats_dtype(input.dtype), device=input.device)
+    # the BN part weighted 0 against constant statistics: exactly its x_b = 0 and zero gradients
+    return impl(input, 0.0, layer_weight, weight, bias, constant, constant + 1.0, eps)[0]
 
 
 def mixing_weights(batch_size: int, features: int, divide: bool) -> tuple[float, float]:

@@ -95,6 +95,14 @@ def check_positive_int(value: int, name: str) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_normalized_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """The trailing shape a layer normalizes over (LayerNorm, RMSNorm), as a tuple of sizes."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    for size in shape:
+        check_positive_int(size, "normalized_shape entries")
+    return shape
+
+
 def check_groups(num_groups: int, num_channels: int) -> None:
     """GroupNorm splits the channels into equal groups."""
     check_positive_int(num_groups, "num_groups")

@@ -43,12 +43,13 @@ from normkit.functional._checks import (
 )
 from normkit.functional._given_statistics import batch_norm_statistics
 from normkit.functional._moments import moments, stats_dtype
-from normkit.functional._normalize import channel_view
+from normkit.functional._normalize import channel_view, empty_output
 from normkit.functional._running_stats import (
     exponential_average_factor,
     guarded_update,
     update_running_stats,
 )
+from normkit.functional._transforms import differentiable_backward
 
 
 def cross_iteration_batch_norm(
@@ -107,6 +108,8 @@ def cross_iteration_batch_norm(
             input, weight, bias, running_mean, running_var, False, 0.0, eps, False
         )
     check_batch_statistics_size(input)
+    if input.numel() == 0:  # an empty batch: an empty output, no statistics recorded
+        return empty_output(input, _channels(weight, input.dim()), _channels(bias, input.dim()))
     resolved = _dispatch.resolve("cross_iteration_batch_norm", input)
 
     def impl(*args):
@@ -131,6 +134,10 @@ def cross_iteration_batch_norm(
         num_batches_skipped=num_batches_skipped,
         on_nonfinite=on_nonfinite,
     )
+
+
+def _channels(tensor, ndim):
+    return None if tensor is None else channel_view(tensor, ndim)
 
 
 def pooled_statistics(mean, var, past_means, past_vars):
@@ -190,7 +197,8 @@ def pooled_batch_norm(x, weight, bias, mean, var, k, eps) -> torch.Tensor:
 
 class _PooledBatchNorm(torch.autograd.Function):
     """y = gamma * (x - mu_bar) / sqrt(sigma2 + eps) + beta, the statistics differentiated through
-    this batch's share 1/k (module docstring)."""
+    this batch's share 1/k (module docstring). Under ``create_graph=True`` the gradients are
+    autograd's of :func:`_pooled_composite`, differentiable again (double backward)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mu_bar, sigma2, k, eps):
@@ -206,6 +214,14 @@ class _PooledBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mu_bar, sigma2 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: double backward
+            inputs = (x, weight, mu_bar.detach(), sigma2.detach(), ctx.k, ctx.eps)
+            needs = ctx.needs_input_grad
+            dx, dweight = differentiable_backward(_pooled_composite, inputs, needs[:2], dy)[:2]
+            dbias = None
+            if ctx.bias_dtype is not None and needs[2]:  # dL/dbeta = sum(dL/dy), linear in it
+                dbias = dy.sum((0, *range(2, x.dim()))).to(ctx.bias_dtype)
+            return dx, dweight, dbias, None, None, None, None
         eps, ndim = ctx.eps, x.dim()
         km = ctx.k * (x.numel() // x.shape[1])
         sum_dy, sum_dy_xhat = gradient_sums(dy, x, mu_bar, sigma2, eps)
@@ -229,6 +245,25 @@ class _PooledBatchNorm(torch.autograd.Function):
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             dbias = sum_dy.to(ctx.bias_dtype)
         return dx, dweight, dbias, None, None, None, None
+
+
+def _pooled_composite(x, weight, mu_bar, sigma2, k, eps):
+    """gamma * (x - mu_bar) / sqrt(sigma2 + eps) in plain tensor ops, the pooled statistics as
+    functions of this batch's mean m and variance v with this batch a share 1/k (the module
+    docstring): mu_bar + (m - m0) / k and sigma2 + (v - v0) / k + (m - m0) / k * (m + m0 - mu -
+    mu_bar) (the law of total variance, exact in (m, v)), m0 and v0 their values here. The same
+    numbers as the forward, with the derivatives of the statistics to every order: what double
+    backward differentiates. Without beta (its gradient is sum(dL/dy))."""
+    ndim, dtype = x.dim(), sigma2.dtype
+    xs = x.to(dtype)
+    m, v = moments(xs, (0, *range(2, ndim)), keepdim=False)
+    dm, dv = m - m.detach(), v - v.detach()
+    mu = mu_bar + dm / k
+    var = sigma2 + dv / k + dm / k * (m + m.detach() - mu - mu_bar)
+    y = (xs - channel_view(mu, ndim)) * channel_view(torch.rsqrt(var + eps), ndim)
+    if weight is not None:
+        y = y * channel_view(weight, ndim).to(dtype)
+    return y.to(x.dtype)
 
 
 # --- the Taylor compensation (§3.2) ------------------------------------------------------------------

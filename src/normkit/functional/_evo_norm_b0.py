@@ -44,7 +44,7 @@ from normkit.functional._instance_stats import merge_moments, plane_sum, plane_v
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view
 from normkit.functional._running_stats import exponential_average_factor, guarded_update
-from normkit.functional._transforms import transforming
+from normkit.functional._transforms import differentiable_backward, transforming
 
 
 def evo_norm_b0(
@@ -114,17 +114,25 @@ def _update_running_var(running_var, batch_var, count, momentum) -> None:
 
 def reference_evo_norm_b0(input, v, running_var, weight, bias, training, momentum, eps):
     """The formula as written, in the statistics dtype; autograd differentiates it."""
+    if training and running_var is not None and input.numel() > 0:
+        x = input.to(stats_dtype(input.dtype)).detach()
+        var_b = x.var(dim=(0, *range(2, input.dim())), correction=0)
+        _update_running_var(running_var, var_b, input.numel() // input.shape[1], momentum)
+    left = None if training else torch.sqrt(running_var.to(stats_dtype(input.dtype)) + eps)
+    return composite_evo_norm_b0(input, v, weight, bias, left, eps)
+
+
+def composite_evo_norm_b0(input, v, weight, bias, left, eps):
+    """y = x / max(left, v x + sqrt(s2_spatial + eps)) * gamma + beta in plain tensor ops, with
+    ``left`` given per channel (eval: from the running variance) or, None, the batch's
+    sqrt(s2_{n,spatial} + eps) as a function of x (training). What the reference runs and what
+    double backward differentiates."""
     ndim, dtype = input.dim(), stats_dtype(input.dtype)
     x = input.to(dtype)
     batch_dims, spatial = (0, *range(2, ndim)), tuple(range(2, ndim))
-    if training:
-        var_b = x.var(dim=batch_dims, correction=0)
-        if running_var is not None and input.numel() > 0:
-            count = input.numel() // input.shape[1]
-            _update_running_var(running_var, var_b.detach(), count, momentum)
-    else:
-        var_b = running_var.to(dtype)
-    left = channel_view(torch.sqrt(var_b + eps), ndim)
+    if left is None:
+        left = torch.sqrt(x.var(dim=batch_dims, correction=0) + eps)
+    left = channel_view(left.to(dtype), ndim)
     right = x * channel_view(v, ndim).to(dtype)
     right = right + torch.sqrt(x.var(dim=spatial, correction=0, keepdim=True) + eps)
     y = x / torch.maximum(left, right)
@@ -137,6 +145,10 @@ def reference_evo_norm_b0(input, v, running_var, weight, bias, training, momentu
 
 def native_evo_norm_b0(input, v, running_var, weight, bias, training, momentum, eps):
     return _EvoNormB0.apply(input, v, running_var, weight, bias, training, momentum, eps)
+
+
+def _composite_in_order(x, v, left, weight, bias, eps):
+    return composite_evo_norm_b0(x, v, weight, bias, left, eps)
 
 
 def plane_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +173,8 @@ class _EvoNormB0(torch.autograd.Function):
         dL/dgamma = sum dL/dy * x / d,  dL/dbeta = sum dL/dy
 
     (d sqrt(var + eps) / dx = (x - mu) / (count * sqrt(var + eps))). Saves x, v, gamma and the
-    O(N*C) statistics; d is recomputed.
+    O(N*C) statistics; d is recomputed. Under ``create_graph=True`` the gradients are autograd's
+    of :func:`composite_evo_norm_b0`, differentiable again (double backward).
     """
 
     @staticmethod
@@ -181,14 +194,21 @@ class _EvoNormB0(torch.autograd.Function):
         y = torch.empty_like(x)
         torch.div(x, d, out=d)  # x / d, in place over d
         _affine(d, weight, bias, out=y)
-        ctx.save_for_backward(x, v, weight, left, sd, mean_nc, mean_c)
-        ctx.training = training
+        ctx.save_for_backward(x, v, weight, bias, left, sd, mean_nc, mean_c)
+        ctx.training, ctx.eps = training, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, v, weight, left, sd, mean_nc, mean_c = ctx.saved_tensors
+        x, v, weight, bias, left, sd, mean_nc, mean_c = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: double backward
+            inputs = (x, v, None if ctx.training else left, weight, bias, ctx.eps)
+            needs = ctx.needs_input_grad
+            grads = differentiable_backward(
+                _composite_in_order, inputs, (*needs[:2], False, *needs[3:5]), dy
+            )
+            return (*grads[:2], None, *grads[3:5], None, None, None)
         ndim, n = x.dim(), x.shape[0]
         dtype = sd.dtype
         size = math.prod(x.shape[2:])

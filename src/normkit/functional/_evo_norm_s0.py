@@ -36,7 +36,7 @@ from normkit.functional._checks import (
 from normkit.functional._filter_response_norm import spatial_dot
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view
-from normkit.functional._transforms import transforming
+from normkit.functional._transforms import differentiable_backward, transforming
 
 
 def evo_norm_s0(
@@ -60,7 +60,7 @@ def evo_norm_s0(
     check_floating(input)
     check_eps(eps)
     check_min_rank(input, 3, "(N, C, *spatial)")
-    check_groups(groups, input.shape[1])
+    check_groups(groups, int(input.shape[1]))  # an int even under torch.jit.trace
     check_per_channel(input, v=v, weight=weight, bias=bias)
     if input.shape[1] // groups == 1:
         check_instance_statistics_size(input)
@@ -120,7 +120,8 @@ class _EvoNormS0(torch.autograd.Function):
 
     (sigma' = sigma (1 - sigma) gives da/dx = sigma * (1 + v * x (1 - sigma)), and
     x (1 - sigma) = x - a; the variance term is GroupNorm's.) Saves x and the per-group mean and
-    s; the sigmoid is recomputed.
+    s; the sigmoid is recomputed. Under ``create_graph=True`` the gradients are autograd's of the
+    reference form, differentiable again (double backward).
     """
 
     @staticmethod
@@ -138,15 +139,18 @@ class _EvoNormS0(torch.autograd.Function):
             torch.mul(a, q, out=y)
         else:
             torch.addcmul(channel_view(bias, ndim).to(dtype), a, q, out=y)
-        ctx.save_for_backward(x, v, weight, mean, s)
-        ctx.groups = groups
+        ctx.save_for_backward(x, v, weight, bias, mean, s)
+        ctx.groups, ctx.eps = groups, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, v, weight, mean, s = ctx.saved_tensors
+        x, v, weight, bias, mean, s = ctx.saved_tensors
         groups = ctx.groups
+        if torch.is_grad_enabled():  # create_graph=True: double backward
+            inputs = (x, v, weight, bias, groups, ctx.eps)
+            return differentiable_backward(reference_evo_norm_s0, inputs, ctx.needs_input_grad, dy)
         ndim, (n, c) = x.dim(), x.shape[:2]
         dtype = s.dtype
         per_channel = (n, c) + (1,) * (ndim - 2)

@@ -35,7 +35,7 @@ from normkit.functional import _dispatch
 from normkit.functional._checks import check_eps, check_floating, check_min_rank, check_per_channel
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view
-from normkit.functional._transforms import transforming
+from normkit.functional._transforms import differentiable_backward, transforming
 
 
 def filter_response_norm(
@@ -132,6 +132,8 @@ class _FilterResponseNorm(torch.autograd.Function):
         dL/dx     = gamma * r * (p - r^2 * x * A / s)
 
     (the last from dr/dx_j = -r^3 x_j / s). Saves x, the output (for the TLU's mask) and r.
+    Under ``create_graph=True`` the gradients are autograd's of the reference form,
+    differentiable again (double backward).
     """
 
     @staticmethod
@@ -149,14 +151,21 @@ class _FilterResponseNorm(torch.autograd.Function):
         torch.addcmul(shift, x, scale, out=z)  # one pass, rounded once to x's dtype
         if tau is not None:
             torch.maximum(z, channel_view(tau, ndim).to(z.dtype), out=z)
-        ctx.save_for_backward(x, weight, tau, r, z if tau is not None else None)
+        ctx.save_for_backward(x, weight, bias, tau, r, z if tau is not None else None)
+        ctx.eps = eps
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         return z
 
     @staticmethod
     def backward(ctx, dz):
-        x, weight, tau, r, z = ctx.saved_tensors
+        x, weight, bias, tau, r, z = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: double backward
+            inputs = (x, weight, bias, tau, ctx.eps, None)
+            grads = differentiable_backward(
+                reference_filter_response_norm, inputs, ctx.needs_input_grad, dz
+            )
+            return grads[:5]
         ndim, dtype = x.dim(), r.dtype
         rest = (0, *range(2, ndim))
         s = math.prod(x.shape[2:])

@@ -24,7 +24,8 @@ renormalization factor r (§4.3, Batch Renorm's trick), per channel:
 Inference: y = gamma * x / sqrt(chi_hat + eps) + beta, BatchNorm's eval map with mean 0.
 
 The backward is MABN's rule, not the gradient of its forward (that is the method), and it writes
-the SMA of Psi: this op runs eagerly, never under a program transform.
+the SMA of Psi: the training step runs eagerly or under torch.func.grad (its state written through
+aliases), and refuses the other program transforms (``MABN_TRAINING_STEP``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,13 @@ from normkit.functional._given_statistics import batch_norm_statistics
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view
 from normkit.functional._running_stats import exponential_average_factor
-from normkit.functional._transforms import transforming
+from normkit.functional._transforms import (
+    MABN_TRAINING_STEP,
+    commit,
+    increment,
+    only_grad_transforms,
+    transforming,
+)
 
 
 def moving_average_batch_norm(
@@ -115,15 +122,9 @@ def moving_average_batch_norm(
                 f"{tuple(window.shape)}"
             )
     check_batch_statistics_size(input)
-    if transforming():
-        raise ConfigError(
-            "MovingAverageBatchNorm's training step cannot run under torch.compile, torch.func, "
-            "export or tracing: its backward is MABN's rule (not the gradient of the forward) and "
-            "writes the moving average of the gradient statistics. Compile the rest of the model "
-            "around it, or trace in eval mode"
-        )
-    with torch.no_grad():
-        iteration.add_(1)
+    if transforming() and not only_grad_transforms():
+        raise MABN_TRAINING_STEP.error()
+    increment(iteration)  # state is written through aliases: torch.func.grad accepts them
     step = int(iteration)  # the schedule is on the host, as in the authors' code
     factor = exponential_average_factor(momentum, num_batches_tracked)
     impl = _dispatch.resolve("moving_average_batch_norm", input)
@@ -150,9 +151,9 @@ def _count(accepted, tracked, skipped, on_nonfinite) -> None:
 
     with torch.no_grad():
         if tracked is not None:
-            tracked.add_(accepted.long())
+            increment(tracked, accepted.long())
         if skipped is not None:
-            skipped.add_((~accepted).long())
+            increment(skipped, (~accepted).long())
     if on_nonfinite != "skip" and not bool(accepted):
         message = (
             "the batch's second moment is not finite (NaN or Inf); MABN's running statistic and "
@@ -170,7 +171,7 @@ def _forward_statistics(chi_b, running_var, second_moments, factor, eps, schedul
     """Store chi_B in the window (when finite), and return (chi_bar, r, accepted); update the EMA."""
     finite = torch.isfinite(chi_b).all()
     slot = second_moments[schedule.slot]
-    slot.copy_(torch.where(finite, chi_b.to(slot.dtype), slot))
+    commit(slot, torch.where(finite, chi_b.to(slot.dtype), slot))
     chi_bar = chi_b if schedule.batch_only else second_moments.mean(0).to(chi_b.dtype)
     s = torch.sqrt(chi_bar + eps)
     if schedule.renormalize:
@@ -180,14 +181,14 @@ def _forward_statistics(chi_b, running_var, second_moments, factor, eps, schedul
     else:
         r = torch.ones_like(s)
     new = torch.lerp(running_var, chi_bar.to(running_var.dtype), factor)
-    running_var.copy_(torch.where(finite, new, running_var))
+    commit(running_var, torch.where(finite, new, running_var))
     return chi_bar, r, finite
 
 
 def _gradient_statistic(psi_b, gradient_moments, schedule):
     finite = torch.isfinite(psi_b).all()
     slot = gradient_moments[schedule.slot]
-    slot.copy_(torch.where(finite, psi_b.to(slot.dtype), slot))
+    commit(slot, torch.where(finite, psi_b.to(slot.dtype), slot))
     return psi_b if schedule.batch_only else gradient_moments.mean(0).to(psi_b.dtype)
 
 
@@ -224,20 +225,25 @@ class _MovingAverageBN(torch.autograd.Function):
     """y = gamma * r * x / sqrt(chi_bar + eps) + beta; MABN's backward (module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, chi_bar, r, eps, gradient_moments, schedule):
+    def forward(x, weight, bias, chi_bar, r, eps, gradient_moments, schedule):
         scale = r if weight is None else r * weight.to(r.dtype)
         shift = None if bias is None else bias.to(r.dtype)  # ATen's mixed-dtype rule: all float32
         zeros = torch.zeros_like(chi_bar)
-        y = torch.batch_norm(x, scale, shift, zeros, chi_bar, False, 0.0, eps, False)
+        return torch.batch_norm(x, scale, shift, zeros, chi_bar, False, 0.0, eps, False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # apart from forward: torch.func.grad runs it
+        x, weight, bias, chi_bar, r, eps, gradient_moments, schedule = inputs
         ctx.save_for_backward(x, weight, chi_bar, r)
         # the window is written by every backward: kept outside autograd's version checks
         ctx.gradient_moments, ctx.eps, ctx.schedule = gradient_moments, eps, schedule
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, chi_bar, r = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: double backward
+            return (*_differentiable_backward(ctx, dy, x, weight, chi_bar, r), *(None,) * 5)
         eps, ndim = ctx.eps, x.dim()
         count = x.numel() // x.shape[1]
         zeros = torch.zeros_like(chi_bar)
@@ -262,3 +268,49 @@ class _MovingAverageBN(torch.autograd.Function):
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             dbias = sum_dy.to(ctx.bias_dtype)
         return dx, dweight, dbias, None, None, None, None, None
+
+
+def _differentiable_backward(ctx, dy, x, weight, chi_bar, r):
+    """MABN's backward rule (the class docstring) as a function of dL/dy, x and gamma that autograd
+    differentiates again (double backward; a gradient penalty through an MABN layer).
+
+    The rule's statistics depend on this batch as the forward computed them: chi_bar on chi_B(x)
+    (wholly while the window fills, by its share 1/m after), r on chi_bar (where it is not
+    clipped), Psi_bar on Psi_B(dL/dy, x, gamma) likewise; the other iterations' entries are
+    constants. Each is written as its value plus share * (s - s.detach()): the same numbers as the
+    plain backward, with the derivatives of the statistics' dependence. Writes Psi_B into the
+    window as the plain backward does."""
+    eps, schedule, ndim = ctx.eps, ctx.schedule, x.dim()
+    chi_bar, r = (
+        chi_bar.detach(),
+        r.detach(),
+    )  # the values (the reference computes them with autograd)
+    dtype = chi_bar.dtype
+    dims = (0, *range(2, ndim))
+    count = x.numel() // x.shape[1]
+    share = 1.0 if schedule.batch_only else 1.0 / schedule.window
+    xs, dys = x.to(dtype), dy.to(dtype)
+    chi_b = xs.square().mean(dims)
+    std = torch.sqrt(chi_bar + share * (chi_b - chi_b.detach()) + eps)
+    if schedule.renormalize:  # r = clip(std / sqrt(chi_hat + eps)): std's derivative inside
+        inside = (r > 1 / schedule.r_max) & (r < schedule.r_max)
+        r = torch.where(inside, r * std / std.detach(), r)
+    scale = r if weight is None else r * weight.to(dtype)
+    z = xs / channel_view(std, ndim)
+    sum_dy_z = (dys * z).sum(dims)
+    psi_b = scale * sum_dy_z / count
+    with torch.no_grad():
+        psi_fixed = _gradient_statistic(psi_b.detach(), ctx.gradient_moments, schedule)
+    psi_bar = psi_fixed + share * (psi_b - psi_b.detach())
+    needs = ctx.needs_input_grad
+    dx = dweight = dbias = None
+    if needs[0]:
+        dx = (dys * channel_view(scale, ndim) - z * channel_view(psi_bar, ndim)) / channel_view(
+            std, ndim
+        )
+        dx = dx.to(x.dtype)
+    if weight is not None and needs[1]:
+        dweight = (r * sum_dy_z).to(weight.dtype)
+    if ctx.bias_dtype is not None and needs[2]:
+        dbias = dys.sum(dims).to(ctx.bias_dtype)
+    return dx, dweight, dbias

@@ -38,7 +38,7 @@ from normkit.functional._checks import (
     check_trailing_shape,
 )
 from normkit.functional._moments import stats_dtype
-from normkit.functional._transforms import transforming
+from normkit.functional._transforms import differentiable_backward, transforming
 
 
 def rms_norm(
@@ -57,6 +57,9 @@ def rms_norm(
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     check_trailing_shape(input, shape)
     if transforming():
+        if torch.jit.is_tracing():  # the legacy ONNX exporter has no RMSNorm operator
+            dims = tuple(range(input.dim() - len(shape), input.dim()))
+            return composite_rms_norm(input, weight, dims, eps)
         return native_rms_norm(input, shape, weight, eps)
     impl = _dispatch.resolve("rms_norm", input)
     return impl(input, shape, weight, eps)
@@ -73,6 +76,8 @@ def channel_rms_norm(
     check_min_rank(input, 2, "(N, C, *)")
     check_per_channel(input, weight=weight)
     if transforming():
+        if torch.jit.is_tracing():  # the legacy ONNX exporter has no RMSNorm operator
+            return composite_rms_norm(input, _channel_weight(weight, input.dim()), (1,), eps)
         return native_channel_rms_norm(input, weight, eps)
     impl = _dispatch.resolve("channel_rms_norm", input)
     return impl(input, weight, eps)
@@ -95,6 +100,20 @@ def native_channel_rms_norm(input, weight, eps):
     # contiguous), and back.
     y = torch.rms_norm(input.movedim(1, -1), [input.shape[1]], weight, eps).movedim(-1, 1)
     return y if _functorch_active() else _like(input, y)
+
+
+def composite_rms_norm(input, weight, dims, eps):
+    """``torch.rms_norm``'s maths in plain tensor ops (ATen's CPU composite: statistics dtype,
+    rounded to the input's dtype, then the gain): for the legacy ONNX exporter, which has no
+    RMSNorm operator, and for double backward. ``weight`` broadcasts against the input."""
+    x = input.to(stats_dtype(input.dtype))
+    r = torch.rsqrt(x.square().mean(dims, keepdim=True) + _eps(eps, input))
+    y = (x * r).to(input.dtype)
+    return y if weight is None else y * weight
+
+
+def _channel_weight(weight, ndim):
+    return None if weight is None else weight.view((1, -1) + (1,) * (ndim - 2))
 
 
 def _functorch_active() -> bool:
@@ -123,8 +142,7 @@ def reference_rms_norm(input, normalized_shape, weight, eps):
 def reference_channel_rms_norm(input, weight, eps):
     if input.numel() == 0:
         return native_channel_rms_norm(input, weight, eps)
-    w = None if weight is None else weight.view((1, -1) + (1,) * (input.dim() - 2))
-    return _RMSNorm.apply(input, w, (1,), _eps(eps, input))
+    return _RMSNorm.apply(input, _channel_weight(weight, input.dim()), (1,), _eps(eps, input))
 
 
 def _eps(eps: float | None, input: torch.Tensor) -> float:
@@ -150,7 +168,8 @@ class _RMSNorm(torch.autograd.Function):
         dL/dg = sum(dL/dy * x * r)          (summed to the shape of g)
 
     Saves x, g and r (one value per normalized group). For half inputs every intermediate is
-    float32 and each gradient is rounded to its dtype once.
+    float32 and each gradient is rounded to its dtype once. Under ``create_graph=True`` the
+    gradients are autograd's of :func:`composite_rms_norm`, differentiable again.
     """
 
     @staticmethod
@@ -164,13 +183,17 @@ class _RMSNorm(torch.autograd.Function):
         if weight is not None:
             y = y.mul_(weight.to(y.dtype))
         ctx.save_for_backward(x, weight, r)
-        ctx.dims = dims
+        ctx.dims, ctx.eps = dims, eps
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, r = ctx.saved_tensors
         dims = ctx.dims
+        if torch.is_grad_enabled():  # create_graph=True: double backward
+            return differentiable_backward(
+                composite_rms_norm, (x, weight, dims, ctx.eps), ctx.needs_input_grad, dy
+            )
         n = math.prod(x.shape[d] for d in dims)
         dtype = r.dtype  # float32 for half inputs: x and dL/dy converted once (see forward)
         out_dtype = x.dtype

@@ -157,6 +157,37 @@ INPLACE_DOUBLE_BACKWARD = Refusal(
 )
 
 
+MABN_TRAINING_STEP = Refusal(
+    ("compile", "vmap", "jvp", "export", "jit_trace"),
+    "train",
+    "MovingAverageBatchNorm's training step cannot run under torch.compile, vmap, jvp, export or "
+    "tracing: its backward is MABN's rule, not the gradient of its forward (forward-mode AD would "
+    "compute another derivative), it writes the moving average of the gradient statistics once "
+    "per step (not per mapped sample), and its schedule is read on the host (a captured graph "
+    "would fix one step's). torch.compile runs the step eagerly (a graph break, an error with "
+    "fullgraph=True); the others refuse it. torch.func.grad works (the rule, as in eager mode). "
+    "Compile the rest of the model around it, or trace, export and map in eval mode (BatchNorm's "
+    "eval map)",
+)
+
+
+def _pools_iterations(layer) -> bool:
+    return getattr(layer, "window", 1) > 1
+
+
+CBN_TRAINING_STEP = Refusal(
+    ("compile", "grad", "vmap", "jvp", "export", "jit_trace"),
+    "train",
+    "CrossIterationBatchNorm's training step cannot run under torch.compile, torch.func, export "
+    "or tracing: it keeps a window of past statistics (read and rewritten on the host every step) "
+    "and differentiates the batch statistics inside the forward. torch.compile runs the step "
+    "eagerly (a graph break, an error with fullgraph=True); the others refuse it. Compile around "
+    "it, or trace in eval mode (window=1 is BatchNorm and traces)",
+    when="with window > 1",
+    applies=_pools_iterations,
+)
+
+
 # --- where the caller stands ----------------------------------------------------------------------
 
 
@@ -190,6 +221,18 @@ def composite_required() -> bool:
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return True
     return torch.autograd.forward_ad._current_level >= 0
+
+
+def only_grad_transforms() -> bool:
+    """Whether the only transforms recording this call are torch.func's reverse-mode ones (grad,
+    vjp, jacrev; any depth): no vmap, no forward-mode AD, no graph capture. There a hand-written
+    Function runs as in eager mode, its backward included (it needs ``setup_context``)."""
+    if capturing() or torch.autograd.forward_ad._current_level >= 0:
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    grad = torch._C._functorch.TransformType.Grad
+    return all(i.key() == grad for i in retrieve_all_functorch_interpreters())
 
 
 def batched(tensor: torch.Tensor) -> bool:
@@ -229,3 +272,35 @@ def transforming() -> bool:
 
 # A constant for Dynamo, which need not trace the query itself (see _dispatch.current).
 transforming._dynamo_marked_constant = True
+
+
+# --- double backward ------------------------------------------------------------------------------
+
+
+def differentiable_backward(
+    composite: Callable[..., torch.Tensor],
+    inputs: tuple,
+    needs_input_grad: tuple[bool, ...],
+    grad_output: torch.Tensor,
+) -> tuple:
+    """The gradients of ``composite(*inputs)`` with respect to the tensors of ``inputs`` that need
+    one, by autograd and themselves differentiable: what a hand-written Function's backward returns
+    under ``create_graph=True`` (double backward, gradient penalties), where its own maths would be
+    a dead end. ``composite`` is the op's plain tensor maths (its ``reference`` form), evaluated
+    at the saved inputs; entries that are not tensors, or need no gradient, get None."""
+    wanted = [
+        i
+        for i, (value, need) in enumerate(zip(inputs, needs_input_grad, strict=False))
+        if need and isinstance(value, torch.Tensor)
+    ]
+    grads: list = [None] * len(inputs)
+    if not wanted:
+        return tuple(grads)
+    with torch.enable_grad():
+        output = composite(*inputs)
+        found = torch.autograd.grad(
+            output, [inputs[i] for i in wanted], grad_output, create_graph=True, allow_unused=True
+        )
+    for i, grad in zip(wanted, found, strict=True):
+        grads[i] = torch.zeros_like(inputs[i]) if grad is None else grad
+    return tuple(grads)

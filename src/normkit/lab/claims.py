@@ -14,7 +14,10 @@ The verdict rule (:func:`verdict`, documented in docs/lab.md):
 3. otherwise the 95% Student-t interval of the mean over seeds (of the per-seed difference or ratio
    when arms are paired by seed; Welch's interval when they are not) decides: entirely on the
    criterion's side ``reproduced``, entirely on the other side ``not reproduced``, else
-   ``inconclusive`` ("interval straddles the criterion").
+   ``inconclusive`` ("interval straddles the criterion");
+4. on a reduced preset (``quick``, ``tiny``: fewer steps or smaller models than the protocol), a
+   miss is ``inconclusive`` ("at quick scale, ..."), not ``not reproduced``: a run smaller than the
+   protocol can show the effect but cannot refute a claim made at the protocol's scale.
 
 An experiment's verdict is the roll-up (:func:`roll_up`): the common verdict of its judged claims,
 or ``partly`` when they differ.
@@ -211,6 +214,11 @@ def below(threshold: float) -> Criterion:
     return Criterion("<", threshold)
 
 
+def reduced_scale(preset: str) -> bool:
+    """A preset smaller than the protocol: anything but ``full`` and the GPU presets."""
+    return preset != "full" and not preset.startswith(GPU_PRESET_PREFIX)
+
+
 def verdict(found: Estimate, criterion: Criterion | None, preset: str,
             needs_gpu: str | None = None) -> tuple[str | None, str]:  # fmt: skip
     """The one verdict function (see the module docstring): ``(verdict, reason)``; the verdict is
@@ -225,6 +233,10 @@ def verdict(found: Estimate, criterion: Criterion | None, preset: str,
     outcome = criterion.outcome(found.low, found.high)
     if outcome is None:
         return INCONCLUSIVE, f"interval straddles the criterion ({criterion.text})"
+    if outcome == NOT_REPRODUCED and reduced_scale(preset):
+        return INCONCLUSIVE, (f"at {preset} scale, where a miss does not refute the claim "
+                              f"(the interval lies beyond ours {criterion.text}); the full "
+                              "preset judges it")  # fmt: skip
     return outcome, ""
 
 
@@ -285,7 +297,7 @@ def judge(claims: list[Claim], results: Results) -> list[Judgement]:
 
 
 def ours_text(entry: dict) -> str:
-    """``mean [low, high], n seeds`` in the claim's format (a legacy entry's text as it is)."""
+    """``mean [low, high], n seeds`` in the claim's format (an entry with its own text shows that)."""
     ours, spec = entry["ours"], entry.get("fmt", ".3f")
     if "text" in ours:
         return ours["text"]
@@ -303,6 +315,8 @@ def card_row(entry: dict) -> list[str]:
     cited += " — unverified" if published.get("unverified") else ""
     if entry["verdict"] is None:
         decided = "– (measured)"
+    elif entry["reason"].startswith("at "):  # "inconclusive at quick scale, ..."
+        decided = f"**{entry['verdict']}** {entry['reason']}"
     elif entry["reason"]:
         decided = f"**{entry['verdict']}**: {entry['reason']}"
     else:

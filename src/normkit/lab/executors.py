@@ -209,14 +209,18 @@ class Dask:
         self.client.close()
 
 
+def usable_cores() -> int:
+    """Cores this process may use (its CPU affinity where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def free_cores() -> tuple[int, float]:
     """Cores this process may use, minus the machine's 1-minute load (at least 1), and the load."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, cores - round(load)), load
+    return max(1, usable_cores() - round(load)), load
 
 
 def default_threads(workers: int) -> tuple[int, str]:

@@ -84,7 +84,6 @@ class Experiment:
     # A trial stops, marked diverged, when its mean training loss over an evaluation interval is
     # NaN/Inf or above this (cross-entropy starts near ln(classes) = 2.3; 1000 is far past useful).
     divergence_loss: ClassVar[float] = 1e3
-    legacy: ClassVar[bool] = False
 
     # -- settings ----------------------------------------------------------------------------
     @classmethod

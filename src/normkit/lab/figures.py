@@ -28,6 +28,23 @@ STEP_LABEL = "training step (mini-batches)"
 MARKERS = "os^vDP*Xh<>p"
 
 
+def _steps(value: float, _position=None) -> str:
+    """A step count for a tick label: 20000 → "20k", 2500000 → "2.5M"."""
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
+def _step_axis(axes) -> None:
+    """Label the x axis as training steps, with at most 6 short tick labels that never touch."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True, min_n_ticks=3))
+    axes.xaxis.set_major_formatter(FuncFormatter(_steps))
+    axes.set_xlabel(STEP_LABEL)
+
+
 def _colour(results: Results, arm: str) -> str:
     names = list(results.labels) or results.values("arm")
     index = names.index(arm) if arm in names else len(names)
@@ -103,6 +120,7 @@ class Curves(FigureSpec):
     logy: bool = False
     ylim: tuple[float, float] | None = None
     from_step: int = 0
+    logx: bool = False  # e.g. a random walk's log(updates) growth as a straight line
 
     def draw(self, results):
         figure = new_figure()
@@ -123,7 +141,11 @@ class Curves(FigureSpec):
                 for trial in trials:
                     if trial.final["diverged"] and trial.series(metric)[0]:
                         axes.plot(*(v[-1:] for v in trial.series(metric)), "kx")
-        axes.set_xlabel(STEP_LABEL)
+        if self.logx:
+            axes.set_xscale("log")
+            axes.set_xlabel(STEP_LABEL + " (log scale)")
+        else:
+            _step_axis(axes)
         axes.set_ylabel(self.ylabel)
         if self.title:
             axes.set_title(self.title, fontsize="medium")
@@ -313,7 +335,7 @@ class PercentileBands(FigureSpec):
                               label=f"{self.low} to {self.high}")  # fmt: skip
             axes.plot(*curves[self.mid], color=colour, label=self.mid)
             axes.set_title(self.titles.get(arm, results.label(arm)), fontsize="medium")
-            axes.set_xlabel(STEP_LABEL)
+            _step_axis(axes)
             axes.grid(alpha=0.3)
         panels[0].set_ylabel(self.ylabel)
         panels[0].legend(fontsize="small")

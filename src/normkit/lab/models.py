@@ -1,6 +1,7 @@
-"""The lab's networks: a fully connected net and a small CNN, with or without batch normalization.
+"""The lab's networks: a fully connected net, a small CNN and a bottleneck ResNet, with or without
+normalization.
 
-Both are ``nn.Sequential`` with named children (``linear1``, ``norm1``, ``act1``, ...) so experiments
+The first two are ``nn.Sequential`` with named children (``linear1``, ``norm1``, ``act1``, ...) so experiments
 can find "the input to the sigmoid of hidden layer 3" by name. Normalization layers come from the
 public API as a user would write them: ``norm="batch"`` is ``nk.BatchNorm1d``/``nk.BatchNorm2d``, any
 other name a layer of ``nk.create_norm`` (``"group:4"``, ``"layer"``, ...), ``"none"`` no layer.
@@ -209,3 +210,45 @@ def pre_activation(model: nn.Sequential, index: int) -> nn.Module:
     names = list(model._modules)
     position = names.index(f"act{index}")
     return model._modules[names[position - 1]]
+
+
+class Bottleneck(nn.Module):
+    """He et al. 2016's bottleneck block (§4.1, Fig. 5 right): 1×1 → 3×3 (``stride``) → 1×1 to
+    ``4 · width`` channels, ``norm`` after each convolution, ReLU after the first two and after the
+    sum with the shortcut (a 1×1 convolution with ``norm`` where the shape changes)."""
+
+    def __init__(self, channels: int, width: int, stride: int, norm: str):
+        super().__init__()
+        out = 4 * width
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 1, bias=False), nk.create_norm(norm, width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False), nk.create_norm(norm, width), nn.ReLU(),
+            nn.Conv2d(width, out, 1, bias=False), nk.create_norm(norm, out),
+        )  # fmt: skip
+        self.shortcut = nn.Identity()
+        if stride != 1 or channels != out:
+            self.shortcut = nn.Sequential(nn.Conv2d(channels, out, 1, stride, bias=False),
+                                          nk.create_norm(norm, out))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet(sample_shape: tuple[int, ...], classes: int, norm: str, blocks: tuple[int, ...] = (3, 4, 6, 3),
+           width: int = 64) -> nn.Sequential:  # fmt: skip
+    """A bottleneck ResNet for small images (He et al. 2016, Table 1: ``blocks=(3, 4, 6, 3)`` is
+    ResNet-50): a 3×3 stem to ``width`` channels with ``norm`` and no max-pool (the usual CIFAR
+    stem), stages of bottleneck blocks of width ``width · 2^i``, each stage after the first starting
+    with stride 2 (32×32 images: 32, 16, 8, 4 pixels), then global average pooling and fc."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        stem=nn.Conv2d(sample_shape[0], width, 3, padding=1, bias=False),
+        norm_stem=nk.create_norm(norm, width), act_stem=nn.ReLU())  # fmt: skip
+    channels = width
+    for stage, count in enumerate(blocks):
+        for index in range(count):
+            stride = 2 if stage > 0 and index == 0 else 1
+            layers[f"block{stage + 1}_{index + 1}"] = Bottleneck(channels, width << stage, stride, norm)
+            channels = 4 * (width << stage)
+    layers["pool"], layers["flatten"] = nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    layers["output"] = nn.Linear(channels, classes)
+    return nn.Sequential(layers)

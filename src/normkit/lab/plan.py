@@ -82,7 +82,8 @@ class Rule:
             and (self.limit is None or max(r[self.metric] for r in group) <= self.limit)
         }
         if not scores:
-            return min(rows), "no value qualified (every one diverged): took the smallest"
+            why = "diverged" if self.limit is None else f"diverged or ended above {self.limit:g}"
+            return min(rows), f"no value qualified (every one {why}): took the smallest"
         if self.choose == "largest":
             return max(scores), ""
         best = (min if self.choose == "lowest" else max)(scores.values())

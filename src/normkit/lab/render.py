@@ -2,8 +2,11 @@
 self-contained HTML page (figures embedded as base64 PNGs, inline CSS, no external resources), so
 one file can be mailed or attached to an issue.
 
-Everything a report says passes through here; text from settings and trial names is escaped for
-HTML, and table cells for Markdown.
+Everything a report says passes through here. Text that comes from the user (settings, paths,
+names) goes in through :func:`literal`, which backslash-escapes what Markdown would read as syntax;
+both renderers honour those escapes, so it shows exactly as written in report.md and report.html.
+Raw HTML never passes: report.html escapes all text, and report.md writes a ``<`` that would open a
+tag, or an ``&`` that would start an entity, as an entity (outside code).
 """
 
 from __future__ import annotations
@@ -69,9 +72,43 @@ def new_figure(width: float = 6.4, height: float = 4.0):
     return MatplotlibFigure(figsize=(width, height), layout="constrained")
 
 
+# what Markdown could read as syntax inside a line; "_" only at a word's edge (intraword it is text)
+_MARKDOWN_SYNTAX = re.compile(r"([\\`*\[\]<>&|~]|(?<!\w)_|_(?!\w))")
+
+
+def literal(text) -> str:
+    """``text`` as the reader should see it, whatever it holds: Markdown's syntax characters are
+    backslash-escaped (CommonMark's rule; :func:`text_html` and :func:`html_table` follow it too)."""
+    return _MARKDOWN_SYNTAX.sub(r"\\\1", str(text).replace("\n", " "))
+
+
+_CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.DOTALL)
+_TAG_OR_ENTITY = re.compile(r"(?<!\\)(<(?=[A-Za-z/!?])|&(?=#?\w+;))")
+
+
+def no_raw_html(text: str) -> str:
+    """Markdown text with no HTML in it: ``<tag`` and ``&entity;`` become entities, code spans stay."""
+    parts = []
+    end = 0
+    for match in _CODE_SPAN.finditer(text):
+        parts.append(_TAG_OR_ENTITY.sub(lambda m: "&lt;" if m.group(0) == "<" else "&amp;",
+                                        text[end : match.start()]))  # fmt: skip
+        parts.append(match.group(0))
+        end = match.end()
+    parts.append(_TAG_OR_ENTITY.sub(lambda m: "&lt;" if m.group(0) == "<" else "&amp;", text[end:]))
+    return "".join(parts)
+
+
+def code_block(text: str) -> str:
+    """A fenced code block whose fence is longer than any run of backticks in ``text``."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}\n{text}\n{fence}"
+
+
 def markdown_table(table: Table) -> str:
     def cell(value) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
+        return no_raw_html(re.sub(r"(?<!\\)\|", r"\\|", str(value).replace("\n", " ")))
 
     lines = [
         "| " + " | ".join(cell(h) for h in table.headers) + " |",
@@ -79,26 +116,24 @@ def markdown_table(table: Table) -> str:
     ]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.rows]
     if table.caption:
-        lines = [f"*{table.caption}*", ""] + lines
+        lines = [f"*{no_raw_html(table.caption)}*", ""] + lines
     return "\n".join(lines)
 
 
 def markdown(blocks_by_section: list[Section], level: int, figures_dir: str) -> list[str]:
     out = []
     for section in blocks_by_section:
-        out += [f"{'#' * level} {section.heading}", ""]
+        out += [f"{'#' * level} {no_raw_html(section.heading)}", ""]
         for block in section.blocks:
             if isinstance(block, Table):
                 out += [markdown_table(block), ""]
             elif isinstance(block, Figure):
-                out += [
-                    f"![{block.caption}]({figures_dir}/{block.name}.png)",
-                    "",
-                    f"*{block.caption}*",
-                    "",
-                ]
-            else:
+                caption = no_raw_html(block.caption)
+                out += [f"![{caption}]({figures_dir}/{block.name}.png)", "", f"*{caption}*", ""]
+            elif block.startswith("```"):
                 out += [block, ""]
+            else:
+                out += [no_raw_html(block), ""]
     return out
 
 
@@ -109,11 +144,30 @@ _INLINE = [
 ]
 
 
+# a backslash before ASCII punctuation (CommonMark's escape), or a code span
+_ESCAPE_OR_CODE = re.compile(r"\\([!-/:-@\[-`{-~])|`([^`]+)`")
+
+
 def _inline_html(text: str) -> str:
+    """Inline Markdown as HTML: code spans first (verbatim), then backslash escapes (the character
+    itself, never syntax), then bold and italics; everything else escaped."""
+    held: list[str] = []
+
+    def hold(fragment: str) -> str:
+        held.append(fragment)
+        return f"\x00{len(held) - 1}\x00"
+
+    def verbatim(match: re.Match) -> str:
+        escaped, code = match.group(1), match.group(2)
+        if escaped is not None:
+            return hold(html.escape(escaped, quote=False))
+        return hold(f"<code>{html.escape(code, quote=False)}</code>")
+
+    text = _ESCAPE_OR_CODE.sub(verbatim, text)  # left to right, as CommonMark reads them
     text = html.escape(text, quote=False)
-    for pattern, replacement in _INLINE:
+    for pattern, replacement in _INLINE[1:]:
         text = pattern.sub(replacement, text)
-    return text
+    return re.sub("\x00(\\d+)\x00", lambda m: held[int(m.group(1))], text)
 
 
 def text_html(text: str) -> str:

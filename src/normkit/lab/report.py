@@ -14,25 +14,28 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from normkit.lab.claims import CARD_HEADERS, Check, card_row, roll_up
+from normkit.lab.claims import CARD_HEADERS, card_row, roll_up
 from normkit.lab.records import RunRecord
 from normkit.lab.render import (
     Figure,
     Section,
     Table,
     close_figures,
+    code_block,
     fmt,
     html_blocks,
     html_page,
     html_table,
+    literal,
     markdown,
     markdown_table,
     new_figure,
+    no_raw_html,
     save_figures,
     text_html,
 )
 
-__all__ = ["Check", "Figure", "Report", "RunReport", "Section", "Table", "fmt", "new_figure"]
+__all__ = ["Figure", "RunReport", "Section", "Table", "fmt", "literal", "new_figure"]
 
 
 @dataclass
@@ -45,32 +48,37 @@ class RunReport:
     deviations: list[str] = field(default_factory=list)
 
 
-@dataclass
-class Report:
-    """Legacy: what a legacy experiment's ``report()`` returns (delete with normkit.lab.legacy)."""
-
-    comparison: Table  # quantity | published | ours | verdict
-    sections: list[Section] = field(default_factory=list)
-    checks: list[Check] = field(default_factory=list)
-    deviations: list[str] = field(default_factory=list)
-    headline: str = ""
-
-
 def claims_card(entries: list[dict], caption: str = "") -> Table:
     """claim | published (source) | ours (mean [95% CI], seeds) | verdict, one row per claim."""
     return Table(CARD_HEADERS, [card_row(e) for e in entries], caption)
+
+
+def ran_settings(record: RunRecord) -> dict[str, str]:
+    """Each setting as it ran, as the user typed it (1e-4 stays 1e-4, not "0.000"); a setting that
+    a sweep replaced shows the picked value(s) (per group) and says the setting's own went unused."""
+    picks: dict[str, list[str]] = {}
+    for sweep in (record.summary or {}).get("sweeps", []):
+        group = ", ".join(f"{k} {v}" for k, v in sweep["group"].items())
+        picks.setdefault(sweep["setting"], []).append(
+            fmt(sweep["value"], "g") + (f" ({group})" if group else ""))  # fmt: skip
+    ran = {key: fmt(value, "g") for key, value in record.settings.items()}
+    for key, values in picks.items():
+        unused = f" (the setting's {ran[key]} was not used)" if key in ran else ""
+        ran[key] = f"{'; '.join(values)}: picked by the sweep{unused}"
+    return ran
 
 
 def _standard_sections(record: RunRecord, report: RunReport) -> list[Section]:
     config = record.config
     data = config["data"]
     sections = []
+    # what the user chose (settings, paths, names) goes in through literal(): shown as written
     data_blocks: list[str | Table | Figure] = [
-        f"{data['name']} from `{data['source']}`: {data['train']} training, "
+        f"{literal(data['name'])} from {literal(data['source'])}: {data['train']} training, "
         f"{data.get('validation', 0)} validation and {data['test']} test examples of shape "
         f"{tuple(data['sample_shape'])}."
     ]
-    data_blocks += [f"**Note:** {note}" for note in data.get("notes", [])]
+    data_blocks += [f"**Note:** {literal(note)}" for note in data.get("notes", [])]
     sections.append(Section("Data", data_blocks))
     if report.deviations:
         sections.append(
@@ -79,8 +87,9 @@ def _standard_sections(record: RunRecord, report: RunReport) -> list[Section]:
                 ["\n".join(f"- {d}" for d in report.deviations)],
             )
         )
-    # settings as the user typed them: 1e-4 stays 1e-4 (not "0.000"), 0.1 stays 0.1
-    settings = Table(["setting", "value"], [[k, fmt(v, "g")] for k, v in record.settings.items()])
+    ran = ran_settings(record)
+    settings = Table(["setting", "value"], [[literal(k), literal(v)] for k, v in ran.items()],
+                     "The values that ran: a setting a sweep replaced shows the sweep's picks.")  # fmt: skip
     timing = (record.summary or {}).get("timing", {})
     execution = config.get("execution", {})
     how = f"{config['torch_threads']} torch threads"
@@ -90,8 +99,9 @@ def _standard_sections(record: RunRecord, report: RunReport) -> list[Section]:
             f" ({execution['executor']}), device {execution['device']}"
         )
     run_blocks: list[str | Table | Figure] = [
-        f"Reproduce with:\n\n```\n{config['command']}\n```",
-        f"Preset `{config['preset']}`, created {config['created']}, {how}; training took "
+        "Reproduce with:",
+        code_block(config["command"]),
+        f"Preset {literal(config['preset'])}, created {config['created']}, {how}; training took "
         f"{fmt(timing.get('total_seconds'), '.1f')} s of wall time (summed over trials).",
         settings,
     ]
@@ -102,7 +112,7 @@ def _standard_sections(record: RunRecord, report: RunReport) -> list[Section]:
     sections.append(
         Section(
             "Environment",
-            [Table(["", ""], [[k, fmt(environment.get(k))] for k in keep if k in environment])],
+            [Table(["", ""], [[k, literal(fmt(environment.get(k)))] for k in keep if k in environment])],
         )
     )
     return sections
@@ -134,7 +144,8 @@ def write_run_report(record: RunRecord, experiment) -> tuple[Path, Path]:
     title, intro, sections = _parts(record, experiment)
     save_figures(sections, record.directory / "figures")
     md_path = record.directory / "report.md"
-    md_path.write_text("\n".join([f"# {title}", "", intro, ""] + markdown(sections, 2, "figures")),
+    md_path.write_text("\n".join([f"# {no_raw_html(title)}", "", no_raw_html(intro), ""]
+                                  + markdown(sections, 2, "figures")),
                        encoding="utf-8")  # fmt: skip
     page = html_page(
         title, [f"<h1>{html.escape(title)}</h1>", text_html(intro)] + html_blocks(sections, 2)
@@ -151,13 +162,14 @@ def scoreboard(records: list[RunRecord]) -> tuple[Table, Table]:
     runs = Table(["run", "experiment", "preset", "data", "verdict", "claims"], [])
     for record in records:
         entries = (record.summary or {}).get("claims", [])
-        name = f"{record.config['experiment']} ({record.config['preset']})"
+        name = literal(f"{record.config['experiment']} ({record.config['preset']})")
         claims.rows += [[name, *card_row(e)] for e in entries]
         verdicts = [e["verdict"] for e in entries]
         counts = {v: verdicts.count(v) for v in dict.fromkeys(v for v in verdicts if v)}
         runs.rows.append([
-            str(record.directory), record.config["experiment"], record.config["preset"],
-            record.config["data"]["name"], (record.summary or {}).get("verdict") or roll_up(verdicts) or "–",
+            literal(record.directory), literal(record.config["experiment"]),
+            literal(record.config["preset"]), literal(record.config["data"]["name"]),
+            (record.summary or {}).get("verdict") or roll_up(verdicts) or "–",
             ", ".join(f"{n} {v}" for v, n in counts.items()) or "–",
         ])  # fmt: skip
     return runs, claims
@@ -171,7 +183,8 @@ def write_combined_report(records: list[RunRecord], experiments: list, out: Path
     for index, (record, experiment) in enumerate(zip(records, experiments, strict=True), start=1):
         title, intro, sections = _parts(record, experiment, prefix=f"run{index}-")
         all_sections += sections
-        markdown_lines += [f"## {index}. {title}", "", intro, ""] + markdown(sections, 3, "figures")
+        markdown_lines += [f"## {index}. {no_raw_html(title)}", "", no_raw_html(intro), ""]
+        markdown_lines += markdown(sections, 3, "figures")
         body += [f"<h2>{index}. {html.escape(title)}</h2>", text_html(intro)] + html_blocks(sections, 3)
     title = f"normkit lab: {len(records)} runs"
     save_figures(all_sections, out / "figures")

@@ -31,7 +31,14 @@ import torch
 from normkit.errors import ConfigError
 from normkit.lab.catalog import get_experiment
 from normkit.lab.datasets import load_dataset
-from normkit.lab.executors import Dask, InProcess, Processes, WorkerLost, default_threads
+from normkit.lab.executors import (
+    Dask,
+    InProcess,
+    Processes,
+    WorkerLost,
+    default_threads,
+    usable_cores,
+)
 from normkit.lab.files import write_json
 from normkit.lab.plan import PICKED
 from normkit.lab.records import SCHEMA, SCHEMA_VERSION, SUMMARY, RunFolderError, RunRecord
@@ -47,6 +54,11 @@ ATTEMPTS = 3  # a trial whose worker dies this many times stops the run
 
 def default_out(name: str, preset: str) -> Path:
     return Path("runs") / (name if preset == "full" else f"{name}-{preset}")
+
+
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: give 1 or more (or leave it out: free cores ÷ workers)")
 
 
 def _device(device: str | None, amp: bool) -> str:
@@ -125,6 +137,7 @@ def run_experiment(
         amp: bfloat16 autocast in the training step (CUDA only).
     """
     experiment = get_experiment(name)
+    _check_threads(threads)
     echo = echo or (lambda message: None)
     out = Path(out) if out is not None else default_out(name, preset or "full")
     hint = f"`normkit lab run {name} --out {out} --resume`"
@@ -195,6 +208,11 @@ def _run(experiment, folder, recorded, preset, overrides, data_dir, progress, ch
         threads, rule = 1, "one per Dask worker process (--threads to change)"
     elif not threads:
         threads, rule = default_threads(workers)
+    cores = usable_cores()
+    if not scheduler and threads * workers > cores:
+        echo(f"note: {workers} worker(s) × {threads} thread(s) is more than the {cores} core(s) "
+             "this process may use: the threads will wait on each other (--threads sets threads "
+             "per worker)")  # fmt: skip
     torch.set_num_threads(threads)
     data_dir = None if data_dir is None else str(Path(data_dir).resolve())
     executor = _executor(workers, scheduler, threads,
@@ -399,10 +417,11 @@ def dry_run(name: str, preset: str | None = None, overrides: dict | None = None,
     experiment = get_experiment(name)
     settings = experiment.settings(preset or "full", overrides)
     device = _device(device, False)
+    _check_threads(threads)
     threads = threads or default_threads(workers)[0]
     data = experiment.prepare_data(settings, load_dataset(settings.dataset, data_dir))
     trials = experiment.preview(settings, data)
-    sweep = getattr(experiment.plan(settings, data), "sweep", None) if not experiment.legacy else None
+    sweep = experiment.plan(settings, data).sweep
     execution = Execution(threads=threads, device=device)
     costs: dict[tuple, tuple[float, float]] = {}
     spent = time.perf_counter()

@@ -2,7 +2,10 @@
 CNN; Batch Renorm's schedule scaled to a run; accuracy with batch statistics; and the figure of
 error against batch size.
 
-Also the trial plans: :func:`measured_trial` and :func:`batch_sweep`.
+Also the trial plans: :func:`measured_trial` and :func:`batch_sweep`; and the protocol that
+``batch-size`` and ``switchable`` share (:class:`NormalizationBatchSettings`): a fixed gradient
+batch normalized in microbatches (:class:`PerMicrobatch`), so that only the normalization batch
+varies, at equal updates (issue 17).
 
 Used by ``batch-size`` (Wu & He 2018), ``renorm`` (Ioffe 2017), ``switchable`` (Luo et al. 2018)
 and, for the figure and the measurements, ``ghost-bn``, ``layer-norm`` and ``batch-layer-norm``.
@@ -27,16 +30,20 @@ Decisions (documented in the reports too):
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import normkit as nk
 from normkit.errors import ConfigError
+from normkit.lab.claims import Claim, Published, below, difference, final
 from normkit.lab.models import cnn, initialize
 from normkit.lab.plan import Trial
-from normkit.lab.render import new_figure
+from normkit.lab.render import Section, Table, new_figure
+from normkit.lab.settings import Settings
 
 # Key -> label, in the order the figures and tables list them.
 NORMALIZERS: dict[str, str] = {
@@ -102,6 +109,7 @@ def small_cnn(
     renorm_limits: tuple[float, float] = (RENORM_R_MAX, RENORM_D_MAX),
     renorm_momentum: float | None = None,
     hidden_norm: bool = True,
+    norm_batch: int | None = None,
 ) -> nn.Sequential:
     """The lab's small CNN with ``normalizer`` after every convolution and the hidden layer, He
     initialization drawn from ``generator``.
@@ -109,7 +117,10 @@ def small_cnn(
     Batch Renorm: ``renorm_steps`` forwards of each layer in the run, for the ramps to
     ``renorm_limits`` = (r_max, d_max); ``renorm_momentum`` for its moving averages (None: the
     layer's default, the paper's 0.01). ``hidden_norm`` False leaves the hidden layer unnormalized
-    (with a bias), so that only convolutions normalize.
+    (with a bias), so that only convolutions normalize. ``norm_batch`` B: the batch-dependent
+    normalizers (not SyncBN) see each run of B samples of a training batch on its own
+    (:class:`PerMicrobatch`; BN becomes ``nk.GhostBatchNorm``, the same map), as each device of a
+    data-parallel run sees its own B.
     """
     for name, value in (("groups", groups), ("ghost_batch", ghost_batch)):
         if value < 1:
@@ -128,7 +139,9 @@ def small_cnn(
         hidden,
         classes,
         activation="relu",
-        norm=norm_spec(normalizer, groups, ghost_batch),
+        norm=norm_spec("gbn", groups, norm_batch)  # BN per B: Ghost BN, vectorized
+        if normalizer == "bn" and norm_batch is not None
+        else norm_spec(normalizer, groups, ghost_batch),
     )
     last = f"norm{len(channels) + 1}"
     if not hidden_norm:
@@ -147,13 +160,116 @@ def small_cnn(
                     module.momentum = renorm_momentum
     if normalizer == "syncbn":
         model = nk.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif norm_batch is not None and normalizer in BATCH_DEPENDENT - {"bn"}:
+        for name, module in list(model.named_children()):
+            if name.startswith("norm") and not isinstance(module, nn.Identity):
+                model._modules[name] = PerMicrobatch(module, norm_batch)
     initialize(model, "he", generator)
     return model
+
+
+class PerMicrobatch(nn.Module):
+    """Applies ``layer`` to each run of ``size`` consecutive samples in training (each normalized
+    with its own batch statistics; running statistics updated once per microbatch, in order), and to
+    the whole batch in eval mode (running statistics: the batch does not matter)."""
+
+    def __init__(self, layer: nn.Module, size: int):
+        super().__init__()
+        if size < 1:
+            raise ConfigError(f"microbatch size {size} must be >= 1")
+        self.layer, self.size = layer, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.layer(x)
+        return torch.cat([self.layer(chunk) for chunk in x.split(self.size)])
+
+
+@dataclass(frozen=True)
+class NormalizationBatchSettings(Settings):
+    """The protocol ``batch-size`` and ``switchable`` share (issue 17): every trial takes the same
+    ``steps`` updates of ``gradient_batch`` images at one learning rate, and only the batch the
+    normalizers see (``batch_sizes``, each dividing the gradient batch) varies, as Wu & He's per-GPU
+    statistics sat inside a larger gradient batch. No normalizer on the fully connected hidden layer
+    unless ``hidden_norm`` (there a batch of B gives B values per feature, not B·H·W)."""
+
+    batch_sizes: tuple[int, ...] = (64, 32, 16, 8, 4, 2)  # normalization batches
+    gradient_batch: int = 64
+    train_examples: int = 15_000
+    steps: int = 700  # updates, every arm (3 epochs of 15,000 at 64)
+    lr: float = 0.1  # the legacy protocol's rate at 64 (0.1·B/64)
+    momentum: float = 0.9
+    channels: tuple[int, ...] = (8, 16)
+    hidden: int = 64
+    groups: int = 4
+    hidden_norm: bool = False
+    seeds: int = 3
+    evaluations: int = 4  # evaluations per trial (besides step 0), on eval_examples test images
+    eval_examples: int = 1_000
+    batch_stat_examples: int = 2_000  # test (and training) images for the extra errors
+
+    def __post_init__(self):
+        for b in self.batch_sizes:
+            if b < 1 or self.gradient_batch % b:
+                raise ConfigError(f"normalization batch {b} must divide gradient_batch={self.gradient_batch}")
+
+
+# The shared presets: the two experiments' trials of one arm, batch and seed are the same trial.
+NORMALIZATION_BATCH_PRESETS = {
+    "quick": {"batch_sizes": (64, 2), "train_examples": 3_000, "steps": 150, "seeds": 2,
+              "evaluations": 2, "eval_examples": 500, "batch_stat_examples": 1_000},
+    "tiny": {"batch_sizes": (8, 2), "gradient_batch": 8, "train_examples": 64, "steps": 4,
+             "channels": (4, 8), "hidden": 16, "groups": 2, "seeds": 1, "evaluations": 1,
+             "eval_examples": 40, "batch_stat_examples": 40},
+}  # fmt: skip
+PER_SAMPLE = frozenset({"gn", "ln", "in"})  # their trials do not depend on the normalization batch
+
+
+def normalization_batch_cnn(s: NormalizationBatchSettings, data, normalizer: str, norm_batch: int,
+                            generator: torch.Generator, **options) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """:func:`small_cnn` normalized per ``norm_batch`` samples, and its SGD optimizer."""
+    options.setdefault("hidden_norm", s.hidden_norm)
+    model = small_cnn(data.sample_shape, data.classes, normalizer, generator, channels=s.channels,
+                      hidden=s.hidden, groups=s.groups, norm_batch=norm_batch, **options)  # fmt: skip
+    return model, torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum)
+
+
+def sn_vs_bn_claim(setting: str) -> Claim:
+    """SN − BN at the largest normalization batch: one claim, declared alike by ``batch-size`` and
+    ``switchable``, on the same trials (issue 16: the two had contradicted each other)."""
+    largest = {setting: lambda s: max(s.batch_sizes)}
+    return Claim("sn-vs-bn-large", "SN − BN error at the largest normalization batch (points)",
+                 Published("−0.5 at 32 per GPU (SN 23.1 vs BN 23.6)",
+                           "Switchable-Normalization README, ResNet-50, ImageNet, 8 GPUs", -0.5),
+                 difference(*(final("test_error", arm=arm, **largest) for arm in ("sn", "bn"))),
+                 below(0.5), fmt="+.2f")  # fmt: skip
 
 
 def hidden_norm_name(channels: Sequence[int]) -> str:
     """The name, in :func:`small_cnn`'s model, of the hidden layer's normalizer."""
     return f"norm{len(channels) + 1}"
+
+
+class RefusalRecorder:
+    """The runner's training step (cross-entropy, backward, optimizer step) that records a
+    normalizer's refusal of a batch (``BatchTooSmallError``) instead of raising it; from then on
+    the loss is NaN, which ends the trial (marked diverged) at its next evaluation."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer, self.refusal = model, optimizer, None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.refusal is None:
+            try:
+                loss = nn.functional.cross_entropy(self.model(x), y)
+            except nk.errors.BatchTooSmallError as error:
+                self.refusal = f"{type(error).__name__}: {error}"
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                return loss
+        return torch.tensor(float("nan"))
 
 
 @torch.no_grad()
@@ -223,11 +339,33 @@ def error_vs_batch_figure(
 def switchable_importance(model: torch.nn.Module) -> dict[str, dict[str, list[float]]]:
     """Each SwitchableNorm layer's (IN, LN, BN) softmax weights of the mean and the variance."""
     return {
-        name: {"mean": mean.tolist(), "var": var.tolist()}
+        name.removesuffix(".layer"): {"mean": mean.tolist(), "var": var.tolist()}  # PerMicrobatch
         for name, module in model.named_modules()
         if isinstance(module, nk.SwitchableNorm)
         for mean, var in [module.importance()]
     }
+
+
+def bn_share(importance: dict[str, dict[str, list[float]]], stat: str) -> float | None:
+    """BN's weight in SN's ``stat`` ("mean" or "var"), averaged over the layers of
+    :func:`switchable_importance`."""
+    values = [weights[stat][2] for weights in importance.values()]
+    return sum(values) / len(values) if values else None
+
+
+def importance_section(results, setting: str, arm: str) -> Section | None:
+    """SN's learned (IN, LN, BN) weights per layer at the end of training, mean over seeds, for
+    each value of ``setting`` (the batch): a table for an experiment's extra section."""
+    rows = []
+    for batch in sorted(results.values(setting, arm=arm), reverse=True):
+        trials = [t.final["importance"] for t in results.trials(arm=arm, **{setting: batch})]
+        for layer in trials[0] if trials else []:
+            mean = [[statistics.fmean(t[layer][stat][i] for t in trials) for i in range(3)]
+                    for stat in ("mean", "var")]  # fmt: skip
+            rows.append([batch, layer, *(" / ".join(f"{w:.2f}" for w in m) for m in mean)])
+    table = Table(["B", "layer", "mean: IN / LN / BN", "variance: IN / LN / BN"], rows,
+                  "Softmax weights at the end of training, mean over seeds.")  # fmt: skip
+    return Section("Switchable Norm's learned importance weights", [table]) if rows else None
 
 
 def error_percent(accuracy: float | None) -> float | None:

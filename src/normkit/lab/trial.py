@@ -329,12 +329,13 @@ def calibrate(experiment, settings: Settings, data, trial: Trial, execution: Exe
     run = TrialRun(experiment, settings, data, trial, execution)
     try:
         run.setup.model.train()
-        run._train_step()  # warm-up
+        count = min(steps, trial.steps)  # 0 for a trial that trains nothing (it may not be able to)
+        if count:
+            run._train_step()  # warm-up
         started = time.perf_counter()
-        count = min(steps, max(1, trial.steps))
         for _ in range(count):
             run._train_step()
-        per_step = (time.perf_counter() - started) / count
+        per_step = (time.perf_counter() - started) / max(1, count)
         started = time.perf_counter()
         run._evaluate()
         return per_step, time.perf_counter() - started

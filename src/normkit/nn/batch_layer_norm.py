@@ -42,6 +42,9 @@ class BatchLayerNorm(NormBase):
       statistics (exponential average, guarded) and uses them in eval; with
       ``track_running_stats=False`` eval uses the batch's, the code's all-False setting. LN's
       statistics are always the sample's own.
+    - Training on one value per channel (an (N=1, C) input), which BatchNorm refuses, is the
+      code's: its batch part (x - mu_B)/sqrt(0 + eps) with mu_B = x is 0, so the output is the LN
+      part plus beta, and the running statistics are not updated (one value has no variance).
 
     Args:
         num_features: C (the code's d_k).

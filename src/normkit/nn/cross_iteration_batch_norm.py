@@ -7,14 +7,27 @@ from torch import nn
 
 from normkit.errors import ConfigError, NormkitError
 from normkit.functional import cross_iteration_batch_norm
-from normkit.functional._checks import check_channels, check_floating, check_positive_int
+from normkit.functional._checks import (
+    check_batch_statistics_size,
+    check_channels,
+    check_floating,
+    check_per_channel,
+    check_positive_int,
+)
 from normkit.functional._cross_iteration_batch_norm import (
     compensated_statistics,
     statistics_jacobians,
 )
 from normkit.functional._given_statistics import batch_norm_statistics
-from normkit.functional._transforms import transforming
-from normkit.nn._base import NormBase, named
+from normkit.functional._moments import stats_dtype
+from normkit.functional._transforms import (
+    CBN_TRAINING_STEP,
+    compiling,
+    exporting,
+    increment,
+    transforming,
+)
+from normkit.nn._base import NormBase, NormLayer, named
 
 _HISTORY = ("means", "vars", "mean_grads", "second_moment_grads", "weights")
 
@@ -48,7 +61,9 @@ class CrossIterationBatchNorm(NormBase):
     Decisions where the paper leaves room (tested):
 
     - a burn-in of ``burn_in`` training steps uses the batch alone (k = 1, BatchNorm); then the
-      window fills from empty, pooling 1, 2, ..., k iterations;
+      window fills from empty, pooling 1, 2, ..., k iterations. ``iteration`` (in the
+      ``state_dict``) counts the training steps with a window (k > 1; an empty batch is none);
+    - a training step that raises (a wrong input) stores and counts nothing;
     - the statistics are pooled in a centred form (each iteration's variance kept as such and
       merged by the law of total variance), which is the paper's formula without its
       cancellation; max(ν, μ²) is max(variance, 0);
@@ -87,6 +102,14 @@ class CrossIterationBatchNorm(NormBase):
         (3, 5)
     """
 
+    # CBN_TRAINING_STEP first: with window > 1 it is what a training step answers (window=1 is
+    # BatchNorm, with BatchNorm's refusals).
+    transform_refusals = (
+        *NormLayer.transform_refusals,
+        CBN_TRAINING_STEP,
+        *NormBase.transform_refusals[len(NormLayer.transform_refusals) :],
+    )
+
     def __init__(
         self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
         affine: bool = True, track_running_stats: bool = True, *args, window: int = 8,
@@ -98,6 +121,11 @@ class CrossIterationBatchNorm(NormBase):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, *args, **kwargs)
         self.window, self.burn_in, self.compensate = window, burn_in, bool(compensate)
         object.__setattr__(self, "_producer", None)  # not a submodule: its weights are its own
+        if window > 1:  # the stored statistics exist from the start (torch.func.functional_call
+            # takes them with the other buffers); the derivatives wait for the producer's shape
+            for name in ("means", "vars"):
+                entries = torch.zeros(window - 1, num_features, **self._history_factory)
+                setattr(self, f"history_{name}", entries)
 
     def _init_parameters(self, factory: dict) -> None:
         device = factory.get("device")
@@ -107,6 +135,8 @@ class CrossIterationBatchNorm(NormBase):
             self.register_buffer(name, counter, persistent=False)
         for name in _HISTORY:
             self.register_buffer(f"history_{name}", None, persistent=False)
+        dtype = stats_dtype(factory.get("dtype") or torch.get_default_dtype())
+        self._history_factory = {"device": device, "dtype": dtype}
 
     def attach(self, producer: nn.Module) -> CrossIterationBatchNorm:
         """Use ``producer.weight`` (the layer whose output this one normalizes) for the
@@ -139,35 +169,46 @@ class CrossIterationBatchNorm(NormBase):
             self.history_next.zero_()
 
     def forward(self, input: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.training and self.window > 1 and transforming():
+            if compiling() and not exporting():  # the step runs eagerly: a graph break
+                torch._dynamo.graph_break(msg=CBN_TRAINING_STEP.reason)
+                return torch.compiler.disable(self._forward)(input, weight)
+            raise named(self, CBN_TRAINING_STEP.error())
+        return self._forward(input, weight)
+
+    def _forward(self, input: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         self._check_input_dim(input)
-        if self.training and self.window > 1 and transforming():  # raised as is: Dynamo traces it
-            raise ConfigError(
-                "CrossIterationBatchNorm's training step cannot run under torch.compile, "
-                "torch.func, export or tracing: it keeps a window of past statistics and "
-                "differentiates the batch statistics inside the forward. Compile around it, or "
-                "trace in eval mode (window=1 is BatchNorm and traces)"
-            )
+        store = None
         try:
             past_means = past_vars = statistics = None
             if self.training:
                 check_floating(input)
                 check_channels(input, self.num_features)
-                past_means, past_vars, statistics = self._window(input, weight)
-            return self._normalize(
+                past_means, past_vars, statistics, store = self._window(input, weight)
+            y = self._normalize(
                 cross_iteration_batch_norm, input, past_means, past_vars,
                 batch_statistics=statistics,
             )  # fmt: skip
         except NormkitError as error:
             raise named(self, error) from None
+        if store is not None:  # only once the step has succeeded: a failing call changes nothing
+            store()
+        return y
 
     def _window(self, input: torch.Tensor, weight: torch.Tensor | None):
-        """The compensated statistics of the stored iterations, then this one stored; returns
-        ``(past_means, past_vars, (mean, var) of this batch)`` (Nones outside the window)."""
+        """The compensated statistics of the stored iterations; returns ``(past_means, past_vars,
+        (mean, var) of this batch, store)`` (Nones outside the window), where ``store()`` counts
+        the step and stores this batch over the oldest entry. Changes nothing itself."""
         stored = self.window - 1
-        with torch.no_grad():
-            self.iteration.add_(1)
-        if stored == 0 or int(self.iteration) <= self.burn_in:
-            return None, None, None
+        if stored == 0 or input.numel() == 0:  # BatchNorm; an empty batch is no step
+            return None, None, None, None
+        check_per_channel(
+            input, running_mean=self.running_mean, running_var=self.running_var,
+            weight=self.weight, bias=self.bias,
+        )  # fmt: skip
+        check_batch_statistics_size(input)
+        if int(self.iteration) + 1 <= self.burn_in:
+            return None, None, None, lambda: increment(self.iteration)
         if weight is None and self._producer is not None:
             weight = self._producer.weight
         if self.compensate and weight is None:
@@ -180,16 +221,19 @@ class CrossIterationBatchNorm(NormBase):
         d_mu = d_nu = None
         if self.compensate:
             d_mu, d_nu = statistics_jacobians(input, weight)
-        self._ensure_history(stored, weight, means.dtype)
-        size = int(self.history_size)
+        size = int(self.history_size) if self._history_fits(stored, weight, means.dtype) else 0
         past = None, None
         if size and self.compensate:
             history = [getattr(self, f"history_{name}")[:size] for name in _HISTORY]
             past = compensated_statistics(*history, weight.detach())
-        elif size:  # copies: this step is written over the oldest entry below
+        elif size:  # copies: this step is written over the oldest entry once it has run
             past = self.history_means[:size].clone(), self.history_vars[:size].clone()
-        with torch.no_grad():  # this step over the oldest entry (the order is irrelevant)
-            slot = int(self.history_next)
+
+        @torch.no_grad()
+        def store() -> None:  # this step over the oldest entry (the order is irrelevant)
+            increment(self.iteration)
+            self._ensure_history(stored, weight, means.dtype)
+            size, slot = int(self.history_size), int(self.history_next)
             self.history_next.fill_((slot + 1) % stored)
             self.history_means[slot] = means
             self.history_vars[slot] = vars_
@@ -198,20 +242,25 @@ class CrossIterationBatchNorm(NormBase):
                 self.history_second_moment_grads[slot] = d_nu
                 self.history_weights[slot] = weight.detach()
             self.history_size.fill_(min(size + 1, stored))
-        return (*past, (means, vars_))
 
-    def _ensure_history(self, stored: int, weight: torch.Tensor | None, dtype) -> None:
+        return (*past, (means, vars_), store)
+
+    def _history_fits(self, stored: int, weight: torch.Tensor | None, dtype) -> bool:
+        """Whether the stored entries are of this window, dtype and producer weight's shape."""
         shape = None if weight is None or not self.compensate else tuple(weight.shape)
         current = self.history_means
         grads = self.history_mean_grads
-        fits = (
+        return (
             current is not None
             and current.shape[0] == stored
             and current.dtype == dtype
             and (shape is None or (grads is not None and tuple(grads.shape[1:]) == shape))
         )
-        if fits:
+
+    def _ensure_history(self, stored: int, weight: torch.Tensor | None, dtype) -> None:
+        if self._history_fits(stored, weight, dtype):
             return
+        shape = None if weight is None or not self.compensate else tuple(weight.shape)
         factory = {"device": self.iteration.device, "dtype": dtype}
         self.history_means = torch.zeros(stored, self.num_features, **factory)
         self.history_vars = torch.zeros(stored, self.num_features, **factory)

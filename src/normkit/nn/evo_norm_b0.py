@@ -7,6 +7,7 @@ from torch import nn
 
 from normkit.errors import NormkitError
 from normkit.functional import evo_norm_b0
+from normkit.functional._transforms import VMAP_RUNNING_STATISTICS, batched
 from normkit.nn._base import NormBase, named
 
 
@@ -73,6 +74,8 @@ class EvoNormB0(NormBase):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         update = self.training and self.track_running_stats
+        if update and batched(input):
+            raise named(self, VMAP_RUNNING_STATISTICS.error())
         running_var = None if self.training and not update else self.running_var
         try:
             return evo_norm_b0(

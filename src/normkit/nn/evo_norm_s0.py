@@ -14,10 +14,10 @@ from normkit.functional._checks import (
     check_min_rank,
     check_positive_int,
 )
-from normkit.nn._base import named
+from normkit.nn._base import NormLayer, named
 
 
-class EvoNormS0(nn.Module):
+class EvoNormS0(NormLayer, nn.Module):
     r"""EvoNorm-S0 (Liu et al. 2020): normalization and activation in one, per sample.
 
     Paper: https://arxiv.org/abs/2004.02967 (EvoNorm-S0, Figure 1 and Table 1), found by searching

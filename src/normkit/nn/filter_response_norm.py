@@ -8,10 +8,10 @@ from torch import nn
 from normkit.errors import NormkitError
 from normkit.functional import filter_response_norm
 from normkit.functional._checks import check_channels, check_eps, check_min_rank, check_positive_int
-from normkit.nn._base import named
+from normkit.nn._base import NormLayer, named
 
 
-class FilterResponseNorm(nn.Module):
+class FilterResponseNorm(NormLayer, nn.Module):
     r"""Filter Response Normalization + TLU (Singh & Krishnan 2020): batch-independent, no centring.
 
     Paper: https://arxiv.org/abs/1911.09737, eqs. 1-3. Each filter response (sample n, channel c)

@@ -13,6 +13,7 @@ from normkit.functional._checks import (
     check_channels,
     check_eps,
     check_min_rank,
+    check_normalized_shape,
     check_positive_int,
 )
 from normkit.nn._base import NormLayer, named
@@ -60,9 +61,7 @@ class LayerNorm(NormLayer, nn.LayerNorm):
         device=None,
         dtype=None,
     ) -> None:
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
-        for size in shape:
-            check_positive_int(size, "normalized_shape entries")
+        check_normalized_shape(normalized_shape)
         check_eps(eps)
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
 

@@ -8,7 +8,8 @@ from normkit.errors import ConfigError, NormkitError
 from normkit.functional import moving_average_batch_norm
 from normkit.functional._checks import check_positive_int
 from normkit.functional._running_stats import DefaultMomentum
-from normkit.nn._base import NormBase, named
+from normkit.functional._transforms import MABN_TRAINING_STEP, compiling, exporting
+from normkit.nn._base import NormBase, NormLayer, named
 
 # The authors' EMA decay 0.98, in PyTorch's convention (the weight of the new value).
 PAPER_MOMENTUM = DefaultMomentum(0.02)
@@ -52,8 +53,10 @@ class MovingAverageBatchNorm(NormBase):
     - statistics in float32 for half inputs. There is no ``running_mean`` (MABN has none).
 
     The backward is MABN's rule, not the gradient of its forward, and it updates Ψ's window: the
-    training step runs eagerly and refuses program transforms (torch.compile, torch.func, export,
-    tracing) with a clear error; eval mode traces as BatchNorm's eval map does. Under
+    training step runs eagerly (torch.compile: a graph break) and refuses torch.func's vmap and
+    jvp, export and tracing with a clear error; ``torch.func.grad`` runs it as eager mode does,
+    and double backward differentiates the rule. Eval mode goes everywhere, as BatchNorm's eval
+    map does (docs/transforms.md). Under
     ``nk.accumulate`` each micro-batch is one of MABN's iterations, as the paper's algorithm has it.
 
     Args:
@@ -80,6 +83,11 @@ class MovingAverageBatchNorm(NormBase):
         >>> int(mabn.iteration), tuple(mabn.second_moments.shape)
         (6, (4, 8))
     """
+
+    # The training step refuses every transform that would record it (MABN_TRAINING_STEP, which
+    # also covers vmap: the advice of NormBase's refusal does not apply, the layer needs its
+    # running statistics; and on_nonfinite's host read, inside the same step).
+    transform_refusals = (*NormLayer.transform_refusals, MABN_TRAINING_STEP)
 
     def __init__(
         self, num_features: int, eps: float = 1e-5, momentum: float | None = PAPER_MOMENTUM,
@@ -117,6 +125,12 @@ class MovingAverageBatchNorm(NormBase):
                 buffer.zero_()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.training and compiling() and not exporting():  # runs eagerly: a graph break
+            torch._dynamo.graph_break(msg=MABN_TRAINING_STEP.reason)
+            return torch.compiler.disable(self._forward)(input)
+        return self._forward(input)
+
+    def _forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         try:
             return moving_average_batch_norm(

@@ -8,8 +8,14 @@ from torch import nn
 
 from normkit.errors import NormkitError
 from normkit.functional import channel_rms_norm, rms_norm
-from normkit.functional._checks import check_channels, check_eps, check_min_rank, check_positive_int
-from normkit.nn._base import named
+from normkit.functional._checks import (
+    check_channels,
+    check_eps,
+    check_min_rank,
+    check_normalized_shape,
+    check_positive_int,
+)
+from normkit.nn._base import NormLayer, named
 
 
 def _check_eps(eps: float | None) -> None:
@@ -17,7 +23,7 @@ def _check_eps(eps: float | None) -> None:
         check_eps(eps)
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(NormLayer, nn.RMSNorm):
     r"""Root mean square layer normalization over the last dims (Zhang & Sennrich 2019).
 
     Paper: https://arxiv.org/abs/1910.07467, eqs. 3-4. LayerNorm without the mean: the re-centring
@@ -60,9 +66,7 @@ class RMSNorm(nn.RMSNorm):
         device=None,
         dtype=None,
     ) -> None:
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
-        for size in shape:
-            check_positive_int(size, "normalized_shape entries")
+        check_normalized_shape(normalized_shape)
         _check_eps(eps)
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
 
@@ -73,7 +77,7 @@ class RMSNorm(nn.RMSNorm):
             raise named(self, error) from None
 
 
-class RMSNorm2d(nn.Module):
+class RMSNorm2d(NormLayer, nn.Module):
     r"""RMS normalization over the channels of an (N, C, \*) input, at each position.
 
     :class:`RMSNorm` for convolutional maps, as :class:`LayerNorm2d` is LayerNorm's: for every

@@ -8,13 +8,14 @@ import math
 import torch
 from torch import nn
 
-from normkit.errors import ConfigError
-from normkit.functional._checks import check_eps
+from normkit.errors import ConfigError, NormkitError
+from normkit.functional._checks import check_eps, check_floating, check_like_input
 from normkit.functional._std_conv import centered_weight, fan_in, standardized_weight
 from normkit.functional._transforms import transforming
+from normkit.nn._base import NormLayer, named
 
 
-class _TransformedWeightConv2d(nn.Conv2d):
+class _TransformedWeightConv2d(NormLayer, nn.Conv2d):
     """A Conv2d that convolves with a function of its weight, computed once in eval mode.
 
     Training (or any call that records gradients, or a program transform) recomputes the weight
@@ -32,6 +33,11 @@ class _TransformedWeightConv2d(nn.Conv2d):
         raise NotImplementedError
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        try:  # normkit's wording for a wrong dtype or device, as every layer's (torch's differ)
+            check_floating(input)
+            check_like_input(input, weight=self.weight, bias=self.bias)
+        except NormkitError as error:
+            raise named(self, error) from None
         return self._conv_forward(input, self._weight_for_call(), self.bias)
 
     def _weight_for_call(self) -> torch.Tensor:

@@ -9,55 +9,57 @@ mean, batch variance, feature mean, feature variance) between its population ave
 current one; the README suggests searching the combinations. One notebook cell records Keras BN at
 batch 1 on CIFAR-10 at test accuracy 0.109 (chance). The paper's tables were not read.
 
-Here (the lab's CPU protocol 7, on a CNN: normkit's BatchNorm and BatchLayerNorm refuse to train on
-one value per channel, which is what a batch of 1 gives a fully connected layer): the small CNN of
-``normkit.lab.small_batch`` with the normalizer after each convolution and none on the hidden layer, BN, LN
-(over the channels at each position, ``nk.LayerNorm2d``: the LN part of BLN and Keras's default
-axis) or BLN (``batch_size`` = the training batch, as the code fixes m at construction), trained
-with Adam at batch 1 and at batch 25 for the same epochs on a subset of Fashion-MNIST. Evaluation:
+Here (the lab's CPU protocol 7): the small CNN of ``normkit.lab.models.cnn`` with the normalizer
+after each convolution and after the fully connected hidden layer (``hidden_norm``), BN, LN (over
+the channels at each position, ``nk.LayerNorm2d``: the LN part of BLN and Keras's default axis) or
+BLN (``batch_size`` = the training batch, as the code fixes m at construction), trained with Adam at
+batch 1 and at batch 25 (the grid) for the same epochs on a subset of Fashion-MNIST, ``seeds`` seeds
+(paired by seed). At batch 1 the hidden layer gives each normalizer one value per channel: BLN is
+defined there as in the code (its BN part is 0), BN refuses the batch (``BatchTooSmallError``; Keras
+BN trains on it and collapses): the refusal is recorded in the trial's final row, the trial ends at
+its first evaluation, and BN's failure is judged on the error of the network it leaves. Evaluation:
 
 - every network in eval mode (BN, and BLN's BN part, with the running statistics, momentum 0.1);
 - BN with batch statistics: test images in batches of the training batch, in training mode;
-- BLN in the four inference configurations that treat mean and variance alike: the BN part from
-  the population (running statistics) or from the current test batch (of the training batch's
-  size), times the LN part from the example itself or from the population (the average over
-  ``population_examples`` training images of each position's per-example mean and variance; the
-  code sums them over the last epoch instead; the population variance is not corrected, as a
-  variance over the channels of one example has no m/(m − 1) to apply).
+- BLN in the four inference configurations that treat mean and variance alike (BN part from the
+  running statistics or the current test batch, LN part from the example or the population's
+  averages over ``population_examples`` training images; :mod:`normkit.lab.bln_inference`).
 """
 
 from __future__ import annotations
 
-import copy
+import statistics
 from dataclasses import dataclass
-from itertools import product
 
 import torch
 from torch import nn
 
 import normkit as nk
 from normkit.errors import ConfigError
+from normkit.lab.bln_inference import (  # noqa: F401 (BlnInference: the tests' import)
+    CONFIGS,
+    BlnInference,
+    config_name,
+    configured_accuracy,
+    feature_population,
+)
+from normkit.lab.claims import Claim, Published, above, below, final, per_seed
 from normkit.lab.datasets import subset
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.legacy import Experiment, Settings, Setup, register
+from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.figures import MeanTable, VersusSetting
 from normkit.lab.models import cnn, initialize
-from normkit.lab.records import RunRecord
-from normkit.lab.report import Check, Figure, Report, Section, Table, fmt
-from normkit.lab.small_batch import (
-    batch_statistics_accuracy,
-    batch_sweep,
-    error_percent,
-    error_vs_batch_figure,
-)
+from normkit.lab.plan import Arm, Plan
+from normkit.lab.render import Section, Table
+from normkit.lab.settings import Settings
+from normkit.lab.small_batch import RefusalRecorder, batch_statistics_accuracy, error_percent
 
 LABELS = {"bn": "BN", "ln": "LN", "bln": "BLN", "bln-nosqrt": "BLN without 1/√d_k"}
 SPECS = {"bn": "batch", "ln": "layer2d", "bln": "batch_layer", "bln-nosqrt": "batch_layer"}
-# (BN part, LN part) of BLN at inference.
-CONFIGS = [(b, f) for b, f in product(("population", "batch"), ("example", "population"))]
-
-
-def config_name(batch: str, feature: str) -> str:
-    return f"BN part: {batch}, LN part: {feature}"
+CODE = "Ziaee & Çano 2022, abstract and official code (A2Amir/Batch-Layer-Normalization)"
+NOTEBOOK = "official code's CIFAR-10 results notebook (Keras BN at batch 1)"
+BATCH = "batch_size"
+SMALL, LARGE = (lambda s: min(s.batch_sizes)), (lambda s: max(s.batch_sizes))
 
 
 @dataclass(frozen=True)
@@ -69,99 +71,47 @@ class BatchLayerNormSettings(Settings):
     learning_rate: float = 1e-3  # Adam
     channels: tuple[int, ...] = (8, 16)
     hidden: int = 64
+    hidden_norm: bool = True  # False: the legacy protocol, convolutions only
+    seeds: int = 3
     evaluations: int = 10
     eval_examples: int = 1_000
     population_examples: int = 2_000
     batch_stat_examples: int = 2_000
 
 
-class BlnInference(nn.Module):
-    """A trained ``nk.BatchLayerNorm`` evaluated in one of the code's inference configurations.
-
-    ``batch``: BN statistics from the running averages (``"population"``) or from the input batch
-    (``"batch"``); ``feature``: LN statistics from each example and position (``"example"``) or the
-    population's per-position averages ``feature_mean``/``feature_var`` (shape (*spatial)).
-    """
-
-    def __init__(
-        self, layer: nk.BatchLayerNorm, batch: str, feature: str, feature_mean, feature_var
-    ):
-        super().__init__()
-        self.layer, self.batch, self.feature = layer, batch, feature
-        self.feature_mean, self.feature_var = feature_mean, feature_var
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        reduce = [0, *range(2, x.dim())]
-        if self.batch == "population":
-            mean, var = layer.running_mean.view(shape), layer.running_var.view(shape)
-        else:
-            mean = x.mean(reduce, keepdim=True)
-            var = x.var(reduce, unbiased=False, keepdim=True)
-        x_b = (x - mean) / torch.sqrt(var + layer.eps)
-        if self.feature == "example":
-            mean_f = x.mean(1, keepdim=True)
-            var_f = x.var(1, unbiased=False, keepdim=True)
-        else:
-            mean_f, var_f = self.feature_mean.unsqueeze(0), self.feature_var.unsqueeze(0)
-        x_f = (x - mean_f) / torch.sqrt(var_f + layer.eps)
-        w_b, w_f = layer.mixing_weights(x.shape[0])
-        y = w_b * x_b + w_f * x_f
-        if layer.weight is not None:
-            y = y * layer.weight.view(shape) + layer.bias.view(shape)
-        return y
+def _bn_error(trials, results):
+    """BN's eval-mode error; a refused training counts with the network it leaves (untrained)."""
+    final = trials[0].final
+    return final["test_error"] if final.get("refusal") or not final["diverged"] else None
 
 
-@torch.no_grad()
-def feature_population(model: nn.Module, x: torch.Tensor, chunk: int = 500) -> dict[str, tuple]:
-    """Each BatchLayerNorm's population LN statistics: the average over ``x`` of every example's
-    per-position mean and (biased) variance over the channels, in eval mode."""
-    sums: dict[str, list] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, nk.BatchLayerNorm):
-
-            def hook(_module, inputs, _output, name=name):
-                h = inputs[0].double()
-                mean, var = h.mean(1), h.var(1, unbiased=False)
-                total = sums.setdefault(name, [0.0, 0.0, 0])
-                total[0] = total[0] + mean.sum(0)
-                total[1] = total[1] + var.sum(0)
-                total[2] += h.shape[0]
-
-            hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(x), chunk):
-            model(x[start : start + chunk])
-    finally:
-        for handle in hooks:
-            handle.remove()
-        model.train(was_training)
-    return {name: ((m / n).float(), (v / n).float()) for name, (m, v, n) in sums.items()}
+def _trained(trials, results, batch) -> dict:
+    at = batch(results.settings)
+    return {t.params["normalizer"]: t for t in trials if t.params[BATCH] == at and not t.final["diverged"]}
 
 
-@torch.no_grad()
-def configured_accuracy(
-    model, x, y, batch_size: int, batch: str, feature: str, population
-) -> float:
-    """Accuracy of a BLN network in one inference configuration; the test images go in batches
-    of ``batch_size`` (what "the current batch" means), the last incomplete one dropped."""
-    replica = copy.deepcopy(model).eval()
-    for name, module in list(replica.named_children()):
-        if isinstance(module, nk.BatchLayerNorm):
-            mean_f, var_f = population.get(name, (None, None))
-            replica._modules[name] = BlnInference(module, batch, feature, mean_f, var_f)
-    step = batch_size if batch == "batch" else 500
-    count = len(y) // step * step if batch == "batch" else len(y)
-    correct = 0
-    for start in range(0, count, step):
-        stop = min(start + step, count)
-        logits = replica(x[start:stop])
-        correct += int((logits.argmax(dim=1) == y[start:stop]).sum())
-    return correct / count
+def _gap(a, b, batch):
+    """|a − b| of the final test errors at ``batch`` (points): "within 1 point" is below(1)."""
+
+    def value(trials, results):
+        found = _trained(trials, results, batch)
+        if not {a, b} <= set(found):
+            return None
+        return abs(found[a].final["test_error"] - found[b].final["test_error"])
+
+    return value
+
+
+def _faster(batch):
+    """BLN's best error during training − the better of BN's and LN's best (points)."""
+
+    def value(trials, results):
+        found = _trained(trials, results, batch).items()
+        best = {n: min(t.series("test_error")[1], default=None) for n, t in found}
+        others = [best[n] for n in ("bn", "ln") if best.get(n) is not None]
+        return None if best.get("bln") is None or not others else best["bln"] - min(others)
+
+    return value
 
 
 @register
@@ -175,210 +125,126 @@ class BatchLayerNormExperiment(Experiment):
     )
     settings_class = BatchLayerNormSettings
     presets = {
-        "quick": {"train_examples": 2_000, "epochs": 1.0, "evaluations": 4},
-        "tiny": {
-            "batch_sizes": (8, 1),
-            "train_examples": 32,
-            "epochs": 1.0,
-            "channels": (4, 8),
-            "hidden": 16,
-            "evaluations": 2,
-            "eval_examples": 50,
-            "population_examples": 32,
-            "batch_stat_examples": 40,
-        },
-    }
+        "quick": {"train_examples": 2_000, "epochs": 1.0, "evaluations": 4, "seeds": 2},
+        "tiny": {"batch_sizes": (8, 1), "train_examples": 32, "epochs": 1.0, "channels": (4, 8), "hidden": 16,
+                 "evaluations": 2, "eval_examples": 50, "population_examples": 32, "batch_stat_examples": 40,
+                 "seeds": 1},
+    }  # fmt: skip
 
-    def prepare_data(self, settings, dataset):
-        return subset(dataset, settings.train_examples, settings.seed)
+    def prepare_data(self, s, dataset):
+        return subset(dataset, s.train_examples, s.seed)
 
-    def trials(self, settings, data, finals):
-        n = len(data.y_train) if data is not None else settings.train_examples
-        return batch_sweep(settings, n, settings.batch_sizes, train_size=n)
+    def plan(self, s, data):
+        unknown = [n for n in s.normalizers if n not in SPECS]
+        if unknown:
+            raise ConfigError(f"normalizers {unknown} are not known; choose from {', '.join(SPECS)}")
+        arms = [Arm(n, {"normalizer": n}, LABELS[n]) for n in s.normalizers]
+        steps = lambda p: max(1, round(s.epochs * len(data.y_train) / p[BATCH]))  # noqa: E731
+        return Plan(arms, steps, seeds=s.seeds, seed=s.seed, evaluations=s.evaluations,
+                    grid={BATCH: list(s.batch_sizes)})  # fmt: skip
 
-    def setup(self, trial, settings, data, generator):
+    def setup(self, trial, s, data, generator):
         p = trial.params
-        if p["normalizer"] not in SPECS:
-            raise ConfigError(
-                f"normalizer {p['normalizer']!r} is not known; choose from {', '.join(SPECS)}"
-            )
-        model = cnn(
-            data.sample_shape,
-            settings.channels,
-            settings.hidden,
-            data.classes,
-            activation="relu",
-            norm=SPECS[p["normalizer"]],
-        )
-        position = f"linear{len(settings.channels) + 1}"
-        old = model._modules[position]
-        model._modules[position] = nn.Linear(old.in_features, old.out_features)
-        model._modules[f"norm{len(settings.channels) + 1}"] = nn.Identity()
+        model = cnn(data.sample_shape, s.channels, s.hidden, data.classes, activation="relu",
+                    norm=SPECS[p["normalizer"]])  # fmt: skip
+        if not s.hidden_norm:  # the hidden layer without a normalizer, with its bias
+            old = model._modules[f"linear{len(s.channels) + 1}"]
+            model._modules[f"linear{len(s.channels) + 1}"] = nn.Linear(old.in_features, old.out_features)
+            model._modules[f"norm{len(s.channels) + 1}"] = nn.Identity()
         for module in model.modules():
             if isinstance(module, nk.BatchLayerNorm):
-                module.batch_size = p["batch_size"]
+                module.batch_size = p[BATCH]
                 module.divide_by_sqrt_features = p["normalizer"] != "bln-nosqrt"
         initialize(model, "he", generator)
-        optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-        return Setup(model, optimizer, p["batch_size"])
+        optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
+        step = RefusalRecorder(model, optimizer) if p["normalizer"] == "bn" else None
+        return Setup(model, optimizer, p[BATCH], train_step=step)
 
-    def measure(self, trial, settings, setup, data):
-        k = settings.eval_examples
+    def measure(self, trial, s, setup, data):
+        k = s.eval_examples
         accuracy, _ = accuracy_and_loss(setup.model, data.x_test[:k], data.y_test[:k])
-        epoch = setup.step * trial.params["batch_size"] / trial.params["train_size"]
+        epoch = setup.step * trial.params[BATCH] / len(data.y_train)
         return {"test_error": error_percent(accuracy), "epoch": epoch}
 
-    def finish(self, trial, settings, setup, data):
-        p, k = trial.params, settings.batch_stat_examples
-        model, m = setup.model, p["batch_size"]
+    def finish(self, trial, s, setup, data):
+        p, model, m = trial.params, setup.model, trial.params[BATCH]
         accuracy, loss = accuracy_and_loss(model, data.x_test, data.y_test)
         values = {"test_error": error_percent(accuracy), "test_loss": loss}
-        x, y = data.x_test[:k], data.y_test[:k]
+        x, y = data.x_test[: s.batch_stat_examples], data.y_test[: s.batch_stat_examples]
         if p["normalizer"] == "bn":
-            values["batch_stat_error"] = error_percent(batch_statistics_accuracy(model, x, y, m))
+            values["refusal"] = setup.train_step.refusal
+            values["batch_stat_error"] = None if values["refusal"] else error_percent(
+                batch_statistics_accuracy(model, x, y, m))  # fmt: skip
         if p["normalizer"].startswith("bln"):
-            population = feature_population(model, data.x_train[: settings.population_examples])
-            values["configurations"] = {
-                config_name(b, f): error_percent(
-                    configured_accuracy(model, x, y, m, b, f, population)
-                )
-                for b, f in CONFIGS
-            }
+            population = feature_population(model, data.x_train[: s.population_examples])
+            values["configurations"] = {config_name(b, f): error_percent(
+                configured_accuracy(model, x, y, m, b, f, population)) for b, f in CONFIGS}  # fmt: skip
         return values
 
-    # -- meaning -------------------------------------------------------------------------------
-    def summarize(self, record: RunRecord) -> dict:
-        cells: dict[str, dict[str, dict]] = {}
-        for key, row in record.finals().items():
-            curve = record.curve(key)
-            cells.setdefault(row["normalizer"], {})[str(row["batch_size"])] = {
-                "test_error": row["test_error"],
-                "batch_stat_error": row.get("batch_stat_error"),
-                "configurations": row.get("configurations"),
-                "best_error": min((r["test_error"] for r in curve), default=None),
-                "diverged": row["diverged"],
-            }
-        return {"cells": cells, "batch_sizes": sorted(record.settings["batch_sizes"])}
-
-    def report(self, record: RunRecord) -> Report:
-        s, settings = record.summary, record.settings
-        cells = s["cells"]
-        small, large = str(s["batch_sizes"][0]), str(s["batch_sizes"][-1])
-        data_name = record.config["data"]["name"]
-
-        def err(n, b, field="test_error"):
-            return cells.get(n, {}).get(b, {}).get(field)
-
-        def close(a, b, tolerance=1.0):
-            return None if a is None or b is None else abs(a - b) <= tolerance
-
-        bn_fails = None if err("bn", small) is None else err("bn", small) > 50.0
-        comparison = Table(
-            [
-                "quantity",
-                "published (CIFAR-10 CNN; code and abstract)",
-                f"ours ({data_name}, small CNN, test error %)",
-                "verdict",
-            ],
-            [
-                [
-                    f"BN at batch {small}, eval mode",
-                    "fails: Keras BN at batch 1 reached chance (accuracy 0.109)",
-                    fmt(err("bn", small), ".2f")
-                    + f" (with batch statistics: {fmt(err('bn', small, 'batch_stat_error'), '.2f')})",
-                    "fails (error > 50%): " + fmt(bn_fails),
-                ],
-                [
-                    f"BLN ≈ LN at batch {small}",
-                    "BLN works at batch 1 (its LN part dominates)",
-                    f"{fmt(err('bln', small), '.2f')} vs {fmt(err('ln', small), '.2f')}",
-                    "within 1 point: " + fmt(close(err("bln", small), err("ln", small))),
-                ],
-                [
-                    f"BLN ≈ BN at batch {large}",
-                    "BLN ≈ BN (its BN part dominates: 0.96 / 0.04 at 25)",
-                    f"{fmt(err('bln', large), '.2f')} vs {fmt(err('bn', large), '.2f')}",
-                    "within 1 point: " + fmt(close(err("bln", large), err("bn", large))),
-                ],
-                [
-                    "BLN converges faster than BN and LN",
-                    "claimed (abstract)",
-                    "best error during training, BLN / BN / LN: "
-                    + "; ".join(
-                        f"batch {b}: "
-                        + " / ".join(
-                            fmt(err(n, b, "best_error"), ".2f") for n in ("bln", "bn", "ln")
-                        )
-                        for b in (large, small)
-                    ),
-                    "–",
-                ],
-            ],
-        )
-        checks = [
-            Check(f"BN in eval mode fails at batch {small} (error > 50%)", bn_fails,
-                  f"{fmt(err('bn', small), '.2f')}%"),
-            Check(f"BLN within 1 point of LN at batch {small}",
-                  close(err("bln", small), err("ln", small)),
-                  f"{fmt(err('bln', small), '.2f')} vs {fmt(err('ln', small), '.2f')}"),
-            Check(f"BLN within 1 point of BN at batch {large}",
-                  close(err("bln", large), err("bn", large)),
-                  f"{fmt(err('bln', large), '.2f')} vs {fmt(err('bn', large), '.2f')}"),
+    def claims(self, s):
+        small, large = SMALL(s), LARGE(s)
+        return [
+            Claim("bn-fails-small", f"BN's test error at batch {small}, eval mode; a refused batch "
+                  "counts with the untrained network (%)",
+                  Published("fails: Keras BN at batch 1 reached chance (accuracy 0.109)", NOTEBOOK, 89.1,
+                            unverified=True),
+                  per_seed(_bn_error, "BN's final test error", arm="bn", **{BATCH: SMALL}), above(50.0),
+                  fmt=".2f"),
+            Claim("bn-refuses-small", f"BN refused to train at batch {small} (fraction of seeds)",
+                  Published("Keras BN trains on one sample and collapses to chance", NOTEBOOK,
+                            unverified=True),
+                  per_seed(lambda trials, results: float(bool(trials[0].final.get("refusal"))),
+                           "1 if BatchTooSmallError stopped its training", arm="bn", **{BATCH: SMALL}),
+                  None, fmt=".2f"),
+            Claim("bln-near-ln-small", f"|BLN − LN| test error at batch {small} (points)",
+                  Published("BLN works at batch 1 (its LN part dominates)", CODE),
+                  per_seed(_gap("bln", "ln", SMALL), "|BLN − LN| final test error"), below(1.0), fmt=".2f"),
+            Claim("bln-near-bn-large", f"|BLN − BN| test error at batch {large} (points)",
+                  Published("BLN ≈ BN (its BN part dominates: 0.96 / 0.04 at 25)", CODE),
+                  per_seed(_gap("bln", "bn", LARGE), "|BLN − BN| final test error"), below(1.0), fmt=".2f"),
+            *(Claim(f"bln-faster-b{b}", f"BLN's best test error during training − the better of BN's "
+                    f"and LN's, batch {b} (points)", Published("BLN converges faster than BN and LN", CODE),
+                    per_seed(_faster(at), "best error over the evaluations, BLN − min(BN, LN)"), None,
+                    fmt="+.2f")
+              for b, at in ((large, LARGE), (small, SMALL))),
+            Claim("bn-batch-statistics", f"BN's test error at batch {small} with batch statistics (%)",
+                  Published("not reported", CODE), final("batch_stat_error", arm="bn", **{BATCH: SMALL}),
+                  None, fmt=".2f"),
         ]  # fmt: skip
-        lines = [n for n in LABELS if n in cells]
-        table = Table(
-            ["normalizer", f"batch {large}", f"batch {small}"],
-            [[LABELS[n], fmt(err(n, large), ".2f"), fmt(err(n, small), ".2f")] for n in lines],
-            "Final test error (%) in eval mode on the whole test set.",
-        )
-        config_rows = []
-        for n in ("bln", "bln-nosqrt"):
-            for b in (large, small):
-                configs = err(n, b, "configurations") or {}
-                config_rows += [
-                    [LABELS[n], b, name, fmt(value, ".2f")] for name, value in configs.items()
-                ]
-        configurations = Table(
-            ["normalizer", "batch", "inference configuration", "test error (%)"],
-            config_rows,
-            f"BLN's inference configurations on {settings['batch_stat_examples']} test images "
-            "(the current batch: test images in batches of the training batch; the population LN "
-            f"statistics: averages over {settings['population_examples']} training images).",
-        )
-        figure = Figure(
-            "error-vs-batch",
-            error_vs_batch_figure(
-                {
-                    LABELS[n]: [(int(b), c["test_error"]) for b, c in cells[n].items()]
-                    for n in lines
-                },
-                f"small CNN, {data_name}",
-                "batch size",
-            ),
-            "Final test error (eval mode) against the batch size (log scale), one line per "
-            "normalizer.",
-        )
-        deviations = [
-            f"A small CNN (conv{'-conv'.join(str(c) for c in settings['channels'])}, "
-            f"fc{settings['hidden']}, normalizer after the convolutions only) on "
-            f"{record.config['data']['train']} {data_name} images for {settings['epochs']:g} epochs "
-            f"at both batch sizes, Adam at {settings['learning_rate']:g}, one seed; the paper: a "
-            "CIFAR-10 CNN, 15 epochs.",
-            "BN's part of BLN keeps normkit's running statistics (exponential average, momentum "
-            "0.1) where the code averages each epoch's batches; BN's statistics are per channel over "
-            "(N, H, W), the code's per position over the batch.",
-            "LN is over the channels at each position (the code's last axis, Keras's default), not "
-            "over (C, H, W).",
+
+    def figures(self, s):
+        return [
+            VersusSetting("error-vs-batch", "test_error", BATCH, "batch size", "test error (%)",
+                          "Final test error (eval mode, whole test set) against the batch size.",
+                          title=f"small CNN, {s.train_examples} images"),
+            MeanTable("errors", "test_error", BATCH, "Final test error (%) in eval mode, whole test set."),
         ]  # fmt: skip
-        headline = (
-            f"batch {small}: BN {fmt(err('bn', small), '.1f')}%, LN {fmt(err('ln', small), '.1f')}%, "
-            f"BLN {fmt(err('bln', small), '.1f')}%; batch {large}: BN {fmt(err('bn', large), '.1f')}%, "
-            f"BLN {fmt(err('bln', large), '.1f')}%"
-        )
-        return Report(
-            comparison,
-            [Section("Results", [figure, table, configurations])],
-            checks,
-            deviations,
-            headline,
-        )
+
+    def extra_section(self, results):
+        rows = []
+        for trials in ([t for t in results.trials(arm=n) if t.params[BATCH] == b]
+                       for n in ("bln", "bln-nosqrt") for b in results.values(BATCH)):  # fmt: skip
+            configs = [t.final["configurations"] for t in trials if t.final.get("configurations")]
+            rows += [[LABELS[trials[0].params["normalizer"]], trials[0].params[BATCH], name,
+                      f"{statistics.fmean(c[name] for c in configs):.2f}"]
+                     for name in (configs[:1] or [{}])[0]]
+        s = results.settings
+        return Section("BLN's inference configurations", [Table(
+            ["normalizer", "batch", "inference configuration", "test error (%), mean over seeds"], rows,
+            f"On {s.batch_stat_examples} test images (the current batch: test images in batches of "
+            f"the training batch; population LN statistics: averages over {s.population_examples} "
+            "training images).",
+        )]) if rows else None  # fmt: skip
+
+    def deviations(self, s):
+        return [
+            f"A small CNN (conv{'-conv'.join(map(str, s.channels))}, fc{s.hidden}, normalized after the "
+            f"convolutions{' and fc' if s.hidden_norm else ' only'}) on {s.train_examples} Fashion-MNIST "
+            f"images, {s.epochs:g} epochs at both batches, Adam at {s.learning_rate:g}, {s.seeds} seeds; "
+            "the paper: a CIFAR-10 CNN, 15 epochs.",
+            "BN's part of BLN keeps normkit's running statistics (exponential average, momentum 0.1) where "
+            "the code averages each epoch's batches; BN's statistics are per channel over (N, H, W), the "
+            "code's per position over the batch.",
+            "LN is over the channels at each position (the code's last axis, Keras's default), not over "
+            "(C, H, W).",
+        ]  # fmt: skip

@@ -11,21 +11,27 @@ and at 32 per GPU LN 25.3, IN 28.4; Batch Renorm (r_max 1.5, d_max 0.5) at 4 per
 §5.1). Switchable Norm's README (switchablenorms/Switchable-Normalization, ResNet-50 top-1, 8 GPUs)
 gives SN 76.9 / 76.7 / 76.7 / 75.9 / 75.6 % at 32 / 16 / 8 / 4 / 2 per GPU: errors 23.1 ... 24.4.
 
-Here (CPU protocol 4, with eight normalizers): the lab's small CNN (:mod:`normkit.lab.small_batch`)
-on a Fashion-MNIST subset, one process with B images per step for B in ``batch_sizes`` (the grid),
-SGD at ``base_lr``·B/``base_batch``, the same epochs for every B; Ghost BN is not trained where
-B <= ``ghost_batch`` (it is BN there); SyncBN has its own grid: ``sync_processes`` gloo processes
-of b images. ``seeds`` seeds, paired. Measured: the test error in eval mode, with batch statistics
-(test batches shaped like the training batches, in training mode: a bad running estimate or a badly
-trained network?) and on training images; SN's learned importance weights.
+Here (CPU protocol 4, issue 17's fix): the lab's small CNN (:mod:`normkit.lab.small_batch`) on a
+Fashion-MNIST subset; every trial takes ``steps`` SGD updates of ``gradient_batch`` (64) images at
+one learning rate, and the batch-dependent normalizers see each run of B images of it on its own
+(B in ``batch_sizes``, the grid: the per-device batch of a data-parallel run). So only the
+normalization batch varies, at equal updates; the legacy protocol's gradient batch was B itself
+(234 updates at 64, 7,500 at 2), which undertrained the large batches. No normalizer on the fully
+connected hidden layer (``hidden_norm``: at B = 2 it sees two values per feature), except in the
+separate arm ``bn-fc`` (BN there too, as the legacy protocol had it for every arm). GN, LN and IN
+do not use the batch: they train at the largest and smallest B only (the same trial twice, which
+the tests check). Ghost BN is not an arm: BN with statistics per B inside the gradient batch *is*
+Ghost BN. SyncBN: ``sync_processes`` gloo processes holding gradient_batch/P images each,
+normalized over all of them. ``seeds`` seeds, paired. Measured: the test error in eval mode, with
+batch statistics (test batches of the gradient batch, normalized per B in training mode: a bad
+running estimate or a badly trained network?) and on training images; SN's learned weights.
+The settings and presets are :class:`~normkit.lab.small_batch.NormalizationBatchSettings`'s,
+shared with ``switchable``, whose SN and BN trials are these (claim ``sn-vs-bn-large``).
 """
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
-
-import torch
 
 from normkit.lab.claims import Claim, Published, above, below, difference, final, per_seed
 from normkit.lab.datasets import subset
@@ -34,14 +40,17 @@ from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Bars, Heatmap, MeanTable, VersusSetting
 from normkit.lab.gloo import GlooDataParallel
 from normkit.lab.plan import Arm, Plan
-from normkit.lab.render import Section, Table
-from normkit.lab.settings import Settings
 from normkit.lab.small_batch import (
     BATCH_DEPENDENT,
+    NORMALIZATION_BATCH_PRESETS,
     NORMALIZERS,
+    PER_SAMPLE,
+    NormalizationBatchSettings,
     batch_statistics_accuracy,
     error_percent,
-    small_cnn,
+    importance_section,
+    normalization_batch_cnn,
+    sn_vs_bn_claim,
     switchable_importance,
 )
 
@@ -53,35 +62,20 @@ PUBLISHED = {  # images per GPU -> validation error (%)
     "Switchable Norm": [(32, 23.1), (16, 23.3), (8, 23.3), (4, 24.1), (2, 24.4)],  # SN README
 }
 BATCH = "batch_per_device"
+FC_LABEL = "BN, also on the FC layer"  # arm bn-fc: statistics over B values per feature there
 
 
 @dataclass(frozen=True)
-class BatchSizeSettings(Settings):
-    batch_sizes: tuple[int, ...] = (64, 32, 16, 8, 4, 2)
-    normalizers: tuple[str, ...] = ("bn", "gn", "ln", "in", "brn", "gbn", "sn")
-    sync_batch_sizes: tuple[int, ...] = (2,)  # per process; () for no SyncBN trials
-    sync_processes: int = 4
-    train_examples: int = 15_000
-    epochs: float = 1.0
-    base_lr: float = 0.1  # at base_batch, scaled linearly with the (global) batch
-    base_batch: int = 64
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    channels: tuple[int, ...] = (8, 16)
-    hidden: int = 64
-    groups: int = 4
-    ghost_batch: int = 4
+class BatchSizeSettings(NormalizationBatchSettings):
+    normalizers: tuple[str, ...] = ("bn", "bn-fc", "gn", "ln", "in", "brn", "sn")  # bn-fc: BN on the FC too
+    sync_processes: int = 4  # SyncBN across P processes of gradient_batch/P images; 0: no SyncBN
     renorm_limits: tuple[float, ...] = (1.5, 0.5)  # Wu & He's Batch Renorm: r_max, d_max
     renorm_momentum: float = 0.1  # BN's default: the runs are too short for the paper's 0.01
-    hidden_norm: bool = True
-    seeds: int = 3
-    evaluations: int = 4  # evaluations per trial (besides step 0), on eval_examples test images
-    eval_examples: int = 1_000
-    batch_stat_examples: int = 2_000  # test (and training) images for the extra errors
 
 
 AT = {"smallest": lambda s: min(s.batch_sizes), "largest": lambda s: max(s.batch_sizes),
       "near 4": lambda s: 4 if 4 in s.batch_sizes else min(s.batch_sizes)}  # fmt: skip
+AT_LARGEST = {BATCH: AT["largest"]}
 
 
 def _errors(trials) -> dict[int, float]:
@@ -93,51 +87,42 @@ def _bn_rise(trials, results) -> float | None:
     return errors[smallest] - min(errors.values()) if smallest in errors else None
 
 
-def _gn_range(trials, results) -> float | None:
-    errors = _errors(trials)
-    return max(errors.values()) - min(errors.values()) if len(errors) > 1 else None
-
-
 @register
 class BatchSize(Experiment):
     name = "batch-size"
-    title = "Error against the batch per device: BN, GN, LN, IN, Batch Renorm, Ghost BN, SN, SyncBN"
+    title = "Error against the normalization batch per device: BN, GN, LN, IN, Batch Renorm, SN, SyncBN"
     paper = "Wu & He 2018, Group Normalization, Fig. 1 and Table (§5.1)"
     claim = ("BN's error rises rapidly as the batch per device shrinks (ResNet-50: 23.6% at 32 images "
              "per GPU, 34.7% at 2), while GN's stays flat (24.1%) because it does not use the batch.")
     settings_class = BatchSizeSettings
     presets = {
-        "quick": {"batch_sizes": (64, 8, 2), "sync_processes": 2, "train_examples": 3_000,
-                  "seeds": 1, "evaluations": 2, "eval_examples": 500, "batch_stat_examples": 1_000},
-        "tiny": {"batch_sizes": (8, 2), "sync_processes": 2, "train_examples": 64, "epochs": 0.25,
-                 "channels": (4, 8), "hidden": 16, "groups": 2, "seeds": 1, "evaluations": 1,
-                 "eval_examples": 40, "batch_stat_examples": 40},
-    }  # fmt: skip
+        "quick": {**NORMALIZATION_BATCH_PRESETS["quick"], "sync_processes": 2},
+        "tiny": {**NORMALIZATION_BATCH_PRESETS["tiny"], "sync_processes": 2},
+    }
 
     def prepare_data(self, settings, dataset):
         return subset(dataset, settings.train_examples, settings.seed)
 
     def plan(self, s, data):
-        arms = [Arm(n, {"normalizer": n, "processes": 1}, NORMALIZERS[n]) for n in s.normalizers]
-        if s.sync_batch_sizes:
+        sizes = sorted(s.batch_sizes, reverse=True)
+        arms = [Arm(n, {"normalizer": n, "processes": 1}, NORMALIZERS.get(n, FC_LABEL),
+                    grid={BATCH: [sizes[0], sizes[-1]]} if n in PER_SAMPLE else None)
+                for n in s.normalizers]  # fmt: skip
+        if s.sync_processes > 1:
             arms.append(Arm("syncbn", {"normalizer": "syncbn", "processes": s.sync_processes},
-                            NORMALIZERS["syncbn"], grid={BATCH: sorted(s.sync_batch_sizes, reverse=True)}))
-        steps = lambda p: max(1, round(s.epochs * len(data.y_train) / (p[BATCH] * p["processes"])))
-        return Plan(arms, steps, seeds=s.seeds, seed=s.seed, evaluations=s.evaluations,
-                    grid={BATCH: sorted(s.batch_sizes, reverse=True)},
-                    skip=lambda p: p["normalizer"] == "gbn" and p[BATCH] <= s.ghost_batch)  # fmt: skip
+                            NORMALIZERS["syncbn"], grid={BATCH: [s.gradient_batch // s.sync_processes]}))
+        return Plan(arms, s.steps, seeds=s.seeds, seed=s.seed, evaluations=s.evaluations,
+                    grid={BATCH: sizes})  # fmt: skip
 
     def setup(self, trial, s, data, generator):
         p = trial.params
-        model = small_cnn(data.sample_shape, data.classes, p["normalizer"], generator,
-                          channels=s.channels, hidden=s.hidden, groups=s.groups, ghost_batch=s.ghost_batch,
-                          renorm_steps=trial.steps, renorm_limits=tuple(s.renorm_limits),
-                          renorm_momentum=s.renorm_momentum, hidden_norm=s.hidden_norm)  # fmt: skip
-        global_batch = p[BATCH] * p["processes"]
-        optimizer = torch.optim.SGD(model.parameters(), lr=s.base_lr * global_batch / s.base_batch,
-                                    momentum=s.momentum, weight_decay=s.weight_decay)  # fmt: skip
+        forwards = trial.steps * s.gradient_batch // p[BATCH]  # of each Batch Renorm layer
+        fc = {"hidden_norm": True} if p["normalizer"] == "bn-fc" else {}
+        model, optimizer = normalization_batch_cnn(
+            s, data, p["normalizer"].removesuffix("-fc"), p[BATCH], generator, renorm_steps=forwards,
+            renorm_limits=tuple(s.renorm_limits), renorm_momentum=s.renorm_momentum, **fc)  # fmt: skip
         step = GlooDataParallel(model, optimizer, p["processes"]) if p["processes"] > 1 else None
-        return Setup(model, optimizer, global_batch, train_step=step)
+        return Setup(model, optimizer, s.gradient_batch, train_step=step)
 
     def measure(self, trial, s, setup, data):
         k = s.eval_examples
@@ -152,10 +137,9 @@ class BatchSize(Experiment):
         train, _ = accuracy_and_loss(model, data.x_train[:k], data.y_train[:k])
         values = {"test_error": error_percent(accuracy), "test_loss": loss,
                   "train_error": error_percent(train), "batch_stat_error": None}  # fmt: skip
-        if p["normalizer"] in BATCH_DEPENDENT:
-            global_batch = min(p[BATCH] * p["processes"], k)
-            values["batch_stat_error"] = error_percent(
-                batch_statistics_accuracy(model, data.x_test[:k], data.y_test[:k], global_batch))
+        if p["normalizer"].removesuffix("-fc") in BATCH_DEPENDENT:  # test batches of G, split per B
+            values["batch_stat_error"] = error_percent(batch_statistics_accuracy(
+                model, data.x_test[:k], data.y_test[:k], min(s.gradient_batch, k)))
         if p["normalizer"] == "sn":
             values["importance"] = switchable_importance(model)
             values["sn_bn_weight"] = {layer: w["mean"][2] for layer, w in values["importance"].items()}
@@ -169,14 +153,12 @@ class BatchSize(Experiment):
 
         small = AT["smallest"](s)
         return [
-            Claim("bn-degrades", f"BN's error at {small} per device minus its best (points)",
-                  Published("+11.1: 23.6 at 32 → 34.7 at 2 per GPU", WU_HE, 11.1),
-                  per_seed(_bn_rise, "BN error at the smallest batch − its lowest", arm="bn"),
-                  above(2.0), fmt="+.2f"),
-            Claim("gn-flat", "GN's error range across batch sizes (points)",
-                  Published("0.2: 24.0–24.2 from 32 to 2 per GPU", WU_HE, 0.2),
-                  per_seed(_gn_range, "max − min of GN's error over batch sizes", arm="gn"),
-                  below(1.0), fmt=".2f"),
+            *(Claim(f"bn{fc}-degrades", f"BN's error at {small} per device minus its best{what} (points)",
+                    Published("+11.1: 23.6 at 32 → 34.7 at 2 per GPU", WU_HE, 11.1),
+                    per_seed(_bn_rise, "BN error at the smallest batch − its lowest", arm=f"bn{fc}"),
+                    above(2.0), fmt="+.2f")
+              for fc, what in (("", ""), ("-fc", ", BN also on the FC layer"))
+              if f"bn{fc}" in s.normalizers),
             gap("gn-beats-bn-small", "gn", "bn", "smallest", "GN − BN error", "−10.6 at 2 per GPU",
                 -10.6, below(0.0)),
             gap("bn-vs-gn-large", "bn", "gn", "largest", "BN − GN error (BN ≲ GN)",
@@ -188,21 +170,26 @@ class BatchSize(Experiment):
             gap("renorm-helps", "brn", "bn", "near 4", "Batch Renorm − BN error",
                 "−1.0 at 4 per GPU (26.3 vs 27.3; r_max 1.5, d_max 0.5)", -1.0, below(0.0),
                 "Wu & He 2018, §5.1"),
+            sn_vs_bn_claim(BATCH),
             Claim("sn-small", f"Switchable Norm's error at {small} per device (%)",
                   Published("24.4 at 2 per GPU", "Switchable-Normalization README, ResNet-50", 24.4),
                   final("test_error", arm="sn", **{BATCH: AT["smallest"]}), None, fmt=".2f"),
-        ] + [gap(f"syncbn-b{b}", "syncbn", "bn", b, f"SyncBN ({b} × {s.sync_processes}) − BN error",
-                 "not in the paper: SyncBN normalizes over the global batch, so it should beat "
-                 "per-device BN", None, below(0.0), "Wu & He 2018, §3 (BN statistics per GPU)")
-             for b in s.sync_batch_sizes]  # fmt: skip
+        ] + ([] if s.sync_processes < 2 else [Claim(
+            "syncbn-whole-batch", f"SyncBN ({s.sync_processes} × {s.gradient_batch // s.sync_processes}) "
+            f"− BN over the whole {s.gradient_batch} (points)",
+            Published("not in the paper: SyncBN normalizes over the global batch, as one device would",
+                      "Wu & He 2018, §3 (BN statistics per GPU)"),
+            difference(final("test_error", arm="syncbn"), final("test_error", arm="bn", **AT_LARGEST)),
+            below(1.0), fmt="+.2f")])  # fmt: skip
 
     def figures(self, s):
         bn_errors = {"eval mode (running statistics)": "test_error", "training images, eval mode":
                      "train_error", "batch statistics (training mode)": "batch_stat_error"}
         return [
             VersusSetting("error-vs-batch", "test_error", BATCH, "batch size per device", "test error (%)",
-                          "Test error against the batch per device; SyncBN dashed, at its batch per "
-                          "process; Ghost BN where it differs from BN. Right: the published numbers.",
+                          "Test error against the normalization batch (gradient batch fixed); GN, LN "
+                          "and IN do not depend on it; SyncBN dashed, at its batch per process. Right: "
+                          "the published numbers (gradient batch 8 × per GPU).",
                           published=PUBLISHED, published_title="Wu & He 2018 (ResNet-50); SN README",
                           title=f"ours: small CNN, {s.train_examples} images", dashed=("syncbn",)),
             MeanTable("errors", "test_error", BATCH, "Test error (%) in eval mode, whole test set.", ".1f"),
@@ -217,32 +204,24 @@ class BatchSize(Experiment):
         ]  # fmt: skip
 
     def extra_section(self, results):
-        rows = []
-        for batch in sorted(results.values(BATCH, arm="sn"), reverse=True):
-            trials = [t.final["importance"] for t in results.trials(arm="sn", **{BATCH: batch})]
-            for layer in trials[0] if trials else []:
-                mean = [[statistics.fmean(t[layer][stat][i] for t in trials) for i in range(3)]
-                        for stat in ("mean", "var")]  # fmt: skip
-                rows.append([batch, layer, *(" / ".join(f"{w:.2f}" for w in m) for m in mean)])
-        table = Table(["B", "layer", "mean: IN / LN / BN", "variance: IN / LN / BN"], rows,
-                      "Softmax weights at the end of training, mean over seeds (the hidden layer uses LN).")
-        return Section("Switchable Norm's learned importance weights", [table]) if rows else None
+        return importance_section(results, BATCH, "sn")
 
     def deviations(self, s):
         return [
             f"A small CNN (conv{'-conv'.join(map(str, s.channels))}, fc{s.hidden}) on {s.train_examples} "
-            f"images for {s.epochs:g} epoch(s), not ResNet-50 on ImageNet for 100 epochs: compare the "
-            "shapes of the curves, not the errors.",
-            "One process with B images per step: the per-device batch is also the gradient batch (Wu & "
-            f"He's was 8× the per-GPU one). Learning rate {s.base_lr:g}·B/{s.base_batch}, SGD momentum "
-            f"{s.momentum:g}, no schedule.",
-            "The normalizer also follows the fully connected hidden layer, whose statistics are over the "
-            "B samples alone (standing in for ResNet's deep low-resolution layers)"
-            + ("" if s.hidden_norm else "; this run: no norm there") + ". IN's and SN's networks use LN "
-            "on that layer (they need spatial dims).",
-            f"GN with {s.groups} groups (Wu & He: 32, on far wider layers); LN is GroupNorm(1, C).",
+            f"images, {s.steps} updates of {s.gradient_batch}, not ResNet-50 on ImageNet for 100 epochs: "
+            "compare the shapes of the curves, not the errors.",
+            f"The gradient batch is fixed at {s.gradient_batch} (SGD momentum {s.momentum:g} at {s.lr:g}, "
+            "no schedule) and only the normalization batch B varies, at equal updates; Wu & He's "
+            "gradient batch was 8·B with the rate scaled by it. Running statistics are updated once "
+            "per B (as on one device of a data-parallel run).",
+            ("No normalizer on the fully connected hidden layer" if not s.hidden_norm else
+             "The normalizer also follows the fully connected hidden layer (LN in IN's and SN's networks)")
+            + "; arm bn-fc puts BN there: B values per feature (ResNet-50's last 7×7 stage has 49·B).",
+            f"GN with {s.groups} groups (Wu & He: 32, on far wider layers); LN is GroupNorm(1, C). "
+            "GN's flat curve is not judged: with a fixed gradient batch it holds by construction.",
             f"Batch Renorm's moving averages at momentum {s.renorm_momentum:g} (the paper's 0.01 is too "
-            "slow for runs of a few hundred steps); plain BN for the first 3.5% of a run.",
-            f"SyncBN: {s.sync_processes} gloo processes on this machine, the learning rate scaled by the "
-            "global batch.",
+            "slow for runs of a few hundred steps); plain BN for the first 3.5% of its forwards.",
+            f"SyncBN: {s.sync_processes} gloo processes on this machine, each holding "
+            f"{s.gradient_batch // max(1, s.sync_processes)} of the gradient batch.",
         ]  # fmt: skip

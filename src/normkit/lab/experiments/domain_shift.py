@@ -1,42 +1,29 @@
 """Statistics and style under a domain shift: AdaBN (Li et al. 2016; Wu & Johnson 2021, §5) and
 Batch-Instance Normalization (Nam & Kim 2018) against BN and IN.
 
-A network's weights carry the task and its BatchNorm statistics carry the domain (Li, Wang, Shi, Liu
-& Hou 2016, "Revisiting Batch Normalization For Practical Domain Adaptation"): when the test images
-shift (another sensor, another contrast), re-estimating the statistics on unlabeled data of the new
-domain (:func:`normkit.tools.adapt`) recovers part of the accuracy; Wu & Johnson (2021, §5) find the
-same on ImageNet-C. Instance statistics remove an image's style (contrast, intensity) altogether
-(Ulyanov et al. 2016), at a price in accuracy on classification; Batch-Instance Normalization learns,
-per channel, a gate ρ between the two (ρ = 1: BN, ρ = 0: IN).
+A network's weights carry the task and its BatchNorm statistics the domain (Li et al. 2016): re-estimating
+the statistics on unlabeled data of the shifted domain (AdaBN, :func:`normkit.tools.adapt`) recovers
+accuracy; Wu & Johnson (2021, §5) find the same on ImageNet-C. Instance statistics remove an image's
+style (Ulyanov et al. 2016) at a price in accuracy; BIN learns per channel a gate ρ between the two.
 
 Here: a small CNN (conv-norm-ReLU-pool ×2, fc with BatchNorm1d, fc) trained on clean Fashion-MNIST
-with the conv layers' normalizer one of BN, IN, BIN (IN and BIN are defined on feature maps, so the
-fc layer keeps BN in all three). Evaluated on the test images clean and shifted:
+with the conv layers' normalizer one of BN, IN, BIN (the fc layer keeps BN: IN and BIN need feature
+maps); ``seeds`` seeds, paired (the arms of a seed see the same batches). Evaluated on the test images
+clean and under each shift of :func:`apply_shift`, with the training statistics and after AdaBN on
+``adapt_examples`` unlabeled *training* images under the same shift (never the test images).
+The style shift gives each image its own contrast, brightness and gamma, an increasing map of its
+pixels: the "style" a normalizer may remove. An inversion (1 − x) flips the sign of the first layer's
+centred responses, which no statistics undo: it is measured, never a test of AdaBN or IN.
 
-- ``invert``: contrast inversion, 1 − x;
-- ``noise``: additive Gaussian noise of standard deviation ``noise_std``;
-- ``scale``: intensity (and so contrast) scaled by ``scale``;
-- ``mixed``: the protocol's "style shift": half of the images (seeded) changed, each of them either
-  inverted or scaled.
-
-What to expect, from the maps alone: a per-image positive scaling is undone exactly by instance
-statistics (IN is invariant to it) and, for the whole domain, by AdaBN's re-estimated statistics of
-the first layer; an inversion flips the sign of the first layer's centred responses, x̂ → −x̂, which
-neither batch nor instance statistics can undo.
-
-For each, the error with the training statistics and after AdaBN on ``adapt_examples`` unlabeled
-*training* images under the same shift (disjoint from the test images; the labels are never used).
-BIN's gates ρ are recorded per layer.
-
-Decisions: AdaBN re-estimates every BatchNorm layer of the model (in the IN and BIN models, the fc
-layer's; BIN's own running statistics are not BatchNorm's and :func:`~normkit.tools.adapt` leaves them
-alone, as the report says); the gates get 10× the learning rate and no weight decay, as in Nam &
-Kim's code, and are clipped to [0, 1] by the layer.
+Decisions: AdaBN re-estimates every BatchNorm layer (in the IN and BIN models only the fc layer's:
+BIN's own running statistics are not BatchNorm's and ``adapt`` leaves them alone); BIN's gates get 10×
+the learning rate and no weight decay, as in Nam & Kim's code, and are clipped to [0, 1] by the layer.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -45,22 +32,29 @@ from torch import nn
 import normkit as nk
 from normkit.errors import ConfigError
 from normkit.lab import models
+from normkit.lab.claims import Claim, Published, above, below, difference, per_seed
 from normkit.lab.datasets import first_test_examples
-from normkit.lab.experiments.population_stats import batch_norm_layers, error_rate
-from normkit.lab.legacy import Experiment, Settings, Setup, Trial, register
+from normkit.lab.evaluation import accuracy_and_loss
+from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.figures import Bars
 from normkit.lab.models import initialize
-from normkit.lab.records import RunRecord
-from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
+from normkit.lab.plan import Arm, Plan
+from normkit.lab.render import Section, Table
 from normkit.lab.seeds import derived_seed
+from normkit.lab.settings import Settings
 
 NORMS = {"bn": "batch", "in": "group_instance", "bin": "batch_instance"}
 LABELS = {"bn": "BN", "in": "IN", "bin": "BIN"}
+NAM_KIM = "Nam & Kim 2018, §4 (CIFAR-10/100, ImageNet; docs/PROTOCOLS.md §6)"
 
 
-def apply_shift(
-    x: torch.Tensor, shift: str, seed: int, *, noise_std=0.3, scale=0.5
-) -> torch.Tensor:
-    """Images ``x`` (N, C, H, W) in [0, 1] under ``shift`` (module docstring); seeded."""
+def apply_shift(x: torch.Tensor, shift: str, seed: int, *, noise_std=0.3, scale=0.5,
+                style=(0.5, 1.5, 0.2, 1.5)) -> torch.Tensor:  # fmt: skip
+    """Images ``x`` (N, C, H, W) in [0, 1] under ``shift``, seeded: ``invert`` 1 − x; ``noise`` plus
+    Gaussian noise of std ``noise_std``; ``scale`` ``scale``·x; ``style`` each image its own style,
+    a·x^g + b with ``style`` = (a_low, a_high, b_max, g_max): contrast a ~ U(a_low, a_high),
+    brightness b ~ U(±b_max), gamma g log-uniform in [1/g_max, g_max], an increasing map of the
+    image's pixels (no sign flip)."""
     generator = torch.Generator().manual_seed(seed)
     if shift == "none":
         return x
@@ -70,39 +64,43 @@ def apply_shift(
         return x + noise_std * torch.randn(x.shape, generator=generator)
     if shift == "scale":
         return scale * x
-    if shift == "mixed":
-        changed = torch.rand(len(x), generator=generator) < 0.5
-        inverted = torch.rand(len(x), generator=generator) < 0.5
+    if shift == "style":
         shape = (-1, *([1] * (x.dim() - 1)))
-        shifted = torch.where(inverted.view(shape), 1.0 - x, scale * x)
-        return torch.where(changed.view(shape), shifted, x)
-    raise ConfigError(f"shift={shift!r} is not known; use none, invert, noise, scale or mixed")
+        low, high, brightness, gamma = style
+        a = low + (high - low) * torch.rand(len(x), generator=generator)
+        b = brightness * (2 * torch.rand(len(x), generator=generator) - 1)
+        g = torch.exp(math.log(gamma) * (2 * torch.rand(len(x), generator=generator) - 1))
+        return a.view(shape) * x.clamp(min=0) ** g.view(shape) + b.view(shape)
+    raise ConfigError(f"shift={shift!r} is not known; use none, invert, noise, scale or style")
 
 
-def adapted(model: nn.Module, x_target: torch.Tensor, batch_size: int) -> nn.Module:
+def adapted(model: nn.Module, x_target: torch.Tensor, batch_size: int) -> tuple[nn.Module, list[str]]:
     """A copy of ``model`` whose BatchNorm statistics are the target domain's (AdaBN, via
-    :func:`normkit.tools.adapt` on the unlabeled ``x_target`` in batches of ``batch_size``)."""
+    :func:`normkit.tools.adapt` on the unlabeled ``x_target`` in batches of ``batch_size``), in eval
+    mode, and the layers it re-estimated."""
     batches = [x_target[i : i + batch_size] for i in range(0, len(x_target), batch_size)]
-    model, _ = nk.tools.adapt(model, batches, progress=False)
-    return model.eval()
+    model, report = nk.tools.adapt(model, batches, progress=False)
+    return model.eval(), sorted(layer.path for layer in report.layers)
 
 
-def shift_cnn(
-    sample_shape: tuple[int, ...], channels: tuple[int, ...], hidden: int, classes: int, norm: str
-) -> nn.Sequential:
-    """conv5 (no bias) → ``norm`` → ReLU → maxpool2 per stage, then fc (no bias) → BatchNorm1d → ReLU
-    → fc; ``norm`` is a :func:`normkit.create_norm` spec."""
-    return models.conv_net(
-        sample_shape, channels, hidden, classes, norm, kernel_size=5, fc_norm=nk.BatchNorm1d
-    )
+def shift_cnn(sample_shape, channels, hidden: int, classes: int, norm: str) -> nn.Sequential:
+    """conv5 (no bias) → ``norm`` (a :func:`normkit.create_norm` spec) → ReLU → maxpool2 per stage,
+    then fc (no bias) → BatchNorm1d → ReLU → fc."""
+    return models.conv_net(sample_shape, channels, hidden, classes, norm, kernel_size=5,
+                           fc_norm=nk.BatchNorm1d)
+
+
+def error_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 error of ``model`` on ``(x, y)`` in whatever mode it is in."""
+    return 1.0 - accuracy_and_loss(model, x, y)[0]
 
 
 @dataclass(frozen=True)
 class DomainShiftSettings(Settings):
-    arms: tuple[str, ...] = ("bn", "in", "bin")
-    shifts: tuple[str, ...] = ("invert", "noise", "scale", "mixed")
+    shifts: tuple[str, ...] = ("invert", "noise", "scale", "style")
     noise_std: float = 0.3
     scale: float = 0.5
+    style: tuple[float, ...] = (0.5, 1.5, 0.2, 1.5)  # contrast low, high; brightness ±; gamma max
     steps: int = 468  # two epochs at batch 256
     batch_size: int = 256
     channels: tuple[int, ...] = (16, 32)
@@ -114,322 +112,139 @@ class DomainShiftSettings(Settings):
     adapt_examples: int = 10_000
     test_examples: int = 0  # 0: the whole test set
     eval_every: int = 117
+    seeds: int = 5  # IN − BN on clean data is a fraction of a point: more seeds than 3
+
+
+def _error(arm: str, shift: str, key: str = "error"):
+    """Test error (%) of ``arm`` under ``shift``, with the training statistics or (``key`` =
+    ``"error_adapted"``) after AdaBN; one value per seed."""
+
+    def value(trials, results):
+        trial = results.one(trials, f"{arm} {key} {shift}")
+        found = None if trial.final["diverged"] else trial.final[key].get(shift)
+        return None if found is None else 100 * found
+
+    after = " after AdaBN" if key == "error_adapted" else ""
+    return per_seed(value, f"{LABELS[arm]} test error (%) under {shift!r}{after}", arm=arm)
+
+
+def _scale_change(trials, results) -> float | None:  # |error under scale − clean error|, points
+    final = results.one(trials, "in scale").final
+    return None if final["diverged"] else 100 * abs(final["error"]["scale"] - final["error"]["none"])
 
 
 @register
 class DomainShift(Experiment):
     name = "domain-shift"
     title = "Domain shift: AdaBN, and BN vs IN vs Batch-Instance Norm"
-    paper = (
-        "Li et al. 2016, AdaBN; Wu & Johnson 2021, Rethinking 'Batch' in BatchNorm, §5; "
-        "Nam & Kim 2018, Batch-Instance Normalization"
-    )
-    claim = (
-        "Re-estimating BN's statistics on the shifted domain (AdaBN, no labels) recovers accuracy "
-        "lost to the shift; IN removes style but costs accuracy on clean data; BIN learns per "
-        "channel how much style to remove, BIN ≥ BN on clean data and > BN under a style shift."
-    )
+    paper = ("Li et al. 2016, AdaBN; Wu & Johnson 2021, Rethinking 'Batch' in BatchNorm, §5; "
+             "Nam & Kim 2018, Batch-Instance Normalization")  # fmt: skip
+    claim = ("Re-estimating BN's statistics on the shifted domain (AdaBN, no labels) recovers accuracy "
+             "lost to the shift; IN removes style but costs accuracy on clean data; BIN learns per "
+             "channel how much style to remove, BIN ≥ BN on clean data and > BN under a style shift.")
     settings_class = DomainShiftSettings
     presets = {
-        "quick": {
-            "steps": 150,
-            "channels": (8, 16),
-            "hidden": 64,
-            "adapt_examples": 2_000,
-            "test_examples": 2_000,
-            "eval_every": 50,
-        },
-        "tiny": {
-            "steps": 6,
-            "batch_size": 32,
-            "channels": (4, 8),
-            "hidden": 16,
-            "adapt_examples": 64,
-            "test_examples": 64,
-            "eval_every": 3,
-        },
-    }
+        "quick": {"steps": 150, "channels": (8, 16), "hidden": 64, "adapt_examples": 2_000,
+                  "test_examples": 2_000, "eval_every": 50, "seeds": 3},
+        "gpu": {"dataset": "cifar10", "channels": (64, 128, 256), "hidden": 512, "steps": 15_640,
+                "eval_every": 1_955},  # 80 epochs of CIFAR-10's 50,000 images at batch 256
+        "tiny": {"steps": 6, "batch_size": 32, "channels": (4, 8), "hidden": 16, "adapt_examples": 64,
+                 "test_examples": 64, "eval_every": 3, "seeds": 1},
+    }  # fmt: skip
 
     def prepare_data(self, settings, dataset):
         return first_test_examples(dataset, settings.test_examples)
 
-    def trials(self, settings, data, finals):
-        return [
-            Trial(arm, {"arm": arm}, settings.steps, settings.eval_every, settings.seed)
-            for arm in settings.arms
-        ]
+    def plan(self, s, data):
+        arms = [Arm(arm, {}, label) for arm, label in LABELS.items()]
+        return Plan(arms, s.steps, seeds=s.seeds, seed=s.seed, eval_every=s.eval_every)
 
-    def setup(self, trial, settings, data, generator):
-        model = shift_cnn(
-            data.sample_shape,
-            settings.channels,
-            settings.hidden,
-            data.classes,
-            NORMS[trial.params["arm"]],
-        )
+    def setup(self, trial, s, data, generator):
+        model = shift_cnn(data.sample_shape, s.channels, s.hidden, data.classes, NORMS[trial.params["arm"]])
         initialize(model, "he", generator)
-        gates = [p for n, p in model.named_parameters() if n.endswith("rho")]
-        others = [p for n, p in model.named_parameters() if not n.endswith("rho")]
-        groups = [{"params": others, "weight_decay": settings.weight_decay}]
-        if gates:
-            groups.append(
-                {
-                    "params": gates,
-                    "lr": settings.learning_rate * settings.gate_lr_factor,
-                    "weight_decay": 0.0,
-                }
-            )
-        optimizer = torch.optim.SGD(groups, lr=settings.learning_rate, momentum=settings.momentum)
-        return Setup(model, optimizer, settings.batch_size)
+        named = list(model.named_parameters())
+        groups = [{"params": [p for n, p in named if not n.endswith("rho")], "weight_decay": s.weight_decay},
+                  {"params": [p for n, p in named if n.endswith("rho")], "weight_decay": 0.0,
+                   "lr": s.learning_rate * s.gate_lr_factor}]  # BIN's gates; empty for BN and IN
+        optimizer = torch.optim.SGD(groups, lr=s.learning_rate, momentum=s.momentum)
+        return Setup(model, optimizer, s.batch_size)
 
-    def measure(self, trial, settings, setup, data):
+    def measure(self, trial, s, setup, data):
         return {"test_error": error_rate(setup.model, data.x_test, data.y_test)}
 
-    def finish(self, trial, settings, setup, data):
-        model = setup.model
+    def finish(self, trial, s, setup, data):
+        model, options = setup.model, {"noise_std": s.noise_std, "scale": s.scale, "style": s.style}
         generator = torch.Generator().manual_seed(derived_seed(trial.seed, 12))
-        count = min(settings.adapt_examples, len(data.y_train))
+        count = min(s.adapt_examples, len(data.y_train))
         target_pool = data.x_train[torch.randperm(len(data.y_train), generator=generator)[:count]]
-        errors, adapted_errors = {}, {}
-        for index, shift in enumerate(("none", *settings.shifts)):
-            options = {"noise_std": settings.noise_std, "scale": settings.scale}
+        errors, adapted_errors, layers = {}, {}, []
+        for index, shift in enumerate(("none", *s.shifts)):
             x_test = apply_shift(data.x_test, shift, derived_seed(trial.seed, 13, index), **options)
             errors[shift] = error_rate(model, x_test, data.y_test)
-            if batch_norm_layers(model):
-                x_target = apply_shift(
-                    target_pool, shift, derived_seed(trial.seed, 14, index), **options
-                )
-                adapted_model = adapted(model, x_target, settings.batch_size)
+            x_target = apply_shift(target_pool, shift, derived_seed(trial.seed, 14, index), **options)
+            adapted_model, layers = adapted(model, x_target, s.batch_size)
+            if layers:
                 adapted_errors[shift] = error_rate(adapted_model, x_test, data.y_test)
-        gates = {
-            path: module.rho.detach().clamp(0, 1).tolist()
-            for path, module in model.named_modules()
-            if isinstance(module, nk.BatchInstanceNorm)
-        }
-        return {
-            "error": errors,
-            "error_adapted": adapted_errors,
-            "adapted_layers": sorted(batch_norm_layers(model)),
-            "rho": gates,
-        }
+        gates = {path: module.rho.detach().clamp(0, 1).tolist()
+                 for path, module in model.named_modules() if isinstance(module, nk.BatchInstanceNorm)}
+        return {"error": errors, "error_adapted": adapted_errors, "adapted_layers": layers,
+                "rho": gates, "rho_mean": {p: statistics.fmean(v) for p, v in gates.items()}}  # fmt: skip
 
-    # ------------------------------------------------------------------------------ summary
-    def summarize(self, record: RunRecord) -> dict:
-        finals = record.finals()
-        arms = {}
-        for key, row in finals.items():
-            arms[key] = {
-                "error": row["error"],
-                "error_adapted": row["error_adapted"],
-                "adaptation_gain": {
-                    shift: row["error"][shift] - row["error_adapted"][shift]
-                    for shift in row["error_adapted"]
-                },
-                "adapted_layers": row["adapted_layers"],
-                "rho": {
-                    path: {
-                        "mean": sum(values) / len(values),
-                        "min": min(values),
-                        "max": max(values),
-                        "below_half": sum(v < 0.5 for v in values),
-                        "channels": len(values),
-                    }
-                    for path, values in row["rho"].items()
-                },
-                "diverged": row["diverged"],
-            }
-        return {"shifts": ["none", *record.settings["shifts"]], "arms": arms}
+    def claims(self, s):
+        def gap(name, a, b, shift, published, criterion):
+            what = "clean test error" if shift == "none" else f"test error under {shift!r}"
+            ours = difference(_error(a, shift), _error(b, shift, "error_adapted" if a == b else "error"))
+            quantity = f"{what}, {LABELS[a]} − {'AdaBN' if a == b else LABELS[b]} (points)"
+            return Claim(name, quantity, published, ours, criterion, fmt="+.2f")
 
-    # ------------------------------------------------------------------------------- report
-    def report(self, record: RunRecord) -> Report:
-        s, settings = record.summary, record.settings
-        arms, shifts = s["arms"], s["shifts"]
-        pct = lambda v: fmt(None if v is None else 100 * v, ".2f")  # noqa: E731
-        rows, checks = [], []
-        if "bn" in arms:
-            gains = arms["bn"]["adaptation_gain"]
-            shifted = [sh for sh in shifts if sh != "none"]
-            rows.append(
-                [
-                    "BN model, test error under shift: training statistics → AdaBN",
-                    "AdaBN improves on the target domain (Li et al. 2016 [M]; ImageNet-C, Wu & "
-                    "Johnson 2021 [S])",
-                    "; ".join(
-                        f"{sh}: {pct(arms['bn']['error'][sh])} → {pct(arms['bn']['error_adapted'][sh])}%"
-                        for sh in shifted
-                    ),
-                    f"improves {sum(gains[sh] > 0 for sh in shifted)} of {len(shifted)} shifts",
-                ]
-            )
-            for sh in shifted:
-                checks.append(
-                    Check(
-                        f"AdaBN lowers the BN model's error under {sh!r}",
-                        gains[sh] > 0,
-                        f"{pct(arms['bn']['error'][sh])}% → {pct(arms['bn']['error_adapted'][sh])}%",
-                    )
-                )
-        if {"bn", "in", "bin"} <= set(arms):
-            err = {arm: arms[arm]["error"] for arm in ("in", "bin", "bn")}
-            rows.append(
-                [
-                    "clean test error: IN / BIN / BN",
-                    "IN worst for classification (ImageNet: 28.4 vs BN 23.6%, Wu & He 2018); "
-                    "BIN ≥ BN (+0.3-1.5 pts on CIFAR/ImageNet [M])",
-                    " / ".join(pct(err[a]["none"]) for a in err) + "%",
-                    ", ".join(
-                        [
-                            "IN worse than BN"
-                            if err["in"]["none"] > err["bn"]["none"]
-                            else "IN not worse",
-                            "BIN ≥ BN" if err["bin"]["none"] <= err["bn"]["none"] else "BIN worse",
-                        ]
-                    ),
-                ]
-            )
-            checks.append(
-                Check(
-                    "IN worse than BN on clean data",
-                    err["in"]["none"] > err["bn"]["none"],
-                    f"{pct(err['in']['none'])}% vs {pct(err['bn']['none'])}%",
-                )
-            )
-            checks.append(
-                Check(
-                    "BIN at least as good as BN on clean data",
-                    err["bin"]["none"] <= err["bn"]["none"],
-                    f"{pct(err['bin']['none'])}% vs {pct(err['bn']['none'])}%",
-                )
-            )
-            for sh in (sh for sh in shifts if sh != "none"):
-                rows.append(
-                    [
-                        f"test error under {sh!r} (training statistics): IN / BIN / BN",
-                        "IN removes instance contrast (Ulyanov et al. 2016); BIN > BN under a "
-                        "style shift (protocol 6's expectation)",
-                        " / ".join(pct(err[a][sh]) for a in err) + "%",
-                        (
-                            "BIN better than BN"
-                            if err["bin"][sh] < err["bn"][sh]
-                            else "BIN not better"
-                        )
-                        + (
-                            "; IN best" if err["in"][sh] == min(e[sh] for e in err.values()) else ""
-                        ),
-                    ]
-                )
-                if sh in ("scale", "mixed"):
-                    checks.append(
-                        Check(
-                            f"BIN better than BN under {sh!r}",
-                            err["bin"][sh] < err["bn"][sh],
-                            f"{pct(err['bin'][sh])}% vs {pct(err['bn'][sh])}%",
-                        )
-                    )
-            if "scale" in err["in"]:
-                checks.append(
-                    Check(
-                        "IN is invariant to intensity scaling (error as on clean data, ±0.1 pt)",
-                        abs(err["in"]["scale"] - err["in"]["none"]) <= 0.001,
-                        f"{pct(err['in']['scale'])}% vs {pct(err['in']['none'])}%",
-                    )
-                )
-        if "bin" in arms and arms["bin"]["rho"]:
-            gates = arms["bin"]["rho"]
-            rows.append(
-                [
-                    "learned gates ρ per layer (mean; channels below 0.5)",
-                    "early, style-rich layers lean towards IN [S]",
-                    "; ".join(
-                        f"{p}: {g['mean']:.2f} ({g['below_half']}/{g['channels']})"
-                        for p, g in gates.items()
-                    ),
-                    "–",
-                ]
-            )
-        comparison = Table(["quantity", "published", "ours", "verdict"], rows)
-        errors = Table(
-            ["model", "statistics", *shifts],
-            [
-                row
-                for key, arm in arms.items()
-                for row in (
-                    [LABELS.get(key, key), "training", *(pct(arm["error"][sh]) for sh in shifts)],
-                    [
-                        LABELS.get(key, key),
-                        "AdaBN (" + ", ".join(arm["adapted_layers"]) + ")",
-                        *(pct(arm["error_adapted"].get(sh)) for sh in shifts),
-                    ],
-                )
-            ],
-            "Test error (%) by shift; AdaBN re-estimates the listed BatchNorm layers on unlabeled "
-            "shifted training images.",
-        )
-        blocks = [
-            Figure("errors", self._errors(s), "Test error by shift, model and statistics."),
-            errors,
-        ]
-        if "bin" in arms and arms["bin"]["rho"]:
-            blocks.append(
-                Figure(
-                    "gates",
-                    self._gates(record),
-                    "Histogram of BIN's learned gates ρ per layer (1 = BN, 0 = IN).",
-                )
-            )
-        deviations = [
-            f"A small CNN (conv{'-conv'.join(str(c) for c in settings['channels'])}, fc"
-            f"{settings['hidden']}) on {record.config['data']['name']}, {settings['steps']} steps at "
-            f"batch {settings['batch_size']}, SGD lr {settings['learning_rate']:g} momentum "
-            f"{settings['momentum']:g}, weight decay {settings['weight_decay']:g}, instead of "
-            "ResNets on CIFAR/ImageNet/Office; synthetic shifts instead of ImageNet-C.",
-            "AdaBN uses shifted *training* images (no labels) as the target domain's data, so the "
-            "adapted statistics never saw the test images.",
-            "IN and BIN are in the conv layers only; the fc layer has BatchNorm1d in every model.",
-        ]
-        headline = "; ".join(
-            f"{LABELS.get(k, k)} clean {pct(a['error']['none'])}%" for k, a in arms.items()
-        )
-        if "bn" in arms and "noise" in arms["bn"]["error_adapted"]:
-            headline += (
-                f"; BN under noise {pct(arms['bn']['error']['noise'])}% → AdaBN "
-                f"{pct(arms['bn']['error_adapted']['noise'])}%"
-            )
-        return Report(comparison, [Section("Results", blocks)], checks, deviations, headline)
+        adabn = Published("AdaBN improves accuracy on the target domain", "Li et al. 2016, §4 (Office, "
+                          "Caltech-Bing) [M]; Wu & Johnson 2021, §5 (ImageNet-C) [S]", unverified=True)
+        instance = Published("IN removes instance-specific contrast (the guideline's style row)",
+                             "Ulyanov et al. 2016 [M]", unverified=True)
+        style = Published("BIN > BN under a style shift", f"{NAM_KIM}; CPU protocol 6", unverified=True)
+        return [
+            *(gap(f"adabn-{shift}", "bn", "bn", shift, adabn, None if shift == "invert" else above(0.0))
+              for shift in s.shifts),  # an inversion flips x̂'s sign: no statistics undo it
+            gap("in-behind-bn-clean", "in", "bn", "none", Published(
+                "+4.8: IN 28.4 vs BN 23.6 (ResNet-50, ImageNet)", "Wu & He 2018, Table 1", 4.8), above(0.0)),
+            Claim("bin-clean", "clean test error, BIN − BN (points)", Published(
+                "BIN better than BN by about 0.3–1.5 points", NAM_KIM, -0.9, unverified=True),
+                difference(_error("bin", "none"), _error("bn", "none")), below(0.0), fmt="+.2f",
+                needs_gpu="Nam & Kim: ResNet-110, 164 epochs of CIFAR; ours: 2 conv layers, 2 epochs"),
+            *(gap(f"{a}-beats-bn-{shift}", a, "bn", shift, {"bin": style, "in": instance}[a], below(0.0))
+              for a in ("bin", "in") for shift in ("scale", "style") if shift in s.shifts),
+            Claim("in-scale-invariant", f"IN's test error: |scaled ×{s.scale:g} − clean| (points)",
+                  Published("IN removes each image's contrast (per-image statistics)",
+                            "Ulyanov et al. 2016, §2 [M]", 0.0, unverified=True),
+                  per_seed(_scale_change, "|IN error scaled − clean|", arm="in"), below(0.1), fmt=".3f"),
+        ]  # fmt: skip
 
-    @staticmethod
-    def _errors(s):
-        figure = new_figure(7.5, 3.8)
-        axes = figure.add_subplot()
-        shifts, arms = s["shifts"], s["arms"]
-        series = []
-        for key, arm in arms.items():
-            series.append((f"{LABELS.get(key, key)}", arm["error"]))
-            if arm["error_adapted"]:
-                series.append((f"{LABELS.get(key, key)} + AdaBN", arm["error_adapted"]))
-        width = 0.8 / max(1, len(series))
-        for i, (label, values) in enumerate(series):
-            axes.bar(
-                [j + i * width for j in range(len(shifts))],
-                [100 * values.get(sh, math.nan) for sh in shifts],
-                width,
-                label=label,
-            )
-        axes.set_xticks([j + 0.4 - width / 2 for j in range(len(shifts))], shifts)
-        axes.set_ylabel("test error (%)")
-        axes.grid(axis="y", alpha=0.3)
-        axes.legend(fontsize="small", ncol=2)
-        return figure
+    def figures(self, s):
+        return [
+            Bars("errors", "error", "test error (fraction)",
+                 "Test error by shift (x axis) and model, with the training statistics.", per_layer=True),
+            Bars("gates", "rho_mean", "mean gate ρ (1 = BN, 0 = IN)", "BIN's learned gates, mean per "
+                 "layer (Nam & Kim [S]: early, style-rich layers lean towards IN).", per_layer=True),
+        ]  # fmt: skip
 
-    @staticmethod
-    def _gates(record: RunRecord):
-        row = record.finals()["bin"]
-        figure = new_figure(6.0, 3.4)
-        axes = figure.add_subplot()
-        bins = [i / 20 for i in range(21)]
-        for path, values in row["rho"].items():
-            axes.hist(values, bins=bins, alpha=0.6, label=path)
-        axes.set_xlabel("ρ")
-        axes.set_ylabel("channels")
-        axes.legend(fontsize="small")
-        return figure
+    def extra_section(self, results):
+        shifts, rows = ["none", *results.settings.shifts], []
+        for arm in results.values("arm"):
+            trials = [t.final for t in results.trials(arm=arm) if not t.final["diverged"]]
+            for key in ("error", "error_adapted") if trials else ():
+                mean = [statistics.fmean(100 * t[key].get(sh, math.nan) for t in trials) for sh in shifts]
+                what = f"AdaBN ({', '.join(trials[0]['adapted_layers'])})" if key != "error" else "training"
+                rows.append([LABELS[arm], what, *(f"{m:.2f}" for m in mean)])
+        return Section("Test error by shift", [Table(["model", "statistics", *shifts], rows, "Test error "
+                       "(%) by shift, mean over seeds; AdaBN re-estimates the listed layers.")])
+
+    def deviations(self, s):
+        return [
+            f"A small CNN (conv{'-conv'.join(map(str, s.channels))}, fc{s.hidden}) on {s.dataset}, "
+            f"{s.steps} steps at batch {s.batch_size}, SGD lr {s.learning_rate:g} momentum {s.momentum:g}, "
+            f"weight decay {s.weight_decay:g}, instead of ResNets on CIFAR/ImageNet/Office; synthetic "
+            "shifts instead of ImageNet-C.",
+            "AdaBN uses shifted *training* images (no labels) as the target domain's data; IN and BIN "
+            "are in the conv layers only (the fc layer has BatchNorm1d in every model).",
+        ]  # fmt: skip
+

@@ -8,23 +8,27 @@ signal) or blows up (large weights).
 
 Here: the MLP of Fig. 1 (3 hidden layers of 100, ``activation``), every Linear layer drawn from
 N(0, s²) for each s in ``scales``, plus Xavier (Glorot) and He initialization, × {BN, no BN}, plain
-SGD at one learning rate, ``seeds`` seeds each; the final test accuracy forms a heatmap. Decision:
-the scale applies to every Linear layer, the output layer (which BN does not normalize) included,
-so the comparison is of the whole network as initialized.
+SGD at one learning rate, ``seeds`` seeds each (paired: a seed fixes the batch order of every
+cell); the final test accuracy forms a heatmap. Decisions: the scale applies to every Linear layer,
+the output layer (which BN does not normalize) included, so the comparison is of the whole network
+as initialized; a network whose training diverged (loss NaN/Inf or above 1000) counts at chance
+accuracy (1 / classes) in the spread over scales, since it predicts nothing.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from normkit.lab.legacy import Experiment, Settings, Setup, register, seeded_trials
+from normkit.lab.claims import Claim, Published, above, difference, per_seed
+from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.figures import Heatmap, MeanTable
 from normkit.lab.models import initialize, mlp
-from normkit.lab.records import RunRecord
-from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
-from normkit.lab.stats import mean_ci
+from normkit.lab.plan import Arm, Plan
+from normkit.lab.settings import Settings
+
+SOURCE = "Ioffe & Szegedy 2015, §3.3"
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,22 @@ class InitSensitivitySettings(Settings):
     eval_every: int = 500
 
 
-def _label(init: str) -> str:
-    return f"N(0, {init.split(':')[1]}²)" if init.startswith("gaussian:") else init
+def inits(settings) -> list[str]:
+    """The initializations compared: one Gaussian per scale, then the named schemes."""
+    return [f"gaussian:{s:g}" for s in settings.scales] + list(settings.named)
+
+
+def _spread(network: str):
+    """Range over the Gaussian scales of one seed's final test accuracy; diverged = chance."""
+
+    def spread(trials, results):
+        classes = results.record.config["data"]["classes"]
+        scales = {f"gaussian:{s:g}" for s in results.settings.scales}
+        cells = [t for t in trials if t.params["network"] == network and t.params["init"] in scales]
+        accuracies = [1.0 / classes if t.final["diverged"] else t.final["test_accuracy"] for t in cells]
+        return max(accuracies) - min(accuracies) if len(accuracies) == len(scales) else None
+
+    return spread
 
 
 @register
@@ -57,151 +75,51 @@ class InitSensitivity(Experiment):
     settings_class = InitSensitivitySettings
     presets = {
         "quick": {"steps": 2_500, "seeds": 1, "eval_every": 500},
-        "tiny": {
-            "steps": 16,
-            "seeds": 1,
-            "eval_every": 8,
-            "hidden": (16, 16),
-            "scales": (0.01, 1.0),
-            "named": ("he",),
-        },
-    }
+        "tiny": {"steps": 16, "seeds": 1, "eval_every": 8, "hidden": (16, 16), "scales": (0.01, 1.0),
+                 "named": ("he",)},
+    }  # fmt: skip
 
-    @staticmethod
-    def inits(scales, named) -> list[str]:
-        """The initializations compared: one Gaussian per scale, then the named schemes."""
-        return [f"gaussian:{s:g}" for s in scales] + list(named)
-
-    def trials(self, settings, data, finals):
-        arms = {
-            f"{net}/{init}": {"network": net, "init": init}
-            for net in ("plain", "bn")
-            for init in self.inits(settings.scales, settings.named)
-        }
-        return seeded_trials(arms, settings, settings.seeds)
+    def plan(self, settings, data):
+        arms = [Arm(n, {"network": n}, label) for n, label in (("plain", "no BN"), ("bn", "BN"))]
+        return Plan(arms, settings.steps, seeds=settings.seeds, seed=settings.seed,
+                    eval_every=settings.eval_every, grid={"init": inits(settings)})  # fmt: skip
 
     def setup(self, trial, settings, data, generator):
-        model = mlp(
-            data.features,
-            settings.hidden,
-            data.classes,
-            activation=settings.activation,
-            norm="batch" if trial.params["network"] == "bn" else "none",
-        )
+        model = mlp(data.features, settings.hidden, data.classes, activation=settings.activation,
+                    norm="batch" if trial.params["network"] == "bn" else "none")  # fmt: skip
         initialize(model, trial.params["init"], generator)
         optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate)
         return Setup(model, optimizer, settings.batch_size)
 
-    def summarize(self, record: RunRecord) -> dict:
-        settings = record.settings
-        finals = record.finals().values()
-        cells = {}
-        for net in ("plain", "bn"):
-            for init in self.inits(settings["scales"], settings["named"]):
-                rows = [r for r in finals if r["network"] == net and r["init"] == init]
-                accuracies = [r["test_accuracy"] for r in rows]
-                cells[f"{net}/{init}"] = {
-                    **mean_ci(accuracies),
-                    "diverged": sum(r["diverged"] for r in rows),
-                }
+    def claims(self, s):
+        scales = ", ".join(f"{x:g}" for x in s.scales)
+        return [
+            Claim("spread", f"range of final test accuracy over the scales {scales}, no BN − BN",
+                  Published("BN: training resilient to the parameter scale (no number)", SOURCE),
+                  difference(per_seed(_spread("plain"), "range over scales (no BN)"),
+                             per_seed(_spread("bn"), "range over scales (BN)")),
+                  above(0.0), fmt="+.3f"),
+            Claim("spread-bn", f"range of BN's final test accuracy over the scales {scales}",
+                  Published("small (implied)", SOURCE),
+                  per_seed(_spread("bn"), "range over scales (BN)"), None),
+            Claim("spread-plain", f"range of the no-BN final test accuracy over the scales {scales}",
+                  Published("large (implied)", SOURCE),
+                  per_seed(_spread("plain"), "range over scales (no BN)"), None),
+        ]  # fmt: skip
 
-        def spread(net):
-            means = [cells[f"{net}/gaussian:{s:g}"]["mean"] for s in settings["scales"]]
-            return max(means) - min(means)
+    def figures(self, s):
+        caption = f"Final test accuracy after {s.steps} steps by initialization of every Linear layer"
+        return [
+            Heatmap("heatmap", "test_accuracy", "init", "initialization of every Linear layer",
+                    "test accuracy (fraction)", caption + " (blank: every seed diverged)."),
+            MeanTable("cells", "test_accuracy", "init", caption + "; mean [95% interval] over seeds.",
+                      spec=".3f"),
+        ]  # fmt: skip
 
-        return {"cells": cells, "spread_over_scales": {net: spread(net) for net in ("plain", "bn")}}
-
-    def report(self, record: RunRecord) -> Report:
-        s, settings = record.summary, record.settings
-        inits = self.inits(settings["scales"], settings["named"])
-        cells, spread = s["cells"], s["spread_over_scales"]
-        good = [
-            i
-            for i in inits
-            if cells[f"bn/{i}"]["mean"] >= 0.8 * max(c["mean"] for c in cells.values())
-        ]
-        comparison = Table(
-            ["quantity", "published", f"ours ({record.config['data']['name']})", "verdict"],
-            [
-                [
-                    "BN output and gradients under weight scaling",
-                    "BN(Wu) = BN((aW)u); larger weights get smaller gradients (§3.3)",
-                    "exact identity, tested in normkit's test suite",
-                    "–",
-                ],
-                [
-                    "spread of final accuracy over the Gaussian scales, BN / no BN",
-                    "BN: training resilient to the parameter scale (no number given)",
-                    f"{fmt(spread['bn'])} / {fmt(spread['plain'])}",
-                    "BN less sensitive: " + fmt(spread["bn"] < spread["plain"]),
-                ],
-                [
-                    "initializations where BN reaches ≥ 80% of the best cell",
-                    "all (implied)",
-                    f"{len(good)} of {len(inits)}",
-                    "–",
-                ],
-            ],
-        )
-        checks = [
-            Check(
-                "BN's spread over scales is smaller than the plain network's",
-                spread["bn"] < spread["plain"],
-                f"{fmt(spread['bn'])} vs {fmt(spread['plain'])}",
-            )
-        ]
-        table = Table(
-            ["initialization", "no BN: test accuracy", "BN: test accuracy"],
-            [
-                [_label(i)] + [self._cell(cells[f"{net}/{i}"]) for net in ("plain", "bn")]
-                for i in inits
-            ],
-            f"Final test accuracy, mean ± std over {settings['seeds']} seed(s); (k diverged) when a run's "
-            "training loss became NaN/Inf or exceeded 1000.",
-        )
-        figure = Figure(
-            "heatmap",
-            self._heatmap(cells, inits),
-            f"Final test accuracy after {settings['steps']} steps (mean over seeds), by "
-            "initialization and network.",
-        )
-        deviations = [
+    def deviations(self, s):
+        return [
             "The paper states the property (§3.3) and shows it through its ImageNet training; this is a "
-            f"direct sweep on the Fig. 1 MLP with {settings['activation']} units on "
-            f"{record.config['data']['name']}.",
-            f"Plain SGD at learning rate {settings['learning_rate']:g} for every cell; "
-            f"{settings['steps']} steps.",
+            f"direct sweep on the Fig. 1 MLP with {s.activation} units.",
+            f"Plain SGD at learning rate {s.learning_rate:g} for every cell; {s.steps} steps, batch "
+            f"{s.batch_size}, {s.seeds} seed(s).",
         ]
-        headline = (
-            f"final-accuracy spread over Gaussian scales {', '.join(f'{x:g}' for x in settings['scales'])}: "
-            f"BN {fmt(spread['bn'])}, no BN {fmt(spread['plain'])}"
-        )
-        return Report(
-            comparison, [Section("Results", [figure, table])], checks, deviations, headline
-        )
-
-    @staticmethod
-    def _cell(cell: dict) -> str:
-        text = fmt(cell["mean"])
-        if cell["n"] > 1:
-            text += f" ± {fmt(cell['std'])}"
-        if cell["diverged"]:
-            text += f" ({cell['diverged']} diverged)"
-        return text
-
-    @staticmethod
-    def _heatmap(cells: dict, inits: list[str]):
-        figure = new_figure(7.0, 2.8)
-        axes = figure.add_subplot()
-        values = [[cells[f"{net}/{i}"]["mean"] for i in inits] for net in ("plain", "bn")]
-        image = axes.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        for row, line in enumerate(values):
-            for column, value in enumerate(line):
-                shade = "black" if value is not None and value > 0.6 else "white"
-                text = "–" if value is None or math.isnan(value) else f"{value:.2f}"
-                axes.text(column, row, text, ha="center", va="center", color=shade)
-        axes.set_xticks(range(len(inits)), [_label(i) for i in inits], rotation=20)
-        axes.set_yticks([0, 1], ["no BN", "BN"])
-        axes.set_xlabel("initialization of every Linear layer")
-        figure.colorbar(image, ax=axes, label="test accuracy (fraction)")
-        return figure

@@ -8,10 +8,12 @@ with batch 4 is visibly worse in test error.
 
 Here (the lab's CPU protocol 5a): the same MLP (``hidden``, ReLU) with no normalization, BN or LN
 (``nk.BatchNorm1d`` / ``nk.LayerNorm`` between each hidden Linear layer and its ReLU, the Linear
-bias dropped before a norm), Adam at ``learning_rate``, batch 128 and 4, the same ``epochs`` on a
-class-balanced subset of Fashion-MNIST for every batch size. Measured: test error in eval mode
-against epochs (BN uses its running statistics, momentum 0.1; LN is the same in both modes), and
-at the end, BN's error with batch statistics (test images in batches of the training batch).
+bias dropped before a norm), Adam at ``learning_rate``, batch 128 and 4 (the grid), the same
+``epochs`` on a class-balanced subset of Fashion-MNIST for every batch size, ``seeds`` seeds
+(paired: replicate k of every arm and batch size has the same seed). Measured: test error in eval
+mode against epochs (BN uses its running statistics, momentum 0.1; LN is the same in both modes),
+and at the end, BN's error with batch statistics (test images in batches of the training batch).
+"Faster convergence" is read at the first evaluation at or after ``early_epoch`` epochs.
 """
 
 from __future__ import annotations
@@ -21,21 +23,21 @@ from dataclasses import dataclass
 import torch
 
 from normkit.errors import ConfigError
+from normkit.lab.claims import Claim, Published, above, below, difference, final, per_seed
 from normkit.lab.datasets import subset
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.legacy import Experiment, Settings, Setup, register
+from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.figures import Curves, MeanTable, VersusSetting
 from normkit.lab.models import initialize, mlp
-from normkit.lab.records import RunRecord
-from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
-from normkit.lab.small_batch import (
-    batch_statistics_accuracy,
-    batch_sweep,
-    error_percent,
-    error_vs_batch_figure,
-)
+from normkit.lab.plan import Arm, Plan
+from normkit.lab.settings import Settings
+from normkit.lab.small_batch import batch_statistics_accuracy, error_percent
 
 LABELS = {"none": "no normalization", "bn": "BN", "ln": "LN"}
 NORMS = {"none": "none", "bn": "batch", "ln": "layer"}
+FIG_6 = "Ba et al. 2016, §6.7 and Fig. 6 (permutation-invariant MNIST, 784-1000-1000-10)"
+BATCH = "batch_size"
+SMALL, LARGE = (lambda s: min(s.batch_sizes)), (lambda s: max(s.batch_sizes))
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,47 @@ class LayerNormSettings(Settings):
     train_examples: int = 20_000
     epochs: float = 2.0
     early_epoch: float = 0.25  # where "faster convergence" is read
+    seeds: int = 3
     evaluations: int = 16
     eval_examples: int = 2_000
     batch_stat_examples: int = 2_000
+
+
+def early_error(trial, epoch: float) -> float | None:
+    """The test error at the first evaluation at or after ``epoch`` epochs."""
+    return next((r["test_error"] for r in trial.curve if r["epoch"] >= epoch), None)
+
+
+def _early(trials, results, normalizer, batch):
+    found = [t for t in trials if t.params["normalizer"] == normalizer and t.params[BATCH] == batch]
+    if not found or found[0].final["diverged"]:
+        return None
+    return early_error(found[0], results.settings.early_epoch)
+
+
+def _ln_faster(batch):
+    def value(trials, results):
+        b = batch(results.settings)
+        ln, bn = _early(trials, results, "ln", b), _early(trials, results, "bn", b)
+        return None if ln is None or bn is None else ln - bn
+
+    return value
+
+
+def _normalized_ahead(trials, results):
+    """The largest (normalized − plain) early error over BN and LN at both batch sizes: below 0
+    when both normalizers lead the plain network at both."""
+    s = results.settings
+    gaps = [_early(trials, results, n, b) for n in ("bn", "ln") for b in (SMALL(s), LARGE(s))]
+    plain = [_early(trials, results, "none", b) for b in (SMALL(s), LARGE(s))]
+    if None in gaps or None in plain:
+        return None
+    return max(g - plain[i % 2] for i, g in enumerate(gaps))
+
+
+def _rise(normalizer):
+    return difference(final("test_error", arm=normalizer, **{BATCH: SMALL}),
+                      final("test_error", arm=normalizer, **{BATCH: LARGE}))  # fmt: skip
 
 
 @register
@@ -64,263 +104,92 @@ class LayerNormBatch(Experiment):
     )
     settings_class = LayerNormSettings
     presets = {
-        "quick": {"hidden": (256, 256), "train_examples": 5_000, "epochs": 1.0, "evaluations": 8},
-        "tiny": {
-            "hidden": (16, 16),
-            "batch_sizes": (16, 4),
-            "train_examples": 64,
-            "epochs": 1.0,
-            "evaluations": 2,
-            "eval_examples": 100,
-            "batch_stat_examples": 40,
-        },
-    }
+        "quick": {"hidden": (256, 256), "train_examples": 5_000, "epochs": 1.0, "evaluations": 8,
+                  "seeds": 2},
+        "tiny": {"hidden": (16, 16), "batch_sizes": (16, 4), "train_examples": 64, "epochs": 1.0,
+                 "evaluations": 2, "eval_examples": 100, "batch_stat_examples": 40, "seeds": 1},
+    }  # fmt: skip
 
-    def prepare_data(self, settings, dataset):
-        return subset(dataset, settings.train_examples, settings.seed)
+    def prepare_data(self, s, dataset):
+        return subset(dataset, s.train_examples, s.seed)
 
-    def trials(self, settings, data, finals):
-        n = len(data.y_train) if data is not None else settings.train_examples
-        for normalizer in settings.normalizers:
-            if normalizer not in NORMS:
-                raise ConfigError(
-                    f"normalizer {normalizer!r} is not known; choose from {', '.join(NORMS)}"
-                )
-        return batch_sweep(settings, n, settings.batch_sizes, train_size=n)
+    def plan(self, s, data):
+        unknown = [n for n in s.normalizers if n not in NORMS]
+        if unknown:
+            raise ConfigError(f"normalizers {unknown} are not known; choose from {', '.join(NORMS)}")
+        arms = [Arm(n, {"normalizer": n}, LABELS[n]) for n in s.normalizers]
+        steps = lambda p: max(1, round(s.epochs * len(data.y_train) / p[BATCH]))  # noqa: E731
+        return Plan(arms, steps, seeds=s.seeds, seed=s.seed, evaluations=s.evaluations,
+                    grid={BATCH: list(s.batch_sizes)})  # fmt: skip
 
-    def setup(self, trial, settings, data, generator):
-        p = trial.params
-        model = mlp(
-            data.features, settings.hidden, data.classes, "relu", norm=NORMS[p["normalizer"]]
-        )
+    def setup(self, trial, s, data, generator):
+        model = mlp(data.features, s.hidden, data.classes, "relu", norm=NORMS[trial.params["normalizer"]])
         initialize(model, "he", generator)
-        optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-        return Setup(model, optimizer, p["batch_size"])
+        optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
+        return Setup(model, optimizer, trial.params[BATCH])
 
-    def measure(self, trial, settings, setup, data):
-        k = settings.eval_examples
+    def measure(self, trial, s, setup, data):
+        k = s.eval_examples
         accuracy, _ = accuracy_and_loss(setup.model, data.x_test[:k], data.y_test[:k])
-        epoch = setup.step * trial.params["batch_size"] / trial.params["train_size"]
+        epoch = setup.step * trial.params[BATCH] / len(data.y_train)
         return {"test_error": error_percent(accuracy), "epoch": epoch}
 
-    def finish(self, trial, settings, setup, data):
-        p, k = trial.params, settings.batch_stat_examples
+    def finish(self, trial, s, setup, data):
+        p, k = trial.params, s.batch_stat_examples
         accuracy, loss = accuracy_and_loss(setup.model, data.x_test, data.y_test)
-        values = {
-            "test_error": error_percent(accuracy),
-            "test_loss": loss,
-            "batch_stat_error": None,
-        }
+        values = {"test_error": error_percent(accuracy), "test_loss": loss, "batch_stat_error": None}
         if p["normalizer"] == "bn":
             values["batch_stat_error"] = error_percent(
-                batch_statistics_accuracy(
-                    setup.model, data.x_test[:k], data.y_test[:k], p["batch_size"]
-                )
-            )
+                batch_statistics_accuracy(setup.model, data.x_test[:k], data.y_test[:k], p[BATCH]))
         return values
 
-    # -- meaning -------------------------------------------------------------------------------
-    def summarize(self, record: RunRecord) -> dict:
-        early = record.settings["early_epoch"]
-        cells: dict[str, dict[str, dict]] = {}
-        for key, row in record.finals().items():
-            curve = record.curve(key)
-            reached = [r for r in curve if r["epoch"] >= early]
-            cells.setdefault(row["normalizer"], {})[str(row["batch_size"])] = {
-                "test_error": row["test_error"],
-                "batch_stat_error": row.get("batch_stat_error"),
-                "early_error": reached[0]["test_error"] if reached else None,
-                "early_epoch": reached[0]["epoch"] if reached else None,
-                "diverged": row["diverged"],
-            }
-        sizes = sorted(record.settings["batch_sizes"])
-        small, large = str(sizes[0]), str(sizes[-1])
+    def claims(self, s):
+        small, large = SMALL(s), LARGE(s)
+        ln_vs_bn = difference(final("test_error", arm="ln", **{BATCH: SMALL}),
+                              final("test_error", arm="bn", **{BATCH: SMALL}))  # fmt: skip
+        return [
+            Claim("ln-robust", f"LN's test error at batch {small} − at {large} (points)",
+                  Published("robust to the batch size: the curves nearly coincide", FIG_6),
+                  _rise("ln"), below(1.0), fmt="+.2f"),
+            Claim("bn-degrades-more", f"BN's rise from batch {large} to {small} − LN's (points, eval mode)",
+                  Published("BN at batch 4 is visibly worse in test error", FIG_6),
+                  difference(_rise("bn"), _rise("ln")), above(0.0), fmt="+.2f"),
+            Claim("ln-beats-bn-small", f"LN − BN test error at batch {small} (points)",
+                  Published("LN better at batch 4", FIG_6), ln_vs_bn, below(0.0), fmt="+.2f"),
+            *(Claim(f"ln-faster-b{b}", f"LN − BN test error at epoch {s.early_epoch:g}, batch {b} (points)",
+                    Published("LN converges faster than BN (both batch sizes)", FIG_6),
+                    per_seed(_ln_faster(at), f"LN − BN error at the first evaluation after epoch "
+                             f"{s.early_epoch:g}"), below(0.0), fmt="+.2f")
+              for b, at in ((large, LARGE), (small, SMALL))),
+            Claim("normalized-ahead", "largest (BN or LN − no normalization) error at epoch "
+                  f"{s.early_epoch:g}, both batch sizes (points)",
+                  Published("both beat the baseline early (the lab's expectation, not the paper's "
+                            "number)", "docs PROTOCOLS.md, CPU protocol 5a", unverified=True),
+                  per_seed(_normalized_ahead, "max over BN, LN and both batches of normalized − plain"),
+                  below(0.0), fmt="+.2f"),
+            Claim("bn-batch-statistics", f"BN's test error at batch {small} with batch statistics (%)",
+                  Published("not reported", FIG_6),
+                  final("batch_stat_error", arm="bn", **{BATCH: SMALL}), None, fmt=".2f"),
+        ]  # fmt: skip
 
-        def rise(normalizer):
-            c = cells.get(normalizer, {})
-            if small not in c or large not in c:
-                return None
-            return c[small]["test_error"] - c[large]["test_error"]
+    def figures(self, s):
+        curves = [Curves(f"curves-b{b}", "test_error", "test error (%)",
+                         f"Test error (eval mode, first {s.eval_examples} test images) against training "
+                         f"steps at batch {b}.", where={BATCH: b}, title=f"batch {b}", from_step=1)
+                  for b in sorted(s.batch_sizes, reverse=True)]  # fmt: skip
+        return [
+            *curves,
+            VersusSetting("error-vs-batch", "test_error", BATCH, "batch size", "test error (%)",
+                          "Final test error (eval mode, whole test set) against the batch size.",
+                          title=f"MLP {'-'.join(map(str, s.hidden))}"),
+            MeanTable("errors", "test_error", BATCH, "Final test error (%) in eval mode, whole test set."),
+        ]  # fmt: skip
 
-        return {
-            "cells": cells,
-            "small": int(small),
-            "large": int(large),
-            "rise": {n: rise(n) for n in cells},
-        }
-
-    def report(self, record: RunRecord) -> Report:
-        s, settings = record.summary, record.settings
-        cells, small, large = s["cells"], str(s["small"]), str(s["large"])
-        data_name = record.config["data"]["name"]
-
-        def err(normalizer, batch, field="test_error"):
-            return cells.get(normalizer, {}).get(batch, {}).get(field)
-
-        def faster(batch):
-            ln, bn = err("ln", batch, "early_error"), err("bn", batch, "early_error")
-            return None if ln is None or bn is None else ln < bn
-
-        def beat_plain(batch):
-            plain = err("none", batch, "early_error")
-            values = [err(n, batch, "early_error") for n in ("bn", "ln")]
-            if plain is None or None in values:
-                return None
-            return all(v < plain for v in values)
-
-        rise = s["rise"]
-        comparison = Table(
-            [
-                "quantity",
-                "published (permutation-invariant MNIST, 784-1000-1000-10)",
-                f"ours ({data_name}, test error %)",
-                "verdict",
-            ],
-            [
-                [
-                    f"LN: error at batch {small} − at {large}",
-                    "robust to the batch size (Fig. 6: curves nearly the same)",
-                    f"{fmt(err('ln', small), '.2f')} − {fmt(err('ln', large), '.2f')} = "
-                    f"{fmt(rise.get('ln'), '+.2f')}",
-                    "no worse by more than 1 point: "
-                    + fmt(None if rise.get("ln") is None else rise["ln"] <= 1.0),
-                ],
-                [
-                    f"BN (eval mode): error at batch {small} − at {large}",
-                    "worse at batch 4 (Fig. 6)",
-                    f"{fmt(err('bn', small), '.2f')} − {fmt(err('bn', large), '.2f')} = "
-                    f"{fmt(rise.get('bn'), '+.2f')}",
-                    "BN degrades more than LN: "
-                    + fmt(
-                        None
-                        if rise.get("bn") is None or rise.get("ln") is None
-                        else rise["bn"] > rise["ln"]
-                    ),
-                ],
-                [
-                    f"LN vs BN at batch {small}",
-                    "LN better",
-                    f"{fmt(err('ln', small), '.2f')} vs {fmt(err('bn', small), '.2f')}",
-                    "LN better: "
-                    + fmt(
-                        None
-                        if err("ln", small) is None or err("bn", small) is None
-                        else err("ln", small) < err("bn", small)
-                    ),
-                ],
-                [
-                    f"faster convergence: LN vs BN at epoch {settings['early_epoch']:g}",
-                    "LN converges faster (both batch sizes)",
-                    f"batch {large}: {fmt(err('ln', large, 'early_error'), '.2f')} vs "
-                    f"{fmt(err('bn', large, 'early_error'), '.2f')}; batch {small}: "
-                    f"{fmt(err('ln', small, 'early_error'), '.2f')} vs "
-                    f"{fmt(err('bn', small, 'early_error'), '.2f')}",
-                    f"LN ahead at {large}: {fmt(faster(large))}, at {small}: {fmt(faster(small))}",
-                ],
-                [
-                    f"BN at batch {small} with batch statistics (training mode)",
-                    "not reported",
-                    fmt(err("bn", small, "batch_stat_error"), ".2f"),
-                    "–",
-                ],
-            ],
-        )
-        checks = [
-            Check(
-                f"LN's error at batch {small} is at most 1 point above batch {large}'s",
-                None if rise.get("ln") is None else rise["ln"] <= 1.0,
-                f"{fmt(rise.get('ln'), '+.2f')} points",
-            ),
-            Check(
-                f"LN beats BN (eval mode) at batch {small}",
-                None
-                if err("ln", small) is None or err("bn", small) is None
-                else err("ln", small) < err("bn", small),
-                f"{fmt(err('ln', small), '.2f')} vs {fmt(err('bn', small), '.2f')}",
-            ),
-            Check(
-                f"BN and LN both ahead of no normalization at epoch {settings['early_epoch']:g}",
-                None
-                if beat_plain(large) is None or beat_plain(small) is None
-                else beat_plain(large) and beat_plain(small),
-                f"batch {large}: {fmt(beat_plain(large))}, batch {small}: {fmt(beat_plain(small))}",
-            ),
-        ]
-        table = Table(
-            ["normalizer", *[f"batch {b}" for b in (large, small)], f"at epoch {settings['early_epoch']:g} "
-             f"(batch {large} / {small})"],
-            [
-                [
-                    LABELS[n],
-                    fmt(err(n, large), ".2f"),
-                    fmt(err(n, small), ".2f")
-                    + (
-                        f" (batch statistics: {fmt(err(n, small, 'batch_stat_error'), '.2f')})"
-                        if err(n, small, "batch_stat_error") is not None
-                        else ""
-                    ),
-                    f"{fmt(err(n, large, 'early_error'), '.2f')} / "
-                    f"{fmt(err(n, small, 'early_error'), '.2f')}",
-                ]
-                for n in LABELS
-                if n in cells
-            ],
-            "Final test error (%) in eval mode on the whole test set; early errors on the first "
-            f"{settings['eval_examples']} test images.",
-        )  # fmt: skip
-        lines = {
-            LABELS[n]: [(int(b), c["test_error"]) for b, c in cells[n].items()]
-            for n in LABELS
-            if n in cells
-        }
-        figures = [
-            Figure(
-                "curves",
-                self._curves(record, [int(large), int(small)]),
-                "Test error (eval mode, first test images) against epochs (from the first evaluation "
-                "after step 0), one panel per batch size.",
-            ),
-            Figure(
-                "error-vs-batch",
-                error_vs_batch_figure(
-                    lines,
-                    f"MLP {'-'.join(map(str, settings['hidden']))}, {data_name}",
-                    "batch size",
-                ),
-                "Final test error against the batch size (log scale), one line per normalizer.",
-            ),
-        ]
-        deviations = [
-            f"{data_name}, {record.config['data']['train']} training images for "
-            f"{settings['epochs']:g} epochs at both batch sizes, instead of MNIST (55,000) to "
-            "convergence; MLP "
-            f"784-{'-'.join(map(str, settings['hidden']))}-10 with ReLU, Adam at "
-            f"{settings['learning_rate']:g}, one seed.",
+    def deviations(self, s):
+        return [
+            f"Fashion-MNIST, {s.train_examples} training images for {s.epochs:g} epochs at both batch "
+            f"sizes, instead of MNIST (55,000) to convergence; MLP 784-{'-'.join(map(str, s.hidden))}-10 "
+            f"with ReLU, Adam at {s.learning_rate:g}, {s.seeds} seeds.",
             "BN's running statistics use momentum 0.1 and the unbiased variance (the paper's choice "
             "at batch 4 too).",
-        ]
-        headline = (
-            f"batch {large} → {small}: BN {fmt(err('bn', large), '.1f')}% → "
-            f"{fmt(err('bn', small), '.1f')}%, LN {fmt(err('ln', large), '.1f')}% → "
-            f"{fmt(err('ln', small), '.1f')}%"
-        )
-        return Report(
-            comparison, [Section("Results", [*figures, table])], checks, deviations, headline
-        )
-
-    @staticmethod
-    def _curves(record: RunRecord, sizes: list[int]):
-        figure = new_figure(5.0 * len(sizes), 3.8)
-        for index, batch in enumerate(sizes, start=1):
-            axes = figure.add_subplot(1, len(sizes), index)
-            for n, label in LABELS.items():
-                rows = [r for r in record.curve(f"{n}/b={batch}") if r["step"] > 0]
-                if rows:
-                    axes.plot([r["epoch"] for r in rows], [r["test_error"] for r in rows],
-                              "o-", ms=3, label=label)  # fmt: skip
-            axes.set_xlabel("epochs")
-            axes.set_ylabel("test error (%)")
-            axes.set_title(f"batch {batch}", fontsize="medium")
-            axes.grid(alpha=0.3)
-            axes.legend(fontsize="small")
-        return figure
+        ]  # fmt: skip

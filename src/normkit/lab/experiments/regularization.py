@@ -7,8 +7,15 @@ and removed Dropout from BN-Inception (§4.2.1) "without increasing overfitting"
 Here: a ReLU MLP on a reduced training set (``train_examples``, seeded and class-balanced, the same
 subset for every run) trained long enough to fit it, in four variants: no regularizer, Dropout, BN,
 BN + Dropout; ``seeds`` seeds each (a seed fixes the initial weights, batch order and dropout masks,
-shared across variants). Reported: final train and test accuracy (eval mode) and the generalization
-gap, with 95% confidence intervals, and paired t-tests of each variant against no regularizer.
+shared across variants: the comparisons are paired by seed). Measured in eval mode at the end:
+train and test accuracy and the generalization gap (train − test accuracy).
+
+Decisions: BN's noise comes from the batch's statistics and shrinks as the batch grows, so every
+variant trains at each of ``batch_sizes`` (equal steps: equal updates), and the claims are judged
+per batch size. One learning rate for all variants would favour some (Dropout alone underfits at the
+rate the others fit with), so each variant, at each batch size, gets its own: a sweep over
+``lr_sweep`` (``sweep_steps`` steps, seed 0) picks the rate with the highest validation accuracy, on
+``validation`` examples held out of the training set (never the training subset or the test set).
 """
 
 from __future__ import annotations
@@ -17,20 +24,21 @@ from dataclasses import dataclass
 
 import torch
 
-from normkit.lab.datasets import subset
+from normkit.lab.claims import Claim, Published, above, below, difference, final
+from normkit.lab.datasets import split_validation, subset
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.legacy import Experiment, Settings, Setup, register, seeded_trials
+from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.figures import Curves, MeanTable, VersusSetting
 from normkit.lab.models import initialize, mlp
-from normkit.lab.plots import curves
-from normkit.lab.records import RunRecord
-from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
-from normkit.lab.stats import mean_ci, paired_difference
+from normkit.lab.plan import Arm, Plan, Sweep, highest
+from normkit.lab.settings import Settings
 
-VARIANTS = {
-    "none": ("none", 0.0),
-    "dropout": ("none", None),
-    "bn": ("batch", 0.0),
-    "bn+dropout": ("batch", None),
+SOURCE = "Ioffe & Szegedy 2015, §3.4"
+VARIANTS = {  # name: (norm, dropout; None = the dropout setting), label
+    "none": ("none", 0.0, "no regularizer"),
+    "dropout": ("none", None, "Dropout"),
+    "bn": ("batch", 0.0, "BN"),
+    "bn+dropout": ("batch", None, "BN + Dropout"),
 }
 
 
@@ -38,13 +46,20 @@ VARIANTS = {
 class RegularizationSettings(Settings):
     train_examples: int = 1_000
     steps: int = 4_000
-    batch_size: int = 50
+    batch_sizes: tuple[int, ...] = (10, 50)
     hidden: tuple[int, ...] = (256, 256)
-    learning_rate: float = 0.05
+    learning_rate: float = 0.05  # used as is when lr_sweep is empty
+    lr_sweep: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
+    sweep_steps: int = 1_500
+    validation: int = 1_000  # held out of the training set for the sweep
     momentum: float = 0.9
     dropout: float = 0.5
     seeds: int = 5
     eval_every: int = 250
+
+
+def _gap(arm: str, **where):
+    return final("gap", arm=arm, **where)
 
 
 @register
@@ -58,227 +73,91 @@ class Regularization(Experiment):
     )
     settings_class = RegularizationSettings
     presets = {
-        "quick": {"steps": 2_000, "seeds": 3, "eval_every": 250},
-        "tiny": {
-            "train_examples": 100,
-            "steps": 16,
-            "seeds": 2,
-            "eval_every": 8,
-            "hidden": (16,),
-            "batch_size": 20,
-        },
-    }
+        "quick": {"steps": 1_500, "seeds": 2, "eval_every": 500, "lr_sweep": (0.01, 0.05),
+                  "sweep_steps": 400},
+        "tiny": {"train_examples": 100, "steps": 16, "seeds": 2, "eval_every": 8, "hidden": (16,),
+                 "batch_sizes": (10, 20), "lr_sweep": (0.01, 0.2), "sweep_steps": 8, "validation": 60},
+    }  # fmt: skip
 
-    def prepare_data(self, settings, dataset):
-        return subset(dataset, settings.train_examples, settings.seed)
+    def prepare_data(self, s, dataset):
+        return subset(split_validation(dataset, s.validation, s.seed), s.train_examples, s.seed)
 
-    def trials(self, settings, data, finals):
-        arms = {variant: {"variant": variant} for variant in VARIANTS}
-        return seeded_trials(arms, settings, settings.seeds)
+    def plan(self, s, data):
+        fixed = {} if s.lr_sweep else {"learning_rate": s.learning_rate}
+        arms = [Arm(name, {"variant": name, **fixed}, label) for name, (*_, label) in VARIANTS.items()]
+        sweep = None
+        if s.lr_sweep:
+            sweep = Sweep("learning_rate", s.lr_sweep, highest("validation_accuracy"), s.sweep_steps,
+                          by=("arm", "batch_size"))  # fmt: skip
+        return Plan(arms, s.steps, seeds=s.seeds, seed=s.seed, eval_every=s.eval_every,
+                    grid={"batch_size": s.batch_sizes}, sweep=sweep)  # fmt: skip
 
-    def setup(self, trial, settings, data, generator):
-        norm, dropout = VARIANTS[trial.params["variant"]]
-        model = mlp(
-            data.features,
-            settings.hidden,
-            data.classes,
-            activation="relu",
-            norm=norm,
-            dropout=settings.dropout if dropout is None else dropout,
-        )
+    def setup(self, trial, s, data, generator):
+        norm, dropout, _ = VARIANTS[trial.params["variant"]]
+        model = mlp(data.features, s.hidden, data.classes, activation="relu", norm=norm,
+                    dropout=s.dropout if dropout is None else dropout)  # fmt: skip
         initialize(model, "he", generator)
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=settings.learning_rate, momentum=settings.momentum
-        )
-        return Setup(model, optimizer, settings.batch_size)
+        optimizer = torch.optim.SGD(model.parameters(), lr=trial.params["learning_rate"], momentum=s.momentum)
+        return Setup(model, optimizer, trial.params["batch_size"])
 
-    def measure(self, trial, settings, setup, data):
+    def measure(self, trial, s, setup, data):
         train, _ = accuracy_and_loss(setup.model, data.x_train, data.y_train)
         test, test_loss = accuracy_and_loss(setup.model, data.x_test, data.y_test)
-        return {
-            "train_accuracy": train,
-            "test_accuracy": test,
-            "test_loss": test_loss,
-            "gap": train - test,
-        }
+        row = {"train_accuracy": train, "test_accuracy": test, "test_loss": test_loss, "gap": train - test}
+        if data.x_val is not None:
+            row["validation_accuracy"] = accuracy_and_loss(setup.model, data.x_val, data.y_val)[0]
+        return row
 
-    def finish(self, trial, settings, setup, data):
-        return self.measure(trial, settings, setup, data)
+    def finish(self, trial, s, setup, data):
+        return self.measure(trial, s, setup, data)
 
-    def summarize(self, record: RunRecord) -> dict:
-        finals = record.finals().values()
-        by_variant = {
-            v: sorted((r for r in finals if r["variant"] == v), key=lambda r: r["replicate"])
-            for v in VARIANTS
-        }
-        variants = {
-            v: {
-                key: mean_ci([r[key] for r in rows])
-                for key in ("train_accuracy", "test_accuracy", "gap")
-            }
-            for v, rows in by_variant.items()
-        }
-        tests = {}
-        if record.settings["seeds"] >= 2:
-            for v in ("dropout", "bn", "bn+dropout"):
-                tests[v] = {
-                    key: paired_difference(
-                        [r[key] for r in by_variant[v]], [r[key] for r in by_variant["none"]]
-                    )
-                    for key in ("test_accuracy", "gap")
-                }
-        return {"variants": variants, "versus_none": tests}
+    def claims(self, s):
+        claims = []
+        for batch in s.batch_sizes:
+            at = {"batch_size": batch}
+            tag = f"-b{batch}" if len(s.batch_sizes) > 1 else ""
+            claims += [
+                Claim(f"gap-bn{tag}", f"generalization gap (train − test accuracy), BN − none, batch {batch}",
+                      Published("BN regularizes the model (no number)", SOURCE),
+                      difference(_gap("bn", **at), _gap("none", **at)), below(0.0), fmt="+.4f"),
+                Claim(f"accuracy-bn{tag}", f"test accuracy, BN − none, batch {batch}",
+                      Published("BN improves accuracy on ImageNet (with other changes)",
+                                "Ioffe & Szegedy 2015, §4.2"),
+                      difference(final("test_accuracy", arm="bn", **at),
+                                 final("test_accuracy", arm="none", **at)), above(0.0), fmt="+.4f"),
+                Claim(f"dropout-removable{tag}", f"test accuracy, BN − BN + Dropout, batch {batch}",
+                      Published('Dropout removed from BN-Inception "without increasing overfitting"',
+                                "Ioffe & Szegedy 2015, §4.2.1"),
+                      difference(final("test_accuracy", arm="bn", **at),
+                                 final("test_accuracy", arm="bn+dropout", **at)), None, fmt="+.4f"),
+                Claim(f"gap-dropout{tag}", f"generalization gap, Dropout − none, batch {batch}",
+                      Published("Dropout is a regularizer (not measured in the paper)", SOURCE),
+                      difference(_gap("dropout", **at), _gap("none", **at)), None, fmt="+.4f"),
+            ]  # fmt: skip
+        return claims
 
-    def report(self, record: RunRecord) -> Report:
-        s, settings = record.summary, record.settings
-        variants, tests = s["variants"], s["versus_none"]
+    def figures(self, s):
+        batch = {"batch_size": min(s.batch_sizes)}
+        return [
+            Curves("test-accuracy", "test_accuracy", "test accuracy (fraction)",
+                   f"Test accuracy (eval mode) during training, batch {batch['batch_size']}.", where=batch),
+            Curves("gap", "gap", "train − test accuracy",
+                   f"Generalization gap during training, batch {batch['batch_size']}.", where=batch),
+            VersusSetting("gap-by-batch", "gap", "batch_size", "batch size", "train − test accuracy",
+                          "Final generalization gap of each variant against the batch size."),
+            *(MeanTable(f"{metric}-table", metric, "batch_size", f"Final {text}; mean [95% interval].",
+                        spec=".4f") for metric, text in (("train_accuracy", "train accuracy (eval mode)"),
+                                                         ("test_accuracy", "test accuracy"),
+                                                         ("gap", "generalization gap (train − test)"))),
+        ]  # fmt: skip
 
-        def ci(cell):
-            if cell["n"] < 2:
-                return fmt(cell["mean"])
-            return f"{fmt(cell['mean'])} [{fmt(cell['low'])}, {fmt(cell['high'])}]"
-
-        def versus(v, key):
-            t = tests.get(v, {}).get(key)
-            if t is None:
-                return "–"
-            return (
-                f"{t['mean_difference']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}], p = {t['p_paired']:.3g}"
-                + (" (significant)" if t["significant"] else " (not significant)")
-            )
-
-        table = Table(
-            [
-                "variant",
-                "train accuracy",
-                "test accuracy",
-                "gap (train − test)",
-                "test acc. vs none",
-                "gap vs none",
-            ],
-            [
-                [
-                    v,
-                    ci(c["train_accuracy"]),
-                    ci(c["test_accuracy"]),
-                    ci(c["gap"]),
-                    versus(v, "test_accuracy"),
-                    versus(v, "gap"),
-                ]
-                for v, c in variants.items()
-            ],
-            f"Mean [95% CI] over {settings['seeds']} seeds; differences to 'none' are paired by seed "
-            "(paired t-test).",
-        )
-        gap_bn = tests.get("bn", {}).get("gap")
-        acc_bn = tests.get("bn", {}).get("test_accuracy")
-        comparison = Table(
-            [
-                "quantity",
-                "published",
-                f"ours ({record.config['data']['name']}, "
-                f"{settings['train_examples']} training examples)",
-                "verdict",
-            ],
-            [
-                [
-                    "BN reduces overfitting (gap BN vs none)",
-                    "yes, qualitatively (§3.4)",
-                    versus("bn", "gap"),
-                    "–"
-                    if gap_bn is None
-                    else fmt(gap_bn["significant"] and gap_bn["mean_difference"] < 0),
-                ],
-                [
-                    "BN improves test accuracy (vs none)",
-                    "yes, on ImageNet (with other changes)",
-                    versus("bn", "test_accuracy"),
-                    "–"
-                    if acc_bn is None
-                    else fmt(acc_bn["significant"] and acc_bn["mean_difference"] > 0),
-                ],
-                [
-                    "Dropout can be removed with BN (BN vs BN+Dropout test accuracy)",
-                    "removing it did not increase overfitting (§4.2.1)",
-                    f"{fmt(variants['bn']['test_accuracy']['mean'])} vs "
-                    f"{fmt(variants['bn+dropout']['test_accuracy']['mean'])}",
-                    "–",
-                ],
-            ],
-        )
-        checks = []
-        if gap_bn is not None:
-            checks.append(
-                Check(
-                    "BN's generalization gap is smaller than no regularizer's (paired, α = 0.05)",
-                    gap_bn["significant"] and gap_bn["mean_difference"] < 0,
-                    f"difference {gap_bn['mean_difference']:+.3f}, p = {gap_bn['p_paired']:.3g}",
-                )
-            )
-        series = [(f"{v}/seed=0", v) for v in VARIANTS]
-        figures = [
-            Figure(
-                "test-accuracy",
-                curves(
-                    record,
-                    series,
-                    "test_accuracy",
-                    "test accuracy (fraction)",
-                    "test accuracy (seed 0)",
-                ),
-                "Test accuracy during training, seed 0.",
-            ),
-            Figure(
-                "gap",
-                curves(
-                    record, series, "gap", "train − test accuracy", "generalization gap (seed 0)"
-                ),
-                "Generalization gap during training, seed 0.",
-            ),
-            Figure(
-                "final", self._bars(variants), "Final train and test accuracy with 95% intervals."
-            ),
+    def deviations(self, s):
+        return [
+            f"A {'-'.join(str(h) for h in s.hidden)} ReLU MLP on {s.train_examples} training examples, SGD "
+            f"with momentum {s.momentum:g}, {s.steps} steps at every batch size: a setting made to "
+            "overfit, where the paper reports the effect on ImageNet.",
+            "Learning rate: " + ("each variant's own at each batch size, from the sweeps below ("
+                                 + ", ".join(f"{v:g}" for v in s.lr_sweep) + ")" if s.lr_sweep
+                                 else f"{s.learning_rate:g} for every variant") + ".",
+            f"Dropout p = {s.dropout:g} after every hidden layer.",
         ]
-        deviations = [
-            f"A {'-'.join(str(h) for h in settings['hidden'])} ReLU MLP on {settings['train_examples']} "
-            f"training examples of {record.config['data']['name']}, SGD with momentum "
-            f"{settings['momentum']:g} at {settings['learning_rate']:g}, {settings['steps']} steps: "
-            "a setting made to overfit, where the paper reports the effect on ImageNet.",
-            f"Dropout p = {settings['dropout']:g} after every hidden layer.",
-        ]
-        gaps = {v: fmt(variants[v]["gap"]["mean"]) for v in VARIANTS}
-        headline = "train − test gap: " + ", ".join(f"{v} {gap}" for v, gap in gaps.items())
-        return Report(
-            comparison, [Section("Results", [table, *figures])], checks, deviations, headline
-        )
-
-    @staticmethod
-    def _bars(variants: dict):
-        figure = new_figure(6.4, 3.6)
-        axes = figure.add_subplot()
-        names = list(variants)
-        for offset, key, label in (
-            (-0.2, "train_accuracy", "train"),
-            (0.2, "test_accuracy", "test"),
-        ):
-            means = [variants[v][key]["mean"] for v in names]
-            errors = [
-                0.0
-                if variants[v][key]["n"] < 2
-                else variants[v][key]["high"] - variants[v][key]["mean"]
-                for v in names
-            ]
-            axes.bar(
-                [i + offset for i in range(len(names))],
-                means,
-                0.4,
-                yerr=errors,
-                capsize=4,
-                label=label,
-            )
-        axes.set_xticks(range(len(names)), names)
-        axes.set_ylabel("accuracy (fraction), eval mode")
-        axes.set_ylim(0.0, 1.05)
-        axes.legend(fontsize="small")
-        axes.grid(axis="y", alpha=0.3)
-        return figure

@@ -11,61 +11,48 @@ top-1 validation accuracy:
   BN evaluated in training mode on non-i.i.d. test minibatches of 50 (25 labels × 2): 76.5%; BN
   applied separately to two halves of 16, each holding one image of every pair: 77.4%.
 
-Here (the lab's CPU protocol 2): the small CNN of ``normkit.lab.small_batch`` on Fashion-MNIST, SGD with
-momentum, two runs.
-
-- Microbatches: gradient batch ``gradient_batch`` (128), normalized as a whole (``bn-128``), or in
-  microbatches of ``microbatch`` (4) by BN (``nk.GhostBatchNorm``: BN per microbatch, running
-  statistics updated once per microbatch) or by Batch Renorm (``nk.BatchRenorm`` applied to each
-  microbatch in turn).
-- Non-i.i.d.: batches of ``2 × pair_labels`` (20) = ``pair_labels`` labels drawn with replacement
-  (Fashion-MNIST has 10 classes, not 1000), two different images of each; BN, Batch Renorm, BN on
-  two halves holding one image of every pair (``nk.GhostBatchNorm`` of half the batch), and BN on
-  i.i.d. batches of the same size as the reference.
-
-Decisions: r_max/d_max follow the paper's schedule scaled to the run (plain BN for the first 3.5%
-of a layer's forwards, then linearly to d_max = 5 at 18% and r_max = 3 at 28%; with microbatches a
-layer runs once per microbatch); every arm's moving averages use the paper's α = 0.01
-(``running_momentum``), so differences in eval mode come from training, not from noisier averages.
-Reported: accuracy in eval mode on the test set, and in training mode on test batches shaped like
-the training batches (microbatches of 4 / non-i.i.d. pairs), whose difference is the train/eval
-gap; and the paper's control, BN in training mode on non-i.i.d. test batches of 50.
+Here (CPU protocol 2): the small CNN of ``normkit.lab.small_batch`` on Fashion-MNIST, SGD with
+momentum, ``seeds`` seeds, two runs. Microbatches: a gradient batch of 128 normalized as a whole,
+or in microbatches of 4 by BN (``nk.GhostBatchNorm``) or Batch Renorm (``PerMicrobatch``); running
+statistics updated once per microbatch. Non-i.i.d. (issue 17's fix): each batch draws
+``classes_per_batch`` (2) of the 10 classes, then ``pair_labels`` labels from them with
+replacement × two images of each (labels drawn from all 10 classes covered about 6.5 of them: BN
+lost only 0.5 points, nothing for Batch Renorm to recover); BN, Batch Renorm, BN on two halves
+each holding one image of every pair, and BN on i.i.d. batches of the same size. Batch Renorm's
+r_max/d_max follow the paper's schedule scaled to a layer's forwards (plain BN for 3.5%, then
+linearly to d_max = 5 at 18% and r_max = 3 at 28%); every arm's moving averages use the paper's
+α = 0.01. Measured: accuracy in eval mode, and in training mode on test batches shaped like the
+training batches (their difference is the train/eval gap); the paper's control, BN in training
+mode on non-i.i.d. test batches of 50.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-from torch import nn
 
 import normkit as nk
 from normkit.errors import ConfigError
+from normkit.lab.batch_orders import PairedBatches, paired_test_order
+from normkit.lab.claims import Claim, Published, above, difference, final, per_seed
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.legacy import Experiment, Settings, Setup, register
-from normkit.lab.plots import curves
-from normkit.lab.records import RunRecord
-from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
-from normkit.lab.small_batch import (
-    batch_statistics_accuracy,
-    measured_trial,
-    small_cnn,
-)
+from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.figures import Bars, Curves
+from normkit.lab.plan import Arm, Plan
+from normkit.lab.settings import Settings
+from normkit.lab.small_batch import PerMicrobatch, batch_statistics_accuracy, small_cnn
 
-PUBLISHED = {  # Ioffe (2017), top-1 accuracy (%)
-    "iid-32": {"bn": 78.3, "brn": 78.5},
-    "micro-4": {"bn": 74.2, "brn": 76.5},
-    "noniid": {"bn": 67.0, "brn": 78.6, "bn-train-mode-50": 76.5, "bn-halves": 77.4},
-}
-ARMS = {
-    # key: (run, description)
-    "micro/bn-128": ("micro", "BN on the whole gradient batch"),
-    "micro/bn-4": ("micro", "BN per microbatch"),
-    "micro/brn-4": ("micro", "Batch Renorm per microbatch"),
-    "noniid/bn-iid": ("noniid", "BN, i.i.d. batches (reference)"),
-    "noniid/bn": ("noniid", "BN, non-i.i.d. batches"),
-    "noniid/brn": ("noniid", "Batch Renorm, non-i.i.d. batches"),
-    "noniid/bn-halves": ("noniid", "BN per half (one image of each pair)"),
+SOURCE = "Ioffe 2017"
+ARMS = {  # name: (run, normalizer, label)
+    "micro-bn-128": ("micro", "bn", "BN on the whole gradient batch"),
+    "micro-bn-4": ("micro", "gbn", "BN per microbatch"),
+    "micro-brn-4": ("micro", "brn", "Batch Renorm per microbatch"),
+    "noniid-bn-iid": ("noniid", "bn", "BN, i.i.d. batches (reference)"),
+    "noniid-bn": ("noniid", "bn", "BN, non-i.i.d. batches"),
+    "noniid-brn": ("noniid", "brn", "Batch Renorm, non-i.i.d. batches"),
+    "noniid-bn-halves": ("noniid", "gbn", "BN per half (one image of each pair)"),
 }
 
 
@@ -77,87 +64,29 @@ class RenormSettings(Settings):
     micro_lr: float = 0.1
     noniid_steps: int = 4_000
     pair_labels: int = 10  # non-i.i.d. batch = 2 x this
+    classes_per_batch: int = 2  # the labels of a non-i.i.d. batch come from this many classes; 0: all
     noniid_lr: float = 0.02
     momentum: float = 0.9
     running_momentum: float = 0.01  # the paper's alpha, for every arm
     channels: tuple[int, ...] = (8, 16)
     hidden: int = 64
     control_pairs: int = 25  # the paper's non-i.i.d. test minibatches: 25 labels x 2
+    seeds: int = 3
     evaluations: int = 10
     eval_examples: int = 2_000
 
 
-class PerMicrobatch(nn.Module):
-    """Applies ``layer`` to each run of ``size`` consecutive samples in training (each normalized
-    with its own batch statistics; running statistics updated once per microbatch, in order), and to
-    the whole batch in eval mode (running statistics: the batch does not matter)."""
-
-    def __init__(self, layer: nn.Module, size: int):
-        super().__init__()
-        if size < 1:
-            raise ConfigError(f"microbatch size {size} must be >= 1")
-        self.layer, self.size = layer, size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return self.layer(x)
-        return torch.cat([self.layer(chunk) for chunk in x.split(self.size)])
+def _gap_difference(trials, results) -> float | None:
+    gaps = {t.params["arm"]: t.final["train_eval_gap"] for t in trials}
+    if {"micro-bn-4", "micro-brn-4"} <= set(gaps):
+        return abs(gaps["micro-bn-4"]) - abs(gaps["micro-brn-4"])
+    return None
 
 
-def _classes(labels: torch.Tensor) -> list[torch.Tensor]:
-    members = [torch.nonzero(labels == c).flatten() for c in range(int(labels.max()) + 1)]
-    usable = [m for m in members if len(m) >= 2]
-    if not usable:
-        raise ConfigError("non-i.i.d. pairs need a class with at least two examples")
-    return usable
-
-
-class PairedBatches:
-    """Non-i.i.d. batches (Ioffe 2017, §4.3): ``batch_size / 2`` labels drawn with replacement, two
-    different examples of each; the first images of all pairs come first, then the second ones, so
-    each half of a batch holds one image of every pair. A runner ``Setup.batch_order``."""
-
-    def __init__(self, labels: torch.Tensor, batch_size: int, seed: int):
-        if batch_size % 2:
-            raise ConfigError(f"a batch of pairs needs an even batch size, got {batch_size}")
-        self.members = _classes(labels)
-        self.pairs = batch_size // 2
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next(self) -> torch.Tensor:
-        g = self.generator
-        chosen = torch.randint(len(self.members), (self.pairs,), generator=g).tolist()
-        first, second = [], []
-        for c in chosen:
-            members = self.members[c]
-            i = int(torch.randint(len(members), (1,), generator=g))
-            j = (i + 1 + int(torch.randint(len(members) - 1, (1,), generator=g))) % len(members)
-            first.append(members[i])
-            second.append(members[j])
-        return torch.stack(first + second)
-
-    def state(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
-
-def paired_test_order(labels: torch.Tensor, pairs_per_batch: int, seed: int) -> torch.Tensor:
-    """The test set arranged as consecutive non-i.i.d. batches of ``pairs_per_batch`` pairs (each
-    pair two examples of one label, laid out as :class:`PairedBatches` does); every example is used
-    at most once. Seeded, so every arm is measured on the same batches."""
-    g = torch.Generator().manual_seed(seed)
-    pairs = []
-    for members in _classes(labels):
-        shuffled = members[torch.randperm(len(members), generator=g)]
-        pairs += shuffled[: len(shuffled) // 2 * 2].view(-1, 2).unbind()
-    order = torch.randperm(len(pairs), generator=g).tolist()
-    batches = []
-    for start in range(0, len(order) - pairs_per_batch + 1, pairs_per_batch):
-        chosen = [pairs[k] for k in order[start : start + pairs_per_batch]]
-        batches.append(torch.stack([p[0] for p in chosen] + [p[1] for p in chosen]))
-    return torch.cat(batches)
+def _gain(name, a, b, quantity, published, value, source):
+    return Claim(name, quantity, Published(published, source, value),
+                 difference(final("test_accuracy", arm=a), final("test_accuracy", arm=b)),
+                 above(0.0), fmt="+.4f")  # fmt: skip
 
 
 @register
@@ -172,305 +101,115 @@ class Renorm(Experiment):
     )
     settings_class = RenormSettings
     presets = {
-        "quick": {"micro_steps": 300, "noniid_steps": 800, "evaluations": 4, "eval_examples": 1000},
-        "tiny": {
-            "micro_steps": 6,
-            "gradient_batch": 16,
-            "noniid_steps": 8,
-            "pair_labels": 4,
-            "channels": (4, 8),
-            "hidden": 16,
-            "control_pairs": 5,
-            "evaluations": 2,
-            "eval_examples": 100,
-        },
-    }
+        "quick": {"micro_steps": 300, "noniid_steps": 800, "evaluations": 4, "eval_examples": 1000,
+                  "seeds": 2},
+        "tiny": {"micro_steps": 6, "gradient_batch": 16, "noniid_steps": 8, "pair_labels": 4,
+                 "channels": (4, 8), "hidden": 16, "control_pairs": 5, "evaluations": 2,
+                 "eval_examples": 100, "seeds": 1},
+    }  # fmt: skip
 
-    def trials(self, settings, data, finals):
-        plan = []
-        for key, (run, _) in ARMS.items():
-            steps = settings.micro_steps if run == "micro" else settings.noniid_steps
-            arm = key.split("/")[1]
-            plan.append(measured_trial(key, {"run": run, "arm": arm}, steps, settings))
-        return plan
+    def plan(self, s, data):
+        arms = [Arm(name, {"run": run, "normalizer": norm}, label)
+                for name, (run, norm, label) in ARMS.items()]  # fmt: skip
+        steps = lambda p: s.micro_steps if p["run"] == "micro" else s.noniid_steps
+        return Plan(arms, steps, seeds=s.seeds, seed=s.seed, evaluations=s.evaluations)
 
-    def setup(self, trial, settings, data, generator):
-        run, arm = trial.params["run"], trial.params["arm"]
+    def setup(self, trial, s, data, generator):
+        run, arm, norm = trial.params["run"], trial.params["arm"], trial.params["normalizer"]
         micro = run == "micro"
-        norm = {"bn-4": "gbn", "brn-4": "brn", "brn": "brn", "bn-halves": "gbn"}.get(arm, "bn")
-        ghost = settings.microbatch if micro else settings.pair_labels
-        if micro and settings.gradient_batch % settings.microbatch:
-            raise ConfigError(
-                f"gradient_batch={settings.gradient_batch} must be a multiple of "
-                f"microbatch={settings.microbatch}"
-            )
-        forwards = trial.steps * (settings.gradient_batch // settings.microbatch if micro else 1)
-        model = small_cnn(
-            data.sample_shape,
-            data.classes,
-            norm,
-            generator,
-            channels=settings.channels,
-            hidden=settings.hidden,
-            ghost_batch=ghost,
-            renorm_steps=forwards,
-        )
+        if micro and s.gradient_batch % s.microbatch:
+            raise ConfigError(f"gradient_batch={s.gradient_batch} is not a multiple of "
+                              f"microbatch={s.microbatch}")  # fmt: skip
+        forwards = trial.steps * (s.gradient_batch // s.microbatch if micro else 1)
+        model = small_cnn(data.sample_shape, data.classes, norm, generator, channels=s.channels,
+                          hidden=s.hidden, ghost_batch=s.microbatch if micro else s.pair_labels,
+                          renorm_steps=forwards)  # fmt: skip
         for name, module in list(model.named_children()):
             if isinstance(module, (nk.BatchNorm, nk.BatchRenorm, nk.GhostBatchNorm)):
-                module.momentum = settings.running_momentum
-                if arm == "brn-4":
-                    model._modules[name] = PerMicrobatch(module, settings.microbatch)
-        optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=settings.micro_lr if micro else settings.noniid_lr,
-            momentum=settings.momentum,
-        )
-        batch = settings.gradient_batch if micro else 2 * settings.pair_labels
-        paired = run == "noniid" and arm != "bn-iid"
-        return Setup(model, optimizer, batch, batch_order=PairedBatches if paired else None)
+                module.momentum = s.running_momentum
+                if arm == "micro-brn-4":
+                    model._modules[name] = PerMicrobatch(module, s.microbatch)
+        optimizer = torch.optim.SGD(model.parameters(), lr=s.micro_lr if micro else s.noniid_lr,
+                                    momentum=s.momentum)  # fmt: skip
+        batch = s.gradient_batch if micro else 2 * s.pair_labels
+        paired = run == "noniid" and arm != "noniid-bn-iid"
+        order = partial(PairedBatches, classes_per_batch=s.classes_per_batch or None)
+        return Setup(model, optimizer, batch, batch_order=order if paired else None)
 
-    def measure(self, trial, settings, setup, data):
-        k = settings.eval_examples
+    def measure(self, trial, s, setup, data):
+        k = s.eval_examples
         accuracy, _ = accuracy_and_loss(setup.model, data.x_test[:k], data.y_test[:k])
         return {"test_accuracy": accuracy}
 
-    def finish(self, trial, settings, setup, data):
-        model, run = setup.model, trial.params["run"]
+    def finish(self, trial, s, setup, data):
+        model = setup.model
         accuracy, loss = accuracy_and_loss(model, data.x_test, data.y_test)
-        if run == "micro":  # training-mode batches: 128 test images, normalized per microbatch
-            train_mode = batch_statistics_accuracy(
-                model, data.x_test, data.y_test, settings.gradient_batch
-            )
+        if trial.params["run"] == "micro":  # training-mode batches: test images, per microbatch
+            train_mode = batch_statistics_accuracy(model, data.x_test, data.y_test, s.gradient_batch)
         else:
-            order = paired_test_order(data.y_test, settings.pair_labels, settings.seed)
-            train_mode = batch_statistics_accuracy(
-                model, data.x_test[order], data.y_test[order], 2 * settings.pair_labels
-            )
-        values = {
-            "test_accuracy": accuracy,
-            "test_loss": loss,
-            "train_mode_accuracy": train_mode,
-            "train_eval_gap": train_mode - accuracy,
-            "control_50_accuracy": None,
-        }
-        if trial.key == "noniid/bn":
-            order = paired_test_order(data.y_test, settings.control_pairs, settings.seed)
+            order = paired_test_order(data.y_test, s.pair_labels, s.seed, s.classes_per_batch or None)
+            train_mode = batch_statistics_accuracy(model, data.x_test[order], data.y_test[order],
+                                                   2 * s.pair_labels)  # fmt: skip
+        values = {"test_accuracy": accuracy, "test_loss": loss, "train_mode_accuracy": train_mode,
+                  "train_eval_gap": train_mode - accuracy, "control_50_accuracy": None}  # fmt: skip
+        if trial.params["arm"] == "noniid-bn":
+            order = paired_test_order(data.y_test, s.control_pairs, s.seed, s.classes_per_batch or None)
             values["control_50_accuracy"] = batch_statistics_accuracy(
-                model, data.x_test[order], data.y_test[order], 2 * settings.control_pairs
-            )
+                model, data.x_test[order], data.y_test[order], 2 * s.control_pairs)
         return values
 
-    # -- meaning -------------------------------------------------------------------------------
-    def summarize(self, record: RunRecord) -> dict:
-        finals = record.finals()
-        arms = {
-            key: {
-                k: finals[key].get(k)
-                for k in (
-                    "test_accuracy",
-                    "train_mode_accuracy",
-                    "train_eval_gap",
-                    "control_50_accuracy",
-                    "diverged",
-                )
-            }
-            for key in ARMS
-            if key in finals
-        }
+    def claims(self, s):
+        micro = f"microbatches of {s.microbatch}"
+        return [
+            _gain("micro-brn-beats-bn", "micro-brn-4", "micro-bn-4",
+                  f"{micro}: Batch Renorm − BN test accuracy", "+0.023: 76.5% vs 74.2%", 0.023,
+                  f"{SOURCE}, §4.2, Fig. 2"),
+            Claim("micro-bn-gap", f"{micro}: |train/eval gap| of BN − of Batch Renorm",
+                  Published("BN's training and inference outputs differ; Batch Renorm's agree",
+                            f"{SOURCE}, §3 (motivation)"),
+                  per_seed(_gap_difference, "|training-mode − eval-mode accuracy|, BN − Batch Renorm"),
+                  above(0.0), fmt="+.4f"),
+            _gain("noniid-hurts-bn", "noniid-bn-iid", "noniid-bn",
+                  "BN: i.i.d. − non-i.i.d. batches, test accuracy", "+0.113: 78.3% vs 67.0%", 0.113,
+                  f"{SOURCE}, §4.3, Fig. 3"),
+            _gain("noniid-brn-beats-bn", "noniid-brn", "noniid-bn",
+                  "non-i.i.d.: Batch Renorm − BN test accuracy", "+0.116: 78.6% vs 67.0%", 0.116,
+                  f"{SOURCE}, §4.3, Fig. 3"),
+            Claim("noniid-control-50", "BN (non-i.i.d.) in training mode on non-i.i.d. test batches of "
+                  f"{2 * s.control_pairs}", Published("76.5%", f"{SOURCE}, §4.3", 0.765),
+                  final("control_50_accuracy", arm="noniid-bn"), None, fmt=".4f"),
+            Claim("noniid-halves", "BN per half-batch, one image of each pair in each: test accuracy",
+                  Published("77.4%", f"{SOURCE}, §4.3", 0.774),
+                  final("test_accuracy", arm="noniid-bn-halves"), None, fmt=".4f"),
+        ]  # fmt: skip
 
-        def acc(key):
-            return arms.get(key, {}).get("test_accuracy")
+    def figures(self, s):
+        b = 2 * s.pair_labels
+        return [
+            Curves("microbatch", "test_accuracy", "test accuracy (fraction, eval mode)",
+                   f"Microbatches of {s.microbatch} in batches of {s.gradient_batch}: eval-mode "
+                   f"accuracy on {s.eval_examples} test images.", arms=[a for a in ARMS if "micro" in a]),
+            Curves("noniid", "test_accuracy", "test accuracy (fraction, eval mode)",
+                   f"Non-i.i.d. batches of {b} ({s.pair_labels} labels × 2): eval-mode accuracy on "
+                   f"{s.eval_examples} test images.", arms=[a for a in ARMS if "noniid" in a]),
+            Bars("accuracy", "test_accuracy", "test accuracy (fraction)",
+                 "Final test accuracy in eval mode, whole test set."),
+            Bars("train-eval-gap", "train_eval_gap", "training-mode − eval-mode accuracy",
+                 f"Accuracy in training mode (test batches shaped like training's: {s.gradient_batch} "
+                 f"in microbatches of {s.microbatch}; non-i.i.d. batches of {b}) minus eval mode."),
+        ]  # fmt: skip
 
-        def diff(a, b):
-            return None if acc(a) is None or acc(b) is None else acc(a) - acc(b)
-
-        return {
-            "arms": arms,
-            "micro_brn_minus_bn": diff("micro/brn-4", "micro/bn-4"),
-            "noniid_brn_minus_bn": diff("noniid/brn", "noniid/bn"),
-            "noniid_brn_minus_iid": diff("noniid/brn", "noniid/bn-iid"),
-        }
-
-    def report(self, record: RunRecord) -> Report:
-        s, settings = record.summary, record.settings
-        arms = s["arms"]
-        data_name = record.config["data"]["name"]
-
-        def pct(key, field="test_accuracy"):
-            value = arms.get(key, {}).get(field)
-            return fmt(None if value is None else 100 * value, ".1f")
-
-        micro, b = settings["microbatch"], 2 * settings["pair_labels"]
-        comparison = Table(
-            [
-                "quantity",
-                "published (Inception-v3, ImageNet, top-1 %)",
-                f"ours ({data_name}, small CNN, test accuracy %)",
-                "verdict",
-            ],
-            [
-                [
-                    f"microbatches of {micro}: BN vs Batch Renorm",
-                    "74.2 vs 76.5 (+2.3)",
-                    f"{pct('micro/bn-4')} vs {pct('micro/brn-4')} "
-                    f"({fmt(_points(s['micro_brn_minus_bn']), '+.1f')})",
-                    "Batch Renorm better: " + fmt(_positive(s["micro_brn_minus_bn"])),
-                ],
-                [
-                    "BN on the whole batch (reference)",
-                    "78.3 (i.i.d. 32)",
-                    f"{pct('micro/bn-128')} (BN on {settings['gradient_batch']})",
-                    "–",
-                ],
-                [
-                    "non-i.i.d. minibatches: BN vs Batch Renorm",
-                    "67.0 vs 78.6 (+11.6)",
-                    f"{pct('noniid/bn')} vs {pct('noniid/brn')} "
-                    f"({fmt(_points(s['noniid_brn_minus_bn']), '+.1f')})",
-                    "Batch Renorm better: " + fmt(_positive(s["noniid_brn_minus_bn"])),
-                ],
-                [
-                    "Batch Renorm (non-i.i.d.) vs BN on i.i.d. batches",
-                    "78.6 vs 78.3",
-                    f"{pct('noniid/brn')} vs {pct('noniid/bn-iid')} (i.i.d. batches of {b})",
-                    "–",
-                ],
-                [
-                    "BN in training mode on non-i.i.d. test batches of 50",
-                    "76.5",
-                    f"{pct('noniid/bn', 'control_50_accuracy')} "
-                    f"({settings['control_pairs']} labels × 2)",
-                    "–",
-                ],
-                [
-                    "BN on two halves, one image of each pair in each",
-                    "77.4",
-                    f"{pct('noniid/bn-halves')} (halves of {settings['pair_labels']})",
-                    "–",
-                ],
-            ],
-        )
-        checks = [
-            Check(
-                f"Batch Renorm beats BN with microbatches of {micro} (eval mode)",
-                _positive(s["micro_brn_minus_bn"]),
-                f"difference {fmt(_points(s['micro_brn_minus_bn']), '+.2f')} points",
-            ),
-            Check(
-                "Batch Renorm beats BN with non-i.i.d. minibatches (eval mode)",
-                _positive(s["noniid_brn_minus_bn"]),
-                f"difference {fmt(_points(s['noniid_brn_minus_bn']), '+.2f')} points",
-            ),
-        ]
-        gap_bn = arms.get("micro/bn-4", {}).get("train_eval_gap")
-        gap_brn = arms.get("micro/brn-4", {}).get("train_eval_gap")
-        if gap_bn is not None and gap_brn is not None:
-            checks.append(
-                Check(
-                    "BN per microbatch has the larger train/eval gap",
-                    abs(gap_bn) > abs(gap_brn),
-                    f"BN {100 * gap_bn:+.1f}, Batch Renorm {100 * gap_brn:+.1f} points",
-                )
-            )
-        table = Table(
-            [
-                "arm",
-                "what",
-                "eval mode",
-                "training mode",
-                "train/eval gap",
-                "steps",
-            ],
-            [
-                [
-                    key,
-                    ARMS[key][1],
-                    pct(key),
-                    pct(key, "train_mode_accuracy"),
-                    fmt(_points(cell["train_eval_gap"]), "+.1f"),
-                    settings["micro_steps" if key.startswith("micro") else "noniid_steps"],
-                ]
-                for key, cell in arms.items()
-            ],
-            "Test accuracy (%). Training mode: test images in batches shaped like the training "
-            f"batches ({settings['gradient_batch']} in microbatches of {micro}; non-i.i.d. batches "
-            f"of {b}), normalized with their batch statistics. Gap = training mode − eval mode.",
-        )
-        figures = [
-            Figure(
-                "microbatch",
-                curves(
-                    record,
-                    [(k, ARMS[k][1]) for k in arms if k.startswith("micro")],
-                    "test_accuracy",
-                    "test accuracy, eval mode",
-                    f"microbatches of {micro} in batches of {settings['gradient_batch']}",
-                ),
-                f"Eval-mode accuracy on {settings['eval_examples']} test images during training.",
-            ),
-            Figure(
-                "noniid",
-                curves(
-                    record,
-                    [(k, ARMS[k][1]) for k in arms if k.startswith("noniid")],
-                    "test_accuracy",
-                    "test accuracy, eval mode",
-                    f"non-i.i.d. batches of {b} ({settings['pair_labels']} labels × 2)",
-                ),
-                f"Eval-mode accuracy on {settings['eval_examples']} test images during training.",
-            ),
-            Figure(
-                "gap",
-                self._gap_figure(arms),
-                "Final test accuracy in eval mode and in training mode (batches shaped like "
-                "training's), per arm.",
-            ),
-        ]
-        deviations = [
-            f"The small CNN (conv{'-conv'.join(str(c) for c in settings['channels'])}, "
-            f"fc{settings['hidden']}) on {data_name}, SGD momentum {settings['momentum']:g} "
-            f"(lr {settings['micro_lr']:g} for the microbatch run, {settings['noniid_lr']:g} for the "
-            f"non-i.i.d. one), {settings['micro_steps']} and {settings['noniid_steps']} steps, instead "
-            "of Inception-v3 with RMSProp on 50 workers for 100k+ steps.",
-            f"Microbatches of {micro} inside a gradient batch of {settings['gradient_batch']} in one "
-            "process (the paper: 8 × 4 per worker, gradient over 1600).",
-            f"Non-i.i.d. batches of {settings['pair_labels']} labels × 2 (Fashion-MNIST has 10 "
-            "classes, so labels repeat within a batch more often than the paper's 16 of 1000).",
+    def deviations(self, s):
+        return [
+            f"The small CNN (conv{'-conv'.join(map(str, s.channels))}, fc{s.hidden}), SGD momentum "
+            f"{s.momentum:g} (lr {s.micro_lr:g} for the microbatch run, {s.noniid_lr:g} for the non-i.i.d. "
+            f"one), {s.micro_steps} and {s.noniid_steps} steps, instead of Inception-v3 with RMSProp on 50 "
+            "workers for 100k+ steps; no EMA of the parameters at inference.",
+            f"Microbatches of {s.microbatch} inside a gradient batch of {s.gradient_batch} in one process "
+            "(the paper: 8 × 4 per worker, gradient over 1600).",
+            f"Non-i.i.d. batches of {s.pair_labels} labels × 2 drawn from {s.classes_per_batch or 'all'} "
+            "of Fashion-MNIST's 10 classes (the paper: 16 labels of 1,000 classes); the training-mode "
+            "test batches and the control's are drawn the same way.",
             "Batch Renorm's schedule scaled to each run's length (a layer's forwards); moving averages "
-            f"α = {settings['running_momentum']:g} for every arm; one seed.",
-        ]
-        headline = (
-            f"microbatches of {micro}: BN {pct('micro/bn-4')}% vs Batch Renorm "
-            f"{pct('micro/brn-4')}%; non-i.i.d.: BN {pct('noniid/bn')}% vs Batch Renorm "
-            f"{pct('noniid/brn')}%"
-        )
-        return Report(
-            comparison, [Section("Results", [table, *figures])], checks, deviations, headline
-        )
-
-    @staticmethod
-    def _gap_figure(arms: dict):
-        figure = new_figure(7.0, 3.6)
-        axes = figure.add_subplot()
-        keys = list(arms)
-        for offset, field, label in (
-            (-0.2, "test_accuracy", "eval mode"),
-            (0.2, "train_mode_accuracy", "training mode"),
-        ):
-            values = [100 * (arms[k].get(field) or 0.0) for k in keys]
-            axes.bar([i + offset for i in range(len(keys))], values, 0.4, label=label)
-        axes.set_xticks(range(len(keys)), keys, rotation=25, ha="right")
-        axes.set_ylabel("test accuracy (%)")
-        low = min(100 * (arms[k].get("test_accuracy") or 0.0) for k in keys) if keys else 0.0
-        axes.set_ylim(max(0.0, low - 10.0), 100.0)
-        axes.grid(axis="y", alpha=0.3)
-        axes.legend(fontsize="small")
-        return figure
-
-
-def _points(fraction: float | None) -> float | None:
-    return None if fraction is None else 100.0 * fraction
-
-
-def _positive(value: float | None) -> bool | None:
-    return None if value is None else value > 0
+            f"α = {s.running_momentum:g} for every arm.",
+        ]  # fmt: skip

@@ -8,35 +8,44 @@ band is narrower, the gradient more predictive, β lower. §3.3: normalizing by 
 average of the activations instead of the standard deviation trains comparably and smooths the
 landscape the same way.
 
-Here (docs/PROTOCOLS.md §3, CPU protocol 3c, d): the VGG-style CNN of :mod:`santurkar2018_common`
+Here (docs/PROTOCOLS.md §3, CPU protocol 3c, d): the VGG-style CNN of :mod:`normkit.lab.mechanism`
 on the run's data set (Fashion-MNIST by default), plain SGD, Standard, BN and (``lp_variants``)
-the ℓ1/ℓ2/ℓ∞ layers of :class:`~santurkar2018_common.LpBatchNorm` in BN's place. Every
-``eval_every`` steps (step 0 included), on a probe batch of ``batch_size`` training examples drawn
-for that step, in training mode: L(θ - η g) and ||∇L(θ - η g) - g|| for η in ``step_sizes``.
+the ℓ1/ℓ2/ℓ∞ layers of :class:`~normkit.lab.mechanism.LpBatchNorm` in BN's place, ``seeds`` seeds
+(paired: a seed's networks see the same batches and the same probe batches). Every ``eval_every``
+steps (step 0 included), on a probe batch of ``batch_size`` training examples drawn for that step,
+in training mode: L(θ - η g) and ||∇L(θ - η g) - g|| for η in ``step_sizes``.
 
 Step sizes (our choice; configurable): η ∈ {0.05, 0.1, 0.2, 0.3, 0.4}, the grid the paper's
 appendix is reported to use for VGG, which with our training learning rate 0.1 is {0.5, 1, 2, 3,
-4} × the learning rate: from half a training step to four. Summaries average over the evaluations
-after step 0 (at step 0 the networks have not been trained yet) and over seeds.
+4} × the learning rate: from half a training step to four. Per seed, the probes after step 0 (at
+step 0 the networks have not been trained yet) are reduced by their median, a probe whose step
+overflowed (a non-finite loss or gradient, more likely without BN) counting as +inf rather than
+being dropped (issue 17: dropping it favoured the network without BN); the share of overflowed
+probes per arm is a claim of its own.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from normkit.lab.claims import Claim, Published, below, difference, from_curve, per_seed
 from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiments.santurkar2018_common import LABELS, PAPER, mean, probe_batch, vgg
-from normkit.lab.legacy import Experiment, Settings, Setup, register, seeded_trials
+from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.figures import Curves
+from normkit.lab.mechanism import LABELS, PAPER, probe_batch, vgg
 from normkit.lab.metrics import landscape_probe
 from normkit.lab.models import initialize
-from normkit.lab.plots import curves
-from normkit.lab.records import RunRecord
-from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
+from normkit.lab.plan import Arm, Plan
+from normkit.lab.settings import Settings
 
+FIG4 = "Santurkar et al. 2018, Fig. 4"
 NORM_OF = {"standard": "none", "bn": "batch", "l1": "l1", "l2": "l2", "linf": "linf"}
+LP = ("l1", "l2", "linf")
 
 
 @dataclass(frozen=True)
@@ -49,11 +58,90 @@ class LandscapeSettings(Settings):
     momentum: float = 0.0
     step_sizes: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4)
     lp_variants: bool = True  # also the ℓ1, ℓ2, ℓ∞ normalizations of §3.3
-    seeds: int = 1
+    seeds: int = 3
     eval_every: int = 50  # the landscape is probed at every evaluation
     eval_examples: int = 1_000  # test images for the accuracy curve
     tail: float = 0.2  # "final" training loss: the mean over the last 20% of the steps
     comparable: float = 0.25  # ℓp variants "train comparably": final loss <= (1 + this) x BN's
+
+
+MEASURES = {  # what a probe gives, by the name the claims use
+    "loss_band": lambda p: None if p["loss_max"] is None or p["loss_min"] is None
+    else p["loss_max"] - p["loss_min"],
+    "grad_change_max": lambda p: p["grad_change_max"],
+    "beta_smoothness": lambda p: p["beta_smoothness"],
+}
+
+
+def _overflowed(probe) -> bool:
+    """A step along the gradient made the loss or the gradient non-finite (null in the rows)."""
+    return None in probe["losses"] or None in probe["grad_changes"]
+
+
+def _median_over_probes(measure: str):
+    """The median over the probes after step 0, an overflowed probe counting as +inf (not dropped)."""
+
+    def reduce(steps, probes):
+        values = [MEASURES[measure](p) for s, p in zip(steps, probes, strict=True) if s > 0]
+        return statistics.median(math.inf if v is None else v for v in values) if values else None
+
+    return reduce
+
+
+def _overflow_rate(steps, probes) -> float | None:
+    found = [_overflowed(p) for s, p in zip(steps, probes, strict=True) if s > 0]
+    return sum(found) / len(found) if found else None
+
+
+def _over(a: float | None, b: float | None) -> float | None:
+    """a / b of two medians where +inf is an overflow: b = +inf gives 0 (a finite), a = +inf none."""
+    if a is None or b is None or math.isinf(a) or not b:
+        return None
+    return 0.0 if math.isinf(b) else a / b
+
+
+def _median_ratio(measure: str, arm: str, against: str, by_arm: dict) -> float | None:
+    medians = [_median_over_probes(measure)(*by_arm[k].series("landscape")) if k in by_arm else None
+               for k in (arm, against)]  # fmt: skip
+    return _over(*medians)
+
+
+def _smoother(measure: str):
+    """Per seed: BN's median of ``measure`` over probes / Standard's."""
+
+    def value(trials, results):
+        by_arm = {t.params["arm"]: t for t in trials if not t.final["diverged"]}
+        return _median_ratio(measure, "bn", "standard", by_arm)
+
+    return value
+
+
+def _tail_loss(trial, settings) -> float | None:
+    steps, losses = trial.series("train_loss")
+    tail = [v for s, v in zip(steps, losses, strict=True) if s > trial.final["step"] * (1 - settings.tail)]
+    return statistics.fmean(tail) if tail and not trial.final["diverged"] else None
+
+
+def _tail(trials, results) -> float | None:
+    return _tail_loss(results.one(trials, "tail loss"), results.settings)
+
+
+def _worst_lp(what: str):
+    """Per seed, the worst ℓp variant: its final loss over BN's (``what="loss"``), or the larger of
+    its median loss band and β over Standard's (``what="smooth"``)."""
+
+    def value(trials, results):
+        by_arm = {t.params["arm"]: t for t in trials if not t.final["diverged"]}
+        found = []
+        for arm in (a for a in LP if a in by_arm):
+            if what == "loss":
+                lp, bn = (_tail_loss(by_arm[a], results.settings) for a in (arm, "bn"))
+                found.append(None if lp is None or not bn else lp / bn)
+                continue
+            found += [_median_ratio(m, arm, "standard", by_arm) for m in ("loss_band", "beta_smoothness")]
+        return None if not found or None in found else max(found)
+
+    return value
 
 
 @register
@@ -68,327 +156,84 @@ class Santurkar2018Landscape(Experiment):
     )
     settings_class = LandscapeSettings
     presets = {
-        "quick": {"steps": 300, "channels": (8, 16, 32), "hidden": 64, "eval_every": 50},
-        "tiny": {
-            "steps": 6,
-            "channels": (4, 8),
-            "hidden": 8,
-            "batch_size": 16,
-            "eval_every": 3,
-            "eval_examples": 40,
-            "step_sizes": (0.1, 0.4),
-        },
-    }
+        "quick": {"steps": 300, "channels": (8, 16, 32), "hidden": 64, "eval_every": 50, "seeds": 2},
+        "tiny": {"steps": 6, "channels": (4, 8), "hidden": 8, "batch_size": 16, "eval_every": 3,
+                 "eval_examples": 40, "step_sizes": (0.1, 0.4), "seeds": 1},
+    }  # fmt: skip
 
-    def trials(self, settings, data, finals):
-        networks = ["standard", "bn"] + (["l1", "l2", "linf"] if settings.lp_variants else [])
-        arms = {k: {"network": k, "norm": NORM_OF[k]} for k in networks}
-        return seeded_trials(arms, settings, settings.seeds)
+    def plan(self, s, data):
+        networks = ["standard", "bn", *(LP if s.lp_variants else ())]
+        arms = [Arm(k, {"network": k, "norm": NORM_OF[k]}, LABELS[k]) for k in networks]
+        return Plan(arms, s.steps, seeds=s.seeds, seed=s.seed, eval_every=s.eval_every)
 
-    def setup(self, trial, settings, data, generator):
-        model = vgg(
-            data.sample_shape,
-            settings.channels,
-            settings.hidden,
-            data.classes,
-            norm=trial.params["norm"],
-        )
+    def setup(self, trial, s, data, generator):
+        model = vgg(data.sample_shape, s.channels, s.hidden, data.classes, norm=trial.params["norm"])
         initialize(model, "he", generator)
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=settings.learning_rate, momentum=settings.momentum
-        )
-        return Setup(model, optimizer, settings.batch_size)
+        optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum)
+        return Setup(model, optimizer, s.batch_size)
 
-    def measure(self, trial, settings, setup: Setup, data) -> dict:
-        model = setup.model
-        count = settings.eval_examples
+    def measure(self, trial, s, setup, data):
+        model, count = setup.model, s.eval_examples
         accuracy, loss = accuracy_and_loss(model, data.x_test[:count], data.y_test[:count])
-        batch = probe_batch(data, settings.batch_size, trial.seed, setup.step)
+        batch = probe_batch(data, s.batch_size, trial.seed, setup.step)
         model.train()  # the landscape training sees: normalization with batch statistics
         try:
-            probe = landscape_probe(model, nn.functional.cross_entropy, batch, settings.step_sizes)
+            probe = landscape_probe(model, nn.functional.cross_entropy, batch, s.step_sizes)
         finally:
             model.eval()
         return {"test_accuracy": accuracy, "test_loss": loss, "landscape": probe.as_dict()}
 
-    # -- meaning -------------------------------------------------------------------------------
-    def summarize(self, record: RunRecord) -> dict:
-        settings = record.settings
-        per_seed: dict[str, list[dict]] = {}
-        for key, final in record.finals().items():
-            rows = [r for r in record.curve(key) if r["step"] > 0 and r.get("landscape")]
-            probes = [r["landscape"] for r in rows]
-            tail_from = final["step"] * (1 - settings["tail"])
-            per_seed.setdefault(final["network"], []).append(
-                {
-                    "diverged": final["diverged"],
-                    "final_train_loss": mean(
-                        r["train_loss"] for r in rows if r["step"] > tail_from
-                    ),
-                    "test_accuracy": final["test_accuracy"],
-                    "loss_band": mean(_width(p["loss_min"], p["loss_max"]) for p in probes),
-                    "grad_change_max": mean(p["grad_change_max"] for p in probes),
-                    "grad_change_band": mean(
-                        _width(p["grad_change_min"], p["grad_change_max"]) for p in probes
-                    ),
-                    "beta_smoothness": mean(p["beta_smoothness"] for p in probes),
-                    "beta_smoothness_max": max(
-                        (p["beta_smoothness"] for p in probes if p["beta_smoothness"] is not None),
-                        default=None,
-                    ),
-                    "non_finite_probes": sum(p["beta_smoothness"] is None for p in probes),
-                }
-            )
-        quantities = (
-            "final_train_loss",
-            "test_accuracy",
-            "loss_band",
-            "grad_change_max",
-            "grad_change_band",
-            "beta_smoothness",
-            "beta_smoothness_max",
-        )
-        arms = {
-            network: {
-                "seeds": len(seeds),
-                "diverged": sum(bool(s["diverged"]) for s in seeds),
-                "non_finite_probes": sum(s["non_finite_probes"] for s in seeds),
-                **{q: mean(s[q] for s in seeds) for q in quantities},
-            }
-            for network, seeds in per_seed.items()
-        }
-        standard, bn = arms.get("standard", {}), arms.get("bn", {})
-        ratios = {
-            q: _ratio(bn.get(q), standard.get(q))
-            for q in ("loss_band", "grad_change_max", "beta_smoothness", "final_train_loss")
-        }
-        checks = {
-            "bn_narrower_loss_band": _below(bn.get("loss_band"), standard.get("loss_band")),
-            "bn_more_predictive_gradient": _below(
-                bn.get("grad_change_max"), standard.get("grad_change_max")
-            ),
-            "bn_lower_beta": _below(bn.get("beta_smoothness"), standard.get("beta_smoothness")),
-        }
-        lp = {}
-        for network in ("l1", "l2", "linf"):
-            if network in arms and bn.get("final_train_loss"):
-                arm = arms[network]
-                lp[network] = {
-                    "trains_comparably": arm["final_train_loss"] is not None
-                    and arm["final_train_loss"]
-                    <= bn["final_train_loss"] * (1 + settings["comparable"]),
-                    "smoother_than_standard": _below(
-                        arm["beta_smoothness"], standard.get("beta_smoothness")
-                    )
-                    and _below(arm["loss_band"], standard.get("loss_band")),
-                }
-        return {"arms": arms, "bn_over_standard": ratios, "checks": checks, "lp": lp}
+    def claims(self, s):
+        def smoother(name, measure, quantity, published, source):
+            return Claim(name, f"{quantity}, BN / Standard (medians over probes, an overflow = +∞)",
+                         Published(published, source, unverified=True),
+                         per_seed(_smoother(measure), f"median {measure}, BN / Standard"), below(1.0))
 
-    def report(self, record: RunRecord) -> Report:
-        s, settings = record.summary, record.settings
-        arms, ratios, checks, lp = s["arms"], s["bn_over_standard"], s["checks"], s["lp"]
-        data = record.config["data"]["name"]
-        standard, bn = arms["standard"], arms["bn"]
+        tail = f"training loss over the last {s.tail:.0%} of the steps"
+        claims = [
+            smoother("loss-band", "loss_band", "range of L(θ − ηg) over η", "narrower with BN",
+                     f"{FIG4}(a)"),
+            smoother("gradient-change", "grad_change_max", "max over η of ‖∇L(θ − ηg) − g‖",
+                     "smaller with BN: the gradient is more predictive", f"{FIG4}(b)"),
+            smoother("beta", "beta_smoothness", "effective β-smoothness", "lower with BN", f"{FIG4}(c)"),
+            *(Claim(f"overflow-{arm}", f"share of probes where a step along the gradient overflowed, {arm}",
+                    Published("not reported (an overflow counts as +∞ in the medians above)", FIG4),
+                    from_curve(_overflow_rate, "landscape", "overflowed probes / probes", arm=arm), None,
+                    fmt=".3f") for arm in ("standard", "bn")),
+            Claim("faster", f"{tail}, BN − Standard",
+                  Published("BN trains faster", "Santurkar et al. 2018, Fig. 1", unverified=True),
+                  difference(per_seed(_tail, tail, arm="bn"), per_seed(_tail, tail, arm="standard")),
+                  None, fmt="+.4f"),
+        ]  # fmt: skip
+        if s.lp_variants:
+            claims += [
+                Claim("lp-comparable", "worst ℓp variant's final training loss / BN's",
+                      Published("ℓp normalizations train comparably to BN", "Santurkar et al. 2018, §3.3",
+                                unverified=True),
+                      per_seed(_worst_lp("loss"), "max over ℓ1, ℓ2, ℓ∞"), below(1 + s.comparable)),
+                Claim("lp-smoother", "worst ℓp variant's median loss band and β / Standard's",
+                      Published("ℓp normalizations smooth the landscape like BN",
+                                "Santurkar et al. 2018, §3.3", unverified=True),
+                      per_seed(_worst_lp("smooth"), "max over ℓ1, ℓ2, ℓ∞ and the two medians"), below(1.0)),
+            ]  # fmt: skip
+        return claims
 
-        def pair(q, spec=".3g"):
-            return f"BN {fmt(bn[q], spec)} vs Standard {fmt(standard[q], spec)}"
+    def figures(self, s):
+        return [Curves("training-loss", "train_loss", "training loss",
+                       "Training loss, mean over each interval.", logy=True),
+                Curves("test-accuracy", "test_accuracy", "test accuracy (fraction)",
+                       f"Test accuracy in eval mode on the first {s.eval_examples} test images.")
+                ]  # fmt: skip
 
-        def times(q):
-            r = ratios.get(q)
-            return "–" if r is None else f"×{r:.2f}"
-
-        rows = [
-            [
-                "loss landscape: range of L(θ − ηg) over η",
-                "narrower with BN (Fig. 4a)",
-                f"{pair('loss_band')} ({times('loss_band')})",
-                fmt(checks["bn_narrower_loss_band"]),
-            ],
-            [
-                "gradient predictiveness: max ‖∇L(θ − ηg) − g‖ over η",
-                "smaller with BN (Fig. 4b)",
-                f"{pair('grad_change_max')} ({times('grad_change_max')})",
-                fmt(checks["bn_more_predictive_gradient"]),
-            ],
-            [
-                "effective β-smoothness",
-                "lower with BN (Fig. 4c)",
-                f"{pair('beta_smoothness')} ({times('beta_smoothness')})",
-                fmt(checks["bn_lower_beta"]),
-            ],
-            [
-                "BN trains faster",
-                "yes (Fig. 1)",
-                f"final training loss {pair('final_train_loss', '.4f')}",
-                fmt(_below(bn["final_train_loss"], standard["final_train_loss"])),
-            ],
-        ]
-        for network, verdict in lp.items():
-            arm = arms[network]
-            rows.append(
-                [
-                    f"§3.3: {LABELS[network]} instead of BN",
-                    "trains comparably to BN; smooths like BN",
-                    f"final training loss {fmt(arm['final_train_loss'], '.4f')} (BN "
-                    f"{fmt(bn['final_train_loss'], '.4f')}); loss band "
-                    f"{fmt(arm['loss_band'], '.3g')}, β {fmt(arm['beta_smoothness'], '.3g')}",
-                    f"comparable (≤ {1 + settings['comparable']:g}× BN's loss): "
-                    f"{fmt(verdict['trains_comparably'])}; smoother than Standard: "
-                    f"{fmt(verdict['smoother_than_standard'])}",
-                ]
-            )
-        comparison = Table(
-            ["claim", "published (VGG, CIFAR-10)", f"ours (small VGG, {data})", "agrees?"], rows
-        )
-        report_checks = [
-            Check(
-                "(c) BN's loss band narrower than Standard's, on average over training",
-                checks["bn_narrower_loss_band"],
-                pair("loss_band"),
-            ),
-            Check(
-                "(c) BN's effective β-smoothness lower than Standard's, on average",
-                checks["bn_lower_beta"],
-                pair("beta_smoothness"),
-            ),
-        ]
-        if lp:
-            report_checks.append(
-                Check(
-                    f"(d) ℓp variants train comparably to BN (final loss ≤ "
-                    f"{1 + settings['comparable']:g}× BN's)",
-                    all(v["trains_comparably"] for v in lp.values()),
-                    ", ".join(f"{k}: {fmt(arms[k]['final_train_loss'], '.4f')}" for k in lp),
-                )
-            )
-        table = Table(
-            [
-                "network",
-                "final training loss",
-                "test accuracy",
-                "loss band",
-                "max gradient change",
-                "β (mean)",
-                "β (max)",
-                "diverged",
-            ],
-            [
-                [
-                    LABELS[k],
-                    fmt(a["final_train_loss"], ".4f"),
-                    fmt(a["test_accuracy"]),
-                    fmt(a["loss_band"], ".3g"),
-                    fmt(a["grad_change_max"], ".3g"),
-                    fmt(a["beta_smoothness"], ".3g"),
-                    fmt(a["beta_smoothness_max"], ".3g"),
-                    f"{a['diverged']} of {a['seeds']}",
-                ]
-                for k, a in arms.items()
-            ],
-            f"Means over the probes after step 0 (every {settings['eval_every']} steps) and over "
-            f"seeds; η ∈ {{{', '.join(f'{e:g}' for e in settings['step_sizes'])}}}."
-            + (
-                " Probes with a non-finite loss: "
-                + ", ".join(f"{k} {a['non_finite_probes']}" for k, a in arms.items())
-                if any(a["non_finite_probes"] for a in arms.values())
-                else ""
-            ),
-        )
-        networks = list(arms)
-        figures = [
-            Figure(
-                "landscape",
-                self._bands(record, ["standard", "bn"]),
-                "Fig. 4: (a) the range of the loss along the gradient, (b) the range of the "
-                "gradient's change, (c) effective β-smoothness, over training (seed 0).",
-            ),
-            Figure(
-                "training-loss",
-                curves(
-                    record,
-                    [(f"{k}/seed=0", LABELS[k]) for k in networks],
-                    "train_loss",
-                    "training loss (mean over the interval)",
-                    "training loss",
-                    logy=True,
-                ),
-                "Training loss against steps (seed 0).",
-            ),
-        ]
-        if len(networks) > 2:
-            figures.append(
-                Figure(
-                    "landscape-lp",
-                    self._bands(record, networks),
-                    "§3.3: the same measurements for the ℓ1, ℓ2 and ℓ∞ normalizations beside "
-                    "BN and Standard (seed 0).",
-                )
-            )
-        deviations = [
-            f"A VGG-style CNN (conv{'-conv'.join(str(c) for c in settings['channels'])}, "
-            f"fc{settings['hidden']}) on {data} instead of VGG on CIFAR-10; plain SGD at "
-            f"{settings['learning_rate']:g} (momentum {settings['momentum']:g}), batch "
-            f"{settings['batch_size']}, {settings['steps']} steps.",
-            "The landscape is probed every "
-            f"{settings['eval_every']} steps on a probe batch drawn for that step (the paper: at "
-            "the training batch of each step), at the step sizes "
-            f"{', '.join(f'{e:g}' for e in settings['step_sizes'])} (our reading of the paper's grid).",
-            "ℓp layers: γ (x − μ_B) / (S_p + eps) + β per channel with S_1 = mean|x|, S_2 = "
-            "sqrt(mean x²), S_∞ = max|x| over the batch and space, taken before the mean is "
-            "subtracted (our reading of §3.3).",
-        ]
-        headline = (
-            f"BN / Standard: loss band {times('loss_band')}, max gradient change "
-            f"{times('grad_change_max')}, β {times('beta_smoothness')}"
-        )
-        return Report(
-            comparison,
-            [Section("All networks", [table]), Section("Figures", figures)],
-            report_checks,
-            deviations,
-            headline,
-        )
-
-    @staticmethod
-    def _bands(record: RunRecord, networks: list[str]):
-        figure = new_figure(12.0, 3.6)
-        axes = figure.subplots(1, 3)
-        for color, network in enumerate(networks):
-            rows = [r for r in record.curve(f"{network}/seed=0") if r.get("landscape")]
-            steps = [r["step"] for r in rows]
-            probes = [r["landscape"] for r in rows]
-            style = {"color": f"C{color}", "label": LABELS[network]}
-            for ax, low, high in (
-                (axes[0], "loss_min", "loss_max"),
-                (axes[1], "grad_change_min", "grad_change_max"),
-            ):
-                lows = [_finite(p[low]) for p in probes]
-                highs = [_finite(p[high]) for p in probes]
-                ax.fill_between(steps, lows, highs, alpha=0.35, linewidth=0, color=style["color"])
-                ax.plot(steps, highs, linewidth=0.6, **style)
-            axes[2].plot(steps, [_finite(p["beta_smoothness"]) for p in probes], **style)
-        axes[0].set_title("(a) loss landscape: L(θ − ηg)")
-        axes[1].set_title("(b) gradient predictiveness: ‖∇L(θ − ηg) − g‖")
-        axes[2].set_title("(c) effective β-smoothness")
-        for ax in axes:
-            ax.set_xlabel("training step")
-            ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-        axes[2].legend(fontsize="small")
-        return figure
-
-
-def _width(low, high):
-    return None if low is None or high is None else high - low
-
-
-def _ratio(a, b):
-    return None if a is None or not b else a / b
-
-
-def _below(a, b) -> bool | None:
-    return None if a is None or b is None else a < b
-
-
-def _finite(value):
-    return float("nan") if value is None else value
+    def deviations(self, s):
+        return [
+            f"A VGG-style CNN (conv{'-conv'.join(map(str, s.channels))}, fc{s.hidden}) on "
+            f"{'Fashion-MNIST' if s.dataset == 'auto' else s.dataset} instead of VGG on CIFAR-10; plain SGD "
+            f"at {s.learning_rate:g} (momentum {s.momentum:g}), batch {s.batch_size}, {s.steps} steps.",
+            f"The landscape is probed every {s.eval_every} steps on a probe batch drawn for that step (the "
+            f"paper: at the training batch of each step), at the step sizes "
+            f"{', '.join(f'{e:g}' for e in s.step_sizes)} (our reading of the paper's grid).",
+            "ℓp layers: γ (x − μ_B) / (S_p + eps) + β per channel with S_1 = mean|x|, S_2 = sqrt(mean x²), "
+            "S_∞ = max|x| over the batch and space, taken before the mean is subtracted (our reading of "
+            "§3.3).",
+        ]  # fmt: skip

@@ -1,32 +1,23 @@
 """Wu & Johnson (2021), "Rethinking 'Batch' in BatchNorm", §4: the train-test inconsistency.
 
-BatchNorm normalizes with the statistics of the *normalization batch* in training and with
-population statistics in eval mode. When the normalization batch size (NBS) is small, the two differ
-a lot, and a network trained on the noisy batch statistics is evaluated on a distribution it never
-saw. Wu & Johnson vary the NBS from 2 to 1024 inside a fixed gradient batch and track three errors:
-the training set with batch statistics, the validation set with batch statistics, and the validation
-set with population statistics; at a small NBS the last is much worse than the second. A remedy they
-study: use population statistics in training too, by freezing BatchNorm (FrozenBN) for the last part
-of training.
+BN normalizes with the statistics of the normalization batch (NBS samples) in training and with
+population statistics in eval mode. Varying the NBS from 2 to 1024 inside a fixed gradient batch
+(ResNet-50, ImageNet), Wu & Johnson find the validation error with population statistics much worse
+than with batch statistics at a small NBS; FrozenBN (population statistics in training) for the
+last part of training helps.
 
-Here: a small CNN on Fashion-MNIST (:func:`conv_net`: three conv stages, BN in the conv layers
-only, as in the paper's ResNets), gradient batch 256, with the NBS set by
-:class:`normkit.GhostBatchNorm` (ghost batches of NBS samples, the running statistics updated per
-ghost batch) at every NBS of ``nbs``; at NBS in ``freeze_nbs`` a second trial freezes BatchNorm for
-the last ``freeze_fraction`` of the steps. Four errors at the end:
+Here: a CNN (:func:`~normkit.lab.models.conv_net`, BN in the conv layers only, as in the paper's
+ResNets) whose five stages shrink the maps 28 → 14 → 7 → 3 → 1, so its last BN pools NBS values
+per statistic (issue 17); the ``gpu`` preset trains ResNet-50 on CIFAR-10. Gradient batch 256, the
+NBS set by :class:`normkit.GhostBatchNorm`. Arms: ``bn`` at every NBS; ``frozen`` (BN frozen for
+the last ``freeze_fraction`` of the steps) and ``fc`` (ghost BN on the fc layer too; not in the
+paper) at a few. At the end: the errors with batch statistics (train mode on chunks of the gradient
+batch, so each sample meets its own ghost batch; running statistics untouched) on training and test
+images, with PreciseBN population statistics (which removes the EMA's own error), with the layers'
+EMA, and ``inconsistency`` = population − batch test error.
 
-- ``train_error_batch`` / ``test_error_batch``: train mode on chunks of the gradient batch size, so
-  every sample is normalized with the statistics of its own ghost batch, as in training (no running
-  statistics change);
-- ``test_error_population``: eval mode with PreciseBN statistics (:func:`normkit.tools.recalibrate`,
-  ``precise_samples`` training samples), which removes the EMA's own error (part 4's
-  ``population-stats``) from the comparison;
-- ``test_error_ema``: eval mode with the EMA the layers kept.
-
-Decisions: freezing at step F first recomputes the statistics with PreciseBN (the EMA of tiny ghost
-batches is noisy; the paper's population statistics are PreciseBN's), then puts every BatchNorm in
-eval mode for the remaining steps (γ and β still learn); a frozen model's "population" error uses the
-statistics it was frozen with, since those are what its last steps trained on.
+Decisions: freezing first recomputes the statistics with PreciseBN, then runs every BN in eval mode
+(γ and β still learn); a frozen model's population error uses the statistics it was frozen with.
 """
 
 from __future__ import annotations
@@ -37,105 +28,86 @@ import torch
 from torch import nn
 
 import normkit as nk
-from normkit.lab import models
+from normkit.lab.claims import Claim, Published, above, difference, final
 from normkit.lab.datasets import first_test_examples
-from normkit.lab.experiments.population_stats import (
+from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.figures import Curves, MeanTable, VersusSetting
+from normkit.lab.models import conv_net, initialize, resnet
+from normkit.lab.plan import Arm, Plan
+from normkit.lab.population import (
     batch_norm_layers,
+    batch_statistics,
     error_rate,
     precise,
     training_batches,
 )
-from normkit.lab.legacy import Experiment, Settings, Setup, Trial, register
-from normkit.lab.models import initialize
-from normkit.lab.records import RunRecord
-from normkit.lab.report import Check, Figure, Report, Section, Table, fmt, new_figure
 from normkit.lab.seeds import derived_seed
+from normkit.lab.settings import Settings
+
+WU_JOHNSON = "Wu & Johnson 2021, §4 (ResNet-50, ImageNet, NBS 2–1024)"
+ERRORS = {"train, batch statistics": "train_error_batch", "test, batch statistics": "test_error_batch",
+          "test, population statistics": "test_error_population"}  # fmt: skip
+SMALLEST, LARGEST = (lambda s: min(s.nbs)), (lambda s: max(s.nbs))
+GPU_ONLY = ("a trained deep network whose statistics are noisy but not degenerate: ResNet-50's 16 blocks "
+            "pool 32 values per statistic in its last stage at NBS 2 (32×32 images); our CNN either pools "
+            "≥ 98 (3 stages: |population − batch| ≤ 0.2 pt at every NBS) or, down to 1×1 maps, 2 values, "
+            "which map each channel to ±1 so it does not train (77–85% training error at NBS 2, quick run)")
 
 
 class FreezeBatchNorm(nn.Module):
-    """A network whose BatchNorm layers are frozen (eval mode) from training step ``freeze_at`` on.
-
-    ``steps`` (a buffer, so resuming keeps it) counts training forwards, one per optimizer step in
-    the runner. At the first training forward with ``steps == freeze_at`` it calls ``before_freeze(net)``
-    (e.g. PreciseBN in place); from then on every training forward runs the BatchNorm layers in
-    eval mode: population statistics, no updates, gradients through the fixed affine map.
-    ``freeze_at=None`` never freezes.
-    """
+    """A network whose BatchNorm layers run in eval mode from training step ``freeze_at`` on
+    (``None``: never), after one call of ``before_freeze(net)`` (e.g. PreciseBN in place).
+    ``steps`` (a buffer: a resumed run keeps it) counts training forwards."""
 
     def __init__(self, net: nn.Module, freeze_at: int | None, before_freeze=None):
         super().__init__()
-        self.net = net
-        self.freeze_at = freeze_at
-        self.before_freeze = before_freeze
+        self.net, self.freeze_at, self.before_freeze = net, freeze_at, before_freeze
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     @property
-    def frozen(self) -> bool:
-        """Whether at least one training step ran with the BatchNorm layers frozen."""
+    def frozen(self) -> bool:  # at least one training step ran frozen
         return self.freeze_at is not None and int(self.steps) > self.freeze_at
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return self.net(x)
-        if self.freeze_at is not None and int(self.steps) == self.freeze_at and self.before_freeze:
-            self.before_freeze(self.net)
-        if self.freeze_at is not None and int(self.steps) >= self.freeze_at:
+        if self.training and self.freeze_at is not None and int(self.steps) >= self.freeze_at:
+            if int(self.steps) == self.freeze_at and self.before_freeze:
+                self.before_freeze(self.net)
             for layer in batch_norm_layers(self.net).values():
                 layer.eval()
-        out = self.net(x)
-        self.steps += 1
-        return out
+        if self.training:
+            self.steps += 1
+        return self.net(x)
 
 
-def conv_net(
-    sample_shape: tuple[int, ...],
-    channels: tuple[int, ...],
-    hidden: int,
-    classes: int,
-    norm: str,
-    fc_norm: bool = False,
-) -> nn.Sequential:
-    """conv3 (no bias) → ``norm`` → ReLU → maxpool2 per stage, then fc ``hidden`` [→ ``norm``] →
-    ReLU → fc.
-
-    As in the ResNets of the paper, the normalizer is in the convolutional layers only, unless
-    ``fc_norm``: BatchNorm on the fc layer's vectors sees NBS values per feature, and at NBS 2 it
-    maps each feature to ±1, an effect of its own (the ``fc_nbs`` trials measure it).
-    """
-    fc = (lambda features: nk.create_norm(norm, features)) if fc_norm else None
-    return models.conv_net(sample_shape, channels, hidden, classes, norm, kernel_size=3, fc_norm=fc)
-
-
-@torch.no_grad()
-def batch_statistics_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> float:
-    """Error with every normalizer in training mode (batch statistics, here those of each ghost
-    batch inside chunks of ``chunk`` samples), running statistics left as they were."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        with nk.frozen_running_stats(model):
-            model.train()
-            return error_rate(model, x, y, chunk)
-    finally:
-        for m, training in modes.items():
-            m.train(training)
+def network(s, sample_shape, classes: int, nbs: int, fc_norm: bool = False) -> nn.Module:
+    """The CNN of ``s.channels`` (ghost BN of ``nbs`` samples in its conv layers, and on its fc layer
+    with ``fc_norm``), or the ResNet of ``s.resnet_blocks`` where that is set."""
+    spec = f"ghost:{nbs}"
+    if s.resnet_blocks:
+        return resnet(sample_shape, classes, spec, tuple(s.resnet_blocks), s.resnet_width)
+    fc = (lambda features: nk.create_norm(spec, features)) if fc_norm else None
+    return conv_net(sample_shape, s.channels, s.hidden, classes, spec, fc_norm=fc)
 
 
 @dataclass(frozen=True)
 class TrainTestGapSettings(Settings):
-    steps: int = 468  # two epochs at batch 256
+    steps: int = 936  # four epochs at batch 256
     batch_size: int = 256  # the gradient batch
     nbs: tuple[int, ...] = (2, 4, 16, 64, 256)
     freeze_nbs: tuple[int, ...] = (2, 4)
     freeze_fraction: float = 0.2
     fc_nbs: tuple[int, ...] = (2,)  # NBS at which a trial also normalizes the fc layer
-    channels: tuple[int, ...] = (16, 32, 64)  # 28 → 14 → 7 → 3 pixels: the last stage is small
+    channels: tuple[int, ...] = (16, 32, 64, 64, 64)  # BN at 28, 14, 7, 3, 1 pixels
+    resnet_blocks: tuple[int, ...] = ()  # bottleneck blocks per stage: a ResNet instead of the CNN
+    resnet_width: int = 64
     hidden: int = 128
     learning_rate: float = 0.1
     momentum: float = 0.9
     precise_samples: int = 4096
     train_examples_eval: int = 5_000  # training examples for the train-set error
     test_examples: int = 0  # 0: the whole test set
-    eval_every: int = 117
+    eval_every: int = 156
+    seeds: int = 3
 
 
 @register
@@ -150,312 +122,122 @@ class TrainTestGap(Experiment):
     )
     settings_class = TrainTestGapSettings
     presets = {
-        "quick": {
-            "steps": 150,
-            "nbs": (2, 16, 256),
-            "freeze_nbs": (2,),
-            "fc_nbs": (2,),
-            "channels": (8, 16, 32),
-            "hidden": 64,
-            "precise_samples": 2048,
-            "train_examples_eval": 2_000,
-            "test_examples": 2_000,
-            "eval_every": 50,
-        },
-        "tiny": {
-            "steps": 6,
-            "batch_size": 32,
-            "nbs": (2, 32),
-            "freeze_nbs": (2,),
-            "fc_nbs": (2,),
-            "freeze_fraction": 0.5,
-            "channels": (4, 8, 8),
-            "hidden": 16,
-            "precise_samples": 64,
-            "train_examples_eval": 64,
-            "test_examples": 64,
-            "eval_every": 3,
-        },
-    }
+        "quick": {"steps": 200, "nbs": (2, 16, 256), "freeze_nbs": (2,), "fc_nbs": (), "seeds": 2,
+                  "channels": (8, 16, 32, 32, 32), "hidden": 64, "precise_samples": 2048,
+                  "train_examples_eval": 2_000, "test_examples": 2_000, "eval_every": 50},
+        "gpu": {"dataset": "cifar10", "resnet_blocks": (3, 4, 6, 3), "steps": 5_860,  # 30 epochs
+                "fc_nbs": (), "precise_samples": 16_384, "train_examples_eval": 10_000,
+                "eval_every": 586},
+        "tiny": {"steps": 6, "batch_size": 32, "nbs": (2, 32), "freeze_nbs": (2,), "fc_nbs": (2,),
+                 "freeze_fraction": 0.5, "channels": (4, 8, 8, 8), "hidden": 16, "precise_samples": 64,
+                 "train_examples_eval": 64, "test_examples": 64, "eval_every": 3, "seeds": 2},
+    }  # fmt: skip
 
-    def prepare_data(self, settings, dataset):
-        return first_test_examples(dataset, settings.test_examples)
+    def prepare_data(self, s, dataset):
+        return first_test_examples(dataset, s.test_examples)
 
-    def trials(self, settings, data, finals):
-        plan = []
-        for nbs in settings.nbs:
-            variants = [("", False, False)]
-            if nbs in settings.freeze_nbs:
-                variants.append(("/frozen", True, False))
-            if nbs in settings.fc_nbs:
-                variants.append(("/fc", False, True))
-            for suffix, frozen, fc_norm in variants:
-                params = {"nbs": nbs, "frozen": frozen, "fc_norm": fc_norm}
-                plan.append(
-                    Trial(
-                        f"nbs={nbs}{suffix}",
-                        params,
-                        settings.steps,
-                        settings.eval_every,
-                        settings.seed,
-                    )
-                )
-        return plan
+    def plan(self, s, data):
+        arms = [Arm("bn", {"frozen": False, "fc_norm": False}, "BN (ghost batches of NBS)"),
+                Arm("frozen", {"frozen": True, "fc_norm": False}, "FrozenBN at the end",
+                    grid={"nbs": list(s.freeze_nbs)}),
+                Arm("fc", {"frozen": False, "fc_norm": True}, "BN on the fc layer too",
+                    grid={"nbs": list(s.fc_nbs)})]  # fmt: skip
+        arms = [a for a in arms if a.grid is None or a.grid["nbs"]]
+        return Plan(arms, s.steps, seeds=s.seeds, seed=s.seed, eval_every=s.eval_every,
+                    grid={"nbs": list(s.nbs)})  # fmt: skip
 
-    def setup(self, trial, settings, data, generator):
-        nbs = trial.params["nbs"]
-        net = conv_net(
-            data.sample_shape,
-            settings.channels,
-            settings.hidden,
-            data.classes,
-            f"ghost:{nbs}",
-            fc_norm=trial.params.get("fc_norm", False),
-        )
+    def setup(self, trial, s, data, generator):
+        p = trial.params
+        net = network(s, data.sample_shape, data.classes, p["nbs"], p["fc_norm"])
         initialize(net, "he", generator)
-        freeze_at = None
-        if trial.params["frozen"]:
-            freeze_at = settings.steps - round(settings.freeze_fraction * settings.steps)
-        batches = lambda: training_batches(  # noqa: E731
-            data.x_train, settings.batch_size, settings.precise_samples, derived_seed(trial.seed, 8)
-        )
+        freeze_at = s.steps - round(s.freeze_fraction * s.steps) if p["frozen"] else None
 
         def recalibrate_in_place(module):
-            nk.tools.recalibrate(module, batches(), num_batches=None, inplace=True, progress=False)
+            batches = training_batches(data.x_train, s.batch_size, s.precise_samples,
+                                       derived_seed(trial.seed, 8))  # fmt: skip
+            nk.tools.recalibrate(module, batches, num_batches=None, inplace=True, progress=False)
 
-        model = FreezeBatchNorm(net, freeze_at, recalibrate_in_place)
-        optimizer = torch.optim.SGD(
-            net.parameters(), lr=settings.learning_rate, momentum=settings.momentum
-        )
-        return Setup(model, optimizer, settings.batch_size)
+        optimizer = torch.optim.SGD(net.parameters(), lr=s.learning_rate, momentum=s.momentum)
+        return Setup(FreezeBatchNorm(net, freeze_at, recalibrate_in_place), optimizer, s.batch_size)
 
-    def measure(self, trial, settings, setup, data):
-        """During training only the cheap number: test error with the layers' own statistics."""
+    def measure(self, trial, s, setup, data):  # the cheap number: the layers' own statistics
         return {"test_error_ema": error_rate(setup.model, data.x_test, data.y_test)}
 
-    def finish(self, trial, settings, setup, data):
+    def finish(self, trial, s, setup, data):
         model: FreezeBatchNorm = setup.model
         net = model.net
         generator = torch.Generator().manual_seed(derived_seed(trial.seed, 9))
-        count = min(settings.train_examples_eval, len(data.y_train))
-        index = torch.randperm(len(data.y_train), generator=generator)[:count]
-        x_train, y_train = data.x_train[index], data.y_train[index]
-        x_test, y_test = data.x_test, data.y_test
-        chunk = settings.batch_size
-        row = {
-            "train_error_batch": batch_statistics_error(net, x_train, y_train, chunk),
-            "test_error_batch": batch_statistics_error(net, x_test, y_test, chunk),
-            "test_error_ema": error_rate(net, x_test, y_test),
-        }
-        if model.frozen:
-            population = net  # frozen: the statistics its last steps trained with
-        else:
-            population = precise(
-                net,
-                training_batches(
-                    data.x_train,
-                    settings.batch_size,
-                    settings.precise_samples,
-                    derived_seed(trial.seed, 10),
-                ),
-            )
+        index = torch.randperm(len(data.y_train), generator=generator)[: s.train_examples_eval]
+        x_train, y_train, x_test, y_test = data.x_train[index], data.y_train[index], data.x_test, data.y_test
+        with batch_statistics(net):
+            row = {"train_error_batch": error_rate(net, x_train, y_train, s.batch_size),
+                   "test_error_batch": error_rate(net, x_test, y_test, s.batch_size)}  # fmt: skip
+        row["test_error_ema"] = error_rate(net, x_test, y_test)
+        population = net  # frozen: the statistics its last steps trained with
+        if not model.frozen:
+            batches = training_batches(data.x_train, s.batch_size, s.precise_samples,
+                                       derived_seed(trial.seed, 10))  # fmt: skip
+            population = precise(net, batches)
         row["test_error_population"] = error_rate(population, x_test, y_test)
         row["train_error_population"] = error_rate(population, x_train, y_train)
         row["inconsistency"] = row["test_error_population"] - row["test_error_batch"]
         return row
 
-    # ------------------------------------------------------------------------------ summary
-    def summarize(self, record: RunRecord) -> dict:
-        finals = record.finals()
-        keys = (
-            "train_error_batch",
-            "test_error_batch",
-            "test_error_population",
-            "train_error_population",
-            "test_error_ema",
-            "inconsistency",
-        )
-        runs = {
-            key: {
-                **{k: row[k] for k in (*keys, "nbs", "frozen", "diverged")},
-                "fc_norm": row.get("fc_norm", False),
-            }
-            for key, row in finals.items()
-        }
-        plain = {r["nbs"]: r for r in runs.values() if not r["frozen"] and not r["fc_norm"]}
-        with_fc = {
-            str(r["nbs"]): {
-                "inconsistency": r["inconsistency"],
-                "test_error_batch": r["test_error_batch"],
-                "test_error_population": r["test_error_population"],
-            }
-            for r in runs.values()
-            if r["fc_norm"]
-        }
-        remedy = {
-            str(r["nbs"]): {
-                "test_error_population": r["test_error_population"],
-                "without_freeze": plain[r["nbs"]]["test_error_population"],
-                "improvement": plain[r["nbs"]]["test_error_population"]
-                - r["test_error_population"],
-            }
-            for r in runs.values()
-            if r["frozen"] and r["nbs"] in plain
-        }
-        sizes = sorted(plain)
-        return {
-            "runs": runs,
-            "nbs": sizes,
-            "inconsistency_by_nbs": {str(n): plain[n]["inconsistency"] for n in sizes},
-            "freeze": remedy,
-            "fc_norm": with_fc,
-        }
+    def claims(self, s):
+        def at(metric, arm="bn", nbs=SMALLEST):
+            return final(metric, arm=arm, nbs=nbs)
 
-    # ------------------------------------------------------------------------------- report
-    def report(self, record: RunRecord) -> Report:
-        s, settings = record.summary, record.settings
-        pct = lambda v: fmt(None if v is None else 100 * v, ".2f")  # noqa: E731
-        sizes = s["nbs"]
-        gap = {int(n): v for n, v in s["inconsistency_by_nbs"].items()}
-        smallest, largest = sizes[0], sizes[-1]
-        rows = [
-            [
-                f"test error, population − batch statistics, NBS {smallest} vs {largest}",
-                "much larger at small NBS (ResNet-50, NBS 2-1024) [S]",
-                f"{pct(gap[smallest])} vs {pct(gap[largest])} pts",
-                "matches" if gap[smallest] > max(gap[largest], 0) else "does not match",
-            ]
-        ]
-        checks = [
-            Check(
-                f"inconsistency at NBS {smallest} > at NBS {largest}",
-                gap[smallest] > gap[largest],
-                ", ".join(f"NBS {n}: {pct(gap[n])} pts" for n in sizes),
-            )
-        ]
-        for nbs, v in s.get("fc_norm", {}).items():
-            rows.append(
-                [
-                    f"with BN on the fc layer too, NBS {nbs}: test error with batch / population "
-                    "statistics",
-                    "not in the paper (its ResNets have no BN after the pooling)",
-                    f"{pct(v['test_error_batch'])}% / {pct(v['test_error_population'])}%",
-                    "–",
-                ]
-            )
-        for nbs, v in s["freeze"].items():
-            rows.append(
-                [
-                    f"FrozenBN for the last {settings['freeze_fraction']:.0%} of steps, NBS {nbs}: "
-                    "test error with population statistics",
-                    "improves at small NBS [S]",
-                    f"{pct(v['test_error_population'])}% vs {pct(v['without_freeze'])}% without",
-                    "matches" if v["improvement"] > 0 else "does not match",
-                ]
-            )
-            checks.append(
-                Check(
-                    f"freezing helps at NBS {nbs}",
-                    v["improvement"] > 0,
-                    f"{pct(v['improvement'])} pts better",
-                )
-            )
-        comparison = Table(["quantity", "published", "ours", "verdict"], rows)
-        table = Table(
-            [
-                "trial",
-                "train, batch stats %",
-                "test, batch stats %",
-                "test, population (PreciseBN) %",
-                "test, EMA %",
-                "population − batch",
-            ],
-            [
-                [
-                    key,
-                    pct(r["train_error_batch"]),
-                    pct(r["test_error_batch"]),
-                    pct(r["test_error_population"]),
-                    pct(r["test_error_ema"]),
-                    pct(r["inconsistency"]),
-                ]
-                for key, r in s["runs"].items()
-            ],
-            "Final errors; a frozen trial's population statistics are those it was frozen with.",
-        )
-        figure = Figure(
-            "errors-by-nbs",
-            self._figure(s),
-            "The three errors of Wu & Johnson's Fig. against the normalization batch size "
-            "(crosses: FrozenBN for the last part of training).",
-        )
-        deviations = [
-            f"A small CNN (conv{'-conv'.join(str(c) for c in settings['channels'])}, fc"
-            f"{settings['hidden']}; normalization in the conv layers only) on "
-            f"{record.config['data']['name']}, {settings['steps']} steps at gradient batch "
-            f"{settings['batch_size']}, SGD lr {settings['learning_rate']:g}, instead "
-            "of ResNet-50 on ImageNet; the NBS comes from Ghost BN inside the gradient batch.",
-            f"FrozenBN for the last {settings['freeze_fraction']:.0%} of the steps (the paper: the "
-            "last ~20 epochs), after a PreciseBN pass.",
-            "The paper's numbers were not available to us verbatim (secondary sources, [S]).",
-        ]
-        if settings.get("fc_nbs"):
-            deviations.append(
-                "Not in the paper: at NBS "
-                + ", ".join(str(n) for n in settings["fc_nbs"])
-                + " a trial also normalizes the fc layer (few values per feature)."
-            )
-        headline = (
-            f"population − batch statistics: {pct(gap[smallest])} pts at NBS {smallest}, "
-            f"{pct(gap[largest])} at NBS {largest}"
-        )
-        return Report(
-            comparison, [Section("Results", [figure, table])], checks, deviations, headline
-        )
+        small, large = SMALLEST(s), LARGEST(s)
+        found = [
+            Claim("inconsistency-grows",
+                  f"test error, population − batch statistics, at NBS {small} minus at NBS {large}",
+                  Published("population statistics much worse than batch statistics at small NBS",
+                            WU_JOHNSON, unverified=True),
+                  difference(at("inconsistency"), at("inconsistency", nbs=LARGEST)), above(0.0),
+                  needs_gpu=GPU_ONLY, fmt="+.4f"),
+            Claim("error-grows", f"test error (population statistics), NBS {small} − NBS {large}",
+                  Published("BN's error grows as the NBS shrinks", WU_JOHNSON, unverified=True),
+                  difference(at("test_error_population"), at("test_error_population", nbs=LARGEST)),
+                  above(0.0), fmt="+.4f"),
+        ]  # fmt: skip
+        for n in s.freeze_nbs:
+            found.append(Claim(
+                f"freeze-helps-{n}", f"test error (population statistics) at NBS {n}, BN − FrozenBN "
+                f"for the last {s.freeze_fraction:.0%}",
+                Published("FrozenBN for the last ~20 epochs helps at small NBS", WU_JOHNSON, unverified=True),
+                difference(at("test_error_population", nbs=n), at("test_error_population", "frozen", n)),
+                above(0.0), needs_gpu=GPU_ONLY, fmt="+.4f"))  # fmt: skip
+        for n in s.fc_nbs:
+            found.append(Claim(
+                f"fc-norm-{n}", f"BN on the fc layer too, NBS {n}: test error, population − batch",
+                Published("not in the paper (its ResNets have no BN after the pooling)", WU_JOHNSON),
+                at("inconsistency", "fc", n), None, fmt="+.4f"))  # fmt: skip
+        return found
 
-    @staticmethod
-    def _figure(s):
-        figure = new_figure()
-        axes = figure.add_subplot()
-        plain = sorted(
-            (r for r in s["runs"].values() if not r["frozen"] and not r.get("fc_norm")),
-            key=lambda r: r["nbs"],
-        )
-        nbs = [r["nbs"] for r in plain]
-        for key, label in (
-            ("train_error_batch", "train, batch statistics"),
-            ("test_error_batch", "test, batch statistics"),
-            ("test_error_population", "test, population statistics"),
-        ):
-            axes.plot(nbs, [100 * r[key] for r in plain], "o-", label=label)
-        fc = [r for r in s["runs"].values() if r.get("fc_norm")]
-        for key, marker, label in (
-            ("test_error_batch", "s", "test, batch statistics, BN on the fc layer too"),
-            ("test_error_population", "D", "test, population statistics, BN on the fc layer too"),
-        ):
-            if fc:
-                axes.plot(
-                    [r["nbs"] for r in fc],
-                    [100 * r[key] for r in fc],
-                    marker,
-                    fillstyle="none",
-                    markersize=8,
-                    color="C1" if key == "test_error_batch" else "C2",
-                    label=label,
-                )
-        frozen = [r for r in s["runs"].values() if r["frozen"]]
-        if frozen:
-            axes.plot(
-                [r["nbs"] for r in frozen],
-                [100 * r["test_error_population"] for r in frozen],
-                "kx",
-                markersize=9,
-                label="test, population, FrozenBN at the end",
-            )
-        axes.set_xscale("log", base=2)
-        axes.set_xticks(nbs, [str(n) for n in nbs])
-        axes.set_xlabel("normalization batch size")
-        axes.set_ylabel("error (%)")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
-        return figure
+    def figures(self, s):
+        return [
+            VersusSetting("errors-by-nbs", ERRORS, "nbs", "normalization batch size", "error (fraction)",
+                          "The three errors of Wu & Johnson's Fig. against the NBS (BN in the conv layers).",
+                          arms=["bn"], title="BN"),
+            VersusSetting("population-error-by-nbs", "test_error_population", "nbs",
+                          "normalization batch size", "test error, population statistics (fraction)",
+                          "Test error with population statistics: BN, FrozenBN at the end, BN on the fc "
+                          "layer too."),
+            MeanTable("inconsistency", "inconsistency", "nbs",
+                      "Test error, population − batch statistics (fraction), by arm and NBS.", ".4f"),
+            Curves("ema-error", "test_error_ema", "test error, EMA statistics (fraction)",
+                   "Test error in eval mode with the layers' EMA during training.", arms=["bn"]),
+        ]  # fmt: skip
+
+    def deviations(self, s):
+        model = (f"ResNet-{3 * sum(s.resnet_blocks) + 2} (width {s.resnet_width}, CIFAR stem)"
+                 if s.resnet_blocks else f"A CNN (conv{'-conv'.join(map(str, s.channels))}, fc{s.hidden}; "
+                 "normalization in the conv layers only)")  # fmt: skip
+        return [
+            f"{model} on {s.dataset} for {s.steps} steps at gradient batch {s.batch_size}, SGD lr "
+            f"{s.learning_rate:g} momentum {s.momentum:g}, constant, no augmentation, instead of "
+            "ResNet-50 on ImageNet for 100 epochs; the NBS comes from Ghost BN inside the gradient batch.",
+            f"FrozenBN for the last {s.freeze_fraction:.0%} of the steps (the paper: the last ~20 "
+            "epochs), after a PreciseBN pass.",
+        ] + ([f"Not in the paper: at NBS {', '.join(map(str, s.fc_nbs))} a trial also normalizes the "
+              "fc layer (few values per feature)."] if s.fc_nbs else [])  # fmt: skip

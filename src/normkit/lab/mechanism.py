@@ -1,6 +1,9 @@
-"""What the three Santurkar et al. (2018) experiments share: their networks, the noise of the
-noisy-BN experiment, the ℓp normalization layers of §3.3, synthetic data for the deep linear
-network, and the probe batches the measurements use.
+"""What the experiments on BN's mechanism share: their networks, the noise of the noisy-BN
+experiment, the ℓp normalization layers of §3.3, synthetic data for the deep linear network, and
+the probe batches the measurements use.
+
+Used by ``santurkar2018-noisy``, ``santurkar2018-ics`` and ``santurkar2018-landscape`` (and by
+benchmarks/bench_metrics.py for the same networks).
 
 Santurkar, Tsipras, Ilyas & Madry 2018, "How Does Batch Normalization Help Optimization?"
 (arXiv 1805.11604). The networks are CPU-sized stand-ins for the paper's VGG on CIFAR-10
@@ -13,7 +16,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -21,6 +25,7 @@ from torch import nn
 import normkit as nk
 from normkit.errors import ConfigError
 from normkit.lab.datasets import Dataset
+from normkit.lab.evaluation import accuracy_and_loss
 from normkit.lab.models import initialize
 from normkit.lab.seeds import derived_seed
 
@@ -49,11 +54,11 @@ class TimeVaryingNoise(nn.Module):
 
     then for every element y = x · (s_c + jitter · ε1) + (mu_c + jitter · ε2), with ε1, ε2 ~ N(0, 1)
     i.i.d. per element: multiplicative noise of mean s_c and additive noise of mean mu_c, both of
-    standard deviation ``jitter``. In eval mode the layer applies the noise's expectation,
-    y = x · (scale_low + scale_high) / 2 (E[mu_c] = 0), as dropout does: the layers after it were
-    trained on inputs scaled by 2 on average, and test accuracy should measure the network, not a
-    mismatch of scales. Draws come from torch's global generator, which the lab seeds and
-    checkpoints.
+    standard deviation ``jitter``. Draws come from torch's global generator, which the lab seeds
+    and checkpoints. In eval mode the layer applies the noise's expectation, y = x · (scale_low +
+    scale_high) / 2 (E[mu_c] = 0), unless :func:`noise_in_eval` gives it a generator: then it draws
+    the noise at every forward as in training (the network as trained, noise and ReLU together),
+    from that generator, so measuring leaves training's random stream alone.
     """
 
     def __init__(
@@ -72,12 +77,14 @@ class TimeVaryingNoise(nn.Module):
             )
         self.mean_range, self.jitter = mean_range, jitter
         self.scale_low, self.scale_high = scale_low, scale_high
+        self.eval_generator: torch.Generator | None = None  # set by noise_in_eval
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training and self.eval_generator is None:
             return x * ((self.scale_low + self.scale_high) / 2)
         shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)  # per channel, broadcast over N and space
-        options = {"dtype": x.dtype, "device": x.device}
+        options = {"dtype": x.dtype, "device": x.device,
+                   "generator": None if self.training else self.eval_generator}  # fmt: skip
         mean = (torch.rand(shape, **options) * 2 - 1) * self.mean_range
         scale = self.scale_low + torch.rand(shape, **options) * (self.scale_high - self.scale_low)
         multiplier = scale + self.jitter * torch.randn(x.shape, **options)
@@ -89,6 +96,32 @@ class TimeVaryingNoise(nn.Module):
             f"mean~U(±{self.mean_range:g}), scale~U({self.scale_low:g}, {self.scale_high:g}), "
             f"jitter={self.jitter:g}"
         )
+
+
+@contextmanager
+def noise_in_eval(model: nn.Module, generator: torch.Generator) -> Iterator[int]:
+    """Within the block, every :class:`TimeVaryingNoise` of ``model`` draws its noise in eval mode
+    too, from ``generator``; yields how many such layers there are (0: nothing random)."""
+    layers = [m for m in model.modules() if isinstance(m, TimeVaryingNoise)]
+    for layer in layers:
+        layer.eval_generator = generator
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer.eval_generator = None
+
+
+@torch.no_grad()
+def noisy_accuracy_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int,
+                            seed: int) -> tuple[float, float]:  # fmt: skip
+    """Eval-mode accuracy and cross-entropy with the noise on, each the mean over ``draws`` passes
+    (one draw per forward of a chunk), from a generator seeded by ``seed``; one pass if the model
+    has no noise."""
+    generator = torch.Generator().manual_seed(seed)
+    with noise_in_eval(model, generator) as noisy:
+        found = [accuracy_and_loss(model, x, y) for _ in range(draws if noisy else 1)]
+    return sum(a for a, _ in found) / len(found), sum(loss for _, loss in found) / len(found)
 
 
 class LpBatchNorm(nn.Module):
@@ -262,8 +295,3 @@ def probe_batch(
     generator = torch.Generator().manual_seed(derived_seed(seed, 3, step))
     index = torch.randperm(len(data.y_train), generator=generator)[:size]
     return data.x_train[index], data.y_train[index]
-
-
-def mean(values) -> float | None:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(values) / len(values) if values else None
