@@ -1,5 +1,7 @@
 """Kernels and fused layers against PyTorch: op, shape, dtype, layout, ours ms, torch ms, ratio,
-GB/s and % of a same-run copy (minimum-byte formulas in normkit/benchmark.py and docs/benchmarks.md).
+GB/s and % of a same-run copy (minimum-byte formulas in normkit/benchmark.py and docs/benchmarks.md),
+and on the CPU each side's fraction of the memory bound: the passes over the tensor a streaming
+implementation needs at least (:data:`PASSES`) at the speed of the same run's copy.
 
 On the CPU "ours" is a chosen backend (default: each of native and compiled for the fused ops;
 auto elsewhere); on a GPU it is the triton backend, timed with triton.testing.do_bench medians.
@@ -21,6 +23,32 @@ import torch
 from normkit import benchmark as B
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Passes over the tensor (reads and writes of T*s bytes) each op needs at least when its statistics
+# take their own pass: forward = statistics 1 + normalize 2 (+ 1 per residual read); backward =
+# the two sums 2 (+ the residual, read again to recompute the pre-activation) + dx 3 (+ dz).
+PASSES = {
+    "bn_fwd": 3, "bn": 8, "bn_eval": 2, "bn_relu": 8, "bn_add_relu": 12, "iabn": 8,
+    "gn_fwd": 3, "gn": 8, "ln_fwd": 3, "ln": 8,
+}  # fmt: skip
+
+
+def bound_fractions(row: B.Row) -> tuple[float, float]:
+    """(ours, torch's) fraction of the memory bound: PASSES[op] passes at the copy's speed."""
+    ours = PASSES[row.op] / B.OPS[row.op][1] * row.pct_copy / 100
+    return ours, ours / row.ratio
+
+
+def format_bounds(rows: list[B.Row]) -> str:
+    lines = [f"{'op':12s} {'shape':14s} {'dtype':9s} {'layout':6s} {'passes':>6s} "
+             f"{'ours/torch':>10s} {'ours bound':>10s} {'torch bound':>11s}"]  # fmt: skip
+    for row in rows:
+        ours, theirs = bound_fractions(row)
+        lines.append(
+            f"{row.op:12s} {'x'.join(map(str, row.shape)):14s} {row.dtype:9s} {row.layout:6s} "
+            f"{PASSES[row.op]:6d} {row.ratio:10.2f} {ours:10.0%} {theirs:11.0%}"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
                 progress=lambda line, b=backend: print(f"[{b}] {line}", file=sys.stderr),
             )
     print(B.format_table(rows))
+    if args.device == "cpu":
+        print("\nfraction of the memory bound (passes at the copy's speed)")
+        print(format_bounds(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(B.to_json(rows, None, args.device))
     print(f"\nwrote {args.out}", file=sys.stderr)

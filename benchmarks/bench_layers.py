@@ -1,7 +1,11 @@
 """Core layers against torch.nn on the CPU: forward+backward (training) and eval forward.
 
-Every row times torch.nn's layer and normkit's (each backend) on the same tensor in the same process,
-alternating them for several rounds and keeping the median of each; the ratio is ours / torch's.
+Every row times torch.nn's layer and normkit's (``auto``, what a user gets, and each backend) on the
+same tensor in the same process, alternating them for several rounds and keeping the median of
+each; the ratio is ours / torch's. Beside it, each provider's fraction of the memory bound: the
+time of the passes over the tensor that the computation needs at least, at the speed of a tensor
+copy (``y.copy_(x)``, two passes, timed in the same rounds): 8 passes for forward + backward in
+training (forward: statistics, normalize; backward: two sums, then dx), 2 for the eval forward.
 Prints a table and writes JSON (machine, date, command, every timing).
 
     python benchmarks/bench_layers.py                # the full table (a few minutes on 2 cores)
@@ -18,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,13 +85,20 @@ ROWS = [
         "ln2d_cl", (32, 64, 56, 56), lambda: nk.LayerNorm2d(64), lambda: PermutedLayerNorm(64), True
     ),
 ]
-BACKENDS = ["native", "reference"]
+BACKENDS = ["auto", "native", "reference"]  # the default; --backends chooses others (compiled)
+# Passes over the tensor each mode needs at least (see the module docstring).
+PASSES = {"train": 8, "eval": 2}
 
 
-def _time(fn: Callable[[], object], min_run_time: float) -> float:
+def _time(fn: Callable[[], object], min_run_time: float) -> tuple[float, float]:
+    """(median wall seconds, process CPU seconds) per call. CPU time is the steadier measure on a
+    shared machine: waiting for a core does not count."""
     # Timer runs its statement on one thread unless told otherwise: use torch's own thread count.
     timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    start = time.process_time()
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    calls = len(measurement.raw_times) * measurement.number_per_run
+    return measurement.median, (time.process_time() - start) / calls
 
 
 def _train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
@@ -105,26 +117,42 @@ def _eval_step(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def measure(row: Row, rounds: int, min_run_time: float) -> dict:
+def measure(row: Row, rounds: int, min_run_time: float, backends: list[str]) -> dict:
     x = torch.randn(row.shape)
     if row.channels_last:
         x = x.to(memory_format=torch.channels_last)
     dy = torch.randn_like(x)
     result = {"name": row.name, "shape": list(row.shape), "channels_last": row.channels_last}
+    copy_out = torch.empty_like(x)
     for mode in ("train", "eval"):
-        providers = {"torch": row.torch_layer()} | {b: row.ours() for b in BACKENDS}
-        samples: dict[str, list[float]] = {name: [] for name in providers}
+        providers = {"torch": row.torch_layer()} | {b: row.ours() for b in backends}
+        samples: dict[str, list[float]] = {name: [] for name in [*providers, "copy"]}
+        cpu: dict[str, list[float]] = {name: [] for name in [*providers, "copy"]}
         for _ in range(rounds):  # alternate providers so drift hits them all alike
             for name, layer in providers.items():
                 layer.train(mode == "train")
                 step = _train_step(layer, x, dy) if mode == "train" else _eval_step(layer, x)
-                with nk.backend(name if name in BACKENDS else "auto"):
+                with nk.backend(name if name in backends else "auto"):
                     step()  # warm-up
-                    samples[name].append(_time(step, min_run_time))
+                    seconds, cpu_seconds = _time(step, min_run_time)
+                    samples[name].append(seconds)
+                    cpu[name].append(cpu_seconds)
+            seconds, cpu_seconds = _time(lambda: copy_out.copy_(x), min_run_time)
+            samples["copy"].append(seconds)
+            cpu["copy"].append(cpu_seconds)
         medians = {name: statistics.median(values) for name, values in samples.items()}
+        cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
+        bound = PASSES[mode] / 2 * medians["copy"]
+        cpu_bound = PASSES[mode] / 2 * cpu_medians["copy"]
         result[mode] = {
             "ms": {name: value * 1e3 for name, value in medians.items()},
-            "ratio": {b: medians[b] / medians["torch"] for b in BACKENDS},
+            "ratio": {b: medians[b] / medians["torch"] for b in backends},
+            "passes": PASSES[mode],
+            "bound_ms": bound * 1e3,
+            "of_bound": {name: bound / medians[name] for name in providers},
+            "cpu_ms": {name: value * 1e3 for name, value in cpu_medians.items()},
+            "cpu_ratio": {b: cpu_medians[b] / cpu_medians["torch"] for b in backends},
+            "cpu_of_bound": {name: cpu_bound / cpu_medians[name] for name in providers},
         }
     return result
 
@@ -143,18 +171,22 @@ def environment() -> dict:
     }
 
 
-def print_table(results: list[dict]) -> None:
-    header = f"{'layer':9s} {'shape':17s} {'mode':5s} {'torch ms':>9s} " + " ".join(
-        f"{b + ' ms':>12s} {b + '/torch':>15s}" for b in BACKENDS
+def print_table(results: list[dict], backends: list[str]) -> None:
+    header = (
+        f"{'layer':9s} {'shape':17s} {'mode':5s} {'copy ms':>8s} {'torch ms':>9s} {'bound':>6s} "
+        + " ".join(f"{b + ' ms':>12s} {b + '/torch':>15s} {'bound':>6s}" for b in backends)
     )
     print(header)
     print("-" * len(header))
     for r in results:
         for mode in ("train", "eval"):
-            ms, ratio = r[mode]["ms"], r[mode]["ratio"]
+            ms, ratio, of_bound = r[mode]["ms"], r[mode]["ratio"], r[mode]["of_bound"]
             shape = "x".join(map(str, r["shape"])) + (" CL" if r["channels_last"] else "")
-            cells = " ".join(f"{ms[b]:12.3f} {ratio[b]:15.2f}" for b in BACKENDS)
-            print(f"{r['name']:9s} {shape:17s} {mode:5s} {ms['torch']:9.3f} {cells}")
+            cells = " ".join(f"{ms[b]:12.3f} {ratio[b]:15.2f} {of_bound[b]:6.0%}" for b in backends)
+            print(
+                f"{r['name']:9s} {shape:17s} {mode:5s} {ms['copy']:8.3f} {ms['torch']:9.3f} "
+                f"{of_bound['torch']:6.0%} {cells}"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,16 +198,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads"
     )
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS), help="normkit backends to time, comma-separated"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_layers.json"))
     args = parser.parse_args(argv)
     rounds, min_run_time = (1, 0.2) if args.quick else (args.rounds, args.min_run_time)
     torch.set_num_threads(args.threads)
+    backends = args.backends.split(",")
     results = []
     for row in ROWS:
         if args.only in row.name:
-            results.append(measure(row, rounds, min_run_time))
+            results.append(measure(row, rounds, min_run_time, backends))
             print(f"measured {row.name}", file=sys.stderr)
-    print_table(results)
+    print_table(results, backends)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"environment": environment(), "results": results}, indent=2))
     print(f"\nwrote {args.out}", file=sys.stderr)

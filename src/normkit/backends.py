@@ -10,13 +10,17 @@ Backends:
   in-place activated forms), group norm and layer norm, on CUDA tensors (and on CPU tensors under
   ``TRITON_INTERPRET=1``, which is how the tests run them). Importing normkit never imports
   triton: the kernels load on the first call.
-- ``compiled``: the fused BatchNormAct and Batch-Layer maths compiled by ``torch.compile`` on the
-  CPU (needs a C++ compiler; the first call per shape compiles; under ``create_graph=True`` the
-  backward differentiates the unfused definition, so double backward works).
+- ``compiled``: BatchNorm, the fused BatchNormAct, Batch-Layer, Ghost BN, Batch-Instance and
+  Switchable maths compiled by ``torch.compile`` on the CPU, in the fewest passes over the tensor
+  and in its own layout (needs a C++ compiler; the first call per shape compiles; BatchNorm and the
+  per-plane family run ATen's kernels below ``_compiled.MIN_NUMEL`` elements; under
+  ``create_graph=True`` the backward differentiates the unfused definition, so double backward
+  works).
 - ``auto`` (default): the fastest backend verified for the input's device and dtype. On the CPU that
-  is ``native`` for every op but BatchNormAct on float32 NCHW inputs and Batch-Layer on float32 and
-  bfloat16 inputs, where it is ``compiled`` (``_dispatch.AUTO_PREFERENCES``; docs/benchmarks.md has
-  the measurements).
+  is ``native`` for every op but these, where it is ``compiled``: BatchNormAct and BatchNorm
+  (training) on float32 NCHW inputs, Ghost BN, Batch-Instance and Switchable on float32 inputs, and
+  Batch-Layer on float32 and bfloat16 inputs (``_dispatch.AUTO_PREFERENCES``; docs/benchmarks.md
+  has the measurements).
 
 Choose with ``normkit.set_backend(name)`` for the process or ``with normkit.backend(name):`` for a
 block (the block wins; it is local to the thread or task that enters it). Under torch.func's
@@ -37,6 +41,7 @@ import torch
 
 from normkit.functional import _dispatch
 from normkit.functional._batch_instance_norm import (
+    compiled_batch_instance_norm,
     native_batch_instance_norm,
     reference_batch_instance_norm,
 )
@@ -51,6 +56,7 @@ from normkit.functional._batch_norm_act import (
     native_batch_norm_act,
     reference_batch_norm_act,
 )
+from normkit.functional._batch_norm_compiled import compiled_batch_norm
 from normkit.functional._batch_renorm import native_batch_renorm, reference_batch_renorm
 from normkit.functional._compiled import compiler_available
 from normkit.functional._cross_iteration_batch_norm import (
@@ -63,7 +69,11 @@ from normkit.functional._filter_response_norm import (
     native_filter_response_norm,
     reference_filter_response_norm,
 )
-from normkit.functional._ghost_batch_norm import native_ghost_batch_norm, reference_ghost_batch_norm
+from normkit.functional._ghost_batch_norm import (
+    compiled_ghost_batch_norm,
+    native_ghost_batch_norm,
+    reference_ghost_batch_norm,
+)
 from normkit.functional._group_norm import reference_group_norm
 from normkit.functional._inplace_abn import native_inplace_abn, reference_inplace_abn
 from normkit.functional._layer_norm import reference_channel_layer_norm, reference_layer_norm
@@ -81,7 +91,11 @@ from normkit.functional._std_conv import (
     native_standardized_weight,
     reference_standardized_weight,
 )
-from normkit.functional._switchable_norm import native_switchable_norm, reference_switchable_norm
+from normkit.functional._switchable_norm import (
+    compiled_switchable_norm,
+    native_switchable_norm,
+    reference_switchable_norm,
+)
 
 # --- native: ATen (and cuDNN) ---------------------------------------------------------------------
 
@@ -193,6 +207,7 @@ def _triton(op: str):
 IMPLEMENTATIONS: dict[str, dict[str, Callable | tuple[Callable, _dispatch.Supports]]] = {
     "batch_norm": {
         "native": native_batch_norm,
+        "compiled": (compiled_batch_norm, _compiled_supports),
         "reference": reference_batch_norm,
         "triton": (_triton("batch_norm"), _triton_supports),
     },
@@ -212,14 +227,18 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable | tuple[Callable, _dispatch.Suppor
         "triton": (_triton("group_norm"), _triton_supports),
     },
     # The family beyond BatchNorm: ATen kernels (batch norm's statistics, inference and
-    # training-backward kernels; vectorized reductions) composed with hand-written backward passes.
+    # training-backward kernels; vectorized reductions) composed with hand-written backward passes
+    # (native); Ghost BN, Batch-Instance and Switchable also in four passes fused by torch.compile
+    # in the input's layout (compiled: functional/_instance_stats_compiled.py).
     "batch_renorm": {"native": native_batch_renorm, "reference": reference_batch_renorm},
     "ghost_batch_norm": {
         "native": native_ghost_batch_norm,
+        "compiled": (compiled_ghost_batch_norm, _compiled_supports),
         "reference": reference_ghost_batch_norm,
     },
     "batch_instance_norm": {
         "native": native_batch_instance_norm,
+        "compiled": (compiled_batch_instance_norm, _compiled_supports),
         "reference": reference_batch_instance_norm,
     },
     "batch_layer_norm": {
@@ -227,7 +246,11 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable | tuple[Callable, _dispatch.Suppor
         "compiled": (compiled_batch_layer_norm, _compiled_supports),
         "reference": reference_batch_layer_norm,
     },
-    "switchable_norm": {"native": native_switchable_norm, "reference": reference_switchable_norm},
+    "switchable_norm": {
+        "native": native_switchable_norm,
+        "compiled": (compiled_switchable_norm, _compiled_supports),
+        "reference": reference_switchable_norm,
+    },
     # Small batches (issue "Small batches, solved"): the batch-independent normalizers.
     "rms_norm": {"native": native_rms_norm, "reference": reference_rms_norm},
     "channel_rms_norm": {

@@ -28,12 +28,14 @@ from normkit.functional._checks import (
     check_min_rank,
     check_per_channel,
 )
+from normkit.functional._compiled import worth_compiling
 from normkit.functional._instance_stats import (
     instance_affine,
     instance_moments,
     merge_moments,
     spatial_dims,
 )
+from normkit.functional._instance_stats_compiled import plane_norm
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import (
     channel_view,
@@ -157,13 +159,13 @@ def batch_part(mean_in, var_in, running_mean, running_var):
     return running_mean.to(dtype), running_var.to(dtype)
 
 
-def native_batch_instance_norm(input, gate, weight, bias, running_mean, running_var, eps):
-    mean_in, var_in = instance_moments(input)  # (N, C)
+def _batch_instance_affine(mean_in, var_in, gate, weight, bias, running_mean, running_var, eps):
+    """(scale, shift) per plane, (N, C), and the BN part's (mean, var), (C,), from the instance
+    statistics: rho (x - mu_B) / sigma_B + (1 - rho) (x - mu_I) / sigma_I = x * scale + shift."""
     mean_bn, var_bn = batch_part(mean_in, var_in, running_mean, running_var)  # (C,)
     dtype = mean_in.dtype
     gate = gate.to(dtype)
     invstd_bn, invstd_in = torch.rsqrt(var_bn + eps), torch.rsqrt(var_in + eps)
-    # rho * (x - mu_B) / sigma_B + (1 - rho) * (x - mu_I) / sigma_I = x * scale + shift
     scale_bn, scale_in = gate * invstd_bn, (1.0 - gate) * invstd_in
     scale = scale_bn + scale_in
     shift = -(scale_bn * mean_bn) - scale_in * mean_in
@@ -171,7 +173,25 @@ def native_batch_instance_norm(input, gate, weight, bias, running_mean, running_
         scale, shift = scale * weight.to(dtype), shift * weight.to(dtype)
     if bias is not None:
         shift = shift + bias.to(dtype)
+    return scale, shift, mean_bn, var_bn
+
+
+def native_batch_instance_norm(input, gate, weight, bias, running_mean, running_var, eps):
+    mean_in, var_in = instance_moments(input)  # (N, C)
+    scale, shift, mean_bn, var_bn = _batch_instance_affine(
+        mean_in, var_in, gate, weight, bias, running_mean, running_var, eps
+    )
     return instance_affine(input, scale, shift), mean_bn, var_bn
+
+
+def compiled_batch_instance_norm(input, gate, weight, bias, running_mean, running_var, eps):
+    """The same maths in four fused passes over the input (:mod:`._instance_stats_compiled`); native for
+    small inputs and under tracing or transforms (``_compiled.worth_compiling``)."""
+    if not worth_compiling(input):
+        return native_batch_instance_norm(input, gate, weight, bias, running_mean, running_var, eps)
+    return plane_norm(
+        input, _batch_instance_affine, gate, weight, bias, running_mean, running_var, eps
+    )
 
 
 def reference_batch_instance_norm(input, gate, weight, bias, running_mean, running_var, eps):

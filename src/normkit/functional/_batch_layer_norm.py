@@ -27,6 +27,7 @@ from normkit.errors import ConfigError
 from normkit.functional import _dispatch
 from normkit.functional._batch_instance_norm import mix_with_batch_statistics
 from normkit.functional._batch_norm import batch_dims
+from normkit.functional._batch_norm_compiled import shifted_moments
 from normkit.functional._checks import (
     check_eps,
     check_floating,
@@ -218,11 +219,12 @@ def _compiled_forward_maths(x, w_b, b, w_f, running_mean, running_var, eps: floa
     (mean, 1/σ) per position, all in the statistics dtype."""
     ndim = x.dim()
     xs = x.to(stats_dtype(x.dtype))
+    # one pass of shifted sums per statistic, where var_mean's Welford update divides per element
     if running_mean is None:
-        var, mean = torch.var_mean(xs, batch_dims(ndim), correction=0, keepdim=True)
+        mean, var = shifted_moments(xs, batch_dims(ndim))
     else:
         mean, var = channel_view(running_mean, ndim), channel_view(running_var, ndim)
-    var_f, mean_f = torch.var_mean(xs, (1,), correction=0, keepdim=True)
+    mean_f, var_f = shifted_moments(xs, (1,))
     invstd_f = torch.rsqrt(var_f + eps)
     y = (
         (xs - mean) * (torch.rsqrt(var + eps) * channel_view(w_b, ndim))

@@ -15,6 +15,12 @@ import warnings
 import torch
 
 from normkit.functional._running_stats import compiling
+from normkit.functional._transforms import transforming
+
+# Below this many elements a layer runs ATen's kernels even under the compiled backend: a compiled
+# call costs tens of microseconds of guards and each new shape seconds of compilation, more than
+# ATen needs for the whole layer (4M elements: 16 MB of float32, a layer of a few milliseconds).
+MIN_NUMEL = 1 << 22
 
 # Every op, dtype, layout, mode and (before shapes turn dynamic) shape is a guard of the same
 # function: a model has more than torch's default 8 of them, past which Dynamo would run the maths
@@ -27,6 +33,15 @@ def compiled(fn):
     """``torch.compile(fn)``, once per function. Not fullgraph: past the recompile limit (many
     shapes, thread-count changes) Dynamo runs the function eagerly for the new case."""
     return torch.compile(fn)
+
+
+def worth_compiling(input: torch.Tensor) -> bool:
+    """Whether a compiled implementation compiles ``input``'s layer rather than running ATen's:
+    at least MIN_NUMEL elements, and no program transform recording the call
+    (:func:`~normkit.functional._transforms.transforming`): the user's own torch.compile fuses
+    ATen's ops into its graph, and torch.jit.trace and torch.func need differentiable, batchable
+    ops (the dispatcher already hands the latter ``reference``; this keeps direct calls safe)."""
+    return input.numel() >= MIN_NUMEL and not transforming()
 
 
 def compiler_available() -> bool:

@@ -58,6 +58,18 @@ AUTO_PREFERENCES: dict[tuple[str, str, torch.dtype, str], list[str]] = {
         for dtype in (torch.float32, torch.bfloat16)
         for layout in ("contiguous", "strided")
     },
+    # BatchNorm on the CPU, float32 NCHW, training: compiled (8 fused passes) 0.6-0.8x torch's
+    # BatchNorm2d forward + backward; slower in channels_last, where ATen's kernel is already
+    # fast, which stays native. Evaluation runs ATen's kernel either way (_batch_norm_compiled).
+    ("batch_norm", "cpu", torch.float32, "contiguous"): ["compiled", "native", "reference"],
+    # Ghost BN, Batch-Instance and Switchable on the CPU, float32: compiled (4 fused passes per
+    # direction, channels_last reduced in its own layout) faster than native in both layouts
+    # (docs/benchmarks.md, "The layers beyond BatchNorm"). Both run native below 4M elements.
+    **{
+        (op, "cpu", torch.float32, layout): ["compiled", "native", "reference"]
+        for op in ("ghost_batch_norm", "batch_instance_norm", "switchable_norm")
+        for layout in ("contiguous", "strided")
+    },
     # RMSNorm on the CPU: normkit's own (one reduction, a hand-derived backward) 0.4x-0.9x
     # torch.nn.RMSNorm, whose CPU path is composite maths (docs/benchmarks.md, "Small batches").
     **{
@@ -124,11 +136,18 @@ def resolve(op: str, input: torch.Tensor, backend: str | None = None) -> Callabl
 
     Under torch.func's transforms, forward-mode AD and torch.jit.trace
     (:func:`~normkit.functional._transforms.composite_required`) the choice is kept when it is
-    composite, and is ``reference`` otherwise.
+    composite, and is ``reference`` otherwise; ``auto`` then takes the first composite backend of
+    its order (ATen's batch norm where ``compiled`` is preferred outside transforms).
     """
     name = current() if backend is None else backend
     table = _REGISTRY[op]
     if composite_required():
+        if name == "auto":
+            for candidate in auto_order(op, input):
+                impl = table.get(candidate)
+                if impl is not None and impl.composite and impl.supports(input):
+                    return impl.fn
+            return table["reference"].fn
         impl = _choose(op, input, name, table)
         return impl.fn if impl.composite else table["reference"].fn
     return _choose(op, input, name, table).fn

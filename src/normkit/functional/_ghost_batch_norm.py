@@ -12,8 +12,10 @@ paper's code — computed here in closed form, without a loop:
 
 ``num_batches_tracked`` counts ghost batches (t above). Both backends are vectorized over the ghost
 batches: ``native`` merges instance statistics per ghost batch and applies one per-plane affine map
-(:mod:`normkit.functional._instance_stats`); ``reference`` views the batch as (G, N/G, C, *) and
-normalizes over (N/G, *) with normkit's :func:`~normkit.functional.normalize_over`.
+(:mod:`normkit.functional._instance_stats`); ``compiled`` does the same in four passes fused by
+torch.compile in the input's layout (:mod:`normkit.functional._instance_stats_compiled`); ``reference``
+views the batch as (G, N/G, C, *) and normalizes over (N/G, *) with normkit's
+:func:`~normkit.functional.normalize_over`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from normkit.functional._checks import (
     check_positive_int,
     shape_str,
 )
+from normkit.functional._compiled import worth_compiling
 from normkit.functional._instance_stats import instance_affine, instance_moments, merge_moments
+from normkit.functional._instance_stats_compiled import plane_norm
 from normkit.functional._moments import unbiased
 from normkit.functional._normalize import channel_view, empty_output, normalize_over
 from normkit.functional._running_stats import exponential_average_factor, guarded_update
@@ -165,8 +169,10 @@ def _blocks(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
     return runs
 
 
-def native_ghost_batch_norm(input, sizes, weight, bias, eps):
-    mean, var = instance_moments(input)  # (N, C)
+def _ghost_affine(mean, var, weight, bias, sizes, eps):
+    """(scale, shift) per plane, (N, C), and the ghost batches' (mean, var), (G, C), from the
+    instance statistics ``mean``, ``var`` (N, C): the ghost batches' moments merged by the law of
+    total variance, each sample normalized with its ghost batch's."""
     means, variances, per_sample_mean, per_sample_var = [], [], [], []
     start = 0
     for count, size in _blocks(sizes):  # at most two runs of equal-sized ghost batches
@@ -189,8 +195,22 @@ def native_ghost_batch_norm(input, sizes, weight, bias, eps):
     shift = -sample_mean * scale
     if bias is not None:
         shift = shift + bias.to(scale.dtype)
+    return scale, shift, ghost_mean, ghost_var
+
+
+def native_ghost_batch_norm(input, sizes, weight, bias, eps):
+    mean, var = instance_moments(input)  # (N, C)
+    scale, shift, ghost_mean, ghost_var = _ghost_affine(mean, var, weight, bias, sizes, eps)
     y = instance_affine(input, scale, shift)
     return y, ghost_mean.detach(), ghost_var.detach()
+
+
+def compiled_ghost_batch_norm(input, sizes, weight, bias, eps):
+    """The same maths in four fused passes over the input (:mod:`._instance_stats_compiled`); native for
+    small inputs and under tracing or transforms (``_compiled.worth_compiling``)."""
+    if not worth_compiling(input):
+        return native_ghost_batch_norm(input, sizes, weight, bias, eps)
+    return plane_norm(input, _ghost_affine, weight, bias, sizes, eps)
 
 
 def reference_ghost_batch_norm(input, sizes, weight, bias, eps):

@@ -32,12 +32,14 @@ from normkit.functional._checks import (
     check_per_channel,
     shape_str,
 )
+from normkit.functional._compiled import worth_compiling
 from normkit.functional._instance_stats import (
     instance_affine,
     instance_moments,
     merge_moments,
     spatial_dims,
 )
+from normkit.functional._instance_stats_compiled import plane_norm
 from normkit.functional._moments import moments, stats_dtype
 from normkit.functional._normalize import channel_view, empty_output
 
@@ -110,10 +112,10 @@ def importance(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.softmax(logits.to(dtype), dim=0)
 
 
-def native_switchable_norm(
-    input, mean_weight, var_weight, weight, bias, running_mean, running_var, eps
-):
-    mean_in, var_in = instance_moments(input)  # (N, C)
+def _switchable_affine(mean_in, var_in, mean_weight, var_weight, weight, bias, running_mean,
+                       running_var, eps):  # fmt: skip
+    """(scale, shift) per plane, (N, C), and the BN part's (mean, var), (C,): the IN, LN and BN
+    moments, the LN and BN ones merged from the IN ones, mixed by the softmax importances."""
     dtype = mean_in.dtype
     mean_ln, var_ln = merge_moments(mean_in, var_in, 1)  # (N,)
     if running_mean is None:
@@ -129,7 +131,32 @@ def native_switchable_norm(
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias.to(dtype)
+    return scale, shift, mean_bn, var_bn
+
+
+def native_switchable_norm(
+    input, mean_weight, var_weight, weight, bias, running_mean, running_var, eps
+):
+    mean_in, var_in = instance_moments(input)  # (N, C)
+    scale, shift, mean_bn, var_bn = _switchable_affine(
+        mean_in, var_in, mean_weight, var_weight, weight, bias, running_mean, running_var, eps
+    )
     return instance_affine(input, scale, shift), mean_bn, var_bn
+
+
+def compiled_switchable_norm(
+    input, mean_weight, var_weight, weight, bias, running_mean, running_var, eps
+):
+    """The same maths in four fused passes over the input (:mod:`._instance_stats_compiled`); native for
+    small inputs and under tracing or transforms (``_compiled.worth_compiling``)."""
+    if not worth_compiling(input):
+        return native_switchable_norm(
+            input, mean_weight, var_weight, weight, bias, running_mean, running_var, eps
+        )
+    return plane_norm(
+        input, _switchable_affine, mean_weight, var_weight, weight, bias, running_mean,
+        running_var, eps,
+    )  # fmt: skip
 
 
 def reference_switchable_norm(

@@ -15,11 +15,17 @@ have the same contracts as the other backends' implementations (``torch.batch_no
   groups of channels);
 - ``layer_norm``: row-wise layer norm forward and backward;
 - ``_math``: device functions shared by the kernels (Chan's merge, activations); ``_utils``: launch
-  helpers (views of an (N, C, *) tensor, block sizes, how to split a reduction).
+  helpers (views of an (N, C, *) tensor, block sizes, how to split a reduction, the launch call that
+  can be recorded instead of run);
+- ``_launch_plans``: every launch of the ops on the shapes of docs/benchmarks.md, planned for an
+  H100's or an A100's multiprocessors on ``meta`` tensors, with the bytes each moves;
+- ``_aot``: ahead-of-time compilation of any recorded launch for sm_80 or sm_90, without a GPU, with
+  ptxas's registers and spills and the occupancy they allow (``benchmarks/aot_check.py``).
 
 Kernels accumulate in float32 and save float32 statistics for any input dtype. They are tested on
-the CPU under triton's interpreter (TRITON_INTERPRET=1); ``benchmarks/gpu_check.py`` runs the same
-tests compiled on a GPU and times them (docs/benchmarks.md says whether that has happened).
+the CPU under triton's interpreter (TRITON_INTERPRET=1), compiled ahead of time for sm_80 and sm_90
+in the tests (tests/kernels/test_kernels_aot.py); ``benchmarks/gpu_check.py`` runs the same tests
+compiled on a GPU and times them (docs/benchmarks.md says whether that has happened).
 """
 
 import importlib

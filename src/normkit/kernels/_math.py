@@ -21,17 +21,51 @@ import triton.language as tl
 
 ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4, "elu": 5}
 
-_SQRT_HALF = 0.7071067811865476  # 1/sqrt(2), for gelu's erf form
-_INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2*pi), gelu's density
+# Globals read inside @triton.jit functions must be constexpr (a plain float compiles in the
+# interpreter but is a CompilationError for a GPU: the ahead-of-time check found it).
+_SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1/sqrt(2), for gelu's erf form
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi), gelu's density
 
 
 @triton.jit
-def tile_moments(x, mask):
-    """(count, mean, M2) of each column of a [rows, cols] tile; masked elements must be 0 in x."""
-    count = tl.sum(mask.to(tl.float32), axis=0)
-    mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
-    centred = tl.where(mask, x - mean[None, :], 0.0)
-    return count, mean, tl.sum(centred * centred, axis=0)
+def tile_moments(x, mask, INTERLEAVED: tl.constexpr):
+    """(count, mean, M2) of a [rows, cols] tile: per column when the columns are channels
+    (interleaved), else of the whole tile (planar: every value is one channel's). Masked elements
+    must be 0 in x."""
+    if INTERLEAVED:
+        count = tl.sum(mask.to(tl.float32), axis=0)
+        mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
+        centred = tl.where(mask, x - mean[None, :], 0.0)
+        m2 = tl.sum(centred * centred, axis=0)
+    else:
+        count = tl.sum(mask.to(tl.float32))
+        mean = tl.sum(x) / tl.maximum(count, 1.0)
+        centred = tl.where(mask, x - mean, 0.0)
+        m2 = tl.sum(centred * centred)
+    return count, mean, m2
+
+
+@triton.jit
+def channel_sum(v, INTERLEAVED: tl.constexpr):
+    """Sum of a tile per channel: per column (interleaved) or all of it (planar)."""
+    if INTERLEAVED:  # noqa: SIM108 (a constexpr branch reads better in a kernel)
+        total = tl.sum(v, axis=0)
+    else:
+        total = tl.sum(v)
+    return total
+
+
+@triton.jit
+def channel_zeros(BLOCK_COLS: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """A zero accumulator per channel of a program: BLOCK_COLS of them, or one (planar).
+
+    Planar programs reduce each tile to one value before accumulating, so that no accumulator of
+    the tile's width stays live across the loop (16 registers per thread each at 4096 columns)."""
+    if INTERLEAVED:  # noqa: SIM108
+        zero = tl.zeros([BLOCK_COLS], tl.float32)
+    else:
+        zero = tl.sum(tl.zeros([BLOCK_COLS], tl.float32))
+    return zero
 
 
 @triton.jit
@@ -96,10 +130,12 @@ def activation_grad(pre, ACT: tl.constexpr, param):
 @triton.jit
 def activation_inverse(out, ACT: tl.constexpr, param):
     """pre from act(pre) for the invertible activations (identity, leaky_relu with param > 0, elu)."""
+    # (a multiply by 1 / param, one division per program: a division per element costs registers
+    # and, on sm_80, spills; benchmarks/aot_check.py)
     if ACT == 2:
-        pre = tl.where(out < 0.0, out / param, out)
+        pre = tl.where(out < 0.0, out * (1.0 / param), out)
     elif ACT == 5:
-        pre = tl.where(out > 0.0, out, tl.log(1.0 + out / param))
+        pre = tl.where(out > 0.0, out, tl.log(1.0 + out * (1.0 / param)))
     else:
         pre = out
     return pre
@@ -121,7 +157,6 @@ def activation_grad_from_output(out, ACT: tl.constexpr, param):
 def tile_offsets(
     item,
     pid_c,
-    a_start,
     A,
     C,
     B,
@@ -133,18 +168,20 @@ def tile_offsets(
     BLOCK_COLS: tl.constexpr,
     INTERLEAVED: tl.constexpr,
 ):
-    """Offsets and mask of the ``item``-th tile of a program's chunk (see kernels/_utils.py).
+    """Offsets and mask of the ``item``-th tile of a channel (block) (see kernels/_utils.py).
 
-    Interleaved: rows of A by a block of contiguous channels. Planar: rows of A by a block of the
-    contiguous axis B of one channel; items walk the B tiles of a row block, then the next rows.
+    Interleaved: rows of A by a block of contiguous channels; item i is rows [i BLOCK_A, ...).
+    Planar: rows of A by a block of the contiguous axis B of one channel; items walk the B tiles of
+    a row block, then the next rows. A program sweeps a contiguous range of items (its chunk), so
+    a chunk may cut a row of B: the reduction splits across programs along B as well as along A.
     """
     if INTERLEAVED:
-        rows = a_start + item * BLOCK_A + tl.arange(0, BLOCK_A)
+        rows = item * BLOCK_A + tl.arange(0, BLOCK_A)
         cols = pid_c * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
         offsets = rows.to(tl.int64)[:, None] * stride_a + cols[None, :] * stride_c
         mask = (rows < A)[:, None] & (cols < C)[None, :]
     else:
-        rows = a_start + (item // b_tiles) * BLOCK_A + tl.arange(0, BLOCK_A)
+        rows = (item // b_tiles) * BLOCK_A + tl.arange(0, BLOCK_A)
         cols = (item % b_tiles) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
         offsets = (
             rows.to(tl.int64)[:, None] * stride_a

@@ -29,13 +29,20 @@ from normkit.kernels._math import (
     activation_inverse,
     as_row,
     channel_index,
+    channel_sum,
+    channel_zeros,
     load_channel,
     tile_offsets,
 )
-from normkit.kernels._utils import ChannelView, plan, same_layout
+from normkit.kernels._utils import (
+    STAGE_WARPS,
+    ChannelView,
+    launch,
+    plan,
+    same_layout,
+    stage_blocks,
+)
 from normkit.kernels.batch_norm_eval import items_per_chunk
-
-COEFFICIENT_BLOCK = 128
 
 
 @triton.jit
@@ -56,7 +63,7 @@ def _pre_activation_grad(
     """(g, x_hat) of a tile: g = dL/d(pre-activation), x_hat the normalized input."""
     if FROM_OUTPUT:
         g = dy * activation_grad_from_output(src, ACT, act_param)
-        x_hat = (activation_inverse(src, ACT, act_param) - b) / w
+        x_hat = (activation_inverse(src, ACT, act_param) - b) * (1.0 / w)
     else:
         x_hat = (src - mean) * invstd
         if ACT == 0:
@@ -77,7 +84,7 @@ def input_grad_tiles(
     dx_ptr,  # dL/dx out, same strides (WRITE_DX)
     dz_ptr,  # dL/dz out, same strides (HAS_Z)
     pid_c,
-    a_start,
+    first,  # the chunk's first tile
     items,
     A,
     C,
@@ -103,9 +110,9 @@ def input_grad_tiles(
     ACT: tl.constexpr,
     WRITE_DX: tl.constexpr,
 ):
-    for item in range(0, items):
+    for item in range(first, first + items):
         offsets, mask = tile_offsets(
-            item, pid_c, a_start, A, C, B, stride_a, stride_c, stride_b, b_tiles,
+            item, pid_c, A, C, B, stride_a, stride_c, stride_b, b_tiles,
             BLOCK_A, BLOCK_COLS, INTERLEAVED,
         )  # fmt: skip
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -148,8 +155,7 @@ def _grad_sums_kernel(
     stride_b,
     K,
     D,
-    rows_per_chunk,
-    items,
+    items,  # tiles per chunk: program (c, k) sweeps items [k * items, (k + 1) * items)
     b_tiles,
     chunks,
     inv_count,  # 1 / n, the values per statistic
@@ -184,12 +190,12 @@ def _grad_sums_kernel(
     w_r = as_row(w, INTERLEAVED)
     b_r = as_row(b, INTERLEAVED)
     base = pid_p.to(tl.int64) * stride_p
-    a_start = pid_chunk * rows_per_chunk
-    sum_g = tl.zeros([BLOCK_COLS], tl.float32)
-    sum_gx = tl.zeros([BLOCK_COLS], tl.float32)
-    for item in range(0, items):
+    first = pid_chunk * items
+    sum_g = channel_zeros(BLOCK_COLS, INTERLEAVED)
+    sum_gx = channel_zeros(BLOCK_COLS, INTERLEAVED)
+    for item in range(first, first + items):
         offsets, mask = tile_offsets(
-            item, pid_c, a_start, A, C, B, stride_a, stride_c, stride_b, b_tiles,
+            item, pid_c, A, C, B, stride_a, stride_c, stride_b, b_tiles,
             BLOCK_A, BLOCK_COLS, INTERLEAVED,
         )  # fmt: skip
         dy = tl.load(dy_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -200,11 +206,8 @@ def _grad_sums_kernel(
         g, x_hat = _pre_activation_grad(
             src, dy, z, mean_r, invstd_r, scale_r, w_r, b_r, act_param, ACT, FROM_OUTPUT, HAS_Z
         )
-        sum_g += tl.sum(g, axis=0)  # masked elements have dy = 0, hence g = 0
-        sum_gx += tl.sum(g * x_hat, axis=0)
-    if not INTERLEAVED:
-        sum_g = tl.sum(sum_g, axis=0)
-        sum_gx = tl.sum(sum_gx, axis=0)
+        sum_g += channel_sum(g, INTERLEAVED)  # masked elements have dy = 0, hence g = 0
+        sum_gx += channel_sum(g * x_hat, INTERLEAVED)
     if FUSED:
         tl.store(sum_g_ptr + channels, sum_g, mask=cmask)
         tl.store(sum_gx_ptr + channels, sum_gx, mask=cmask)
@@ -213,7 +216,7 @@ def _grad_sums_kernel(
             coef_b = as_row(w * sum_gx * inv_count, INTERLEAVED)
             input_grad_tiles(
                 dy_ptr + base, src_ptr + base, z_ptr + base, dx_ptr + base, dz_ptr + base,
-                pid_c, a_start, items, A, C, B, stride_a, stride_c, stride_b, b_tiles,
+                pid_c, first, items, A, C, B, stride_a, stride_c, stride_b, b_tiles,
                 mean_r, invstd_r, scale_r, w_r, b_r, coef_a, coef_b, act_param,
                 BLOCK_A, BLOCK_COLS, INTERLEAVED, TRAINING, FROM_OUTPUT, HAS_Z, ACT, WRITE_DX,
             )  # fmt: skip
@@ -235,22 +238,26 @@ def _grad_coefficients_kernel(
     D,
     chunks,
     inv_count,
+    BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_W: tl.constexpr,
 ):
-    """Second stage of the split path: reduce the partial sums of each statistic in a fixed order."""
+    """Second stage of the split path: reduce the partial sums of each statistic in a fixed order,
+    BLOCK_J partials of BLOCK_K statistics per tile."""
     pid_k = tl.program_id(0)
     pid_p = tl.program_id(1)
     stats = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     smask = stats < K
     coef_a = tl.zeros([BLOCK_K], tl.float32)
     coef_b = tl.zeros([BLOCK_K], tl.float32)
-    for j in range(0, chunks * D):
-        channels = stats * D + j % D
-        partial = (pid_p * chunks + j // D) * C + channels
-        w = load_channel(weight_ptr, channels, smask, 1.0, HAS_W)
-        coef_a += w * tl.load(sum_g_ptr + partial, mask=smask, other=0.0)
-        coef_b += w * tl.load(sum_gx_ptr + partial, mask=smask, other=0.0)
+    for start in range(0, chunks * D, BLOCK_J):
+        j = start + tl.arange(0, BLOCK_J)
+        channels = stats[None, :] * D + (j % D)[:, None]
+        partial = (pid_p * chunks + j // D)[:, None] * C + channels
+        mask = (j < chunks * D)[:, None] & smask[None, :]
+        w = load_channel(weight_ptr, channels, mask, 1.0, HAS_W)
+        coef_a += tl.sum(w * tl.load(sum_g_ptr + partial, mask=mask, other=0.0), axis=0)
+        coef_b += tl.sum(w * tl.load(sum_gx_ptr + partial, mask=mask, other=0.0), axis=0)
     out = pid_p * K + stats
     tl.store(coef_a_ptr + out, coef_a * inv_count, mask=smask)
     tl.store(coef_b_ptr + out, coef_b * inv_count, mask=smask)
@@ -278,8 +285,7 @@ def _input_grad_kernel(
     stride_b,
     K,
     D,
-    rows_per_chunk,
-    items,
+    items,  # tiles per chunk: program (c, k) sweeps items [k * items, (k + 1) * items)
     b_tiles,
     act_param,
     BLOCK_A: tl.constexpr,
@@ -311,7 +317,7 @@ def _input_grad_kernel(
     base = pid_p.to(tl.int64) * stride_p
     input_grad_tiles(
         dy_ptr + base, src_ptr + base, z_ptr + base, dx_ptr + base, dz_ptr + base,
-        pid_c, pid_chunk * rows_per_chunk, items, A, C, B, stride_a, stride_c, stride_b, b_tiles,
+        pid_c, pid_chunk * items, items, A, C, B, stride_a, stride_c, stride_b, b_tiles,
         as_row(mean, INTERLEAVED), as_row(invstd, INTERLEAVED), as_row(invstd * w, INTERLEAVED),
         as_row(w, INTERLEAVED), as_row(b, INTERLEAVED), coef_a, coef_b, act_param,
         BLOCK_A, BLOCK_COLS, INTERLEAVED, TRAINING, FROM_OUTPUT, HAS_Z, ACT, WRITE_DX,
@@ -364,10 +370,11 @@ def normalization_backward(
     items = items_per_chunk(p)
     if needs_sums and fuse and p.chunks == 1 and view.P == 1 and groups == view.C:
         sums = torch.empty((2, view.C), device=src.device, dtype=torch.float32)
-        _grad_sums_kernel[p.grid(view)](
+        launch(
+            _grad_sums_kernel, p.grid(view),
             *pointers, mean, invstd, *params, sums[0], sums[1],
             dx if dx is not None else src, dz if dz is not None else src,
-            *view.args(), groups, 1, p.rows_per_chunk, items, p.b_tiles, 1, 1.0 / n, act_param,
+            *view.args(), groups, 1, items, p.b_tiles, 1, 1.0 / n, act_param,
             FUSED=True, **common,
         )  # fmt: skip
         return dx, dz, sums[1], sums[0]
@@ -375,9 +382,10 @@ def normalization_backward(
     dweight = dbias = None
     if needs_sums:
         sums = torch.empty((2, view.P, p.chunks, view.C), device=src.device, dtype=torch.float32)
-        _grad_sums_kernel[p.grid(view)](
+        launch(
+            _grad_sums_kernel, p.grid(view),
             *pointers, mean, invstd, *params, sums[0], sums[1], src, src,
-            *view.args(), groups, view.C // groups, p.rows_per_chunk, items, p.b_tiles,
+            *view.args(), groups, view.C // groups, items, p.b_tiles,
             p.chunks, 1.0 / n, act_param, FUSED=False, **common,
         )  # fmt: skip
         if needs_param_grads:
@@ -385,16 +393,19 @@ def normalization_backward(
         if training and needs_input_grad:
             coef_a = torch.empty((view.P, groups), device=src.device, dtype=torch.float32)
             coef_b = torch.empty_like(coef_a)
-            _grad_coefficients_kernel[(triton.cdiv(groups, COEFFICIENT_BLOCK), view.P)](
+            block_j, block_k = stage_blocks(groups)
+            launch(
+                _grad_coefficients_kernel, (triton.cdiv(groups, block_k), view.P),
                 sums[0], sums[1], params[0], coef_a, coef_b,
                 view.C, groups, view.C // groups, p.chunks, 1.0 / n,
-                BLOCK_K=COEFFICIENT_BLOCK, HAS_W=has_w,
+                BLOCK_J=block_j, BLOCK_K=block_k, HAS_W=has_w, num_warps=STAGE_WARPS,
             )  # fmt: skip
     if needs_input_grad or z is not None:
-        _input_grad_kernel[p.grid(view)](
+        launch(
+            _input_grad_kernel, p.grid(view),
             *pointers, dx if dx is not None else src, dz if dz is not None else src,
             mean, invstd, coef_a, coef_b, *params,
-            *view.args(), groups, view.C // groups, p.rows_per_chunk, items, p.b_tiles, act_param,
+            *view.args(), groups, view.C // groups, items, p.b_tiles, act_param,
             **common,
         )  # fmt: skip
     return dx, dz, dweight, dbias

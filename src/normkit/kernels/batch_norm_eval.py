@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from normkit.kernels._math import activation, as_row, channel_index, load_channel, tile_offsets
-from normkit.kernels._utils import ChannelView, Plan, batch_view, plan, same_layout
+from normkit.kernels._utils import ChannelView, Plan, batch_view, launch, plan, same_layout
 
 
 @triton.jit
@@ -24,7 +24,7 @@ def normalize_tiles(
     z_ptr,  # residual, same strides (read only if HAS_Z)
     y_ptr,  # output, same strides
     pid_c,
-    a_start,
+    first,  # the chunk's first tile
     items,  # tiles in this program's chunk
     A,
     C,
@@ -43,9 +43,9 @@ def normalize_tiles(
     HAS_Z: tl.constexpr,
     ACT: tl.constexpr,
 ):
-    for item in range(0, items):
+    for item in range(first, first + items):
         offsets, mask = tile_offsets(
-            item, pid_c, a_start, A, C, B, stride_a, stride_c, stride_b, b_tiles,
+            item, pid_c, A, C, B, stride_a, stride_c, stride_b, b_tiles,
             BLOCK_A, BLOCK_COLS, INTERLEAVED,
         )  # fmt: skip
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -74,8 +74,7 @@ def _normalize_kernel(
     stride_b,
     K,
     D,
-    rows_per_chunk,
-    items,
+    items,  # tiles per chunk: program (c, k) sweeps items [k * items, (k + 1) * items)
     b_tiles,
     eps,
     act_param,
@@ -101,7 +100,7 @@ def _normalize_kernel(
     shift = load_channel(bias_ptr, channels, cmask, 0.0, HAS_B)
     base = pid_p.to(tl.int64) * stride_p
     normalize_tiles(
-        x_ptr + base, z_ptr + base, y_ptr + base, pid_c, pid_chunk * rows_per_chunk, items,
+        x_ptr + base, z_ptr + base, y_ptr + base, pid_c, pid_chunk * items, items,
         A, C, B, stride_a, stride_c, stride_b, b_tiles,
         as_row(mean, INTERLEAVED), as_row(scale, INTERLEAVED), as_row(shift, INTERLEAVED),
         act_param, BLOCK_A, BLOCK_COLS, INTERLEAVED, HAS_Z, ACT,
@@ -109,7 +108,7 @@ def _normalize_kernel(
 
 
 def items_per_chunk(p: Plan) -> int:
-    return (p.rows_per_chunk // p.block_a) * p.b_tiles
+    return p.items_per_chunk
 
 
 def launch_normalize(
@@ -130,10 +129,11 @@ def launch_normalize(
 ) -> None:
     """Run :func:`_normalize_kernel` over ``view`` into ``y`` (x's strides); ``groups`` = K."""
     x = view.tensor
-    _normalize_kernel[p.grid(view)](
+    launch(
+        _normalize_kernel, p.grid(view),
         x, z if z is not None else x, y, mean, stat,
         weight if weight is not None else mean, bias if bias is not None else mean,
-        *view.args(), groups, view.C // groups, p.rows_per_chunk, items_per_chunk(p), p.b_tiles,
+        *view.args(), groups, view.C // groups, items_per_chunk(p), p.b_tiles,
         eps, act_param,
         BLOCK_A=p.block_a, BLOCK_COLS=p.block_cols, INTERLEAVED=view.interleaved,
         STAT_IS_VAR=stat_is_var, HAS_W=weight is not None, HAS_B=bias is not None,

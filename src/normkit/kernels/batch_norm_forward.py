@@ -25,15 +25,23 @@ from normkit.kernels._math import (
     as_row,
     chan_merge,
     channel_index,
+    channel_zeros,
     load_channel,
     merge_columns,
     tile_moments,
     tile_offsets,
 )
-from normkit.kernels._utils import ChannelView, Plan, batch_view, plan, same_layout
+from normkit.kernels._utils import (
+    STAGE_WARPS,
+    ChannelView,
+    Plan,
+    batch_view,
+    launch,
+    plan,
+    same_layout,
+    stage_blocks,
+)
 from normkit.kernels.batch_norm_eval import items_per_chunk, launch_normalize, normalize_tiles
-
-FINALIZE_BLOCK = 128  # statistics per program of the merge kernel
 
 
 @triton.jit
@@ -57,8 +65,7 @@ def _moments_kernel(
     stride_a,
     stride_c,
     stride_b,
-    rows_per_chunk,
-    items,
+    items,  # tiles per chunk: program (c, k) sweeps items [k * items, (k + 1) * items)
     b_tiles,
     chunks,
     eps,
@@ -79,20 +86,18 @@ def _moments_kernel(
     pid_chunk = tl.program_id(1)
     pid_p = tl.program_id(2)
     base = pid_p.to(tl.int64) * stride_p
-    a_start = pid_chunk * rows_per_chunk
-    count = tl.zeros([BLOCK_COLS], tl.float32)
-    mean = tl.zeros([BLOCK_COLS], tl.float32)
-    m2 = tl.zeros([BLOCK_COLS], tl.float32)
-    for item in range(0, items):
+    first = pid_chunk * items
+    count = channel_zeros(BLOCK_COLS, INTERLEAVED)
+    mean = channel_zeros(BLOCK_COLS, INTERLEAVED)
+    m2 = channel_zeros(BLOCK_COLS, INTERLEAVED)
+    for item in range(first, first + items):
         offsets, mask = tile_offsets(
-            item, pid_c, a_start, A, C, B, stride_a, stride_c, stride_b, b_tiles,
+            item, pid_c, A, C, B, stride_a, stride_c, stride_b, b_tiles,
             BLOCK_A, BLOCK_COLS, INTERLEAVED,
         )  # fmt: skip
         x = tl.load(x_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
-        tile_count, tile_mean, tile_m2 = tile_moments(x, mask)
+        tile_count, tile_mean, tile_m2 = tile_moments(x, mask, INTERLEAVED)
         count, mean, m2 = chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2)
-    if not INTERLEAVED:  # the columns are positions of one channel: one triple per program
-        count, mean, m2 = merge_columns(count, mean, m2)
     channels, cmask = channel_index(pid_c, C, BLOCK_COLS, INTERLEAVED)
     if FUSED:
         var = m2 / tl.maximum(count, 1.0)
@@ -109,7 +114,7 @@ def _moments_kernel(
         scale = invstd * load_channel(weight_ptr, channels, cmask, 1.0, HAS_W)
         shift = load_channel(bias_ptr, channels, cmask, 0.0, HAS_B)
         normalize_tiles(
-            x_ptr + base, z_ptr + base, y_ptr + base, pid_c, a_start, items,
+            x_ptr + base, z_ptr + base, y_ptr + base, pid_c, first, items,
             A, C, B, stride_a, stride_c, stride_b, b_tiles,
             as_row(mean, INTERLEAVED), as_row(scale, INTERLEAVED), as_row(shift, INTERLEAVED),
             act_param, BLOCK_A, BLOCK_COLS, INTERLEAVED, HAS_Z, ACT,
@@ -137,33 +142,35 @@ def _merge_moments_kernel(
     eps,
     momentum,
     unbias,
+    BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_RUNNING: tl.constexpr,
 ):
     """Second stage: merge the chunks x D partials of each statistic, in a fixed order.
 
-    Two sweeps over the (small) partials: the count-weighted mean first, then
-    M2 = sum_j (M2_j + n_j (mean_j - mean)^2), Chan et al.'s merge of all partials at once.
+    The partials are read BLOCK_J at a time for BLOCK_K statistics (one tile, all loads in
+    flight together); each tile's partials are merged at once (the count-weighted mean, then
+    M2 = sum_j (M2_j + n_j (mean_j - mean)^2)) and the tiles one after another with Chan et al.'s
+    formula.
     """
     pid_k = tl.program_id(0)
     pid_p = tl.program_id(1)
     stats = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     smask = stats < K
-    total = tl.zeros([BLOCK_K], tl.float32)
-    weighted = tl.zeros([BLOCK_K], tl.float32)
-    for j in range(0, chunks * D):
-        partial = (pid_p * chunks + j // D) * C + stats * D + j % D
-        n = tl.load(count_ptr + partial, mask=smask, other=0.0)
-        total += n
-        weighted += n * tl.load(mean_ptr + partial, mask=smask, other=0.0)
-    mean = weighted / tl.maximum(total, 1.0)
+    count = tl.zeros([BLOCK_K], tl.float32)
+    mean = tl.zeros([BLOCK_K], tl.float32)
     m2 = tl.zeros([BLOCK_K], tl.float32)
-    for j in range(0, chunks * D):
-        partial = (pid_p * chunks + j // D) * C + stats * D + j % D
-        n = tl.load(count_ptr + partial, mask=smask, other=0.0)
-        delta = tl.load(mean_ptr + partial, mask=smask, other=0.0) - mean
-        m2 += tl.load(m2_ptr + partial, mask=smask, other=0.0) + n * delta * delta
-    var = m2 / tl.maximum(total, 1.0)
+    for start in range(0, chunks * D, BLOCK_J):
+        j = start + tl.arange(0, BLOCK_J)
+        partial = (pid_p * chunks + j // D)[:, None] * C + stats[None, :] * D + (j % D)[:, None]
+        mask = (j < chunks * D)[:, None] & smask[None, :]
+        n = tl.load(count_ptr + partial, mask=mask, other=0.0)
+        tile_count, tile_mean, tile_m2 = merge_columns(
+            n, tl.load(mean_ptr + partial, mask=mask, other=0.0),
+            tl.load(m2_ptr + partial, mask=mask, other=0.0),
+        )  # fmt: skip
+        count, mean, m2 = chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2)
+    var = m2 / tl.maximum(count, 1.0)
     out = pid_p * K + stats
     tl.store(stat_mean_ptr + out, mean, mask=smask)
     tl.store(stat_invstd_ptr + out, tl.div_rn(1.0, tl.sqrt_rn(var + eps)), mask=smask)
@@ -191,20 +198,23 @@ def launch_moments(
     partials = torch.empty((3, view.P, p.chunks, view.C), device=x.device, dtype=torch.float32)
     mean = torch.empty((view.P, groups), device=x.device, dtype=torch.float32)
     invstd = torch.empty_like(mean)
-    _moments_kernel[p.grid(view)](
+    launch(
+        _moments_kernel, p.grid(view),
         x, x, x, partials[0], partials[1], partials[2], mean, invstd, mean, mean, mean, mean,
-        *view.args(), p.rows_per_chunk, items_per_chunk(p), p.b_tiles, p.chunks,
+        *view.args(), items_per_chunk(p), p.b_tiles, p.chunks,
         eps, 0.0, 1.0, 0.0,
         BLOCK_A=p.block_a, BLOCK_COLS=p.block_cols, INTERLEAVED=view.interleaved, FUSED=False,
         HAS_RUNNING=False, HAS_W=False, HAS_B=False, HAS_Z=False, ACT=0, num_warps=p.num_warps,
     )  # fmt: skip
     has_running = running_mean is not None and running_var is not None
     n = view.A * view.B * (view.C // groups)
-    _merge_moments_kernel[(triton.cdiv(groups, FINALIZE_BLOCK), view.P)](
+    block_j, block_k = stage_blocks(groups)
+    launch(
+        _merge_moments_kernel, (triton.cdiv(groups, block_k), view.P),
         partials[0], partials[1], partials[2], mean, invstd,
         running_mean if has_running else mean, running_var if has_running else mean,
         view.C, groups, view.C // groups, p.chunks, eps, momentum, n / max(n - 1, 1),
-        BLOCK_K=FINALIZE_BLOCK, HAS_RUNNING=has_running,
+        BLOCK_J=block_j, BLOCK_K=block_k, HAS_RUNNING=has_running, num_warps=STAGE_WARPS,
     )  # fmt: skip
     return mean, invstd
 
@@ -246,11 +256,12 @@ def batch_norm_train_forward(
     invstd = torch.empty_like(mean)
     n = view.A * view.B
     src = view.tensor
-    _moments_kernel[p.grid(view)](
+    launch(
+        _moments_kernel, p.grid(view),
         src, z if z is not None else src, y, mean, mean, mean, mean, invstd,
         running_mean if has_running else mean, running_var if has_running else mean,
         weight if weight is not None else mean, bias if bias is not None else mean,
-        *view.args(), p.rows_per_chunk, items_per_chunk(p), p.b_tiles, 1,
+        *view.args(), items_per_chunk(p), p.b_tiles, 1,
         eps, momentum, n / max(n - 1, 1), act_param,
         BLOCK_A=p.block_a, BLOCK_COLS=p.block_cols, INTERLEAVED=view.interleaved, FUSED=True,
         HAS_RUNNING=has_running, HAS_W=weight is not None, HAS_B=bias is not None,

@@ -1,9 +1,10 @@
 """Layer norm (Ba et al. 2016) over the last dim of an (M, W) row-major tensor: forward, backward.
 
-Forward: each program normalizes BLOCK_M rows. When a row fits one tile (W <= MAX_ROW_TILE) it is
-read once and its mean and centred variance come from registers (2Ts, docs/benchmarks.md); longer rows are
-swept twice, with tiles merged by Chan et al.'s formula, then normalized (3Ts, the second read from
-L2). Mean and 1/std are saved in float32.
+Forward: each program normalizes BLOCK_M rows. When a row fits one tile (W <= MAX_ROW_TILE = 4096
+values: 16 per thread at 8 warps, few enough registers for two programs per multiprocessor, as
+benchmarks/aot_check.py checks) it is read once and its mean and centred variance come from
+registers (2Ts, docs/benchmarks.md); longer rows are swept twice, with tiles merged by Chan et al.'s
+formula, then normalized (3Ts, the second read mostly from L2). Mean and 1/std are saved in float32.
 
 Backward (x_hat = (x - mean) * invstd, g = w * dy):
 
@@ -19,27 +20,57 @@ forward+backward is 3.7x slower than torch's at width 16384 on an H100).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from normkit.kernels._math import chan_merge, load_channel
-from normkit.kernels._utils import PROGRAMS_PER_SM, multiprocessors
+from normkit.kernels._utils import PROGRAMS_PER_SM, launch, multiprocessors
 
-MAX_ROW_TILE = 16384  # elements of one row held in registers (64 KiB of float32 per program)
+MAX_ROW_TILE = 4096  # a row held in registers: 16 values per thread at 8 warps (2 CTAs per SM)
 TILE = 4096
 
 
-def _row_blocks(width: int) -> tuple[int, int, bool]:
-    """(BLOCK_M, BLOCK_W, single tile per row) for rows of ``width``."""
-    block_w = triton.next_power_of_2(width)
-    if block_w <= MAX_ROW_TILE:
-        return max(1, min(TILE // block_w, 16)), block_w, True
-    return 1, TILE, False
-
-
 def _warps(block: int) -> int:
-    return 16 if block >= 16384 else 8 if block >= 4096 else 4 if block >= 1024 else 2
+    return 8 if block >= 4096 else 4 if block >= 1024 else 2
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How an (M, W) layer norm is launched: BLOCK_M rows of BLOCK_W columns per tile (SINGLE: a
+    row is one tile, held in registers), one forward program per BLOCK_M rows, and a fixed number
+    of backward programs that each own ``rows_per_program`` rows."""
+
+    block_m: int
+    block_w: int
+    single: bool
+    num_warps: int
+    forward_programs: int
+    rows_per_program: int
+    backward_programs: int
+
+
+def row_plan(
+    m: int, width: int, multiprocessors: int, *, rows_per_program: int | None = None
+) -> RowPlan:
+    """The launch plan of a layer norm over (m, width) on ``multiprocessors`` SMs (pure)."""
+    block_w = triton.next_power_of_2(width)
+    single = block_w <= MAX_ROW_TILE
+    if single:
+        block_m = max(1, min(TILE // block_w, 16))
+    else:
+        block_m, block_w = 1, TILE
+    if rows_per_program is None:
+        programs = max(1, min(triton.cdiv(m, block_m), PROGRAMS_PER_SM * multiprocessors))
+        rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
+    else:
+        rows_per_program = triton.cdiv(rows_per_program, block_m) * block_m
+    return RowPlan(
+        block_m, block_w, single, _warps(block_m * block_w), triton.cdiv(m, block_m),
+        rows_per_program, triton.cdiv(m, rows_per_program),
+    )  # fmt: skip
 
 
 @triton.jit
@@ -195,12 +226,13 @@ def layer_norm_forward(
     y = torch.empty_like(x)
     mean = torch.empty(m, device=x.device, dtype=torch.float32)
     invstd = torch.empty_like(mean)
-    block_m, block_w, single = _row_blocks(width)
-    _layer_norm_forward_kernel[(triton.cdiv(m, block_m),)](
+    p = row_plan(m, width, multiprocessors(x.device))
+    launch(
+        _layer_norm_forward_kernel, (p.forward_programs,),
         x, y, weight if weight is not None else mean, bias if bias is not None else mean,
         mean, invstd, m, width, eps,
-        BLOCK_M=block_m, BLOCK_W=block_w, SINGLE=single, HAS_W=weight is not None,
-        HAS_B=bias is not None, num_warps=_warps(block_m * block_w),
+        BLOCK_M=p.block_m, BLOCK_W=p.block_w, SINGLE=p.single, HAS_W=weight is not None,
+        HAS_B=bias is not None, num_warps=p.num_warps,
     )  # fmt: skip
     return y, mean, invstd
 
@@ -218,20 +250,15 @@ def layer_norm_backward(
     """dL/dx (x's dtype) and float32 dL/dw, dL/db of a contiguous (M, W) layer norm."""
     m, width = x.shape
     dy = dy.contiguous()
-    block_m, block_w, single = _row_blocks(width)
-    if rows_per_program is None:
-        programs = max(1, min(triton.cdiv(m, block_m), PROGRAMS_PER_SM * multiprocessors(x.device)))
-        rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
-    else:
-        rows_per_program = triton.cdiv(rows_per_program, block_m) * block_m
-    programs = triton.cdiv(m, rows_per_program)
-    partials = torch.zeros((2, programs, width), device=x.device, dtype=torch.float32)
+    p = row_plan(m, width, multiprocessors(x.device), rows_per_program=rows_per_program)
+    partials = torch.zeros((2, p.backward_programs, width), device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if needs_input_grad else None
-    _layer_norm_backward_kernel[(programs,)](
+    launch(
+        _layer_norm_backward_kernel, (p.backward_programs,),
         dy, x, dx if dx is not None else x, weight if weight is not None else mean, mean, invstd,
-        partials[0], partials[1], m, width, rows_per_program,
-        BLOCK_M=block_m, BLOCK_W=block_w, SINGLE=single, HAS_W=weight is not None,
-        WRITE_DX=needs_input_grad, num_warps=_warps(block_m * block_w),
+        partials[0], partials[1], m, width, p.rows_per_program,
+        BLOCK_M=p.block_m, BLOCK_W=p.block_w, SINGLE=p.single, HAS_W=weight is not None,
+        WRITE_DX=needs_input_grad, num_warps=p.num_warps,
     )  # fmt: skip
     dweight, dbias = partials.sum(dim=1)
     return dx, dweight, dbias

@@ -1,0 +1,189 @@
+"""The ``compiled`` batch norm on the CPU: forward + backward in the 8 passes over the tensor that
+a two-pass normalization needs at least, fused by torch.compile (Inductor) in the input's layout.
+
+ATen's CPU batch norm reads x twice for its statistics (the mean, then the centred variance),
+once more to normalize, and twice x and dy in backward: 9 passes, each slower than a copy. Here
+the statistics take one pass of shifted sums (:func:`shifted_moments`), then one normalize pass
+(read x, write y), one reduction pass (``sum(dy)``, ``sum(dy * x_hat)``: read x and dy) and one
+elementwise pass for dx (read x, dy, write dx): 8 passes, each a vectorized loop in the input's
+own layout, channels_last reductions by blocks of positions (:func:`row_block`); docs/benchmarks.md
+has the fraction of that bound each implementation reaches.
+
+Where compiling cannot pay or cannot work, the call runs ATen's kernels instead (the same results
+within float32 rounding):
+
+- evaluation (``training=False``): one pass that reads x and writes y, which ATen's inference
+  kernel already runs at memory speed (measured faster than the compiled pass, docs/benchmarks.md);
+- inputs below ``_compiled.MIN_NUMEL`` elements: a compiled call costs tens of microseconds of
+  guards and each new shape seconds of compilation, more than ATen needs for the whole layer;
+- inside the user's own torch.compile (which fuses ATen's batch norm into its graph), under
+  ``torch.jit.trace`` and under torch.func transforms (vmap, grad, jvp), which need ATen's
+  differentiable, batchable op (:func:`normkit.functional._compiled.worth_compiling`).
+
+Double backward (``create_graph=True``) is supported: the backward then recomputes the layer with
+ATen's twice-differentiable batch norm and differentiates that.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from normkit.functional._batch_norm import batch_dims
+from normkit.functional._compiled import CompiledMaths, worth_compiling
+from normkit.functional._moments import stats_dtype
+from normkit.functional._normalize import channel_view
+from normkit.functional._running_stats import update_running_stats
+
+MIN_ROW_BLOCK, MAX_ROW_BLOCK = 8, 128  # positions per block of a channels_last reduction
+
+
+def row_block(size: int) -> int:
+    """Positions per block of a channels_last reduction: the largest divisor of ``size`` up to
+    MAX_ROW_BLOCK (at least MIN_ROW_BLOCK), or 0 where there is none.
+
+    A channels_last tensor reduced per channel over its positions directly makes Inductor's loop
+    take 16 channels at a time and sweep every position once per 16 channels: a 64-byte read every
+    256 bytes (64 channels of float32), four sweeps over memory. Viewed as blocks of K positions and
+    reduced over each block first (all channels of a block: K * C values, a few KiB, in L1), then
+    over the blocks, the tensor is read once, in order."""
+    for rows in range(min(size, MAX_ROW_BLOCK), MIN_ROW_BLOCK - 1, -1):
+        if size % rows == 0:
+            return rows
+    return 0
+
+
+def channel_blocks(t: torch.Tensor) -> torch.Tensor | None:
+    """A channels-innermost (N, C, *) tensor as (M / K, K, C) blocks of its M = N * S positions
+    (:func:`row_block`), or None (another layout, or no block size)."""
+    if t.dim() < 3 or t.is_contiguous() or not t.movedim(1, -1).is_contiguous():
+        return None
+    positions = t.numel() // t.shape[1]
+    rows = row_block(positions)
+    if not rows:
+        return None
+    return t.movedim(1, -1).reshape(positions // rows, rows, t.shape[1])
+
+
+def sample_mean(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """The mean over ``dims`` of a strided sample of ``x`` (about 4 positions along each of them,
+    spread over the whole batch): a cheap estimate of the mean, kept with keepdim."""
+    index = tuple(
+        slice(None, None, max(1, size // 4)) if d in dims else slice(None)
+        for d, size in enumerate(x.shape)
+    )
+    return x[index].mean(dims, keepdim=True)
+
+
+def shifted_moments(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance over ``dims`` in one pass of sums (keepdim): the sums of
+    d = x - k and d^2 with k a sampled mean (:func:`sample_mean`), var = (S2 - S1^2 / n) / n.
+
+    Subtracting k first keeps the cancellation of S2 - S1^2 / n to the order of (mean - k)^2 / var,
+    small for a sample of the data (PERF.md §4: a shifted sum of squares); E[x^2] - E[x]^2 itself
+    would lose everything for inputs far from zero. Two additions and a multiply per element, where
+    a Welford update divides: the pass runs at memory speed."""
+    k = sample_mean(x, dims)
+    d = x - k
+    n = 1
+    for i in dims:  # not math.prod over a generator, which Dynamo cannot trace
+        n *= x.shape[i]
+    s1 = d.sum(dims, keepdim=True)
+    s2 = (d * d).sum(dims, keepdim=True)
+    return k + s1 / n, ((s2 - s1 * s1 / n) / n).clamp_min(0.0)
+
+
+def _forward_maths(x, weight, bias, eps: float):
+    """Batch statistics in one pass of shifted sums (float32 for half inputs), then the normalize
+    pass."""
+    ndim, dtype = x.dim(), stats_dtype(x.dtype)
+    xf = x.to(dtype)
+    blocks = channel_blocks(xf)
+    if blocks is not None:
+        n = blocks.shape[0] * blocks.shape[1]
+        k = sample_mean(xf, batch_dims(ndim)).reshape(-1)
+        d = blocks - k
+        s1, s2 = d.sum(1).sum(0), (d * d).sum(1).sum(0)
+        mean = channel_view(k + s1 / n, ndim)
+        var = channel_view(((s2 - s1 * s1 / n) / n).clamp_min(0.0), ndim)
+    else:
+        mean, var = shifted_moments(xf, batch_dims(ndim))
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else invstd * channel_view(weight.to(dtype), ndim)
+    y = (xf - mean) * scale
+    if bias is not None:
+        y = y + channel_view(bias.to(dtype), ndim)
+    return y.to(x.dtype), mean.reshape(-1), invstd.reshape(-1), var.reshape(-1)
+
+
+def _backward_maths(dy, x, weight, mean, invstd):
+    """One reduction pass (sum g, sum g * x_hat per channel; by blocks for channels_last) and one
+    elementwise pass: dx = w invstd (g - sum g / n - x_hat sum g x_hat / n), Ioffe & Szegedy §3."""
+    ndim, dims, dtype = x.dim(), batch_dims(x.dim()), stats_dtype(x.dtype)
+    n = x.numel() // x.shape[1]
+    xf, g = x.to(dtype), dy.to(dtype)
+    mean_c, invstd_c = channel_view(mean, ndim), channel_view(invstd, ndim)
+    x_hat = (xf - mean_c) * invstd_c
+    blocks = channel_blocks(xf)
+    if blocks is not None:
+        g_blocks = g.movedim(1, -1).reshape(blocks.shape)
+        sum_g = g_blocks.sum(1).sum(0)
+        sum_gx = (g_blocks * ((blocks - mean) * invstd)).sum(1).sum(0)
+    else:
+        sum_g, sum_gx = g.sum(dims), (g * x_hat).sum(dims)
+    scale = invstd_c if weight is None else invstd_c * channel_view(weight.to(dtype), ndim)
+    g = g - channel_view(sum_g, ndim) / n - x_hat * channel_view(sum_gx, ndim) / n
+    return (scale * g).to(x.dtype), sum_gx, sum_g
+
+
+def _aten(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    return torch.batch_norm(
+        input, weight, bias, running_mean, running_var, training, momentum, eps, False
+    )
+
+
+class _CompiledBatchNorm(torch.autograd.Function):
+    """torch.batch_norm's contract in training (running statistics updated in place) on the
+    compiled engine; saves x, the parameters and float32 mean and 1/std."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, invstd, var = CompiledMaths.call(_forward_maths, x, weight, bias, eps)
+        if running_mean is not None and running_var is not None:
+            n = x.numel() // x.shape[1]
+            update_running_stats(running_mean, running_var, mean, var, n, momentum)
+        if y.stride() != x.stride():
+            y = torch.empty_like(x).copy_(y)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: differentiate ATen's batch norm instead
+            return _differentiable_backward(ctx, dy, x, weight, bias)
+        dx, sum_gx, sum_g = CompiledMaths.call(_backward_maths, dy, x, weight, mean, invstd)
+        if dx.stride() != x.stride():
+            dx = torch.empty_like(x).copy_(dx)
+        dweight = sum_gx.to(weight.dtype) if weight is not None and needs[1] else None
+        dbias = sum_g.to(bias.dtype) if bias is not None and needs[2] else None
+        return (dx if needs[0] else None), dweight, dbias, None, None, None, None
+
+
+def _differentiable_backward(ctx, dy, x, weight, bias):
+    """The gradients as functions of the inputs (for a gradient of the gradient): the layer
+    recomputed with ATen's batch norm (batch statistics, no running update), whose backward is
+    itself differentiable."""
+    y = torch.batch_norm(x, weight, bias, None, None, True, 0.0, ctx.eps, False)
+    needs = ctx.needs_input_grad
+    inputs = [t for t, need in zip((x, weight, bias), needs[:3], strict=True) if need]
+    grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    return (*(next(grads) if need else None for need in needs[:3]), None, None, None, None)
+
+
+def compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """``torch.batch_norm``'s contract, compiled for large inputs (see the module docstring)."""
+    if not training or input.numel() == 0 or not worth_compiling(input):
+        return _aten(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _CompiledBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)

@@ -1,0 +1,140 @@
+"""The ``compiled`` batch norm on the CPU (normkit.functional._batch_norm_compiled): 8 passes fused by
+torch.compile, against the float64 oracle (outputs and running statistics in float32, contiguous
+and channels_last, training and eval), every gradient against ATen's in float64, a gradient of the
+gradient, and ATen's kernels where compiling cannot pay or cannot work (evaluation, small inputs,
+torch.func transforms, tracing). The tests lower ``_compiled.MIN_NUMEL`` so that small inputs compile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import normkit as nk
+import normkit.functional as nkf
+from helpers import assert_close, make_input, randomize_parameters
+from normkit import reference as R
+from normkit.functional import _compiled
+
+pytestmark = pytest.mark.skipif(
+    not _compiled.compiler_available(), reason="torch.compile on the CPU needs a C++ compiler"
+)
+
+SHAPE = (6, 4, 5, 7)
+
+
+@pytest.fixture
+def compile_small(monkeypatch):
+    monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
+    calls = []
+    real = _compiled.CompiledMaths.call
+    monkeypatch.setattr(
+        _compiled.CompiledMaths, "call", lambda fn, *a: calls.append(fn.__name__) or real(fn, *a)
+    )
+    return calls
+
+
+def _layout(x, layout):
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return x.contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_compiled_batch_norm_matches_the_oracle(layout, compile_small):
+    layer = nk.BatchNorm2d(4, momentum=0.3)
+    randomize_parameters(layer)
+    gamma, beta = layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy()
+    mean, var = np.zeros(4), np.ones(4)
+    for step in range(2):
+        x = make_input(SHAPE, torch.float64, seed=step)
+        expected, cache = R.batch_norm_train(x.numpy(), gamma, beta, layer.eps)
+        mean, var = R.running_average(mean, var, x.numpy(), 0.3)
+        dy = make_input(SHAPE, torch.float64, seed=10 + step, scale=1.0, shift=0.0)
+        dx, dgamma, dbeta = R.batch_norm_backward(dy.numpy(), cache)
+        leaf = _layout(x.float(), layout).requires_grad_()
+        layer.zero_grad()
+        with nk.backend("compiled"):
+            y = layer(leaf)
+            y.backward(_layout(dy.float(), layout))
+        assert_close(y, torch.tensor(expected), torch.float32, f"step {step} output")
+        assert_close(leaf.grad, torch.tensor(dx), torch.float32, f"step {step} dx")
+        assert_close(layer.weight.grad, torch.tensor(dgamma), torch.float32, "dgamma")
+        assert_close(layer.bias.grad, torch.tensor(dbeta), torch.float32, "dbeta")
+        assert_close(layer.running_mean, torch.tensor(mean), torch.float32, "running_mean")
+        assert_close(layer.running_var, torch.tensor(var), torch.float32, "running_var")
+        assert y.stride() == leaf.stride() and leaf.grad.stride() == leaf.stride()
+    layer.eval()
+    x = make_input(SHAPE, torch.float64, seed=5)
+    expected = R.batch_norm_inference(x.numpy(), mean, var, gamma, beta, layer.eps)
+    with nk.backend("compiled"):
+        y = layer(_layout(x.float(), layout))
+    assert_close(y, torch.tensor(expected), torch.float32, "eval")
+    assert "_forward_maths" in compile_small and "_backward_maths" in compile_small
+
+
+def test_compiled_gradients_and_second_derivatives_equal_atens(compile_small):
+    x = make_input(SHAPE, torch.float64, seed=3).contiguous(memory_format=torch.channels_last)
+    dy = make_input(SHAPE, torch.float64, seed=4, scale=1.0, shift=0.0)
+    results = {}
+    for backend in ("native", "compiled"):
+        torch.manual_seed(0)
+        layer = nk.BatchNorm2d(4).double()
+        randomize_parameters(layer)
+        leaf = x.clone().requires_grad_()
+        params = list(layer.parameters())
+        with nk.backend(backend):
+            y = layer(leaf)
+            first = torch.autograd.grad(y, [leaf, *params], dy)  # the fused backward
+            y = layer(leaf)
+            grads = torch.autograd.grad(y, [leaf, *params], dy, create_graph=True)
+            second = torch.autograd.grad(
+                sum(g.square().sum() for g in grads), [leaf, *params], allow_unused=True,
+                materialize_grads=True,
+            )  # fmt: skip
+        results[backend] = [y, *first, *second]
+    for got, want in zip(results["compiled"], results["native"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_transforms_tracing_and_small_inputs_run_atens_kernels(monkeypatch):
+    def refuse(fn, *args):
+        raise AssertionError(f"compiled {fn.__name__} where ATen's kernels should run")
+
+    monkeypatch.setattr(_compiled.CompiledMaths, "call", refuse)
+    x = make_input(SHAPE)
+    with nk.backend("compiled"):  # below MIN_NUMEL
+        small = nkf.batch_norm(x, None, None, training=True)
+    torch.testing.assert_close(small, torch.nn.functional.batch_norm(x, None, None, training=True))
+    monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
+    mean, var = torch.rand(4), torch.rand(4) + 0.5
+    with nk.backend("compiled"):  # evaluation: ATen's one-pass inference kernel
+        evaluated = nkf.batch_norm(x, mean, var, training=False)
+    torch.testing.assert_close(evaluated, torch.nn.functional.batch_norm(x, mean, var))
+    stack = torch.stack([x, x * 2 + 1])
+    with nk.backend("compiled"):
+        batched = torch.func.vmap(lambda t: nkf.batch_norm(t, None, None, training=True))(stack)
+        traced = torch.jit.trace(nk.BatchNorm2d(4).eval(), (x,), check_trace=False)
+    for i in range(2):
+        expected = torch.nn.functional.batch_norm(stack[i], None, None, training=True)
+        torch.testing.assert_close(batched[i], expected)
+    torch.testing.assert_close(traced(x), torch.nn.BatchNorm2d(4).eval()(x))
+
+
+def test_auto_uses_compiled_for_float32_nchw_only():
+    """`auto` runs the compiled batch norm for float32 contiguous CPU inputs (measured faster than
+    ATen's in training, docs/benchmarks.md), native elsewhere, and ATen's batch norm (composite)
+    under torch.func rather than the reference."""
+    from normkit.functional import _dispatch
+
+    impls = {name: impl.fn for name, impl in _dispatch.implementations("batch_norm").items()}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            x = torch.zeros(2, 3, 4, 5, dtype=dtype).contiguous(memory_format=memory_format)
+            contiguous = memory_format == torch.contiguous_format
+            want = "compiled" if dtype == torch.float32 and contiguous else "native"
+            assert _dispatch.resolve("batch_norm", x, "auto") is impls[want], (dtype, memory_format)
+    seen = []
+    x = torch.zeros(1, 2, 3, 4, 5)
+    torch.func.vmap(lambda t: seen.append(_dispatch.resolve("batch_norm", t, "auto")) or t)(x)
+    assert seen == [impls["native"]]
