@@ -7,6 +7,7 @@ import torch
 
 import normkit as nk
 from normkit.functional import _dispatch
+from normkit.functional._compiled import compiler_available
 
 
 def _which_backend_runs(op: str, x: torch.Tensor) -> str:
@@ -18,9 +19,13 @@ def test_available_backends():
     assert nk.available_backends()[:3] == ["auto", "native", "reference"]
 
 
-def test_auto_picks_native_on_cpu():
-    for op in ("batch_norm", "layer_norm", "group_norm", "channel_layer_norm"):
+def test_auto_picks_native_on_cpu_and_compiled_for_batch_norm_training():
+    for op in ("layer_norm", "group_norm", "channel_layer_norm"):
         assert _which_backend_runs(op, torch.zeros(2, 3, 4)) == "native"
+    # BatchNorm's training step on float32 maps: the compiled engine where a C++ compiler exists
+    # (it hands inputs below its size threshold to ATen itself), else ATen's kernel.
+    expected = "compiled" if compiler_available() else "native"
+    assert _which_backend_runs("batch_norm", torch.zeros(2, 3, 4)) == expected
 
 
 def test_set_backend_and_context_manager_nest():
@@ -86,5 +91,6 @@ def test_a_backend_that_cannot_run_an_input_says_so(monkeypatch):
 
 def test_check_backends_reports_each_backend():
     report = nk.backends.check_backends(["cpu"])
-    assert report["cpu/float32"] == {"native": "ok", "reference": "ok"}
+    expected = {"native": "ok", "reference": "ok"} | ({"compiled": "ok"} if compiler_available() else {})
+    assert report["cpu/float32"] == expected
     assert set(report) == {"cpu/float32", "cpu/float16", "cpu/bfloat16"}
