@@ -121,3 +121,15 @@ def test_batch_size_puts_bn_on_the_hidden_layer_only_in_its_bn_fc_arm():
         hidden[normalizer] = experiment.setup(trial, settings, data, torch.Generator()).model.norm3
     assert isinstance(hidden["bn"], nn.Identity)
     assert isinstance(hidden["bn-fc"], nk.GhostBatchNorm) and hidden["bn-fc"].virtual_batch_size == 2
+
+
+@pytest.mark.parametrize("normalizer", ["frn", "evo_b0", "evo_s0"])
+def test_frn_and_evonorm_leave_the_hidden_layer_to_layer_norm(normalizer):
+    """EvoNorm needs spatial dims and FRN on one value per feature is about sign(x): with
+    ``hidden_norm`` their networks use LN on the fully connected layer, as IN's and SN's do."""
+    g = torch.Generator().manual_seed(0)
+    net = small_cnn(SHAPE, CLASSES, normalizer, g, channels=(4, 8), hidden=8, groups=2,
+                    hidden_norm=True, norm_batch=2)  # fmt: skip
+    hidden = net.norm3.layer if isinstance(net.norm3, PerMicrobatch) else net.norm3
+    assert isinstance(hidden, nk.LayerNorm) and isinstance(net.act3, nn.ReLU)
+    net(torch.randn(4, *SHAPE)).sum().backward()

@@ -20,9 +20,9 @@ Decisions (documented in the reports too):
 
 - LN is Wu & He's: statistics over (C, H, W) of a sample, ``GroupNorm(1, C)``; on the hidden
   layer that is LayerNorm over its features.
-- IN and SN need spatial dims (IN's set on a fully connected layer is one value, whose output is
-  always β); their networks use LN on the hidden layer. (The official SN code mixes LN and BN there,
-  which ``nk.SwitchableNorm`` does not offer.)
+- IN, SN, EvoNorm (and in effect FRN: x/|x|) need spatial dims (IN's set on a fully connected
+  layer is one value, whose output is always β); their networks use LN on the hidden layer. (The
+  official SN code mixes LN and BN there, which ``nk.SwitchableNorm`` does not offer.)
 - Batch Renorm's r_max/d_max ramps follow the paper's steps as fractions of the run (below); the
   final values and the moving averages' momentum are each experiment's choice.
 """
@@ -164,7 +164,7 @@ def small_cnn(
         old = model._modules[position]
         model._modules[position] = nn.Linear(old.in_features, old.out_features)
         model._modules[last] = nn.Identity()
-    elif normalizer in ("in", "sn", "evo_b0", "evo_s0"):  # they need spatial dims
+    elif normalizer in ("in", "sn", "frn", "evo_b0", "evo_s0"):  # spatial dims (FRN: else ≈ sign)
         model._modules[last] = nk.LayerNorm(hidden)
     for index in range(1, len(channels) + 1 if normalizer in ACTIVATING else 1):
         model._modules[f"act{index}"] = nn.Identity()  # FRN's TLU, EvoNorm's max or gate
