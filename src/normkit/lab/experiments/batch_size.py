@@ -7,19 +7,17 @@ learning rate 0.1·N/32 for N images per GPU, 100 epochs; validation error (%) b
     | BN      | 23.6 | 23.7 | 24.8 | 27.3 | 34.7 |
     | GN      | 24.1 | 24.2 | 24.0 | 24.2 | 24.1 |
 
-and at 32 per GPU LN 25.3, IN 28.4; Batch Renorm (r_max 1.5, d_max 0.5) at 4 per GPU 26.3 (§5.1).
-Switchable Norm's README (ResNet-50, 8 GPUs): SN 23.1 ... 24.4 % error at 32 ... 2 per GPU.
+and at 32 per GPU LN 25.3, IN 28.4; Batch Renorm (r_max 1.5, d_max 0.5) at 4 per GPU 26.3 (§5.1);
+SN 23.1 ... 24.4 % at 32 ... 2 per GPU (Switchable Norm's README, ResNet-50, 8 GPUs).
 
-Here (CPU protocol 4, issue 17): the lab's small CNN (:mod:`normkit.lab.small_batch`) on Fashion-MNIST;
-every trial takes ``steps`` SGD updates of ``gradient_batch`` (64) images at one rate, and the
-batch-dependent normalizers see each run of B of them on its own (B in ``batch_sizes``, a device's
-batch; BN per B *is* Ghost BN): only the normalization batch varies. No norm on the hidden FC layer
-but in arm ``bn-fc``. The batch-independent ones (GN, LN, IN, and issue 18's WS + GN, FRN + TLU,
-EvoNorm-S0) train at the largest and smallest B only (the same trial twice); so do, for the budget,
-issue 18's EvoNorm-B0, MABN and CBN (``every_batch``). SyncBN: ``sync_processes`` gloo processes of
-gradient_batch/P images. ``seeds`` seeds, paired. Measured: the test error in eval mode, with batch
-statistics and on training images; SN's weights. Settings and presets: ``NormalizationBatchSettings``,
-shared with ``switchable``, whose SN and BN trials are these (claim ``sn-vs-bn-large``).
+Here (CPU protocol 4, issue 17): the lab's small CNN on Fashion-MNIST; every trial takes ``steps``
+SGD updates of ``gradient_batch`` (64) images at one rate, and the batch-dependent normalizers see
+each run of B of them on its own (B in ``batch_sizes``, a device's batch; BN per B *is* Ghost BN).
+No norm on the hidden FC layer but in arm ``bn-fc``. The batch-independent ones (GN, LN, IN, and
+issue 18's WS + GN, FRN + TLU, EvoNorm-S0) train at the largest and smallest B only (the same trial
+twice); so do, for the budget, issue 18's EvoNorm-B0, MABN and CBN (``every_batch``; FRN and
+EvoNorm: ``warmup_steps``). SyncBN: ``sync_processes`` gloo processes. ``seeds`` seeds, paired.
+Measured: test error in eval mode, with batch statistics, on training images; SN's weights.
 """
 
 from __future__ import annotations
@@ -34,6 +32,7 @@ from normkit.lab.figures import Bars, Heatmap, MeanTable, VersusSetting
 from normkit.lab.gloo import GlooDataParallel
 from normkit.lab.plan import Arm, Plan
 from normkit.lab.small_batch import (
+    ACTIVATING,
     BATCH_DEPENDENT,
     NORMALIZATION_BATCH_PRESETS,
     NORMALIZERS,
@@ -90,6 +89,7 @@ class BatchSizeSettings(NormalizationBatchSettings):
     renorm_limits: tuple[float, ...] = (1.5, 0.5)  # Wu & He's Batch Renorm: r_max, d_max
     renorm_momentum: float = 0.1  # BN's default: the runs are too short for the paper's 0.01
     every_batch: tuple[str, ...] = ("bn", "bn-fc", "brn", "sn")  # the others: largest, smallest B only
+    warmup_steps: int = 50  # FRN's and EvoNorm's linear LR warm-up (without one they can collapse)
 
 
 AT = {"smallest": lambda s: min(s.batch_sizes), "largest": lambda s: max(s.batch_sizes),
@@ -139,7 +139,8 @@ class BatchSize(Experiment):
             s, data, p["normalizer"].removesuffix("-fc"), p[BATCH], generator, renorm_steps=forwards,
             renorm_limits=tuple(s.renorm_limits), renorm_momentum=s.renorm_momentum, **fc)  # fmt: skip
         step = GlooDataParallel(model, optimizer, p["processes"]) if p["processes"] > 1 else None
-        return Setup(model, optimizer, s.gradient_batch, train_step=step)
+        warm = (lambda t: min(1.0, (t + 1) / max(1, s.warmup_steps))) if p["normalizer"] in ACTIVATING else None  # noqa: E501
+        return Setup(model, optimizer, s.gradient_batch, warm, train_step=step)
 
     def measure(self, trial, s, setup, data):
         k = s.eval_examples
@@ -232,9 +233,9 @@ class BatchSize(Experiment):
             f"images, {s.steps} updates of {s.gradient_batch}, not ResNet-50 on ImageNet for 100 epochs: "
             "compare the shapes of the curves, not the errors.",
             f"The gradient batch is fixed at {s.gradient_batch} (SGD momentum {s.momentum:g} at {s.lr:g}, "
-            "no schedule) and only the normalization batch B varies, at equal updates; Wu & He's "
-            "gradient batch was 8·B with the rate scaled by it. Running statistics are updated once "
-            "per B (as on one device of a data-parallel run).",
+            f"no schedule but FRN's and EvoNorm's {s.warmup_steps}-step warm-up) and only the "
+            "normalization batch B varies, at equal updates; Wu & He's gradient batch was 8·B with the "
+            "rate scaled by it. Running statistics are updated once per B (as on one device).",
             ("No normalizer on the fully connected hidden layer" if not s.hidden_norm else
              "The normalizer also follows the fully connected hidden layer (LN in IN's and SN's networks)")
             + "; arm bn-fc puts BN there: B values per feature (ResNet-50's last 7×7 stage has 49·B).",
