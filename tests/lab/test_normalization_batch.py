@@ -150,3 +150,17 @@ def test_batch_size_warms_up_the_learning_rate_of_frn_and_evonorm_only():
             assert [factor(t) for t in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0], normalizer
         else:
             assert factor is None, normalizer
+
+
+def test_cbn_is_plain_batch_norm_during_its_burn_in():
+    """CBN's first ``burn_in`` forwards use the batch alone (BN); the experiment sets it to
+    ``warmup_steps`` updates' worth of forwards of B."""
+    cbn = model("cbn", 2, burn_in=12)
+    assert all(m.layer.burn_in == 12 for m in (cbn.norm1, cbn.norm2))
+    experiment = get_experiment("batch-size")
+    settings = experiment.settings("tiny", {"dataset": "digits", "warmup_steps": 3})
+    data = experiment.prepare_data(settings, load_dataset("digits"))
+    params = {"arm": "cbn", "normalizer": "cbn", "processes": 1, "batch_per_device": 2, "replicate": 0}
+    trial = Trial("cbn/batch_per_device=2/seed=0", params, 4, 2, 0)
+    built = experiment.setup(trial, settings, data, torch.Generator()).model
+    assert built.norm1.layer.burn_in == 3 * settings.gradient_batch // 2

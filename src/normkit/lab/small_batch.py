@@ -124,6 +124,7 @@ def small_cnn(
     renorm_momentum: float | None = None,
     hidden_norm: bool = True,
     norm_batch: int | None = None,
+    burn_in: int = 0,
 ) -> nn.Sequential:
     """The lab's small CNN with ``normalizer`` after every convolution and the hidden layer, He
     initialization drawn from ``generator``.
@@ -131,11 +132,11 @@ def small_cnn(
     Batch Renorm: ``renorm_steps`` forwards of each layer in the run, for the ramps to
     ``renorm_limits`` = (r_max, d_max); ``renorm_momentum`` for its moving averages (None: the
     layer's default, the paper's 0.01); MABN's first 3.5% of them use the batch's statistics and
-    r = 1. FRN and EvoNorm replace the ReLU after them too. ``hidden_norm`` False leaves the hidden
-    layer unnormalized (with a bias), so that only convolutions normalize. ``norm_batch`` B: the
-    batch-dependent normalizers (not SyncBN) see each run of B samples of a training batch on its
-    own (:class:`PerMicrobatch`; BN becomes ``nk.GhostBatchNorm``, the same map), as each device of a
-    data-parallel run sees its own B.
+    r = 1; CBN's first ``burn_in`` forwards are plain BN. FRN and EvoNorm replace the ReLU after
+    them. ``hidden_norm`` False leaves the hidden layer unnormalized (with a bias), so that only
+    convolutions normalize. ``norm_batch`` B: the batch-dependent normalizers (not SyncBN) see each
+    run of B samples of a training batch on its own (:class:`PerMicrobatch`; BN becomes
+    ``nk.GhostBatchNorm``, the same map), as each device of a data-parallel run sees its own B.
     """
     for name, value in (("groups", groups), ("ghost_batch", ghost_batch)):
         if value < 1:
@@ -170,7 +171,8 @@ def small_cnn(
         model._modules[f"act{index}"] = nn.Identity()  # FRN's TLU, EvoNorm's max or gate
     if normalizer in CONVERTED:  # MABN's warm-up and renorm-free steps: BRN's 3.5% of the run
         begin = max(1, round(RENORM_BEGIN * renorm_steps))
-        options = {"warmup_iters": begin, "renorm_iters": begin} if normalizer == "mabn" else {}
+        options = {"warmup_iters": begin, "renorm_iters": begin} if normalizer == "mabn" else (
+            {"burn_in": burn_in} if normalizer == "cbn" else {})  # CBN: forwards as plain BN
         spec = CONVERTED[normalizer].format(groups=groups)
         model, _ = nk.tools.convert(model, spec, inplace=True, **options)
     if normalizer == "brn":

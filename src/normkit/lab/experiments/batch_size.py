@@ -15,9 +15,8 @@ SGD updates of ``gradient_batch`` (64) images at one rate, and the batch-depende
 each run of B of them on its own (B in ``batch_sizes``, a device's batch; BN per B *is* Ghost BN).
 No norm on the hidden FC layer but in arm ``bn-fc``. The batch-independent ones (GN, LN, IN, and
 issue 18's WS + GN, FRN + TLU, EvoNorm-S0) train at the largest and smallest B only (the same trial
-twice); so do, for the budget, issue 18's EvoNorm-B0, MABN and CBN (``every_batch``; FRN and
-EvoNorm: ``warmup_steps``). SyncBN: ``sync_processes`` gloo processes. ``seeds`` seeds, paired.
-Measured: test error in eval mode, with batch statistics, on training images; SN's weights.
+twice); so do, for the budget, EvoNorm-B0, MABN and CBN (``every_batch``). SyncBN: ``sync_processes``
+gloo processes. Seeds paired. Measured: test error (eval mode, batch statistics, training images).
 """
 
 from __future__ import annotations
@@ -89,7 +88,7 @@ class BatchSizeSettings(NormalizationBatchSettings):
     renorm_limits: tuple[float, ...] = (1.5, 0.5)  # Wu & He's Batch Renorm: r_max, d_max
     renorm_momentum: float = 0.1  # BN's default: the runs are too short for the paper's 0.01
     every_batch: tuple[str, ...] = ("bn", "bn-fc", "brn", "sn")  # the others: largest, smallest B only
-    warmup_steps: int = 50  # FRN's and EvoNorm's linear LR warm-up (without one they can collapse)
+    warmup_steps: int = 50  # FRN's, EvoNorm's linear LR warm-up; CBN's burn-in (else they can collapse)
 
 
 AT = {"smallest": lambda s: min(s.batch_sizes), "largest": lambda s: max(s.batch_sizes),
@@ -137,7 +136,8 @@ class BatchSize(Experiment):
         fc = {"hidden_norm": True} if p["normalizer"] == "bn-fc" else {}
         model, optimizer = normalization_batch_cnn(
             s, data, p["normalizer"].removesuffix("-fc"), p[BATCH], generator, renorm_steps=forwards,
-            renorm_limits=tuple(s.renorm_limits), renorm_momentum=s.renorm_momentum, **fc)  # fmt: skip
+            renorm_limits=tuple(s.renorm_limits), renorm_momentum=s.renorm_momentum,
+            burn_in=s.warmup_steps * s.gradient_batch // p[BATCH], **fc)  # fmt: skip
         step = GlooDataParallel(model, optimizer, p["processes"]) if p["processes"] > 1 else None
         warm = (lambda t: min(1.0, (t + 1) / max(1, s.warmup_steps))) if p["normalizer"] in ACTIVATING else None  # noqa: E501
         return Setup(model, optimizer, s.gradient_batch, warm, train_step=step)
@@ -243,8 +243,8 @@ class BatchSize(Experiment):
             "GN's flat curve is not judged: with a fixed gradient batch it holds by construction.",
             f"Batch Renorm's moving averages at momentum {s.renorm_momentum:g} (the paper's 0.01 is too "
             "slow for runs of a few hundred steps); plain BN for the first 3.5% of its forwards.",
-            "MABN's and CBN's windows (16, 8 iterations) span the last microbatches of B, mostly of this "
-            "step (CBN's compensation matters less); MABN's first 3.5% of forwards: batch statistics, r = 1.",
+            "MABN's, CBN's windows (16, 8 iterations) span the last microbatches of B, mostly of this step; "
+            f"MABN's first 3.5% of forwards: batch statistics, r = 1; CBN: BN for {s.warmup_steps} updates.",
             f"SyncBN: {s.sync_processes} gloo processes on this machine, each holding "
             f"{s.gradient_batch // max(1, s.sync_processes)} of the gradient batch.",
         ]  # fmt: skip
