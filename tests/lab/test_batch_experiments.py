@@ -74,14 +74,14 @@ def test_batch_size_has_every_cell_of_the_grid_and_its_claims(runs):
     cells = {(r["normalizer"], r["batch_per_device"]) for r in finals.values()}
     # every arm crosses the normalization batches; SyncBN runs on its own grid, 2 gloo processes
     # holding 4 of the gradient batch of 8 each
-    normalizers = ("bn", "bn-fc", "gn", "ln", "in", "brn", "sn")
+    normalizers = ("bn", "bn-fc", "gn", "ln", "in", "brn", "sn", *REMEDIES)
     expected = {(n, b) for n in normalizers for b in (8, 2)} | {("syncbn", 4)}
     assert cells == expected
     sync = finals["syncbn/batch_per_device=4/seed=0"]
     assert sync["processes"] == record.settings["sync_processes"] == 2
     for row in finals.values():
         assert is_error(row["test_error"]) and is_error(row["train_error"])
-        dependent = row["normalizer"] in ("bn", "bn-fc", "brn", "sn", "syncbn")
+        dependent = row["normalizer"] in ("bn", "bn-fc", "brn", "sn", "syncbn", "evo_b0", "mabn", "cbn")
         assert is_error(row["batch_stat_error"]) if dependent else row["batch_stat_error"] is None
     # SN's learned weights: a softmax over (IN, LN, BN) for the mean and the variance of each conv
     # layer's norm (none on the hidden layer), named as in the model despite the microbatch wrapper
@@ -119,11 +119,60 @@ def test_batch_size_fixes_the_gradient_batch_and_varies_only_the_normalization_b
     assert settings["gradient_batch"] == 8 and not settings["hidden_norm"]
     for final in finals.values():
         assert final["steps"] == final["step"] == settings["steps"]
-    for normalizer in ("gn", "ln", "in"):
+    for normalizer in ("gn", "ln", "in", "ws_gn", "frn", "evo_s0"):
         large, small = (finals[f"{normalizer}/batch_per_device={b}/seed=0"] for b in (8, 2))
         assert large["test_error"] == small["test_error"] and large["test_loss"] == small["test_loss"]
-    bn = [finals[f"bn/batch_per_device={b}/seed=0"]["test_loss"] for b in (8, 2)]
-    assert bn[0] != bn[1]  # BN does use it
+    for normalizer in ("bn", "evo_b0", "mabn", "cbn"):  # these do use it
+        losses = [finals[f"{normalizer}/batch_per_device={b}/seed=0"]["test_loss"] for b in (8, 2)]
+        assert losses[0] != losses[1], normalizer
+
+
+# issue 18's arms: (arm, arm it is compared with, B of each in the tiny preset, published value)
+REMEDY_CLAIMS = {
+    "ws-gn-beats-bn-small": ("ws_gn", "bn", (2, 2), None),
+    "ws-gn-small-vs-bn-large": ("ws_gn", "bn", (2, 8), 0.0),
+    "frn-beats-gn-small": ("frn", "gn", (2, 2), -1.0),
+    "frn-vs-bn-large": ("frn", "bn", (8, 8), -0.7),
+    "evonorm-s0-beats-bn-small": ("evo_s0", "bn", (2, 2), None),
+    "evonorm-b0-vs-bn-large": ("evo_b0", "bn", (8, 8), None),
+    "mabn-beats-bn-small": ("mabn", "bn", (2, 2), None),
+    "mabn-small-vs-bn-large": ("mabn", "bn", (2, 8), 0.0),
+    "cbn-beats-bn-small": ("cbn", "bn", (2, 2), None),
+    "cbn-vs-gn-small": ("cbn", "gn", (2, 2), None),
+}
+REMEDIES = ("ws_gn", "frn", "evo_s0", "evo_b0", "mabn", "cbn")
+
+
+def test_batch_size_claims_of_the_small_batch_remedies(runs):
+    """Issue 18: each new normalizer's claims are its error minus BN's (or GN's) at the stated
+    normalization batches, with its paper's number, cited and marked unverified."""
+    record = runs["batch-size"]
+    finals, claims = record.finals(), {c["name"]: c for c in record.summary["claims"]}
+    papers = {"ws": "Qiao et al. 2019", "frn": "Singh & Krishnan 2020", "evonorm": "Liu et al. 2020",
+              "mabn": "Yan et al. 2020", "cbn": "Yao et al. 2021"}  # fmt: skip
+    for name, (arm, other, (b_arm, b_other), value) in REMEDY_CLAIMS.items():
+        claim = claims[name]
+        ours = (finals[f"{arm}/batch_per_device={b_arm}/seed=0"]["test_error"]
+                - finals[f"{other}/batch_per_device={b_other}/seed=0"]["test_error"])  # fmt: skip
+        assert math.isclose(claim["ours"]["mean"], ours, abs_tol=1e-9), name
+        assert claim["published"]["value"] == value and claim["published"]["unverified"], name
+        assert papers[name.split("-")[0]] in claim["published"]["source"], name
+        assert claim["criterion"] is not None, name
+    markdown = (record.directory / "report.md").read_text()
+    assert all(label in markdown for label in ("WS + GN", "FRN + TLU", "EvoNorm-B0", "MABN", "CBN"))
+
+
+def test_batch_size_full_preset_puts_the_costly_remedies_at_the_ends_only():
+    """The full preset's budget: EvoNorm-B0, MABN and CBN train at the largest and smallest B (64
+    and 2), BN, Batch Renorm and SN at every B; the batch-independent arms at the ends."""
+    experiment = get_experiment("batch-size")
+    settings = experiment.settings()
+    grids: dict[str, set[int]] = {}
+    for trial in experiment.trials(settings, None, {}):
+        grids.setdefault(trial.params["normalizer"], set()).add(trial.params["batch_per_device"])
+    assert grids["bn"] == grids["brn"] == grids["sn"] == set(settings.batch_sizes)
+    for normalizer in ("gn", *REMEDIES):
+        assert grids[normalizer] == {64, 2}, normalizer
 
 
 def test_switchable_and_batch_size_share_their_sn_and_bn_trials(runs):

@@ -20,9 +20,9 @@ Decisions (documented in the reports too):
 
 - LN is Wu & He's: statistics over (C, H, W) of a sample, ``GroupNorm(1, C)``; on the hidden
   layer that is LayerNorm over its features.
-- IN and SN need spatial dims (IN's set on a fully connected layer is one value, whose output is
-  always β); their networks use LN on the hidden layer. (The official SN code mixes LN and BN there,
-  which ``nk.SwitchableNorm`` does not offer.)
+- IN, SN, EvoNorm (and in effect FRN: x/|x|) need spatial dims (IN's set on a fully connected
+  layer is one value, whose output is always β); their networks use LN on the hidden layer. (The
+  official SN code mixes LN and BN there, which ``nk.SwitchableNorm`` does not offer.)
 - Batch Renorm's r_max/d_max ramps follow the paper's steps as fractions of the run (below); the
   final values and the moving averages' momentum are each experiment's choice.
 """
@@ -55,8 +55,18 @@ NORMALIZERS: dict[str, str] = {
     "gbn": "Ghost BN",
     "sn": "Switchable Norm",
     "syncbn": "SyncBN",
+    "ws_gn": "WS + GN",
+    "frn": "FRN + TLU",
+    "evo_s0": "EvoNorm-S0",
+    "evo_b0": "EvoNorm-B0",
+    "mabn": "MABN",
+    "cbn": "CBN",
 }
-BATCH_DEPENDENT = frozenset({"bn", "brn", "gbn", "sn", "syncbn"})
+BATCH_DEPENDENT = frozenset({"bn", "brn", "gbn", "sn", "syncbn", "evo_b0", "mabn", "cbn"})
+# nk.tools.convert's small-batch remedies, applied to the BN network: they change the convolutions
+# too (WS + GN: standardized filters; MABN: centred ones; CBN: attached to the conv feeding it).
+CONVERTED = {"ws_gn": "ws_gn:{groups}", "mabn": "mabn", "cbn": "cbn"}
+ACTIVATING = frozenset({"frn", "evo_b0", "evo_s0"})  # they replace BN *and* the ReLU after it
 
 # Ioffe (2017), §4: r_max = 1, d_max = 0 for 5k steps, then linear (our choice of shape) to d_max = 5
 # at 25k and r_max = 3 at 40k steps, of runs of about 140k steps: as fractions of the run,
@@ -87,6 +97,10 @@ def norm_spec(normalizer: str, groups: int, ghost_batch: int) -> str:
         "gbn": f"ghost:{ghost_batch}",
         "sn": "switchable",
         "syncbn": "batch",
+        "frn": "frn",
+        "evo_b0": "evonorm_b0",
+        "evo_s0": f"evonorm_s0:{groups}",
+        **dict.fromkeys(CONVERTED, "batch"),
     }
     if normalizer not in specs:
         raise ConfigError(
@@ -110,22 +124,24 @@ def small_cnn(
     renorm_momentum: float | None = None,
     hidden_norm: bool = True,
     norm_batch: int | None = None,
+    burn_in: int = 0,
 ) -> nn.Sequential:
     """The lab's small CNN with ``normalizer`` after every convolution and the hidden layer, He
     initialization drawn from ``generator``.
 
     Batch Renorm: ``renorm_steps`` forwards of each layer in the run, for the ramps to
     ``renorm_limits`` = (r_max, d_max); ``renorm_momentum`` for its moving averages (None: the
-    layer's default, the paper's 0.01). ``hidden_norm`` False leaves the hidden layer unnormalized
-    (with a bias), so that only convolutions normalize. ``norm_batch`` B: the batch-dependent
-    normalizers (not SyncBN) see each run of B samples of a training batch on its own
-    (:class:`PerMicrobatch`; BN becomes ``nk.GhostBatchNorm``, the same map), as each device of a
-    data-parallel run sees its own B.
+    layer's default, the paper's 0.01); MABN's first 3.5% of them use the batch's statistics and
+    r = 1; CBN's first ``burn_in`` forwards are plain BN. FRN and EvoNorm replace the ReLU after
+    them. ``hidden_norm`` False leaves the hidden layer unnormalized (with a bias), so that only
+    convolutions normalize. ``norm_batch`` B: the batch-dependent normalizers (not SyncBN) see each
+    run of B samples of a training batch on its own (:class:`PerMicrobatch`; BN becomes
+    ``nk.GhostBatchNorm``, the same map), as each device of a data-parallel run sees its own B.
     """
     for name, value in (("groups", groups), ("ghost_batch", ghost_batch)):
         if value < 1:
             raise ConfigError(f"{name}={value} must be >= 1")
-    if normalizer == "gn":
+    if normalizer in ("gn", "ws_gn"):
         for width in (*channels, hidden):
             if width % groups or groups in (1, width):
                 raise ConfigError(
@@ -149,8 +165,16 @@ def small_cnn(
         old = model._modules[position]
         model._modules[position] = nn.Linear(old.in_features, old.out_features)
         model._modules[last] = nn.Identity()
-    elif normalizer in ("in", "sn"):
+    elif normalizer in ("in", "sn", "frn", "evo_b0", "evo_s0"):  # spatial dims (FRN: else ≈ sign)
         model._modules[last] = nk.LayerNorm(hidden)
+    for index in range(1, len(channels) + 1 if normalizer in ACTIVATING else 1):
+        model._modules[f"act{index}"] = nn.Identity()  # FRN's TLU, EvoNorm's max or gate
+    if normalizer in CONVERTED:  # MABN's warm-up and renorm-free steps: BRN's 3.5% of the run
+        begin = max(1, round(RENORM_BEGIN * renorm_steps))
+        options = {"warmup_iters": begin, "renorm_iters": begin} if normalizer == "mabn" else (
+            {"burn_in": burn_in} if normalizer == "cbn" else {})  # CBN: forwards as plain BN
+        spec = CONVERTED[normalizer].format(groups=groups)
+        model, _ = nk.tools.convert(model, spec, inplace=True, **options)
     if normalizer == "brn":
         r_max, d_max = renorm_ramps(renorm_steps, *renorm_limits)
         for module in model.modules():
@@ -222,7 +246,8 @@ NORMALIZATION_BATCH_PRESETS = {
              "channels": (4, 8), "hidden": 16, "groups": 2, "seeds": 1, "evaluations": 1,
              "eval_examples": 40, "batch_stat_examples": 40},
 }  # fmt: skip
-PER_SAMPLE = frozenset({"gn", "ln", "in"})  # their trials do not depend on the normalization batch
+# Their trials do not depend on the normalization batch:
+PER_SAMPLE = frozenset({"gn", "ln", "in", "ws_gn", "frn", "evo_s0"})
 
 
 def normalization_batch_cnn(s: NormalizationBatchSettings, data, normalizer: str, norm_batch: int,
@@ -272,7 +297,7 @@ class RefusalRecorder:
         return torch.tensor(float("nan"))
 
 
-@torch.no_grad()
+@torch.enable_grad()  # CBN differentiates its statistics in the forward (nothing else needs it)
 def batch_statistics_accuracy(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 ) -> float:

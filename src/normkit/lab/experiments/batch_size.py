@@ -7,26 +7,16 @@ learning rate 0.1·N/32 for N images per GPU, 100 epochs; validation error (%) b
     | BN      | 23.6 | 23.7 | 24.8 | 27.3 | 34.7 |
     | GN      | 24.1 | 24.2 | 24.0 | 24.2 | 24.1 |
 
-and at 32 per GPU LN 25.3, IN 28.4; Batch Renorm (r_max 1.5, d_max 0.5) at 4 per GPU 26.3 (Wu & He,
-§5.1). Switchable Norm's README (switchablenorms/Switchable-Normalization, ResNet-50 top-1, 8 GPUs)
-gives SN 76.9 / 76.7 / 76.7 / 75.9 / 75.6 % at 32 / 16 / 8 / 4 / 2 per GPU: errors 23.1 ... 24.4.
+and at 32 per GPU LN 25.3, IN 28.4; Batch Renorm (r_max 1.5, d_max 0.5) at 4 per GPU 26.3 (§5.1);
+SN 23.1 ... 24.4 % at 32 ... 2 per GPU (Switchable Norm's README, ResNet-50, 8 GPUs).
 
-Here (CPU protocol 4, issue 17's fix): the lab's small CNN (:mod:`normkit.lab.small_batch`) on a
-Fashion-MNIST subset; every trial takes ``steps`` SGD updates of ``gradient_batch`` (64) images at
-one learning rate, and the batch-dependent normalizers see each run of B images of it on its own
-(B in ``batch_sizes``, the grid: the per-device batch of a data-parallel run). So only the
-normalization batch varies, at equal updates; the legacy protocol's gradient batch was B itself
-(234 updates at 64, 7,500 at 2), which undertrained the large batches. No normalizer on the fully
-connected hidden layer (``hidden_norm``: at B = 2 it sees two values per feature), except in the
-separate arm ``bn-fc`` (BN there too, as the legacy protocol had it for every arm). GN, LN and IN
-do not use the batch: they train at the largest and smallest B only (the same trial twice, which
-the tests check). Ghost BN is not an arm: BN with statistics per B inside the gradient batch *is*
-Ghost BN. SyncBN: ``sync_processes`` gloo processes holding gradient_batch/P images each,
-normalized over all of them. ``seeds`` seeds, paired. Measured: the test error in eval mode, with
-batch statistics (test batches of the gradient batch, normalized per B in training mode: a bad
-running estimate or a badly trained network?) and on training images; SN's learned weights.
-The settings and presets are :class:`~normkit.lab.small_batch.NormalizationBatchSettings`'s,
-shared with ``switchable``, whose SN and BN trials are these (claim ``sn-vs-bn-large``).
+Here (CPU protocol 4, issue 17): the lab's small CNN on Fashion-MNIST; every trial takes ``steps``
+SGD updates of ``gradient_batch`` (64) images at one rate, and the batch-dependent normalizers see
+each run of B of them on its own (B in ``batch_sizes``, a device's batch; BN per B *is* Ghost BN).
+No norm on the hidden FC layer but in arm ``bn-fc``. The batch-independent ones (GN, LN, IN, and
+issue 18's WS + GN, FRN + TLU, EvoNorm-S0) train at the largest and smallest B only (the same trial
+twice); so do, for the budget, EvoNorm-B0, MABN and CBN (``every_batch``). SyncBN: ``sync_processes``
+gloo processes. Seeds paired. Measured: test error (eval mode, batch statistics, training images).
 """
 
 from __future__ import annotations
@@ -41,6 +31,7 @@ from normkit.lab.figures import Bars, Heatmap, MeanTable, VersusSetting
 from normkit.lab.gloo import GlooDataParallel
 from normkit.lab.plan import Arm, Plan
 from normkit.lab.small_batch import (
+    ACTIVATING,
     BATCH_DEPENDENT,
     NORMALIZATION_BATCH_PRESETS,
     NORMALIZERS,
@@ -61,36 +52,60 @@ PUBLISHED = {  # images per GPU -> validation error (%)
     "LN": [(32, 25.3)], "IN": [(32, 28.4)], "Batch Renorm": [(4, 26.3)],  # BRN: §5.1, r/d_max 1.5/0.5
     "Switchable Norm": [(32, 23.1), (16, 23.3), (8, 23.3), (4, 24.1), (2, 24.4)],  # SN README
 }
+QIAO, SINGH, LIU = "Qiao et al. 2019, abstract, Table 2", "Singh & Krishnan 2020, abstract", "Liu et al. 2020"
+S, L, YAN, YAO = ("smallest",) * 2, ("largest",) * 2, "Yan et al. 2020, abstract", "Yao et al. 2021, Tab. 1-4"
+REMEDIES = [  # issue 18: name, arm − arm at (B, B), text, published (docstrings), value, criterion, source
+    ("ws-gn-beats-bn-small", "ws_gn", "bn", S, "WS+GN − BN error",
+     "< 0: GN+WS trains at 1 image per GPU, where BN fails (ResNet-50)", None, below(0.0), QIAO),
+    ("ws-gn-small-vs-bn-large", "ws_gn", "bn", ("smallest", "largest"), "WS+GN (small) − BN (large) error",
+     "≈ 0: GN+WS at 1 image per GPU reaches BN's large-batch accuracy", 0.0, below(1.0), QIAO),
+    ("frn-beats-gn-small", "frn", "gn", S, "FRN − GN error",
+     "< −1: FRN is '>1% better than GN in the small mini-batch regime'", -1.0, below(0.0), SINGH),
+    ("frn-vs-bn-large", "frn", "bn", L, "FRN − BN error",
+     "−0.7 to −1.0: FRN '≈0.7–1.0% better than BN' at large batches", -0.7, below(0.0), SINGH),
+    ("evonorm-s0-beats-bn-small", "evo_s0", "bn", S, "EvoNorm-S0 − BN error", "< 0: S0 keeps ResNet-50's "
+     "accuracy from 1024 to 32 images over 8 workers, BN-ReLU not", None, below(0.0), f"{LIU}, Fig. 1"),
+    ("evonorm-b0-vs-bn-large", "evo_b0", "bn", L, "EvoNorm-B0 − BN error",
+     "≤ 0: B0 ahead of BN-ReLU on most ImageNet classifiers", None, below(0.5), f"{LIU}, Tables 2-3"),
+    ("mabn-beats-bn-small", "mabn", "bn", S, "MABN − BN error", "< 0: MABN 'can completely restore the "
+     "performance of vanilla BN in small batch cases'", None, below(0.0), YAN),
+    ("mabn-small-vs-bn-large", "mabn", "bn", ("smallest", "largest"), "MABN (small) − BN (large) error",
+     "≈ 0: MABN at small batches restores BN's large-batch accuracy", 0.0, below(1.0), YAN),
+    ("cbn-beats-bn-small", "cbn", "bn", S, "CBN − BN error",
+     "< 0: CBN ahead of BN at small batches (ImageNet, COCO)", None, below(0.0), YAO),
+    ("cbn-vs-gn-small", "cbn", "gn", S, "CBN − GN error",
+     "< 0: CBN ahead of GN at small batches (ImageNet, COCO)", None, below(0.0), YAO),
+]  # fmt: skip
 BATCH = "batch_per_device"
 FC_LABEL = "BN, also on the FC layer"  # arm bn-fc: statistics over B values per feature there
 
 
 @dataclass(frozen=True)
 class BatchSizeSettings(NormalizationBatchSettings):
-    normalizers: tuple[str, ...] = ("bn", "bn-fc", "gn", "ln", "in", "brn", "sn")  # bn-fc: BN on the FC too
+    normalizers: tuple[str, ...] = ("bn", "bn-fc", "gn", "ln", "in", "brn", "sn",  # bn-fc: BN on FC too
+                                    "ws_gn", "frn", "evo_s0", "evo_b0", "mabn", "cbn")  # issue 18
     sync_processes: int = 4  # SyncBN across P processes of gradient_batch/P images; 0: no SyncBN
     renorm_limits: tuple[float, ...] = (1.5, 0.5)  # Wu & He's Batch Renorm: r_max, d_max
     renorm_momentum: float = 0.1  # BN's default: the runs are too short for the paper's 0.01
+    every_batch: tuple[str, ...] = ("bn", "bn-fc", "brn", "sn")  # the others: largest, smallest B only
+    warmup_steps: int = 50  # FRN's, EvoNorm's linear LR warm-up; CBN's burn-in (else they can collapse)
 
 
 AT = {"smallest": lambda s: min(s.batch_sizes), "largest": lambda s: max(s.batch_sizes),
       "near 4": lambda s: 4 if 4 in s.batch_sizes else min(s.batch_sizes)}  # fmt: skip
-AT_LARGEST = {BATCH: AT["largest"]}
-
-
-def _errors(trials) -> dict[int, float]:
-    return {t.params[BATCH]: t.final["test_error"] for t in trials if not t.final["diverged"]}
+LARGEST = {BATCH: AT["largest"]}
 
 
 def _bn_rise(trials, results) -> float | None:
-    errors, smallest = _errors(trials), AT["smallest"](results.settings)
+    errors = {t.params[BATCH]: t.final["test_error"] for t in trials if not t.final["diverged"]}
+    smallest = AT["smallest"](results.settings)
     return errors[smallest] - min(errors.values()) if smallest in errors else None
 
 
 @register
 class BatchSize(Experiment):
     name = "batch-size"
-    title = "Error against the normalization batch per device: BN, GN, LN, IN, Batch Renorm, SN, SyncBN"
+    title = "Error against the normalization batch per device: BN, GN, BRN, SN, SyncBN and later remedies"
     paper = "Wu & He 2018, Group Normalization, Fig. 1 and Table (§5.1)"
     claim = ("BN's error rises rapidly as the batch per device shrinks (ResNet-50: 23.6% at 32 images "
              "per GPU, 34.7% at 2), while GN's stays flat (24.1%) because it does not use the batch.")
@@ -105,8 +120,9 @@ class BatchSize(Experiment):
 
     def plan(self, s, data):
         sizes = sorted(s.batch_sizes, reverse=True)
+        ends = {BATCH: [sizes[0], sizes[-1]]}
         arms = [Arm(n, {"normalizer": n, "processes": 1}, NORMALIZERS.get(n, FC_LABEL),
-                    grid={BATCH: [sizes[0], sizes[-1]]} if n in PER_SAMPLE else None)
+                    grid=ends if n in PER_SAMPLE or n not in s.every_batch else None)
                 for n in s.normalizers]  # fmt: skip
         if s.sync_processes > 1:
             arms.append(Arm("syncbn", {"normalizer": "syncbn", "processes": s.sync_processes},
@@ -120,9 +136,11 @@ class BatchSize(Experiment):
         fc = {"hidden_norm": True} if p["normalizer"] == "bn-fc" else {}
         model, optimizer = normalization_batch_cnn(
             s, data, p["normalizer"].removesuffix("-fc"), p[BATCH], generator, renorm_steps=forwards,
-            renorm_limits=tuple(s.renorm_limits), renorm_momentum=s.renorm_momentum, **fc)  # fmt: skip
+            renorm_limits=tuple(s.renorm_limits), renorm_momentum=s.renorm_momentum,
+            burn_in=s.warmup_steps * s.gradient_batch // p[BATCH], **fc)  # fmt: skip
         step = GlooDataParallel(model, optimizer, p["processes"]) if p["processes"] > 1 else None
-        return Setup(model, optimizer, s.gradient_batch, train_step=step)
+        warm = (lambda t: min(1.0, (t + 1) / max(1, s.warmup_steps))) if p["normalizer"] in ACTIVATING else None  # noqa: E501
+        return Setup(model, optimizer, s.gradient_batch, warm, train_step=step)
 
     def measure(self, trial, s, setup, data):
         k = s.eval_examples
@@ -146,10 +164,12 @@ class BatchSize(Experiment):
         return values
 
     def claims(self, s):
-        def gap(name, a, b, at, text, published, value, criterion, source=WU_HE):
-            ours = difference(*(final("test_error", arm=arm, **{BATCH: AT.get(at, at)}) for arm in (a, b)))
-            return Claim(name, f"{text} at {AT[at](s) if at in AT else at} per device (points)",
-                         Published(published, source, value), ours, criterion, fmt="+.2f")
+        def gap(name, a, b, at, text, published, value, criterion, source=WU_HE, unverified=False):
+            ats = (at, at) if isinstance(at, str) else at
+            ours = difference(*(final("test_error", arm=x, **{BATCH: AT[w]}) for x, w in zip((a, b), ats)))  # noqa: B905
+            where = " and ".join(dict.fromkeys(str(AT[w](s)) for w in ats))
+            return Claim(name, f"{text} at {where} per device (points)",
+                         Published(published, source, value, unverified), ours, criterion, fmt="+.2f")
 
         small = AT["smallest"](s)
         return [
@@ -174,12 +194,13 @@ class BatchSize(Experiment):
             Claim("sn-small", f"Switchable Norm's error at {small} per device (%)",
                   Published("24.4 at 2 per GPU", "Switchable-Normalization README, ResNet-50", 24.4),
                   final("test_error", arm="sn", **{BATCH: AT["smallest"]}), None, fmt=".2f"),
+            *(gap(*r, unverified=True) for r in REMEDIES if {r[1], r[2]} <= set(s.normalizers)),
         ] + ([] if s.sync_processes < 2 else [Claim(
             "syncbn-whole-batch", f"SyncBN ({s.sync_processes} × {s.gradient_batch // s.sync_processes}) "
             f"− BN over the whole {s.gradient_batch} (points)",
             Published("not in the paper: SyncBN normalizes over the global batch, as one device would",
                       "Wu & He 2018, §3 (BN statistics per GPU)"),
-            difference(final("test_error", arm="syncbn"), final("test_error", arm="bn", **AT_LARGEST)),
+            difference(final("test_error", arm="syncbn"), final("test_error", arm="bn", **LARGEST)),
             below(1.0), fmt="+.2f")])  # fmt: skip
 
     def figures(self, s):
@@ -212,9 +233,9 @@ class BatchSize(Experiment):
             f"images, {s.steps} updates of {s.gradient_batch}, not ResNet-50 on ImageNet for 100 epochs: "
             "compare the shapes of the curves, not the errors.",
             f"The gradient batch is fixed at {s.gradient_batch} (SGD momentum {s.momentum:g} at {s.lr:g}, "
-            "no schedule) and only the normalization batch B varies, at equal updates; Wu & He's "
-            "gradient batch was 8·B with the rate scaled by it. Running statistics are updated once "
-            "per B (as on one device of a data-parallel run).",
+            f"no schedule but FRN's and EvoNorm's {s.warmup_steps}-step warm-up) and only the "
+            "normalization batch B varies, at equal updates; Wu & He's gradient batch was 8·B with the "
+            "rate scaled by it. Running statistics are updated once per B (as on one device).",
             ("No normalizer on the fully connected hidden layer" if not s.hidden_norm else
              "The normalizer also follows the fully connected hidden layer (LN in IN's and SN's networks)")
             + "; arm bn-fc puts BN there: B values per feature (ResNet-50's last 7×7 stage has 49·B).",
@@ -222,6 +243,8 @@ class BatchSize(Experiment):
             "GN's flat curve is not judged: with a fixed gradient batch it holds by construction.",
             f"Batch Renorm's moving averages at momentum {s.renorm_momentum:g} (the paper's 0.01 is too "
             "slow for runs of a few hundred steps); plain BN for the first 3.5% of its forwards.",
+            "MABN's, CBN's windows (16, 8 iterations) span the last microbatches of B, mostly of this step; "
+            f"MABN's first 3.5% of forwards: batch statistics, r = 1; CBN: BN for {s.warmup_steps} updates.",
             f"SyncBN: {s.sync_processes} gloo processes on this machine, each holding "
             f"{s.gradient_batch // max(1, s.sync_processes)} of the gradient batch.",
         ]  # fmt: skip
