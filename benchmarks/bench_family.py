@@ -18,10 +18,7 @@ Prints a table with the issue's targets and writes JSON (machine, date, command,
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +32,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 import normkit as nk
+from environment import environment
 
 SHAPE = (32, 64, 56, 56)
 VIRTUAL_BATCH = 8  # Ghost BN: four ghost batches of 8 in the batch of 32
@@ -251,19 +249,6 @@ def measure(row: Row, rounds: int, min_run_time: float) -> dict:
         },
     }
 
-
-def environment() -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "normkit": nk.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def print_table(results: list[dict]) -> None:

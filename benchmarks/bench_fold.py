@@ -16,10 +16,7 @@ timing).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +26,7 @@ import torch
 from torch import nn
 
 import normkit as nk
+from environment import environment
 
 
 class BasicBlock(nn.Module):
@@ -121,19 +119,6 @@ def measure(batch: int, channels_last: bool, calls: int) -> dict:
         "max_relative_error": report.max_relative_error,
     }
 
-
-def environment() -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "normkit": nk.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,10 +16,7 @@ Prints a table and writes JSON (machine, date, command, every timing).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +29,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 import normkit as nk
+from environment import environment
 
 
 class PermutedLayerNorm(nn.Module):
@@ -156,19 +154,6 @@ def measure(row: Row, rounds: int, min_run_time: float, backends: list[str]) -> 
         }
     return result
 
-
-def environment() -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "normkit": nk.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def print_table(results: list[dict], backends: list[str]) -> None:

@@ -27,11 +27,8 @@ imported through the tests' torchvision shim (tests/conftest.py), as the tests d
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +41,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 import normkit as nk
+from environment import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (32, 64, 56, 56)
@@ -280,20 +278,6 @@ def measure(row: Row, rounds: int, min_run_time: float) -> dict:
         "target": row.target,
     }
 
-
-def environment() -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg(),
-        "torch": torch.__version__,
-        "normkit": nk.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def print_table(results: list[dict]) -> None:
