@@ -135,18 +135,29 @@ def test_damaged_config_and_summary_name_the_file_and_the_fix(tmp_path):
         RunRecord.load(out)
 
 
-def test_a_full_disk_gives_one_line_and_resume_finishes_the_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (errno.ENOSPC, "no space left on the device while writing"),
+        # a file system remounted read-only; simulated because the tests may run as root, whom
+        # chmod does not stop
+        (errno.EROFS, "cannot write .*make the folder writable"),
+    ],
+    ids=["full_disk", "read_only"],
+)
+def test_a_failing_write_gives_one_line_and_resume_finishes_the_run(tmp_path, monkeypatch, error,
+                                                                    message):  # fmt: skip
     out = tmp_path / "run"
     real_fsync, calls = os.fsync, {"n": 0}
 
-    def full_disk(fd):
+    def failing(fd):  # the 4th fsync fails, mid-run
         calls["n"] += 1
         if calls["n"] == 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(error, os.strerror(error))
         return real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(RunFolderError, match="no space left on the device while writing") as caught:
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(RunFolderError, match=message) as caught:
         run_experiment("placement", "tiny", TINY, out=out, checkpoint_every_s=0, write_report=False)
     assert "--resume" in str(caught.value) and "\n" not in str(caught.value)
     monkeypatch.setattr(os, "fsync", real_fsync)
