@@ -38,7 +38,7 @@ from normkit.functional._checks import (
     check_trailing_shape,
 )
 from normkit.functional._moments import stats_dtype
-from normkit.functional._transforms import differentiable_backward, transforming
+from normkit.functional._transforms import composite_required, differentiable_backward, transforming
 
 
 def rms_norm(
@@ -99,7 +99,7 @@ def native_channel_rms_norm(input, weight, eps):
     # torch's op reduces the last dim: move the channels there (a view; channels_last is then
     # contiguous), and back.
     y = torch.rms_norm(input.movedim(1, -1), [input.shape[1]], weight, eps).movedim(-1, 1)
-    return y if _functorch_active() else _like(input, y)
+    return y if composite_required() else _like(input, y)
 
 
 def composite_rms_norm(input, weight, dims, eps):
@@ -114,11 +114,6 @@ def composite_rms_norm(input, weight, dims, eps):
 
 def _channel_weight(weight, ndim):
     return None if weight is None else weight.view((1, -1) + (1,) * (ndim - 2))
-
-
-def _functorch_active() -> bool:
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active is not None and active())
 
 
 def _like(layout: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
