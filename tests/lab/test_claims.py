@@ -194,3 +194,10 @@ def test_a_miss_on_a_reduced_preset_is_inconclusive_at_that_scale():
     entry = missed.judge(results({"a": a, "b": b}, preset="quick")).entry()
     assert card_row(entry)[3].startswith("**inconclusive** at quick scale, where a miss")
     assert check(entry).passed is None
+
+
+def test_a_verdict_without_a_criterion_quotes_none():
+    # the guideline's rows are decided by the claims of other runs, not by a criterion of their own
+    entry = {"quantity": "q", "published": {"text": "t", "source": "s"}, "criterion": None,
+             "verdict": REPRODUCED, "reason": "", "ours": {"text": "3 of 3 tests reproduced"}}
+    assert card_row(entry)[3] == f"**{REPRODUCED}**"

@@ -319,8 +319,10 @@ def card_row(entry: dict) -> list[str]:
         decided = f"**{entry['verdict']}** {entry['reason']}"
     elif entry["reason"]:
         decided = f"**{entry['verdict']}**: {entry['reason']}"
-    else:
+    elif entry["criterion"]:
         decided = f"**{entry['verdict']}** (criterion: ours {entry['criterion']})"
+    else:  # decided by its own evidence (the guideline's rows): nothing to quote
+        decided = f"**{entry['verdict']}**"
     return [entry["quantity"], cited, ours_text(entry), decided]
 
 
