@@ -121,7 +121,32 @@ def test_ratios_paired_per_seed():
     a, b = [2.0, 4.0, 5.0], [1.0, 1.0, 2.0]
     found = estimate(ratio(final("score", arm="b"), final("score", arm="a")), results({"a": a, "b": b}))
     assert found.values == {0: 0.5, 1: 0.25, 2: 0.4}
-    assert found.mean == pytest.approx(t_interval([0.5, 0.25, 0.4])[0])
+    # a ratio is judged on the log scale: the geometric mean and the exponentiated log interval
+    mean, low, high = (math.exp(v) for v in t_interval([math.log(v) for v in (0.5, 0.25, 0.4)]))
+    assert (found.mean, found.low, found.high) == pytest.approx((mean, low, high))
+    assert "logs" in found.method
+
+
+def test_a_skewed_ratio_has_a_positive_interval_and_a_verdict():
+    # per seed BN / Standard of 1.6, 1.8, 6.8, 0.9, 21.5: the arithmetic t interval reaches below
+    # zero (6.5 [−4.3, 17.3]); on the log scale it is 3.3 [0.66, 16.2]
+    values = [1.6, 1.8, 6.8, 0.9, 21.5]
+
+    def skewed(trials, _results):
+        return trials[0].final["score"]
+
+    arithmetic = per_seed(skewed, "a ratio read as a plain number", arm="a")
+    logged = per_seed(skewed, "BN / Standard", ratio=True, arm="a")
+    run = results({"a": values})
+    assert estimate(arithmetic, run).low < 0
+    found = estimate(logged, run)
+    assert found.mean == pytest.approx(math.exp(sum(map(math.log, values)) / 5))
+    assert 0.5 < found.low < found.mean < found.high
+    assert Claim("r", "q", Published("t", "s"), logged, above(0.5)).judge(run).verdict == REPRODUCED
+    assert Claim("r", "q", Published("t", "s"), arithmetic, above(0.5)).judge(run).verdict == INCONCLUSIVE
+    # a ratio that is not positive in every seed stays arithmetic, and says so
+    run = results({"a": [1.0, 2.0, -0.5]})
+    assert "arithmetic" in estimate(logged, run).method
 
 
 def test_per_seed_quantities_see_the_trials_of_one_seed():

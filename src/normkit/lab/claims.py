@@ -14,7 +14,10 @@ The verdict rule (:func:`verdict`, documented in docs/lab.md):
 3. otherwise the 95% Student-t interval of the mean over seeds (of the per-seed difference or ratio
    when arms are paired by seed; Welch's interval when they are not) decides: entirely on the
    criterion's side ``reproduced``, entirely on the other side ``not reproduced``, else
-   ``inconclusive`` ("interval straddles the criterion");
+   ``inconclusive`` ("interval straddles the criterion"). A ratio of positive quantities is
+   judged on the log scale: the geometric mean over seeds and the interval of the mean log ratio,
+   exponentiated (a ratio's spread is multiplicative: one seed at 20× must not give a negative
+   lower bound);
 4. on a reduced preset (``quick``, ``tiny``: fewer steps or smaller models than the protocol), a
    miss is ``inconclusive`` ("at quick scale, ..."), not ``not reproduced``: a run smaller than the
    protocol can show the effect but cannot refute a claim made at the protocol's scale.
@@ -74,6 +77,7 @@ class Quantity:
     function: Callable[[list[TrialResult], Results], float | None]
     where: dict
     text: str
+    log: bool = False  # a ratio of positive values: judged on the log scale (rule 3)
 
     def per_seed(self, results: Results) -> dict[int, float | None]:
         groups = results.by_seed(**self.where).items()
@@ -101,11 +105,12 @@ def from_curve(function: Callable[[list[int], list[float]], float | None], metri
     return Quantity(value, where, f"{text}, from the curve of {metric}{_where(where)}")
 
 
-def per_seed(function: Callable[[list[TrialResult], Results], float | None], text: str,
-             **where) -> Quantity:  # fmt: skip
+def per_seed(function: Callable[[list[TrialResult], Results], float | None], text: str, *,
+             ratio: bool = False, **where) -> Quantity:  # fmt: skip
     """Anything computed from the trials of one seed that match ``where`` (``function(trials,
-    results)``), e.g. the rise of BN's error from its best batch size to the smallest."""
-    return Quantity(function, where, text + _where(where))
+    results)``), e.g. the rise of BN's error from its best batch size to the smallest; ``ratio``
+    when it is a ratio of positive values (judged on the log scale)."""
+    return Quantity(function, where, text + _where(where), log=ratio)
 
 
 @dataclass(frozen=True)
@@ -174,11 +179,21 @@ def estimate(quantity: Quantity | Comparison, results: Results) -> Estimate:
     else:
         values = quantity.per_seed(results)
         finite = [v for v in values.values() if v is not None]
-        stat = mean_ci(finite, CONFIDENCE) if finite else {}
         n, missing = len(finite), len(values) - len(finite)
-        method = "mean over seeds, Student-t interval"
-        if isinstance(quantity, Comparison):
-            method = f"per-seed {quantity.kind} (paired by seed), Student-t interval"
+        paired = isinstance(quantity, Comparison)
+        log = (quantity.kind == "ratio" if paired else quantity.log) and bool(finite)
+        if log and min(finite) > 0:
+            stat = mean_ci([math.log(v) for v in finite], CONFIDENCE)
+            stat = {k: math.exp(v) if k in ("mean", "low", "high") and math.isfinite(v) else v
+                    for k, v in stat.items()}  # fmt: skip
+            interval = "geometric mean, Student-t interval of the logs"
+        else:
+            stat = mean_ci(finite, CONFIDENCE) if finite else {}
+            interval = "Student-t interval"
+            if log:  # a ratio that is not positive in every seed: no log scale
+                interval += " (a ratio ≤ 0 in some seed: arithmetic mean)"
+        where = f"per-seed {quantity.kind} (paired by seed)" if paired else "mean over seeds"
+        method = f"{where}, {interval}"
     found = [_number(stat.get(k)) for k in ("mean", "low", "high")]
     return Estimate(*found, n, missing, values, method)
 
