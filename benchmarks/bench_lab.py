@@ -8,10 +8,11 @@ ioffe2015-mnist.
    every 250 steps, the progress callback and checkpoints every 10 s. The experiment's
    measurements are switched off in (b), since a plain loop has none. Both alternate over
    ``--rounds`` rounds in one process; the median ratio (b)/(a) is the overhead (target ≤ 1.10).
-2. ``--workers``: a multi-trial quick experiment (``--experiment``, default placement: a sweep of 2 arms
-   × 3 rates, then 2 arms × 3 seeds) run with ``workers=1`` and ``workers=2``, one torch thread per worker, alternated over
-   ``--worker-rounds`` rounds; trials per minute of wall time, worker start-up included (target on
-   2 cores: ≥ 1.6×). The machine's load average is recorded before and after each run.
+2. ``--workers``: a multi-trial quick experiment (``--experiment``, default placement: a sweep
+   of 2 arms × 3 rates, then 2 arms × 3 seeds) run with ``workers=1`` and ``workers=2``, one
+   torch thread per worker, alternated over ``--worker-rounds`` rounds; trials per minute of wall
+   time, worker start-up included (target on 2 cores: ≥ 1.6×). The machine's load average is
+   recorded before and after each run.
 3. ``--full``: time ``normkit lab run ioffe2015-mnist`` (full preset) end to end.
 
 Run: ``.venv/bin/python benchmarks/bench_lab.py [--steps 3000] [--rounds 5] [--threads N]

@@ -27,7 +27,7 @@ from normkit.errors import ConfigError
 from normkit.functional import _dispatch
 from normkit.functional._batch_instance_norm import mix_with_batch_statistics
 from normkit.functional._batch_norm import batch_dims
-from normkit.functional._batch_norm_compiled import shifted_moments
+from normkit.functional._batch_norm_compiled import channel_moments, channel_sum, shifted_moments
 from normkit.functional._checks import (
     check_eps,
     check_floating,
@@ -221,7 +221,7 @@ def _compiled_forward_maths(x, w_b, b, w_f, running_mean, running_var, eps: floa
     xs = x.to(stats_dtype(x.dtype))
     # one pass of shifted sums per statistic, where var_mean's Welford update divides per element
     if running_mean is None:
-        mean, var = shifted_moments(xs, batch_dims(ndim))
+        mean, var = channel_moments(xs)
     else:
         mean, var = channel_view(running_mean, ndim), channel_view(running_var, ndim)
     mean_f, var_f = shifted_moments(xs, (1,))
@@ -241,15 +241,14 @@ def _compiled_backward_maths(
     over the channels for x̂_F, whose statistics always depend on x), summed; and the per-channel
     sums Σ dy·x̂_B, Σ dy, Σ dy·x̂_F that are the gradients of w_b, b and w_f."""
     ndim = x.dim()
-    dims = batch_dims(ndim)
     dtype = stats_dtype(x.dtype)
     xs, g = x.to(dtype), dy.to(dtype)
     invstd = torch.rsqrt(channel_view(var, ndim) + eps)
     x_b = (xs - channel_view(mean, ndim)) * invstd
     x_f = (xs - mean_f) * invstd_f
-    sum_g = g.sum(dims, keepdim=True)
-    sum_gx_b = (g * x_b).sum(dims, keepdim=True)
-    sum_gx_f = (g * x_f).sum(dims, keepdim=True)
+    sum_g = channel_view(channel_sum(g), ndim)  # by blocks of positions for channels_last
+    sum_gx_b = channel_view(channel_sum(g * x_b), ndim)
+    sum_gx_f = channel_view(channel_sum(g * x_f), ndim)
     scale = invstd * channel_view(w_b, ndim)
     if training:
         n = x.numel() // x.shape[1]

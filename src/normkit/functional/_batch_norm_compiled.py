@@ -94,21 +94,35 @@ def shifted_moments(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tenso
     return k + s1 / n, ((s2 - s1 * s1 / n) / n).clamp_min(0.0)
 
 
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel mean and biased variance of an (N, C, *) tensor over all its other dims, in one
+    pass of shifted sums (:func:`shifted_moments`), by blocks of positions for channels_last
+    (:func:`channel_blocks`); shaped for broadcasting against ``x``."""
+    ndim = x.dim()
+    blocks = channel_blocks(x)
+    if blocks is None:
+        return shifted_moments(x, batch_dims(ndim))
+    n = blocks.shape[0] * blocks.shape[1]
+    k = sample_mean(x, batch_dims(ndim)).reshape(-1)
+    d = blocks - k
+    s1, s2 = d.sum(1).sum(0), (d * d).sum(1).sum(0)
+    mean = channel_view(k + s1 / n, ndim)
+    return mean, channel_view(((s2 - s1 * s1 / n) / n).clamp_min(0.0), ndim)
+
+
+def channel_sum(t: torch.Tensor) -> torch.Tensor:
+    """Per channel sum of an (N, C, *) tensor (or of an expression of tensors, which torch.compile
+    fuses into the reduction), shape (C,): by blocks of positions for channels_last."""
+    blocks = channel_blocks(t)
+    return t.sum(batch_dims(t.dim())) if blocks is None else blocks.sum(1).sum(0)
+
+
 def _forward_maths(x, weight, bias, eps: float):
     """Batch statistics in one pass of shifted sums (float32 for half inputs), then the normalize
     pass."""
     ndim, dtype = x.dim(), stats_dtype(x.dtype)
     xf = x.to(dtype)
-    blocks = channel_blocks(xf)
-    if blocks is not None:
-        n = blocks.shape[0] * blocks.shape[1]
-        k = sample_mean(xf, batch_dims(ndim)).reshape(-1)
-        d = blocks - k
-        s1, s2 = d.sum(1).sum(0), (d * d).sum(1).sum(0)
-        mean = channel_view(k + s1 / n, ndim)
-        var = channel_view(((s2 - s1 * s1 / n) / n).clamp_min(0.0), ndim)
-    else:
-        mean, var = shifted_moments(xf, batch_dims(ndim))
+    mean, var = channel_moments(xf)
     invstd = torch.rsqrt(var + eps)
     scale = invstd if weight is None else invstd * channel_view(weight.to(dtype), ndim)
     y = (xf - mean) * scale
