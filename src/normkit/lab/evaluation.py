@@ -1,4 +1,4 @@
-"""Measurements taken on a model: accuracy, loss, and the distribution of one unit's input.
+"""Measurements taken on a model: accuracy, loss, error, and the distribution of one unit's input.
 
 All run under ``torch.no_grad`` in chunks, so a 10,000-image test set through a CNN stays within a
 few hundred MB; the caller sets train/eval mode.
@@ -6,8 +6,13 @@ few hundred MB; the caller sets train/eval mode.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from normkit.lab.datasets import Dataset
 
 EVAL_CHUNK = 1000
 
@@ -24,6 +29,17 @@ def accuracy_and_loss(
         correct += int((logits.argmax(dim=1) == target).sum())
         loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
     return correct / len(y), loss / len(y)
+
+
+def error_percent(accuracy: float | None) -> float | None:
+    """Top-1 error in percent, from an accuracy fraction."""
+    return None if accuracy is None else 100.0 * (1.0 - accuracy)
+
+
+def error_on_test_set(model: nn.Module, data: Dataset, examples: int | None = None) -> float:
+    """Top-1 error (%) of ``model`` on the first ``examples`` test images (all by default)."""
+    accuracy, _ = accuracy_and_loss(model, data.x_test[:examples], data.y_test[:examples])
+    return error_percent(accuracy)
 
 
 @torch.no_grad()

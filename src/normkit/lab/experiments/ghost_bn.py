@@ -41,13 +41,12 @@ import torch
 from torch import nn
 
 from normkit.lab.claims import Claim, Published, above, below, difference, final, per_seed
-from normkit.lab.evaluation import accuracy_and_loss
+from normkit.lab.evaluation import accuracy_and_loss, error_percent
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Bars, Curves
 from normkit.lab.models import initialize, mlp
 from normkit.lab.plan import Arm, Plan
 from normkit.lab.settings import Settings
-from normkit.lab.small_batch import error_percent
 
 ARMS = {
     "sb": "small batch",

@@ -42,14 +42,13 @@ from torch import nn
 
 import normkit as nk
 from normkit.lab.claims import Claim, Published, above, difference, final
-from normkit.lab.datasets import subset
-from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.evaluation import accuracy_and_loss, error_on_test_set, error_percent
+from normkit.lab.experiment import Experiment, Setup, register, training_subset
 from normkit.lab.figures import Bars, Curves
 from normkit.lab.plan import Arm, Plan
 from normkit.lab.population import batch_norm_layers, precise, training_batches
 from normkit.lab.settings import Settings
-from normkit.lab.small_batch import batch_statistics_accuracy, error_percent, small_cnn
+from normkit.lab.small_batch import batch_statistics_accuracy, small_cnn
 
 REPORTS = "pytorch#46516; Lightning#17446 (user reports, not papers)"
 NO_NUMBER = "no published number: "
@@ -114,9 +113,7 @@ class GradientAccumulation(Experiment):
                  "evaluations": 1, "eval_examples": 40, "batch_stat_examples": 64,
                  "precise_examples": 64},
     }  # fmt: skip
-
-    def prepare_data(self, s, dataset):
-        return subset(dataset, s.train_examples, s.seed)
+    prepare_data = training_subset
 
     def plan(self, s, data):
         m, k = s.micro_batch, s.micro_batches
@@ -147,9 +144,7 @@ class GradientAccumulation(Experiment):
         return Setup(model, optimizer, p["batch"], lr_factor=factor, train_step=step)
 
     def measure(self, trial, s, setup, data):
-        k = s.eval_examples
-        accuracy, _ = accuracy_and_loss(setup.model, data.x_test[:k], data.y_test[:k])
-        return {"test_error": error_percent(accuracy)}
+        return {"test_error": error_on_test_set(setup.model, data, s.eval_examples)}
 
     def finish(self, trial, s, setup, data):
         p, model, k = trial.params, setup.model, s.batch_stat_examples

@@ -24,14 +24,13 @@ import torch
 
 from normkit.errors import ConfigError
 from normkit.lab.claims import Claim, Published, above, below, difference, final, per_seed
-from normkit.lab.datasets import subset
-from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.evaluation import accuracy_and_loss, error_on_test_set, error_percent
+from normkit.lab.experiment import Experiment, Setup, register, training_subset
 from normkit.lab.figures import Curves, MeanTable, VersusSetting
 from normkit.lab.models import initialize, mlp
 from normkit.lab.plan import Arm, Plan
 from normkit.lab.settings import Settings
-from normkit.lab.small_batch import batch_statistics_accuracy, error_percent
+from normkit.lab.small_batch import batch_statistics_accuracy
 
 LABELS = {"none": "no normalization", "bn": "BN", "ln": "LN"}
 NORMS = {"none": "none", "bn": "batch", "ln": "layer"}
@@ -109,9 +108,7 @@ class LayerNormBatch(Experiment):
         "tiny": {"hidden": (16, 16), "batch_sizes": (16, 4), "train_examples": 64, "epochs": 1.0,
                  "evaluations": 2, "eval_examples": 100, "batch_stat_examples": 40, "seeds": 1},
     }  # fmt: skip
-
-    def prepare_data(self, s, dataset):
-        return subset(dataset, s.train_examples, s.seed)
+    prepare_data = training_subset
 
     def plan(self, s, data):
         unknown = [n for n in s.normalizers if n not in NORMS]
@@ -129,10 +126,8 @@ class LayerNormBatch(Experiment):
         return Setup(model, optimizer, trial.params[BATCH])
 
     def measure(self, trial, s, setup, data):
-        k = s.eval_examples
-        accuracy, _ = accuracy_and_loss(setup.model, data.x_test[:k], data.y_test[:k])
-        epoch = setup.step * trial.params[BATCH] / len(data.y_train)
-        return {"test_error": error_percent(accuracy), "epoch": epoch}
+        return {"test_error": error_on_test_set(setup.model, data, s.eval_examples),
+                "epoch": setup.step * trial.params[BATCH] / len(data.y_train)}  # fmt: skip
 
     def finish(self, trial, s, setup, data):
         p, k = trial.params, s.batch_stat_examples

@@ -22,9 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from normkit.lab.claims import Claim, Published, above, below, per_seed
-from normkit.lab.datasets import subset
-from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.evaluation import accuracy_and_loss, error_on_test_set, error_percent
+from normkit.lab.experiment import Experiment, Setup, register, training_subset
 from normkit.lab.figures import Bars, Curves, VersusSetting
 from normkit.lab.plan import Arm, Plan
 from normkit.lab.small_batch import (
@@ -33,7 +32,6 @@ from normkit.lab.small_batch import (
     NormalizationBatchSettings,
     batch_statistics_accuracy,
     bn_share,
-    error_percent,
     importance_section,
     normalization_batch_cnn,
     sn_vs_bn_claim,
@@ -83,9 +81,7 @@ class Switchable(Experiment):
              "statistics when the batch is small.")  # fmt: skip
     settings_class = SwitchableSettings
     presets = dict(NORMALIZATION_BATCH_PRESETS)
-
-    def prepare_data(self, settings, dataset):
-        return subset(dataset, settings.train_examples, settings.seed)
+    prepare_data = training_subset
 
     def plan(self, s, data):
         arms = [Arm(n, {"normalizer": n, "processes": 1}, NORMALIZERS[n]) for n in s.normalizers]
@@ -98,9 +94,7 @@ class Switchable(Experiment):
         return Setup(model, optimizer, s.gradient_batch)
 
     def measure(self, trial, s, setup, data):
-        k = s.eval_examples
-        accuracy, _ = accuracy_and_loss(setup.model, data.x_test[:k], data.y_test[:k])
-        values = {"test_error": error_percent(accuracy)}
+        values = {"test_error": error_on_test_set(setup.model, data, s.eval_examples)}
         if trial.params["normalizer"] == "sn":
             importance = switchable_importance(setup.model)
             values.update(importance=importance, bn_share_mean=bn_share(importance, "mean"),
