@@ -42,6 +42,19 @@ def error_on_test_set(model: nn.Module, data: Dataset, examples: int | None = No
     return error_percent(accuracy)
 
 
+def forward_in_chunks(
+    model: nn.Module, x: torch.Tensor, hooks: list, chunk: int = EVAL_CHUNK
+) -> None:
+    """Run ``x`` through ``model`` in chunks for what ``hooks`` record, then remove the hooks (their
+    handles), also when a forward fails."""
+    try:
+        for start in range(0, len(x), chunk):
+            model(x[start : start + chunk])
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
 @torch.no_grad()
 def unit_percentiles(
     model: nn.Module,
@@ -57,11 +70,7 @@ def unit_percentiles(
     """
     values: list[torch.Tensor] = []
     handle = module.register_forward_hook(lambda _m, _i, out: values.append(out[:, unit].clone()))
-    try:
-        for start in range(0, len(x), chunk):
-            model(x[start : start + chunk])
-    finally:
-        handle.remove()
+    forward_in_chunks(model, x, [handle], chunk)
     return torch.quantile(
         torch.cat(values).double(), torch.tensor(quantiles, dtype=torch.double)
     ).tolist()

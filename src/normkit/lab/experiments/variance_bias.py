@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from normkit.lab.claims import Claim, Published, above, below, difference, final, per_seed
-from normkit.lab.evaluation import EVAL_CHUNK, accuracy_and_loss
+from normkit.lab.evaluation import accuracy_and_loss, forward_in_chunks
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import MeanTable, VersusSetting
 from normkit.lab.models import initialize, mlp
@@ -69,13 +69,7 @@ def normalized_variance(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
         return add
 
-    handles = [layer.register_forward_pre_hook(hook(p)) for p, layer in layers.items()]
-    try:
-        for start in range(0, len(x), EVAL_CHUNK):
-            model(x[start : start + EVAL_CHUNK])
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_in_chunks(model, x, [layer.register_forward_pre_hook(hook(p)) for p, layer in layers.items()])
     return {path: float((sq / n - (total / n).square()).mean()) for path, (n, total, sq) in sums.items()}
 
 
