@@ -13,10 +13,9 @@ Here: a ReLU MLP with BN before every ReLU, trained at every batch size m of ``b
 running variance (PyTorch, Algorithm 2), (b) the biased running variance, (c) PreciseBN with batches
 of m (:func:`normkit.tools.recalibrate`, ``precise_samples`` samples). Measured on the test set: the
 variance of each BN layer's x̂ (over the test examples, averaged over features) and the accuracy.
-Predicted: Var(x̂) ≈ 1 under (a) and (c) and ≈ m/(m−1) under (b). In the first BN layer, whose
-input does not depend on the choice, the ratio (b) ÷ (a) is m/(m−1) by construction (up to ε); what
-is measured there is whether the running statistics describe the test activations (the absolute
-values), and in the deeper layers how the choices compound.
+In the first BN layer, whose input does not depend on the choice, the ratio (b) ÷ (a) is m/(m−1)
+by construction (up to ε); what is measured there is whether the running statistics describe the
+test activations (the absolute values), and in the deeper layers how the choices compound.
 
 Decision: (b) is computed as ``running_var · (m−1)/m``. For a constant batch size the EMA is linear,
 so this equals an EMA of the biased variances except for the weight left on the initial value 1,
@@ -209,6 +208,4 @@ class VarianceBias(Experiment):
             f"A ReLU MLP {'-'.join(map(str, s.hidden))} with BN before each ReLU, {s.steps} steps per batch "
             f"size, SGD lr {s.learning_rate:g} momentum {s.momentum:g} (the same for every m, so larger "
             "batches see more data: compare the choices within a batch size).",
-            "The blog post was not read; the prediction m/(m−1) is our derivation from E[σ²_B] = "
-            "(m−1)/m σ².",
         ]  # fmt: skip
