@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import normkit as nk
+from normkit.lab.evaluation import forward_in_chunks
 
 CONFIGS = list(product(("population", "batch"), ("example", "population")))  # (BN part, LN part)
 
@@ -69,11 +70,8 @@ def feature_population(model: nn.Module, x: torch.Tensor, chunk: int = 500) -> d
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(x), chunk):
-            model(x[start : start + chunk])
+        forward_in_chunks(model, x, hooks, chunk)
     finally:
-        for handle in hooks:
-            handle.remove()
         model.train(was_training)
     return {name: ((m / n).float(), (v / n).float()) for name, (m, v, n) in sums.items()}
 

@@ -1,4 +1,4 @@
-"""Measurements taken on a model: accuracy, loss, and the distribution of one unit's input.
+"""Measurements taken on a model: accuracy, loss, error, and the distribution of one unit's input.
 
 All run under ``torch.no_grad`` in chunks, so a 10,000-image test set through a CNN stays within a
 few hundred MB; the caller sets train/eval mode.
@@ -6,8 +6,13 @@ few hundred MB; the caller sets train/eval mode.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from normkit.lab.datasets import Dataset
 
 EVAL_CHUNK = 1000
 
@@ -26,6 +31,30 @@ def accuracy_and_loss(
     return correct / len(y), loss / len(y)
 
 
+def error_percent(accuracy: float | None) -> float | None:
+    """Top-1 error in percent, from an accuracy fraction."""
+    return None if accuracy is None else 100.0 * (1.0 - accuracy)
+
+
+def error_on_test_set(model: nn.Module, data: Dataset, examples: int | None = None) -> float:
+    """Top-1 error (%) of ``model`` on the first ``examples`` test images (all by default)."""
+    accuracy, _ = accuracy_and_loss(model, data.x_test[:examples], data.y_test[:examples])
+    return error_percent(accuracy)
+
+
+def forward_in_chunks(
+    model: nn.Module, x: torch.Tensor, hooks: list, chunk: int = EVAL_CHUNK
+) -> None:
+    """Run ``x`` through ``model`` in chunks for what ``hooks`` record, then remove the hooks (their
+    handles), also when a forward fails."""
+    try:
+        for start in range(0, len(x), chunk):
+            model(x[start : start + chunk])
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
 @torch.no_grad()
 def unit_percentiles(
     model: nn.Module,
@@ -41,11 +70,7 @@ def unit_percentiles(
     """
     values: list[torch.Tensor] = []
     handle = module.register_forward_hook(lambda _m, _i, out: values.append(out[:, unit].clone()))
-    try:
-        for start in range(0, len(x), chunk):
-            model(x[start : start + chunk])
-    finally:
-        handle.remove()
+    forward_in_chunks(model, x, [handle], chunk)
     return torch.quantile(
         torch.cat(values).double(), torch.tensor(quantiles, dtype=torch.double)
     ).tolist()

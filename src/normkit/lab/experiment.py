@@ -26,6 +26,7 @@ from torch import nn
 
 from normkit.errors import ConfigError
 from normkit.lab.claims import INCONCLUSIVE, Claim, judge, roll_up
+from normkit.lab.datasets import Dataset, subset
 from normkit.lab.plan import Plan, Trial
 from normkit.lab.render import Section, Table, fmt
 from normkit.lab.report import RunReport, claims_card
@@ -33,7 +34,6 @@ from normkit.lab.results import Results
 from normkit.lab.settings import Settings, from_json, resolve
 
 if TYPE_CHECKING:
-    from normkit.lab.datasets import Dataset
     from normkit.lab.figures import FigureSpec
     from normkit.lab.records import RunRecord
 
@@ -205,6 +205,12 @@ class Experiment:
         if extra is not None:
             sections.append(extra)
         return RunReport(headline(record.summary), sections, self.deviations(results.settings))
+
+
+def training_subset(experiment: Experiment, settings: Settings, dataset: Dataset) -> Dataset:
+    """A :meth:`Experiment.prepare_data` (``prepare_data = training_subset``) for a setting
+    ``train_examples``: a seeded, class-balanced subset of that many training examples."""
+    return subset(dataset, settings.train_examples, settings.seed)
 
 
 def headline(summary: dict) -> str:

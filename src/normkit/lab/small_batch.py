@@ -393,11 +393,6 @@ def importance_section(results, setting: str, arm: str) -> Section | None:
     return Section("Switchable Norm's learned importance weights", [table]) if rows else None
 
 
-def error_percent(accuracy: float | None) -> float | None:
-    """Top-1 error in percent, from an accuracy fraction."""
-    return None if accuracy is None else 100.0 * (1.0 - accuracy)
-
-
 def measured_trial(key: str, params: dict, steps: int, settings) -> Trial:
     """A trial of ``steps`` steps, measured ``settings.evaluations`` times along the way."""
     return Trial(key, params, steps, max(1, steps // max(1, settings.evaluations)), settings.seed)

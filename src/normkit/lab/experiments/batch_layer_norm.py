@@ -44,15 +44,14 @@ from normkit.lab.bln_inference import (  # noqa: F401 (BlnInference: the tests' 
     feature_population,
 )
 from normkit.lab.claims import Claim, Published, above, below, final, per_seed
-from normkit.lab.datasets import subset
-from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.evaluation import accuracy_and_loss, error_on_test_set, error_percent
+from normkit.lab.experiment import Experiment, Setup, register, training_subset
 from normkit.lab.figures import MeanTable, VersusSetting
 from normkit.lab.models import cnn, initialize
 from normkit.lab.plan import Arm, Plan
 from normkit.lab.render import Section, Table
 from normkit.lab.settings import Settings
-from normkit.lab.small_batch import RefusalRecorder, batch_statistics_accuracy, error_percent
+from normkit.lab.small_batch import RefusalRecorder, batch_statistics_accuracy
 
 LABELS = {"bn": "BN", "ln": "LN", "bln": "BLN", "bln-nosqrt": "BLN without 1/√d_k"}
 SPECS = {"bn": "batch", "ln": "layer2d", "bln": "batch_layer", "bln-nosqrt": "batch_layer"}
@@ -130,9 +129,7 @@ class BatchLayerNormExperiment(Experiment):
                  "evaluations": 2, "eval_examples": 50, "population_examples": 32, "batch_stat_examples": 40,
                  "seeds": 1},
     }  # fmt: skip
-
-    def prepare_data(self, s, dataset):
-        return subset(dataset, s.train_examples, s.seed)
+    prepare_data = training_subset
 
     def plan(self, s, data):
         unknown = [n for n in s.normalizers if n not in SPECS]
@@ -161,10 +158,8 @@ class BatchLayerNormExperiment(Experiment):
         return Setup(model, optimizer, p[BATCH], train_step=step)
 
     def measure(self, trial, s, setup, data):
-        k = s.eval_examples
-        accuracy, _ = accuracy_and_loss(setup.model, data.x_test[:k], data.y_test[:k])
-        epoch = setup.step * trial.params[BATCH] / len(data.y_train)
-        return {"test_error": error_percent(accuracy), "epoch": epoch}
+        return {"test_error": error_on_test_set(setup.model, data, s.eval_examples),
+                "epoch": setup.step * trial.params[BATCH] / len(data.y_train)}  # fmt: skip
 
     def finish(self, trial, s, setup, data):
         p, model, m = trial.params, setup.model, trial.params[BATCH]

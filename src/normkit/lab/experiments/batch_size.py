@@ -24,9 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from normkit.lab.claims import Claim, Published, above, below, difference, final, per_seed
-from normkit.lab.datasets import subset
-from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.evaluation import accuracy_and_loss, error_on_test_set, error_percent
+from normkit.lab.experiment import Experiment, Setup, register, training_subset
 from normkit.lab.figures import Bars, Heatmap, MeanTable, VersusSetting
 from normkit.lab.gloo import GlooDataParallel
 from normkit.lab.plan import Arm, Plan
@@ -38,7 +37,6 @@ from normkit.lab.small_batch import (
     PER_SAMPLE,
     NormalizationBatchSettings,
     batch_statistics_accuracy,
-    error_percent,
     importance_section,
     normalization_batch_cnn,
     sn_vs_bn_claim,
@@ -114,9 +112,7 @@ class BatchSize(Experiment):
         "quick": {**NORMALIZATION_BATCH_PRESETS["quick"], "sync_processes": 2},
         "tiny": {**NORMALIZATION_BATCH_PRESETS["tiny"], "sync_processes": 2},
     }
-
-    def prepare_data(self, settings, dataset):
-        return subset(dataset, settings.train_examples, settings.seed)
+    prepare_data = training_subset
 
     def plan(self, s, data):
         sizes = sorted(s.batch_sizes, reverse=True)
@@ -143,9 +139,7 @@ class BatchSize(Experiment):
         return Setup(model, optimizer, s.gradient_batch, warm, train_step=step)
 
     def measure(self, trial, s, setup, data):
-        k = s.eval_examples
-        accuracy, _ = accuracy_and_loss(setup.model, data.x_test[:k], data.y_test[:k])
-        return {"test_error": error_percent(accuracy)}
+        return {"test_error": error_on_test_set(setup.model, data, s.eval_examples)}
 
     def finish(self, trial, s, setup, data):
         if isinstance(setup.train_step, GlooDataParallel):

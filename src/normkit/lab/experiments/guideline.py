@@ -22,13 +22,12 @@ setting is not used.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from normkit.lab.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, ours_text, roll_up
 from normkit.lab.experiment import Experiment, headline, register
-from normkit.lab.records import CONFIG, RunRecord
+from normkit.lab.records import RunRecord
 from normkit.lab.render import Section, Table
 from normkit.lab.report import RunReport, claims_card
 from normkit.lab.settings import Settings
@@ -69,16 +68,11 @@ def find_run(root: Path, experiment: str) -> RunRecord | None:
     """The finished run of ``experiment`` under ``root``: ``root/experiment`` if it is one, else
     the first (by name) subdirectory whose config.json names the experiment."""
     for directory in [root / experiment] + sorted(p for p in root.glob("*") if p.is_dir()):
-        config = directory / CONFIG
-        if not config.is_file():
-            continue
         try:
-            if json.loads(config.read_text(encoding="utf-8")).get("experiment") != experiment:
-                continue
             record = RunRecord.load(directory)
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # not a run (no config.json), or a damaged one
             continue
-        if record.complete:
+        if record.config.get("experiment") == experiment and record.complete:
             return record
     return None
 
@@ -204,6 +198,5 @@ class Guideline(Experiment):
         return [
             "The lab's networks are small and its data sets (Fashion-MNIST, a text corpus) small, so the "
             "evidence shows directions, not the published magnitudes.",
-            "The table itself is normkit.tools.ADVICE_TABLE; `normkit doctor` advises from it.",
             "Nothing is trained: the Data section describes the unused `dataset` setting.",
         ]  # fmt: skip

@@ -61,18 +61,18 @@ class Ioffe2015Settings(Settings):
     drift_ratio: float = 3.0  # claim: the baseline's drift > drift_ratio × BN's
 
 
-def _paired_curves(trials, metric: str, after: int) -> list[tuple[int, float, float]]:
-    """(step, baseline, BN) of ``metric`` at the evaluations both networks of a seed share."""
-    by_arm = {t.params["arm"]: dict(zip(*t.series(metric), strict=True)) for t in trials}
+def _paired_accuracy(trials) -> list[tuple[int, float, float]]:
+    """(step, baseline, BN) test accuracy at the evaluations both networks of a seed share."""
+    by_arm = {t.params["arm"]: dict(zip(*t.series("test_accuracy"), strict=True)) for t in trials}
     plain, bn = by_arm.get("plain", {}), by_arm.get("bn", {})
-    return [(s, plain[s], bn[s]) for s in sorted(set(plain) & set(bn)) if s >= after]
+    return [(s, plain[s], bn[s]) for s in sorted(set(plain) & set(bn))]
 
 
 def _lead_at(budget: int):
     """BN − baseline test accuracy at the last evaluation at or before ``budget`` steps."""
 
     def lead(trials, results):
-        pairs = [p for p in _paired_curves(trials, "test_accuracy", 0) if p[0] <= budget]
+        pairs = [p for p in _paired_accuracy(trials) if p[0] <= budget]
         return pairs[-1][2] - pairs[-1][1] if pairs and pairs[-1][0] > 0 else None
 
     return lead
@@ -80,7 +80,7 @@ def _lead_at(budget: int):
 
 def _steps_ratio(trials, results) -> float | None:
     """Steps BN needs to reach the baseline's final accuracy, over the steps the baseline needs."""
-    pairs = _paired_curves(trials, "test_accuracy", 0)
+    pairs = _paired_accuracy(trials)
     target = next((t.final["test_accuracy"] for t in trials if t.params["arm"] == "plain"), None)
     reach = [next((s for s, *acc in pairs if acc[i] >= target), None) for i in (0, 1)]
     return None if None in reach or not reach[0] else reach[1] / reach[0]
@@ -126,10 +126,8 @@ class Ioffe2015Mnist(Experiment):
         fixed = {} if settings.lr_sweep else {"learning_rate": settings.learning_rate}
         arms = [Arm("plain", {"network": "plain", **fixed}, "baseline (no BN)"),
                 Arm("bn", {"network": "bn", **fixed}, "with BN")]  # fmt: skip
-        sweep = None
-        if settings.lr_sweep:
-            sweep = Sweep("learning_rate", settings.lr_sweep, lowest("train_loss"),
-                          settings.sweep_steps, by=("arm",))  # fmt: skip
+        sweep = (Sweep("learning_rate", settings.lr_sweep, lowest("train_loss"),
+                       settings.sweep_steps, by=("arm",)) if settings.lr_sweep else None)  # fmt: skip
         return Plan(arms, settings.steps, seeds=settings.seeds, seed=settings.seed,
                     eval_every=settings.eval_every, sweep=sweep)  # fmt: skip
 

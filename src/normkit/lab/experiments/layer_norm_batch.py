@@ -24,14 +24,13 @@ import torch
 
 from normkit.errors import ConfigError
 from normkit.lab.claims import Claim, Published, above, below, difference, final, per_seed
-from normkit.lab.datasets import subset
-from normkit.lab.evaluation import accuracy_and_loss
-from normkit.lab.experiment import Experiment, Setup, register
+from normkit.lab.evaluation import accuracy_and_loss, error_on_test_set, error_percent
+from normkit.lab.experiment import Experiment, Setup, register, training_subset
 from normkit.lab.figures import Curves, MeanTable, VersusSetting
 from normkit.lab.models import initialize, mlp
 from normkit.lab.plan import Arm, Plan
 from normkit.lab.settings import Settings
-from normkit.lab.small_batch import batch_statistics_accuracy, error_percent
+from normkit.lab.small_batch import batch_statistics_accuracy
 
 LABELS = {"none": "no normalization", "bn": "BN", "ln": "LN"}
 NORMS = {"none": "none", "bn": "batch", "ln": "layer"}
@@ -56,35 +55,23 @@ class LayerNormSettings(Settings):
 
 
 def early_error(trial, epoch: float) -> float | None:
-    """The test error at the first evaluation at or after ``epoch`` epochs."""
+    """The test error at the first evaluation at or after ``epoch`` epochs (None: it diverged)."""
+    if trial.final["diverged"]:
+        return None
     return next((r["test_error"] for r in trial.curve if r["epoch"] >= epoch), None)
 
 
-def _early(trials, results, normalizer, batch):
-    found = [t for t in trials if t.params["normalizer"] == normalizer and t.params[BATCH] == batch]
-    if not found or found[0].final["diverged"]:
-        return None
-    return early_error(found[0], results.settings.early_epoch)
+def _early_lead(pairs, batches):
+    """Per seed, the largest early error of ``a`` − that of ``b`` over the (a, b) of ``pairs`` and
+    the ``batches``: below 0 when every ``a`` leads its ``b`` at every batch size."""
 
-
-def _ln_faster(batch):
     def value(trials, results):
-        b = batch(results.settings)
-        ln, bn = _early(trials, results, "ln", b), _early(trials, results, "bn", b)
-        return None if ln is None or bn is None else ln - bn
+        epoch = results.settings.early_epoch
+        early = {(t.params["normalizer"], t.params[BATCH]): early_error(t, epoch) for t in trials}
+        gaps = [(early.get((a, n)), early.get((b, n))) for a, b in pairs for n in batches]
+        return None if any(None in gap for gap in gaps) else max(x - y for x, y in gaps)
 
     return value
-
-
-def _normalized_ahead(trials, results):
-    """The largest (normalized − plain) early error over BN and LN at both batch sizes: below 0
-    when both normalizers lead the plain network at both."""
-    s = results.settings
-    gaps = [_early(trials, results, n, b) for n in ("bn", "ln") for b in (SMALL(s), LARGE(s))]
-    plain = [_early(trials, results, "none", b) for b in (SMALL(s), LARGE(s))]
-    if None in gaps or None in plain:
-        return None
-    return max(g - plain[i % 2] for i, g in enumerate(gaps))
 
 
 def _rise(normalizer):
@@ -109,13 +96,10 @@ class LayerNormBatch(Experiment):
         "tiny": {"hidden": (16, 16), "batch_sizes": (16, 4), "train_examples": 64, "epochs": 1.0,
                  "evaluations": 2, "eval_examples": 100, "batch_stat_examples": 40, "seeds": 1},
     }  # fmt: skip
-
-    def prepare_data(self, s, dataset):
-        return subset(dataset, s.train_examples, s.seed)
+    prepare_data = training_subset
 
     def plan(self, s, data):
-        unknown = [n for n in s.normalizers if n not in NORMS]
-        if unknown:
+        if unknown := [n for n in s.normalizers if n not in NORMS]:
             raise ConfigError(f"normalizers {unknown} are not known; choose from {', '.join(NORMS)}")
         arms = [Arm(n, {"normalizer": n}, LABELS[n]) for n in s.normalizers]
         steps = lambda p: max(1, round(s.epochs * len(data.y_train) / p[BATCH]))  # noqa: E731
@@ -129,10 +113,8 @@ class LayerNormBatch(Experiment):
         return Setup(model, optimizer, trial.params[BATCH])
 
     def measure(self, trial, s, setup, data):
-        k = s.eval_examples
-        accuracy, _ = accuracy_and_loss(setup.model, data.x_test[:k], data.y_test[:k])
-        epoch = setup.step * trial.params[BATCH] / len(data.y_train)
-        return {"test_error": error_percent(accuracy), "epoch": epoch}
+        return {"test_error": error_on_test_set(setup.model, data, s.eval_examples),
+                "epoch": setup.step * trial.params[BATCH] / len(data.y_train)}  # fmt: skip
 
     def finish(self, trial, s, setup, data):
         p, k = trial.params, s.batch_stat_examples
@@ -158,14 +140,16 @@ class LayerNormBatch(Experiment):
                   Published("LN better at batch 4", FIG_6), ln_vs_bn, below(0.0), fmt="+.2f"),
             *(Claim(f"ln-faster-b{b}", f"LN − BN test error at epoch {s.early_epoch:g}, batch {b} (points)",
                     Published("LN converges faster than BN (both batch sizes)", FIG_6),
-                    per_seed(_ln_faster(at), f"LN − BN error at the first evaluation after epoch "
-                             f"{s.early_epoch:g}"), below(0.0), fmt="+.2f")
-              for b, at in ((large, LARGE), (small, SMALL))),
+                    per_seed(_early_lead([("ln", "bn")], [b]),
+                             f"LN − BN error at the first evaluation after epoch {s.early_epoch:g}"),
+                    below(0.0), fmt="+.2f")
+              for b in (large, small)),
             Claim("normalized-ahead", "largest (BN or LN − no normalization) error at epoch "
                   f"{s.early_epoch:g}, both batch sizes (points)",
                   Published("both beat the baseline early (the lab's expectation, not the paper's "
                             "number)", "docs PROTOCOLS.md, CPU protocol 5a", unverified=True),
-                  per_seed(_normalized_ahead, "max over BN, LN and both batches of normalized − plain"),
+                  per_seed(_early_lead([("bn", "none"), ("ln", "none")], [small, large]),
+                           "max over BN, LN and both batches of normalized − plain"),
                   below(0.0), fmt="+.2f"),
             Claim("bn-batch-statistics", f"BN's test error at batch {small} with batch statistics (%)",
                   Published("not reported", FIG_6),
@@ -173,12 +157,11 @@ class LayerNormBatch(Experiment):
         ]  # fmt: skip
 
     def figures(self, s):
-        curves = [Curves(f"curves-b{b}", "test_error", "test error (%)",
-                         f"Test error (eval mode, first {s.eval_examples} test images) against training "
-                         f"steps at batch {b}.", where={BATCH: b}, title=f"batch {b}", from_step=1)
-                  for b in sorted(s.batch_sizes, reverse=True)]  # fmt: skip
         return [
-            *curves,
+            *(Curves(f"curves-b{b}", "test_error", "test error (%)",
+                     f"Test error (eval mode, first {s.eval_examples} test images) against training "
+                     f"steps at batch {b}.", where={BATCH: b}, title=f"batch {b}", from_step=1)
+              for b in sorted(s.batch_sizes, reverse=True)),
             VersusSetting("error-vs-batch", "test_error", BATCH, "batch size", "test error (%)",
                           "Final test error (eval mode, whole test set) against the batch size.",
                           title=f"MLP {'-'.join(map(str, s.hidden))}"),

@@ -13,10 +13,9 @@ Here: a ReLU MLP with BN before every ReLU, trained at every batch size m of ``b
 running variance (PyTorch, Algorithm 2), (b) the biased running variance, (c) PreciseBN with batches
 of m (:func:`normkit.tools.recalibrate`, ``precise_samples`` samples). Measured on the test set: the
 variance of each BN layer's x̂ (over the test examples, averaged over features) and the accuracy.
-Predicted: Var(x̂) ≈ 1 under (a) and (c) and ≈ m/(m−1) under (b). In the first BN layer, whose
-input does not depend on the choice, the ratio (b) ÷ (a) is m/(m−1) by construction (up to ε); what
-is measured there is whether the running statistics describe the test activations (the absolute
-values), and in the deeper layers how the choices compound.
+In the first BN layer, whose input does not depend on the choice, the ratio (b) ÷ (a) is m/(m−1)
+by construction (up to ε); what is measured there is whether the running statistics describe the
+test activations (the absolute values), and in the deeper layers how the choices compound.
 
 Decision: (b) is computed as ``running_var · (m−1)/m``. For a constant batch size the EMA is linear,
 so this equals an EMA of the biased variances except for the weight left on the initial value 1,
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from normkit.lab.claims import Claim, Published, above, below, difference, final, per_seed
-from normkit.lab.evaluation import EVAL_CHUNK, accuracy_and_loss
+from normkit.lab.evaluation import accuracy_and_loss, forward_in_chunks
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import MeanTable, VersusSetting
 from normkit.lab.models import initialize, mlp
@@ -69,13 +68,7 @@ def normalized_variance(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
         return add
 
-    handles = [layer.register_forward_pre_hook(hook(p)) for p, layer in layers.items()]
-    try:
-        for start in range(0, len(x), EVAL_CHUNK):
-            model(x[start : start + EVAL_CHUNK])
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_in_chunks(model, x, [layer.register_forward_pre_hook(hook(p)) for p, layer in layers.items()])
     return {path: float((sq / n - (total / n).square()).mean()) for path, (n, total, sq) in sums.items()}
 
 
@@ -215,6 +208,4 @@ class VarianceBias(Experiment):
             f"A ReLU MLP {'-'.join(map(str, s.hidden))} with BN before each ReLU, {s.steps} steps per batch "
             f"size, SGD lr {s.learning_rate:g} momentum {s.momentum:g} (the same for every m, so larger "
             "batches see more data: compare the choices within a batch size).",
-            "The blog post was not read; the prediction m/(m−1) is our derivation from E[σ²_B] = "
-            "(m−1)/m σ².",
         ]  # fmt: skip
