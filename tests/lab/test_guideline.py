@@ -8,6 +8,7 @@ import torch
 import normkit as nk
 from normkit.lab import run_experiment
 from normkit.lab.experiments.guideline import SOURCES, TESTS, find_run, guideline_rows, row_verdict
+from normkit.lab.runner import dry_run
 from normkit.tools import ADVICE_TABLE, advise
 
 
@@ -91,3 +92,8 @@ def test_it_reads_real_runs_of_domain_shift_and_sequence_norms(tmp_path):
     for piece in evidence:  # one seed: every test is inconclusive, so it supports nothing yet
         assert piece["supports"] is None and piece["command"].startswith("normkit lab run")
     assert {e["row"] for e in evidence if e["claim"].startswith("adabn-")} == {"vision-large"}
+
+
+def test_dry_run_of_an_experiment_that_trains_nothing_prices_nothing(tmp_path):
+    plan = dry_run("guideline", "tiny", {"runs": str(tmp_path)})
+    assert plan["trials"] == [] and plan["estimated_s"] == 0.0

@@ -421,7 +421,8 @@ def dry_run(name: str, preset: str | None = None, overrides: dict | None = None,
     threads = threads or default_threads(workers)[0]
     data = experiment.prepare_data(settings, load_dataset(settings.dataset, data_dir))
     trials = experiment.preview(settings, data)
-    sweep = experiment.plan(settings, data).sweep
+    plan = experiment.plan(settings, data)  # None for an experiment that trains nothing
+    sweep = plan.sweep if plan is not None else None
     execution = Execution(threads=threads, device=device)
     costs: dict[tuple, tuple[float, float]] = {}
     spent = time.perf_counter()
