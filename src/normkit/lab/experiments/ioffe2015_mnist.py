@@ -171,12 +171,13 @@ class Ioffe2015Mnist(Experiment):
                     above(0.0), fmt="+.4f") for budget in s.budgets),
             Claim("faster", "steps to the baseline's final accuracy, BN / baseline",
                   Published("BN gets there much earlier (no number)", figure),
-                  per_seed(_steps_ratio, "first evaluation at the baseline's final accuracy, BN / baseline"),
+                  per_seed(_steps_ratio, "first evaluation at the baseline's final accuracy, BN / baseline",
+                           ratio=True),
                   below(1.0), fmt=".2f"),
             Claim("drift", "drift of the sigmoid input's percentiles (train mode, a fixed batch), plain / BN",
                   Published("the baseline's distribution drifts, BN's stays stable",
                             "Ioffe & Szegedy 2015, Fig. 1(b, c)"),
-                  per_seed(_drift_ratio, "late − early |Δ median| + |Δ spread|, baseline / BN"),
+                  per_seed(_drift_ratio, "late − early |Δ median| + |Δ spread|, baseline / BN", ratio=True),
                   above(s.drift_ratio), fmt=".2f"),
         ]  # fmt: skip
 

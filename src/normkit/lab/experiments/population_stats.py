@@ -92,9 +92,9 @@ def _jitter(values: list[float]) -> float | None:
     return statistics.fmean(steps) if steps else None
 
 
-def _paired(a, b, reduce, text: str):
+def _paired(a, b, reduce, text: str, ratio: bool = False):
     """Ours per seed: ``reduce(curve of a, curve of b)``, ``a``/``b`` metric names (or functions of
-    the settings giving them)."""
+    the settings giving them); ``ratio`` when it is a ratio (judged on the log scale)."""
 
     def value(trials, results):
         (trial,) = trials
@@ -102,7 +102,7 @@ def _paired(a, b, reduce, text: str):
         x, y = (trial.series(name)[1] for name in names)
         return reduce(x, y) if x and len(x) == len(y) else None
 
-    return per_seed(value, text)
+    return per_seed(value, text, ratio=ratio)
 
 
 def _mean_difference(x, y):
@@ -193,7 +193,7 @@ class PopulationStats(Experiment):
                 Claim(f"steadier-{m:g}", f"checkpoint-to-checkpoint jitter, {ema} / {versus}",
                       Published("EMA gives very high-variance validation results; PreciseBN is "
                                 "more stable", WU_JOHNSON, unverified=True),
-                      _paired(ema_key(m), _best, _jitter_ratio, "mean |Δ error|, late half"),
+                      _paired(ema_key(m), _best, _jitter_ratio, "mean |Δ error|, late half", ratio=True),
                       above(1.0), fmt=".2f"),
                 Claim(f"never-worse-{m:g}", f"checkpoints where {versus} ≤ {ema} (fraction)",
                       Published("the protocol's strict form: at every checkpoint", "docs/PROTOCOLS.md §10"),
