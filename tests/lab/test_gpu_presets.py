@@ -1,0 +1,79 @@
+"""The ``gpu`` presets that have no test file of their own elsewhere: each one's plan (trials,
+steps, the model it names) and, on this CPU, its model path at toy size on CIFAR-shaped data
+(3×32×32, 10 classes: fake CIFAR-10 python batches in ``--data-dir``)."""
+
+import pytest
+import torch
+from test_datasets import _cifar_batch
+
+from normkit.lab import get_experiment, mechanism, models, run_experiment
+from normkit.lab.runner import dry_run
+
+SANTURKAR = {  # name: (trials of the gpu preset, their steps)
+    "santurkar2018-noisy": (4 * 3, {15_640}),
+}
+TOY_VGG = (4, "M", 8, 8, "M", 8, "M")  # VGG-11's code path at toy size: 4 convs, 3 pools
+TOY = {  # toy sizes for a run on fake CIFAR-10 (80 training and 16 test images)
+    "santurkar2018-noisy": {"steps": 4, "batch_size": 16, "eval_every": 2, "eval_examples": 16,
+                            "final_train_examples": 32, "percentile_every": 2, "noise_draws": 2},
+}  # fmt: skip
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    """Fake CIFAR-10 python batches: 5 × 16 training images and 16 test images."""
+    for i in range(1, 6):
+        _cifar_batch(tmp_path / f"data_batch_{i}", 16, i)
+    _cifar_batch(tmp_path / "test_batch", 16, 9)
+    return tmp_path
+
+
+def test_vgg11_is_configuration_a_at_cifar_size():
+    """Simonyan & Zisserman 2015, Table 1, A: 8 convs of 64-128-256-256-512-512-512-512, five pools
+    taking 32×32 maps to 1×1; a norm spec after every conv and the fc layer, no bias before it."""
+    model = models.vgg((3, 32, 32), models.VGG_LAYOUTS["11"], 512, 10, "batch")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 128, 256, 256, 512, 512, 512, 512]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model) == 5
+    assert model.linear9.in_features == 512 and model.output.out_features == 10
+    assert all(c.bias is None for c in convs) and isinstance(model.norm8, torch.nn.BatchNorm2d)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    plain = models.vgg((3, 32, 32), models.VGG_LAYOUTS["11"], 512, 10, "group:4")
+    assert isinstance(plain.norm1, torch.nn.GroupNorm) and plain.conv1.bias is None
+    assert models.vgg((3, 32, 32), TOY_VGG, 8).conv1.bias is not None  # norm "none": biases
+
+
+@pytest.mark.parametrize("name", list(SANTURKAR))
+def test_santurkar_gpu_preset_plans_vgg11_on_cifar(name, cifar_dir, monkeypatch):
+    experiment = get_experiment(name)
+    gpu = experiment.settings("gpu")
+    assert (gpu.dataset, gpu.vgg, gpu.batch_size, gpu.learning_rate) == ("cifar10", "11", 128, 0.1)
+    assert gpu.seeds >= 3 and experiment.deviations(gpu)[0].startswith("VGG-11 (")
+    assert mechanism.weight_layers(gpu) == [*(f"conv{i}" for i in range(1, 9)), "linear9", "output"]
+    count, steps = SANTURKAR[name]
+    assert len(experiment.preview(gpu, None)) == count
+    # --dry-run reads the CIFAR-10 batches of --data-dir; VGG-11 shrunk so that calibrating is cheap
+    monkeypatch.setitem(models.VGG_LAYOUTS, "11", TOY_VGG)
+    preview = dry_run(name, "gpu", {"batch_size": 8}, data_dir=cifar_dir, budget_s=2.0)
+    assert preview["data"] == "cifar10" and len(preview["trials"]) == count
+    assert {t["steps"] for t in preview["trials"]} == steps and preview["estimated_s"] > 0
+
+
+@pytest.mark.parametrize("name", list(SANTURKAR))
+def test_santurkar_gpu_preset_runs_its_model_path_at_toy_size(name, cifar_dir, monkeypatch, tmp_path):
+    monkeypatch.setitem(models.VGG_LAYOUTS, "toy", TOY_VGG)
+    overrides = {**TOY[name], "vgg": "toy", "hidden": 8, "seeds": 1}
+    record = run_experiment(name, "gpu", overrides, out=tmp_path / "run", data_dir=cifar_dir)
+    assert record.config["data"]["name"] == "cifar10" and record.settings["vgg"] == "toy"
+    finals = record.finals()
+    cnn = {k: v for k, v in finals.items() if not k.startswith("dln")}
+    assert len(cnn) == SANTURKAR[name][0] // 3 // (2 if name.endswith("ics") else 1)
+    for key, row in cnn.items():
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and (row["step"] == 4 or row["diverged"]), key
+    assert all(row["step"] == 4 for key, row in cnn.items() if "bn" in key)  # BN does not diverge
+    if name.endswith("ics"):  # ICS on every conv layer of the toy VGG, then its fc and output layers
+        row = next(r for r in record.curve("cnn-bn/seed=0") if r.get("ics"))
+        assert list(row["ics"]["layers"]) == ["conv1", "conv2", "conv3", "conv4", "linear5", "output"]
+    if name.endswith("noisy"):  # the percentiles of every ReLU input: 4 convs and the fc layer
+        row = next(r for r in record.curve("noisy-bn/seed=0") if r["percentiles"])
+        assert sorted(row["percentiles"]) == [f"layer{i}" for i in range(1, 6)]
