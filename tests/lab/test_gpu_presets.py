@@ -12,6 +12,7 @@ from normkit.lab.runner import dry_run
 SANTURKAR = {  # name: (trials of the gpu preset, their steps)
     "santurkar2018-noisy": (4 * 3, {15_640}),
     "santurkar2018-ics": (2 * 2 * 3, {3_910, 1_000}),  # the CNN's and the DLN's (unchanged)
+    "santurkar2018-landscape": (5 * 3, {7_820}),
 }
 TOY_VGG = (4, "M", 8, 8, "M", 8, "M")  # VGG-11's code path at toy size: 4 convs, 3 pools
 TOY = {  # toy sizes for a run on fake CIFAR-10 (80 training and 16 test images)
@@ -20,6 +21,8 @@ TOY = {  # toy sizes for a run on fake CIFAR-10 (80 training and 16 test images)
     "santurkar2018-ics": {"steps": 4, "window": 4, "batch_size": 16, "eval_every": 2, "eval_examples": 16,
                           "dln_depth": 3, "dln_width": 4, "dln_samples": 32, "dln_steps": 2,
                           "dln_eval_every": 1},
+    "santurkar2018-landscape": {"steps": 4, "batch_size": 16, "eval_every": 2, "eval_examples": 16,
+                                "step_sizes": (0.1, 0.4)},
 }  # fmt: skip
 
 
