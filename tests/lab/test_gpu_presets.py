@@ -1,13 +1,18 @@
-"""The ``gpu`` presets that have no test file of their own elsewhere: each one's plan (trials,
-steps, the model it names) and, on this CPU, its model path at toy size on CIFAR-shaped data
-(3×32×32, 10 classes: fake CIFAR-10 python batches in ``--data-dir``)."""
+"""The ``gpu`` presets of santurkar2018-noisy/-ics/-landscape and batch-size: each one's plan
+(trials, steps, the model it names) and, on this CPU, its model path at toy size on CIFAR-shaped
+data (3×32×32, 10 classes: fake CIFAR-10 python batches in ``--data-dir``)."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 from test_datasets import _cifar_batch
 
+import normkit as nk
+from normkit.errors import ConfigError
 from normkit.lab import get_experiment, mechanism, models, run_experiment
 from normkit.lab.runner import dry_run
+from normkit.lab.small_batch import normalization_batch_cnn
 
 SANTURKAR = {  # name: (trials of the gpu preset, their steps)
     "santurkar2018-noisy": (4 * 3, {15_640}),
@@ -84,3 +89,41 @@ def test_santurkar_gpu_preset_runs_its_model_path_at_toy_size(name, cifar_dir, m
     if name.endswith("noisy"):  # the percentiles of every ReLU input: 4 convs and the fc layer
         row = next(r for r in record.curve("noisy-bn/seed=0") if r["percentiles"])
         assert sorted(row["percentiles"]) == [f"layer{i}" for i in range(1, 6)]
+
+
+def test_batch_size_gpu_preset_plans_resnet50_at_wu_and_hes_normalization_batches(cifar_dir):
+    experiment = get_experiment("batch-size")
+    gpu = experiment.settings("gpu")
+    assert (gpu.dataset, 3 * sum(gpu.resnet_blocks) + 2, gpu.gradient_batch) == ("cifar10", 50, 256)
+    assert gpu.batch_sizes == (32, 16, 8, 4, 2) and gpu.seeds >= 3 and gpu.sync_processes == 0
+    assert experiment.deviations(gpu)[0].startswith("ResNet-50 (bottleneck blocks 3-4-6-3, width 64")
+    trials = experiment.preview(gpu, None)
+    assert len(trials) == 3 * (5 + 3 * 2)  # BN at every B; GN, LN, IN at the largest and smallest
+    assert {t.steps for t in trials} == {5_860}
+    # --dry-run on the CIFAR-10 batches of --data-dir, the ResNet shrunk so that calibrating is cheap
+    small = {"resnet_blocks": (1, 1), "resnet_width": 4, "groups": 2, "gradient_batch": 32}
+    preview = dry_run("batch-size", "gpu", small, data_dir=cifar_dir, budget_s=2.0)
+    assert preview["data"] == "cifar10" and len(preview["trials"]) == 33
+    with pytest.raises(ConfigError, match="the ResNet"):  # no Batch Renorm, SN, ... on it yet
+        experiment.settings("gpu", {"normalizers": ("bn", "brn")})
+
+
+def test_batch_size_gpu_preset_runs_its_resnet_path_at_toy_size(cifar_dir, tmp_path):
+    toy = {"resnet_blocks": (1, 1), "resnet_width": 4, "groups": 2, "gradient_batch": 8,
+           "batch_sizes": (8, 2), "steps": 4, "evaluations": 1, "eval_examples": 16,
+           "batch_stat_examples": 16, "seeds": 1}  # fmt: skip
+    settings = get_experiment("batch-size").settings("gpu", toy)
+    data = SimpleNamespace(sample_shape=(3, 32, 32), classes=10)
+    net, _ = normalization_batch_cnn(settings, data, "bn", 2, torch.Generator().manual_seed(0))
+    ghosts = [m for m in net.modules() if isinstance(m, nk.GhostBatchNorm)]
+    assert len(ghosts) == 1 + 2 * 4 and {m.virtual_batch_size for m in ghosts} == {2}  # stem, 2 blocks
+    assert sum(isinstance(m, models.Bottleneck) for m in net.modules()) == 2
+    record = run_experiment("batch-size", "gpu", toy, out=tmp_path / "run", data_dir=cifar_dir)
+    finals = record.finals()
+    assert sorted(finals) == sorted(f"{n}/batch_per_device={b}/seed=0" for n in ("bn", "gn", "ln", "in")
+                                    for b in (8, 2))  # fmt: skip
+    for key, row in finals.items():
+        assert 0.0 <= row["test_error"] <= 100.0 and row["step"] == 4, key
+        assert (row["batch_stat_error"] is None) == (not key.startswith("bn/")), key
+    claims = {c["name"]: c for c in record.summary["claims"]}
+    assert {"bn-degrades", "gn-beats-bn-small", "ln-behind-gn", "in-behind-ln"} <= set(claims)
