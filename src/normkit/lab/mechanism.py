@@ -119,8 +119,9 @@ def noisy_accuracy_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
                             seed: int) -> tuple[float, float]:  # fmt: skip
     """Eval-mode accuracy and cross-entropy with the noise on, each the mean over ``draws`` passes
     (one draw per forward of a chunk), from a generator seeded by ``seed``; one pass if the model
-    has no noise."""
-    generator = torch.Generator().manual_seed(seed)
+    has no noise. The generator lives on ``x``'s device (torch draws on a device only from a
+    generator of that device: on CUDA a CPU one would raise)."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
     with noise_in_eval(model, generator) as noisy:
         found = [accuracy_and_loss(model, x, y) for _ in range(draws if noisy else 1)]
     return sum(a for a, _ in found) / len(found), sum(loss for _, loss in found) / len(found)
