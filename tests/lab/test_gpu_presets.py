@@ -127,3 +127,38 @@ def test_batch_size_gpu_preset_runs_its_resnet_path_at_toy_size(cifar_dir, tmp_p
         assert (row["batch_stat_error"] is None) == (not key.startswith("bn/")), key
     claims = {c["name"]: c for c in record.summary["claims"]}
     assert {"bn-degrades", "gn-beats-bn-small", "ln-behind-gn", "in-behind-ln"} <= set(claims)
+
+
+def test_regularization_gpu_preset_plans_resnet50_with_its_rate_sweeps(cifar_dir):
+    experiment = get_experiment("regularization")
+    gpu = experiment.settings("gpu")
+    assert (gpu.dataset, 3 * sum(gpu.resnet_blocks) + 2, gpu.seeds) == ("cifar10", 50, 3)
+    assert experiment.deviations(gpu)[0].startswith("ResNet-50 (bottleneck blocks 3-4-6-3, width 64")
+    trials = experiment.preview(gpu, None)
+    sweeps = 4 * len(gpu.batch_sizes) * len(gpu.lr_sweep)  # each variant's rate at each batch size
+    assert len(trials) == sweeps + 4 * len(gpu.batch_sizes) * 3 == 64
+    assert sorted(t.steps for t in trials) == [2_000] * sweeps + [7_820] * 24
+    small = {"resnet_blocks": (1, 1), "resnet_width": 4, "validation": 16, "batch_sizes": (8, 16)}
+    preview = dry_run("regularization", "gpu", small, data_dir=cifar_dir, budget_s=2.0)
+    assert preview["data"] == "cifar10" and len(preview["trials"]) == 64
+
+
+def test_regularization_gpu_preset_runs_its_resnet_path_at_toy_size(cifar_dir, tmp_path):
+    toy = {"resnet_blocks": (1, 1), "resnet_width": 4, "train_examples": 64, "validation": 16,
+           "batch_sizes": (8, 16), "steps": 4, "sweep_steps": 2, "lr_sweep": (0.01, 0.1), "seeds": 1,
+           "eval_every": 2}  # fmt: skip
+    record = run_experiment("regularization", "gpu", toy, out=tmp_path / "run", data_dir=cifar_dir)
+    finals = {k: v for k, v in record.finals().items() if "learning_rate=" not in k}
+    assert len(finals) == 4 * 2, sorted(record.finals())
+    for key, row in finals.items():
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and row["step"] == 4, key
+    experiment = get_experiment("regularization")
+    settings = experiment.settings("gpu", toy)
+    data = SimpleNamespace(sample_shape=(3, 32, 32), classes=10, features=3 * 32 * 32)
+    for variant, norms, dropout in (("bn+dropout", 1 + 2 * 4, True), ("none", 0, False)):
+        trial = SimpleNamespace(params={"variant": variant, "learning_rate": 0.1, "batch_size": 8})
+        net = experiment.setup(trial, settings, data, torch.Generator().manual_seed(0)).model
+        assert sum(isinstance(m, models.Bottleneck) for m in net.modules()) == 2, variant
+        assert sum(isinstance(m, nk.BatchNorm) for m in net.modules()) == norms, variant
+        assert (list(net._modules)[-2:] == ["dropout", "output"]) == dropout, variant  # before fc only
+        assert not dropout or net.dropout.p == settings.dropout

@@ -235,11 +235,12 @@ class Bottleneck(nn.Module):
 
 
 def resnet(sample_shape: tuple[int, ...], classes: int, norm: str, blocks: tuple[int, ...] = (3, 4, 6, 3),
-           width: int = 64) -> nn.Sequential:  # fmt: skip
+           width: int = 64, dropout: float = 0.0) -> nn.Sequential:  # fmt: skip
     """A bottleneck ResNet for small images (He et al. 2016, Table 1: ``blocks=(3, 4, 6, 3)`` is
     ResNet-50): a 3×3 stem to ``width`` channels with ``norm`` and no max-pool (the usual CIFAR
     stem), stages of bottleneck blocks of width ``width · 2^i``, each stage after the first starting
-    with stride 2 (32×32 images: 32, 16, 8, 4 pixels), then global average pooling and fc."""
+    with stride 2 (32×32 images: 32, 16, 8, 4 pixels), then global average pooling, Dropout
+    ``dropout`` where it is > 0 (as Inception's before its classifier) and fc."""
     layers: OrderedDict[str, nn.Module] = OrderedDict(
         stem=nn.Conv2d(sample_shape[0], width, 3, padding=1, bias=False),
         norm_stem=nk.create_norm(norm, width), act_stem=nn.ReLU())  # fmt: skip
@@ -250,6 +251,8 @@ def resnet(sample_shape: tuple[int, ...], classes: int, norm: str, blocks: tuple
             layers[f"block{stage + 1}_{index + 1}"] = Bottleneck(channels, width << stage, stride, norm)
             channels = 4 * (width << stage)
     layers["pool"], layers["flatten"] = nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    if dropout > 0:
+        layers["dropout"] = nn.Dropout(dropout)
     layers["output"] = nn.Linear(channels, classes)
     return nn.Sequential(layers)
 
