@@ -9,7 +9,8 @@ Santurkar, Tsipras, Ilyas & Madry 2018, "How Does Batch Normalization Help Optim
 (arXiv 1805.11604). The networks are CPU-sized stand-ins for the paper's VGG on CIFAR-10
 (docs/PROTOCOLS.md §3, CPU protocol 3): a VGG-style CNN of 3×3 convolutions (one per stage,
 16/32/64 channels, each stage ending in a 2×2 max-pool), a fully connected layer and the output
-layer, and a deep linear network of 25 layers of width 32.
+layer, and a deep linear network of 25 layers of width 32. Their ``gpu`` presets train VGG-11 on
+CIFAR-10 (:data:`normkit.lab.models.VGG_LAYOUTS`), selected by the setting ``vgg``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 import normkit as nk
 from normkit.errors import ConfigError
+from normkit.lab import models
 from normkit.lab.datasets import Dataset
 from normkit.lab.evaluation import accuracy_and_loss
 from normkit.lab.models import initialize
@@ -117,8 +119,9 @@ def noisy_accuracy_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
                             seed: int) -> tuple[float, float]:  # fmt: skip
     """Eval-mode accuracy and cross-entropy with the noise on, each the mean over ``draws`` passes
     (one draw per forward of a chunk), from a generator seeded by ``seed``; one pass if the model
-    has no noise."""
-    generator = torch.Generator().manual_seed(seed)
+    has no noise. The generator lives on ``x``'s device (torch draws on a device only from a
+    generator of that device: on CUDA a CPU one would raise)."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
     with noise_in_eval(model, generator) as noisy:
         found = [accuracy_and_loss(model, x, y) for _ in range(draws if noisy else 1)]
     return sum(a for a, _ in found) / len(found), sum(loss for _, loss in found) / len(found)
@@ -197,41 +200,58 @@ def vgg(
     classes: int = 10,
     norm: str = "none",
     noise: dict | None = None,
+    layout: Sequence[int | str] | None = None,
 ) -> nn.Sequential:
-    """A VGG-style CNN: per stage conv3×3 [norm] [noise] ReLU maxpool2, then fc ``hidden`` [norm]
-    [noise] ReLU, then the output layer. Children are named ``conv1``, ``norm1``, ``noise1``,
-    ``act1``, ``pool1``, ..., ``linear4``, ``norm4``, ``noise4``, ``act4``, ``output``.
+    """A VGG-style CNN (:func:`normkit.lab.models.vgg`): per stage conv3×3 [norm] [noise] ReLU
+    maxpool2 (or the convolutions and pools of ``layout``, e.g. ``models.VGG_LAYOUTS["11"]``), then
+    fc ``hidden`` [norm] [noise] ReLU, then the output layer. Children are named ``conv1``,
+    ``norm1``, ``noise1``, ``act1``, ``pool1``, ..., ``linear4``, ``norm4``, ``noise4``, ``act4``,
+    ``output``.
 
-    ``noise`` (keyword arguments of :class:`TimeVaryingNoise`, or None) puts the noise before every
-    ReLU: after the normalization layer if there is one, else right after the conv/linear layer
-    (the "Standard + noise" network). A conv/linear layer followed by a normalization layer has no
-    bias (β subsumes it).
+    ``norm`` is one of :data:`NORMS` (:func:`norm_layer`). ``noise`` (keyword arguments of
+    :class:`TimeVaryingNoise`, or None) puts the noise before every ReLU: after the normalization
+    layer if there is one, else right after the conv/linear layer (the "Standard + noise"
+    network). A conv/linear layer followed by a normalization layer has no bias (β subsumes it).
     """
-    if len(sample_shape) != 3:
-        raise ConfigError(f"vgg: sample_shape={tuple(sample_shape)} must be (C, H, W)")
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    width, size = sample_shape[0], list(sample_shape[1:])
+    layout = tuple(layout) if layout is not None else tuple(x for c in channels for x in (c, "M"))
+    return models.vgg(tuple(sample_shape), layout, hidden, classes,
+                      lambda features, spatial: norm_layer(norm, features, spatial),
+                      None if noise is None else lambda: TimeVaryingNoise(**noise))  # fmt: skip
 
-    def block(index: int, layer: nn.Module, features: int, spatial: bool) -> None:
-        layers[f"{'conv' if spatial else 'linear'}{index}"] = layer
-        normalization = norm_layer(norm, features, spatial)
-        if normalization is not None:
-            layers[f"norm{index}"] = normalization
-        if noise is not None:
-            layers[f"noise{index}"] = TimeVaryingNoise(**noise)
-        layers[f"act{index}"] = nn.ReLU()
 
-    for index, out in enumerate(channels, start=1):
-        block(index, nn.Conv2d(width, out, 3, padding=1, bias=norm == "none"), out, True)
-        if min(size) >= 2:
-            layers[f"pool{index}"] = nn.MaxPool2d(2)
-            size = [s // 2 for s in size]
-        width = out
-    layers["flatten"] = nn.Flatten()
-    index = len(channels) + 1
-    block(index, nn.Linear(width * math.prod(size), hidden, bias=norm == "none"), hidden, False)
-    layers["output"] = nn.Linear(hidden, classes)
-    return nn.Sequential(layers)
+def layout(s) -> tuple:
+    """The conv layout of an experiment's settings: VGG-``s.vgg`` (:data:`models.VGG_LAYOUTS`,
+    the gpu presets) where that is set, else one conv and one pool per width of ``s.channels``."""
+    if s.vgg and s.vgg not in models.VGG_LAYOUTS:
+        raise ConfigError(f"vgg={s.vgg!r} is not known; choose one of {', '.join(models.VGG_LAYOUTS)}")
+    return models.VGG_LAYOUTS[s.vgg] if s.vgg else tuple(x for c in s.channels for x in (c, "M"))
+
+
+def conv_layers(s) -> int:
+    """How many conv layers :func:`network` has (its fc layer is ``linear{conv_layers(s) + 1}``)."""
+    return sum(1 for x in layout(s) if x != "M")
+
+
+def weight_layers(s) -> list[str]:
+    """The names of :func:`network`'s conv and linear layers, input to output."""
+    depth = conv_layers(s)
+    return [f"conv{i}" for i in range(1, depth + 1)] + [f"linear{depth + 1}", "output"]
+
+
+def network(s, sample_shape: Sequence[int], classes: int, norm: str, noise: dict | None = None):
+    """The CNN of an experiment's settings: :func:`vgg` of :func:`layout` and fc ``s.hidden``."""
+    return vgg(sample_shape, (), s.hidden, classes, norm, noise, layout=layout(s))
+
+
+def describe(s) -> str:
+    """The CNN of :func:`network` and its data in words, for the deviations."""
+    data = "Fashion-MNIST" if s.dataset == "auto" else s.dataset
+    if s.vgg:
+        convs = "-".join(str(x) for x in layout(s) if x != "M")
+        return (f"VGG-{s.vgg} (Simonyan & Zisserman 2015, Table 1: conv{convs}; a CIFAR classifier fc"
+                f"{s.hidden}, not ImageNet's fc4096-fc4096) on {data}")  # fmt: skip
+    convs = "-conv".join(map(str, s.channels))
+    return f"A VGG-style CNN (conv{convs}, fc{s.hidden}) on {data} instead of VGG on CIFAR-10"
 
 
 def deep_linear(width: int = 32, depth: int = 25, outputs: int = 1, norm: str = "none"):

@@ -1,5 +1,5 @@
-"""The lab's networks: a fully connected net, a small CNN and a bottleneck ResNet, with or without
-normalization.
+"""The lab's networks: a fully connected net, small CNNs, VGG and a bottleneck ResNet, with or
+without normalization.
 
 The first two are ``nn.Sequential`` with named children (``linear1``, ``norm1``, ``act1``, ...) so experiments
 can find "the input to the sigmoid of hidden layer 3" by name. Normalization layers come from the
@@ -235,11 +235,12 @@ class Bottleneck(nn.Module):
 
 
 def resnet(sample_shape: tuple[int, ...], classes: int, norm: str, blocks: tuple[int, ...] = (3, 4, 6, 3),
-           width: int = 64) -> nn.Sequential:  # fmt: skip
+           width: int = 64, dropout: float = 0.0) -> nn.Sequential:  # fmt: skip
     """A bottleneck ResNet for small images (He et al. 2016, Table 1: ``blocks=(3, 4, 6, 3)`` is
     ResNet-50): a 3×3 stem to ``width`` channels with ``norm`` and no max-pool (the usual CIFAR
     stem), stages of bottleneck blocks of width ``width · 2^i``, each stage after the first starting
-    with stride 2 (32×32 images: 32, 16, 8, 4 pixels), then global average pooling and fc."""
+    with stride 2 (32×32 images: 32, 16, 8, 4 pixels), then global average pooling, Dropout
+    ``dropout`` where it is > 0 (as Inception's before its classifier) and fc."""
     layers: OrderedDict[str, nn.Module] = OrderedDict(
         stem=nn.Conv2d(sample_shape[0], width, 3, padding=1, bias=False),
         norm_stem=nk.create_norm(norm, width), act_stem=nn.ReLU())  # fmt: skip
@@ -250,5 +251,52 @@ def resnet(sample_shape: tuple[int, ...], classes: int, norm: str, blocks: tuple
             layers[f"block{stage + 1}_{index + 1}"] = Bottleneck(channels, width << stage, stride, norm)
             channels = 4 * (width << stage)
     layers["pool"], layers["flatten"] = nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    if dropout > 0:
+        layers["dropout"] = nn.Dropout(dropout)
     layers["output"] = nn.Linear(channels, classes)
+    return nn.Sequential(layers)
+
+
+VGG_LAYOUTS = {"11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")}
+"""Simonyan & Zisserman 2015, Table 1: configuration A (VGG-11), its conv widths and max-pools."""
+
+
+def vgg(sample_shape: tuple[int, ...], layout, hidden: int = 512, classes: int = 10,
+        norm: str | Callable[[int, bool], nn.Module | None] = "none",
+        noise: Callable[[], nn.Module] | None = None) -> nn.Sequential:  # fmt: skip
+    """A VGG network (Simonyan & Zisserman 2015) for small images: ``layout`` lists the 3×3
+    convolutions' widths and ``"M"`` for a 2×2 max-pool (:data:`VGG_LAYOUTS`; a pool is skipped
+    once the maps are 1 pixel), then fc ``hidden`` and the output layer (one hidden fc layer, the
+    usual CIFAR classifier, instead of ImageNet's two of 4096). Each conv/fc layer is followed by
+    ``norm`` (a spec of :func:`_norm`, or ``norm(features, spatial)``; no bias where there is one),
+    ``noise()`` if given, then ReLU. Children: ``conv1``, ``norm1``, ``noise1``, ``act1``,
+    ``pool1``, ..., ``linear{k}``, ``norm{k}``, ``noise{k}``, ``act{k}``, ``output``."""
+    if len(sample_shape) != 3:
+        raise ConfigError(f"vgg: sample_shape={tuple(sample_shape)} must be (C, H, W)")
+    make = norm if callable(norm) else (lambda features, spatial: _norm(norm, 2 if spatial else 0, features))
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    width, size, index = sample_shape[0], list(sample_shape[1:]), 0
+
+    def block(affine: Callable[[bool], nn.Module], features: int, spatial: bool) -> None:
+        normalization = make(features, spatial)  # before the layer: its bias depends on it
+        layers[f"{'conv' if spatial else 'linear'}{index}"] = affine(normalization is None)
+        if normalization is not None:
+            layers[f"norm{index}"] = normalization
+        if noise is not None:
+            layers[f"noise{index}"] = noise()
+        layers[f"act{index}"] = nn.ReLU()
+
+    for entry in layout:
+        if entry == "M":
+            if min(size) >= 2:
+                layers[f"pool{index}"] = nn.MaxPool2d(2)
+                size = [s // 2 for s in size]
+            continue
+        index += 1
+        block(lambda bias, w=width, out=entry: nn.Conv2d(w, out, 3, padding=1, bias=bias), entry, True)
+        width = entry
+    layers["flatten"] = nn.Flatten()
+    index += 1
+    block(lambda bias: nn.Linear(width * math.prod(size), hidden, bias=bias), hidden, False)
+    layers["output"] = nn.Linear(hidden, classes)
     return nn.Sequential(layers)

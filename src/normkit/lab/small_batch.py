@@ -40,7 +40,7 @@ from torch import nn
 import normkit as nk
 from normkit.errors import ConfigError
 from normkit.lab.claims import Claim, Published, below, difference, final
-from normkit.lab.models import cnn, initialize
+from normkit.lab.models import cnn, initialize, resnet
 from normkit.lab.plan import Trial
 from normkit.lab.render import Section, Table, new_figure
 from normkit.lab.settings import Settings
@@ -67,6 +67,7 @@ BATCH_DEPENDENT = frozenset({"bn", "brn", "gbn", "sn", "syncbn", "evo_b0", "mabn
 # too (WS + GN: standardized filters; MABN: centred ones; CBN: attached to the conv feeding it).
 CONVERTED = {"ws_gn": "ws_gn:{groups}", "mabn": "mabn", "cbn": "cbn"}
 ACTIVATING = frozenset({"frn", "evo_b0", "evo_s0"})  # they replace BN *and* the ReLU after it
+RESNET_NORMALIZERS = ("bn", "gn", "ln", "in")  # those of Wu & He's Fig. 1 and Table 1
 
 # Ioffe (2017), §4: r_max = 1, d_max = 0 for 5k steps, then linear (our choice of shape) to d_max = 5
 # at 25k and r_max = 3 at 40k steps, of runs of about 140k steps: as fractions of the run,
@@ -231,11 +232,18 @@ class NormalizationBatchSettings(Settings):
     evaluations: int = 4  # evaluations per trial (besides step 0), on eval_examples test images
     eval_examples: int = 1_000
     batch_stat_examples: int = 2_000  # test (and training) images for the extra errors
+    resnet_blocks: tuple[int, ...] = ()  # bottleneck blocks per stage: a ResNet instead of the CNN
+    resnet_width: int = 64
 
     def __post_init__(self):
         for b in self.batch_sizes:
             if b < 1 or self.gradient_batch % b:
                 raise ConfigError(f"normalization batch {b} must divide gradient_batch={self.gradient_batch}")
+        arms = set(getattr(self, "normalizers", ()))  # batch-size's arms (bn-fc: BN on a hidden fc)
+        if self.resnet_blocks and (arms - set(RESNET_NORMALIZERS) or self.hidden_norm):
+            raise ConfigError(f"the ResNet (resnet_blocks={tuple(self.resnet_blocks)}) takes the normalizers "
+                              f"{', '.join(RESNET_NORMALIZERS)} and no hidden_norm; got normalizers="
+                              f"{','.join(sorted(arms))}, hidden_norm={self.hidden_norm}")  # fmt: skip
 
 
 # The shared presets: the two experiments' trials of one arm, batch and seed are the same trial.
@@ -245,6 +253,11 @@ NORMALIZATION_BATCH_PRESETS = {
     "tiny": {"batch_sizes": (8, 2), "gradient_batch": 8, "train_examples": 64, "steps": 4,
              "channels": (4, 8), "hidden": 16, "groups": 2, "seeds": 1, "evaluations": 1,
              "eval_examples": 40, "batch_stat_examples": 40},
+    # Wu & He's scale on a GPU: ResNet-50 (He et al. 2016, Table 1) on CIFAR-10, B = 32 ... 2 images
+    # in a gradient batch of 256 = 8 × 32 at lr 0.1 (their 0.1·B/32 at B = 32), 30 epochs, GN 32 groups
+    "gpu": {"dataset": "cifar10", "resnet_blocks": (3, 4, 6, 3), "batch_sizes": (32, 16, 8, 4, 2),
+            "gradient_batch": 256, "train_examples": 50_000, "steps": 5_860, "groups": 32,
+            "evaluations": 10, "eval_examples": 10_000, "batch_stat_examples": 10_000},
 }  # fmt: skip
 # Their trials do not depend on the normalization batch:
 PER_SAMPLE = frozenset({"gn", "ln", "in", "ws_gn", "frn", "evo_s0"})
@@ -252,11 +265,43 @@ PER_SAMPLE = frozenset({"gn", "ln", "in", "ws_gn", "frn", "evo_s0"})
 
 def normalization_batch_cnn(s: NormalizationBatchSettings, data, normalizer: str, norm_batch: int,
                             generator: torch.Generator, **options) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """:func:`small_cnn` normalized per ``norm_batch`` samples, and its SGD optimizer."""
+    """:func:`small_cnn` normalized per ``norm_batch`` samples, or where ``s.resnet_blocks`` is set
+    (the gpu presets) :func:`normalization_batch_resnet`; and its SGD optimizer."""
     options.setdefault("hidden_norm", s.hidden_norm)
-    model = small_cnn(data.sample_shape, data.classes, normalizer, generator, channels=s.channels,
-                      hidden=s.hidden, groups=s.groups, norm_batch=norm_batch, **options)  # fmt: skip
+    if s.resnet_blocks:
+        model = normalization_batch_resnet(s, data, normalizer, norm_batch, generator, options["hidden_norm"])
+    else:
+        model = small_cnn(data.sample_shape, data.classes, normalizer, generator, channels=s.channels,
+                          hidden=s.hidden, groups=s.groups, norm_batch=norm_batch, **options)  # fmt: skip
     return model, torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum)
+
+
+def normalization_batch_resnet(s: NormalizationBatchSettings, data, normalizer: str, norm_batch: int,
+                               generator: torch.Generator, hidden_norm: bool = False) -> nn.Module:
+    """He et al. 2016's bottleneck ResNet (:func:`normkit.lab.models.resnet`: ``s.resnet_blocks``
+    per stage, width ``s.resnet_width``) with ``normalizer`` after every convolution, BN per
+    ``norm_batch`` samples (Ghost BN, as in :func:`small_cnn`), He initialization from
+    ``generator``. The normalizers of Wu & He's Fig. 1 and Table 1 only (:data:`RESNET_NORMALIZERS`);
+    the ResNet has no hidden fc layer to normalize."""
+    if normalizer not in RESNET_NORMALIZERS or hidden_norm:
+        raise ConfigError(f"the ResNet (resnet_blocks={tuple(s.resnet_blocks)}) takes the normalizers "
+                          f"{', '.join(RESNET_NORMALIZERS)} and no hidden_norm; got {normalizer!r}"
+                          f"{' with hidden_norm' if hidden_norm else ''}")  # fmt: skip
+    if normalizer == "gn" and (s.resnet_width % s.groups or s.groups in (1, s.resnet_width)):
+        raise ConfigError(f"GN with groups={s.groups} on a ResNet of width {s.resnet_width}: the groups "
+                          "must divide the width and be neither 1 (LN) nor the width (IN)")  # fmt: skip
+    spec = norm_spec("gbn" if normalizer == "bn" else normalizer, s.groups, norm_batch)
+    model = resnet(tuple(data.sample_shape), data.classes, spec, tuple(s.resnet_blocks), s.resnet_width)
+    initialize(model, "he", generator)
+    return model
+
+
+def network_name(s: NormalizationBatchSettings, brief: bool = False) -> str:
+    """The network of :func:`normalization_batch_cnn` in words (``brief``: its name only)."""
+    if s.resnet_blocks:
+        name, blocks = f"ResNet-{3 * sum(s.resnet_blocks) + 2}", "-".join(map(str, s.resnet_blocks))
+        return name if brief else f"{name} (bottleneck blocks {blocks}, width {s.resnet_width}, CIFAR stem)"
+    return "small CNN" if brief else f"A small CNN (conv{'-conv'.join(map(str, s.channels))}, fc{s.hidden})"
 
 
 def sn_vs_bn_claim(setting: str) -> Claim:

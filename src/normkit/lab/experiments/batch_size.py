@@ -38,6 +38,7 @@ from normkit.lab.small_batch import (
     NormalizationBatchSettings,
     batch_statistics_accuracy,
     importance_section,
+    network_name,
     normalization_batch_cnn,
     sn_vs_bn_claim,
     switchable_importance,
@@ -75,7 +76,6 @@ REMEDIES = [  # issue 18: name, arm − arm at (B, B), text, published (docstrin
      "< 0: CBN ahead of GN at small batches (ImageNet, COCO)", None, below(0.0), YAO),
 ]  # fmt: skip
 BATCH = "batch_per_device"
-FC_LABEL = "BN, also on the FC layer"  # arm bn-fc: statistics over B values per feature there
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,7 @@ LARGEST = {BATCH: AT["largest"]}
 
 def _bn_rise(trials, results) -> float | None:
     errors = {t.params[BATCH]: t.final["test_error"] for t in trials if not t.final["diverged"]}
-    smallest = AT["smallest"](results.settings)
-    return errors[smallest] - min(errors.values()) if smallest in errors else None
+    return errors[b] - min(errors.values()) if (b := AT["smallest"](results.settings)) in errors else None
 
 
 @register
@@ -111,13 +110,15 @@ class BatchSize(Experiment):
     presets = {
         "quick": {**NORMALIZATION_BATCH_PRESETS["quick"], "sync_processes": 2},
         "tiny": {**NORMALIZATION_BATCH_PRESETS["tiny"], "sync_processes": 2},
+        "gpu": {**NORMALIZATION_BATCH_PRESETS["gpu"], "normalizers": ("bn", "gn", "ln", "in"),
+                "every_batch": ("bn",), "sync_processes": 0},  # those of Fig. 1 and the Table
     }
     prepare_data = training_subset
 
     def plan(self, s, data):
         sizes = sorted(s.batch_sizes, reverse=True)
         ends = {BATCH: [sizes[0], sizes[-1]]}
-        arms = [Arm(n, {"normalizer": n, "processes": 1}, NORMALIZERS.get(n, FC_LABEL),
+        arms = [Arm(n, {"normalizer": n, "processes": 1}, NORMALIZERS.get(n, "BN, also on the FC layer"),
                     grid=ends if n in PER_SAMPLE or n not in s.every_batch else None)
                 for n in s.normalizers]  # fmt: skip
         if s.sync_processes > 1:
@@ -204,9 +205,9 @@ class BatchSize(Experiment):
             VersusSetting("error-vs-batch", "test_error", BATCH, "batch size per device", "test error (%)",
                           "Test error against the normalization batch (gradient batch fixed); GN, LN "
                           "and IN do not depend on it; SyncBN dashed, at its batch per process. Right: "
-                          "the published numbers (gradient batch 8 × per GPU).",
+                          "the published numbers (gradient batch 8 × per GPU).", dashed=("syncbn",),
                           published=PUBLISHED, published_title="Wu & He 2018 (ResNet-50); SN README",
-                          title=f"ours: small CNN, {s.train_examples} images", dashed=("syncbn",)),
+                          title=f"ours: {network_name(s, True)}, {s.train_examples} images"),
             MeanTable("errors", "test_error", BATCH, "Test error (%) in eval mode, whole test set.", ".1f"),
             Heatmap("error-heatmap", "test_error", BATCH, "batch size per device", "test error (%)",
                     "Test error (%) per normalizer and batch size per device."),
@@ -223,9 +224,8 @@ class BatchSize(Experiment):
 
     def deviations(self, s):
         return [
-            f"A small CNN (conv{'-conv'.join(map(str, s.channels))}, fc{s.hidden}) on {s.train_examples} "
-            f"images, {s.steps} updates of {s.gradient_batch}, not ResNet-50 on ImageNet for 100 epochs: "
-            "compare the shapes of the curves, not the errors.",
+            f"{network_name(s)} on {s.train_examples} images, {s.steps} updates of {s.gradient_batch}, not "
+            "ResNet-50 on ImageNet for 100 epochs: compare the shapes of the curves, not the errors.",
             f"The gradient batch is fixed at {s.gradient_batch} (SGD momentum {s.momentum:g} at {s.lr:g}, "
             f"no schedule but FRN's and EvoNorm's {s.warmup_steps}-step warm-up) and only the "
             "normalization batch B varies, at equal updates; Wu & He's gradient batch was 8·B with the "

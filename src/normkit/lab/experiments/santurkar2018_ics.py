@@ -53,6 +53,7 @@ class IcsSettings(Settings):
     window: int = 300  # claims: the evaluations at steps 0 < t <= window, in every preset
     batch_size: int = 128
     channels: tuple[int, ...] = (16, 32, 64)
+    vgg: str = ""  # "11": VGG-11 (normkit.lab.models.VGG_LAYOUTS) instead of the CNN of `channels`
     hidden: int = 128
     learning_rate: float = 0.1
     momentum: float = 0.0
@@ -84,7 +85,7 @@ def _window_medians(trial, window: int) -> dict[str, dict[str, float | None]]:
     """Per layer (the first left out), the median of each statistic over the window's evaluations."""
     rows = [r["ics"]["layers"] for r in trial.curve if r.get("ics") and 0 < r["step"] <= window]
     pick = {"l2": lambda v: v["l2"], "relative_l2": lambda v: v["relative_l2"],
-            "turn": lambda v: 1 - v["cosine"]}  # fmt: skip
+            "turn": lambda v: None if v["cosine"] is None else 1 - v["cosine"]}  # fmt: skip
     medians = {}
     for layer in list(rows[0])[1:] if rows else []:
         found = {q: _finite(pick[q](r[layer]) for r in rows) for q in STATISTICS}
@@ -138,6 +139,8 @@ class Santurkar2018Ics(Experiment):
         "tiny": {"steps": 6, "window": 6, "channels": (4, 8), "hidden": 8, "batch_size": 16, "eval_every": 3,
                  "eval_examples": 40, "dln_depth": 4, "dln_width": 6, "dln_samples": 64, "dln_steps": 6,
                  "dln_eval_every": 3, "seeds": 1},
+        "gpu": {"dataset": "cifar10", "vgg": "11", "hidden": 512, "steps": 3_910, "window": 1_000,
+                "eval_every": 100, "eval_examples": 2_000, "seeds": 3},  # 10 epochs at batch 128
     }  # fmt: skip
 
     def plan(self, s, data):
@@ -158,7 +161,7 @@ class Santurkar2018Ics(Experiment):
             optimizer = torch.optim.SGD(model.parameters(), lr=s.dln_learning_rate)
             return Setup(model, optimizer, s.dln_samples,  # full-batch gradient descent
                          loss_fn=nn.functional.mse_loss, data=regression)  # fmt: skip
-        model = mechanism.vgg(data.sample_shape, s.channels, s.hidden, data.classes, norm=norm)
+        model = mechanism.network(s, data.sample_shape, data.classes, norm)
         initialize(model, "he", generator)
         optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum)
         return Setup(model, optimizer, s.batch_size)
@@ -170,8 +173,7 @@ class Santurkar2018Ics(Experiment):
             layers, loss_fn = [f"linear{i}" for i in range(1, s.dln_depth + 1)], nn.functional.mse_loss
             row = {"test_mse": float(loss_fn(model(data.x_test), data.y_test))}
         else:
-            depth, loss_fn = len(s.channels), nn.functional.cross_entropy
-            layers = [f"conv{i + 1}" for i in range(depth)] + [f"linear{depth + 1}", "output"]
+            layers, loss_fn = mechanism.weight_layers(s), nn.functional.cross_entropy
             test = data.x_test[: s.eval_examples], data.y_test[: s.eval_examples]
             row = dict(zip(("test_accuracy", "test_loss"), accuracy_and_loss(model, *test), strict=True))
         model.train()  # ICS as training sees it: BN with batch statistics
@@ -239,9 +241,8 @@ class Santurkar2018Ics(Experiment):
 
     def deviations(self, s):
         return [
-            f"A VGG-style CNN (conv{'-conv'.join(map(str, s.channels))}, fc{s.hidden}) on "
-            f"{'Fashion-MNIST' if s.dataset == 'auto' else s.dataset} instead of VGG on CIFAR-10; SGD at "
-            f"{s.learning_rate:g} (momentum {s.momentum:g}), batch {s.batch_size}, {s.steps} steps.",
+            f"{mechanism.describe(s)}; SGD at {s.learning_rate:g} (momentum {s.momentum:g}), batch "
+            f"{s.batch_size}, {s.steps} steps.",
             f"DLN: {s.dln_depth} layers of width {s.dln_width}, {s.dln_samples} samples, MSE, full-batch GD "
             f"at {s.dln_learning_rate:g} for {s.dln_steps} steps (the paper's width, loss, rate: unknown).",
             f"ICS every {s.eval_every} steps (DLN: {s.dln_eval_every}) on a probe batch drawn for that step; "

@@ -37,7 +37,7 @@ from normkit.lab.claims import Claim, Published, below, difference, from_curve, 
 from normkit.lab.evaluation import accuracy_and_loss
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Curves
-from normkit.lab.mechanism import LABELS, PAPER, probe_batch, vgg
+from normkit.lab.mechanism import LABELS, PAPER, describe, network, probe_batch
 from normkit.lab.metrics import landscape_probe
 from normkit.lab.models import initialize
 from normkit.lab.plan import Arm, Plan
@@ -53,6 +53,7 @@ class LandscapeSettings(Settings):
     steps: int = 1_500
     batch_size: int = 128
     channels: tuple[int, ...] = (16, 32, 64)
+    vgg: str = ""  # "11": VGG-11 (normkit.lab.models.VGG_LAYOUTS) instead of the CNN of `channels`
     hidden: int = 128
     learning_rate: float = 0.1
     momentum: float = 0.0
@@ -159,6 +160,8 @@ class Santurkar2018Landscape(Experiment):
         "quick": {"steps": 300, "channels": (8, 16, 32), "hidden": 64, "eval_every": 50, "seeds": 2},
         "tiny": {"steps": 6, "channels": (4, 8), "hidden": 8, "batch_size": 16, "eval_every": 3,
                  "eval_examples": 40, "step_sizes": (0.1, 0.4), "seeds": 1},
+        "gpu": {"dataset": "cifar10", "vgg": "11", "hidden": 512, "steps": 7_820, "eval_every": 100,
+                "eval_examples": 2_000, "seeds": 3},  # 20 epochs at batch 128
     }  # fmt: skip
 
     def plan(self, s, data):
@@ -167,7 +170,7 @@ class Santurkar2018Landscape(Experiment):
         return Plan(arms, s.steps, seeds=s.seeds, seed=s.seed, eval_every=s.eval_every)
 
     def setup(self, trial, s, data, generator):
-        model = vgg(data.sample_shape, s.channels, s.hidden, data.classes, norm=trial.params["norm"])
+        model = network(s, data.sample_shape, data.classes, trial.params["norm"])
         initialize(model, "he", generator)
         optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum)
         return Setup(model, optimizer, s.batch_size)
@@ -227,9 +230,8 @@ class Santurkar2018Landscape(Experiment):
 
     def deviations(self, s):
         return [
-            f"A VGG-style CNN (conv{'-conv'.join(map(str, s.channels))}, fc{s.hidden}) on "
-            f"{'Fashion-MNIST' if s.dataset == 'auto' else s.dataset} instead of VGG on CIFAR-10; plain SGD "
-            f"at {s.learning_rate:g} (momentum {s.momentum:g}), batch {s.batch_size}, {s.steps} steps.",
+            f"{describe(s)}; plain SGD at {s.learning_rate:g} (momentum {s.momentum:g}), batch "
+            f"{s.batch_size}, {s.steps} steps.",
             f"The landscape is probed every {s.eval_every} steps on a probe batch drawn for that step (the "
             f"paper: at the training batch of each step), at the step sizes "
             f"{', '.join(f'{e:g}' for e in s.step_sizes)} (our reading of the paper's grid).",

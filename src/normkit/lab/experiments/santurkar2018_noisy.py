@@ -30,10 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
+from normkit.lab import mechanism
 from normkit.lab.claims import Claim, Published, above, below, difference, from_curve, per_seed
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Curves, PercentileBands
-from normkit.lab.mechanism import LABELS, PAPER, noisy_accuracy_and_loss, vgg
+from normkit.lab.mechanism import LABELS, PAPER, noisy_accuracy_and_loss
 from normkit.lab.metrics import ActivationPercentiles
 from normkit.lab.models import initialize, pre_activation
 from normkit.lab.plan import Arm, Plan
@@ -51,6 +52,7 @@ class NoisySettings(Settings):
     steps: int = 1_500
     batch_size: int = 128
     channels: tuple[int, ...] = (16, 32, 64)
+    vgg: str = ""  # "11": VGG-11 (normkit.lab.models.VGG_LAYOUTS) instead of the CNN of `channels`
     hidden: int = 128
     learning_rate: float = 0.1
     momentum: float = 0.0
@@ -147,6 +149,8 @@ class Santurkar2018Noisy(Experiment):
         "tiny": {"steps": 8, "channels": (4, 8), "hidden": 8, "batch_size": 16, "eval_every": 4,
                  "eval_examples": 50, "final_train_examples": 100, "percentile_every": 2, "seeds": 1,
                  "noise_draws": 2},
+        "gpu": {"dataset": "cifar10", "vgg": "11", "hidden": 512, "steps": 15_640, "eval_every": 391,
+                "seeds": 3, "percentile_every": 20, "eval_examples": 2_000},  # 40 epochs at batch 128
     }  # fmt: skip
 
     def plan(self, s, data):
@@ -157,12 +161,10 @@ class Santurkar2018Noisy(Experiment):
     def setup(self, trial, s, data, generator):
         noise = {"mean_range": s.noise_mean, "scale_low": s.noise_scale_low, "scale_high": s.noise_scale_high,
                  "jitter": s.noise_jitter} if trial.params["noise"] else None  # fmt: skip
-        model = vgg(data.sample_shape, s.channels, s.hidden, data.classes, norm=trial.params["norm"],
-                    noise=noise)  # fmt: skip
+        model = mechanism.network(s, data.sample_shape, data.classes, trial.params["norm"], noise)
         initialize(model, "he", generator)
-        layers = len(s.channels) + 1
-        recorder = ActivationPercentiles(
-            {f"layer{i}": pre_activation(model, i) for i in range(1, layers + 1)},
+        recorder = ActivationPercentiles(  # every conv layer and the fc layer
+            {f"layer{i}": pre_activation(model, i) for i in range(1, mechanism.conv_layers(s) + 2)},
             channel=s.channel, every=s.percentile_every,
         )  # fmt: skip
         optimizer = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum)
@@ -237,9 +239,8 @@ class Santurkar2018Noisy(Experiment):
 
     def deviations(self, s):
         return [
-            f"A VGG-style CNN (conv{'-conv'.join(map(str, s.channels))}, fc{s.hidden}) on "
-            f"{'Fashion-MNIST' if s.dataset == 'auto' else s.dataset} instead of VGG on CIFAR-10; {s.steps} "
-            f"steps of SGD at {s.learning_rate:g} (momentum {s.momentum:g}), batch {s.batch_size}.",
+            f"{mechanism.describe(s)}; {s.steps} steps of SGD at {s.learning_rate:g} (momentum "
+            f"{s.momentum:g}), batch {s.batch_size}.",
             f"The noise distribution is ours (the paper's is not given): per step and channel mu ~ "
             f"U(±{s.noise_mean:g}), s ~ U({s.noise_scale_low:g}, {s.noise_scale_high:g}); per element "
             f"y = x·N(s, {s.noise_jitter:g}²) + N(mu, {s.noise_jitter:g}²); evaluated with it on "
