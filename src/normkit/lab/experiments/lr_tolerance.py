@@ -110,7 +110,7 @@ def speedup(arm: str):
         steps = None if other.final["diverged"] else _reached(other, _best(plain))
         return 0.0 if steps is None else (_reached(plain, _best(plain)) / steps if steps else None)
 
-    return per_seed(value, f"steps to the no-BN best, no BN / {arm}")
+    return per_seed(value, f"steps to the no-BN best, no BN / {arm}", ratio=True)
 
 
 def best(arm: str):

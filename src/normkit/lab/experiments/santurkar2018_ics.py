@@ -204,8 +204,8 @@ class Santurkar2018Ics(Experiment):
             over = f"BN / Standard, geometric mean over the {'conv ' * (f == 'cnn')}layers after the first"
             claims += [Claim(f"{f}-{slug}", f"{FAMILIES[f]}: {text}, median over {window}, {over}",
                              Published(published, FIG3, unverified=True),
-                             per_seed(_ratio(statistic), "ratio of window medians", family=f), criterion,
-                             fmt=".2f") for slug, statistic, text, published, criterion in ratios]
+                             per_seed(_ratio(statistic), "ratio of window medians", ratio=True, family=f),
+                             criterion, fmt=".2f") for slug, statistic, text, published, criterion in ratios]
             claims.append(Claim(f"{f}-faster", f"{FAMILIES[f]}: training loss averaged over {window}, "
                                 "BN − Standard", Published("BN trains faster", FIG3, unverified=True),
                                 per_seed(_window_train_loss, "mean train_loss, BN − Standard", family=f),

@@ -190,7 +190,8 @@ class Santurkar2018Landscape(Experiment):
         def smoother(name, measure, quantity, published, source):
             return Claim(name, f"{quantity}, BN / Standard (medians over probes, an overflow = +∞)",
                          Published(published, source, unverified=True),
-                         per_seed(_smoother(measure), f"median {measure}, BN / Standard"), below(1.0))
+                         per_seed(_smoother(measure), f"median {measure}, BN / Standard", ratio=True),
+                         below(1.0))
 
         tail = f"training loss over the last {s.tail:.0%} of the steps"
         claims = [
@@ -213,11 +214,13 @@ class Santurkar2018Landscape(Experiment):
                 Claim("lp-comparable", "worst ℓp variant's final training loss / BN's",
                       Published("ℓp normalizations train comparably to BN", "Santurkar et al. 2018, §3.3",
                                 unverified=True),
-                      per_seed(_worst_lp("loss"), "max over ℓ1, ℓ2, ℓ∞"), below(1 + s.comparable)),
+                      per_seed(_worst_lp("loss"), "max over ℓ1, ℓ2, ℓ∞", ratio=True),
+                      below(1 + s.comparable)),
                 Claim("lp-smoother", "worst ℓp variant's median loss band and β / Standard's",
                       Published("ℓp normalizations smooth the landscape like BN",
                                 "Santurkar et al. 2018, §3.3", unverified=True),
-                      per_seed(_worst_lp("smooth"), "max over ℓ1, ℓ2, ℓ∞ and the two medians"), below(1.0)),
+                      per_seed(_worst_lp("smooth"), "max over ℓ1, ℓ2, ℓ∞ and the two medians", ratio=True),
+                      below(1.0)),
             ]  # fmt: skip
         return claims
 

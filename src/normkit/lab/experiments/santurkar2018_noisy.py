@@ -198,7 +198,7 @@ class Santurkar2018Noisy(Experiment):
             Claim("less-stable", "least, over layers, of noisy BN's / Standard's input instability",
                   Published("noisy BN's layer inputs are less stable than Standard's", f"{FIG2} (right)",
                             unverified=True),
-                  per_seed(_least_instability_ratio, "min over layers of the ratio of mean |Δ percentile|"),
+                  per_seed(_least_instability_ratio, "least layer ratio of mean |Δ percentile|", ratio=True),
                   above(1.0), fmt=".2f"),
         ]  # fmt: skip
         return claims + [Claim(
