@@ -19,8 +19,6 @@ import collections
 import datetime
 import functools
 import json
-import os
-import platform
 import socket
 import statistics
 import sys
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import normkit as nk
+from environment import environment
 
 WORLD = 2
 COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_single", "all_reduce")
@@ -175,22 +174,6 @@ def _rank_main(rank: int, port: int, rounds: int, steps: int, out: str):
     dist.destroy_process_group()
 
 
-def environment() -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "ranks": WORLD,
-        "backend": "gloo",
-        "torch_threads_per_rank": 1,
-        "torch": torch.__version__,
-        "normkit": nk.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def print_table(results: list[dict]) -> None:
     header = (
         f"{'model':20s} {'local ms':>9s} {'sync ms':>9s} {'sync/local':>11s} "
@@ -243,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         f"\none gloo all-gather of a SyncBN row (C = 16): {latency['all_gather_us']:.0f} us; "
         f"one all-reduce of the backward sums: {latency['all_reduce_us']:.0f} us"
     )
-    report = {"environment": environment(), "collective_latency": latency, "results": results}
+    setting = environment(ranks=WORLD, backend="gloo", torch_threads_per_rank=1)
+    report = {"environment": setting, "collective_latency": latency, "results": results}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}", file=sys.stderr)
 
