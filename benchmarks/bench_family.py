@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.benchmark import Timer
 
 import normkit as nk
 from environment import environment
+from timing import time_call, train_step
 
 SHAPE = (32, 64, 56, 56)
 VIRTUAL_BATCH = 8  # Ghost BN: four ghost batches of 8 in the batch of 32
@@ -188,25 +187,6 @@ ROWS += [
 ]
 
 
-def _time(fn: Callable[[], object], min_run_time: float) -> tuple[float, float]:
-    """(median wall seconds per call, CPU seconds per call of this process over the same calls).
-
-    CPU time is the steadier measure on a shared machine: waiting for a core does not count."""
-    start = time.process_time()
-    measurement = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    # (the few calibration calls of blocked_autorange are included: a bias of a few percent at most)
-    calls = len(measurement.raw_times) * measurement.number_per_run
-    return measurement.median, (time.process_time() - start) / calls
-
-
-def _train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
-    def step():
-        leaf = x.detach().requires_grad_(True)
-        layer(leaf).backward(dy)
-
-    return step
-
-
 def measure(row: Row, rounds: int, min_run_time: float) -> dict:
     x = torch.randn(SHAPE)
     if row.channels_last:
@@ -219,12 +199,12 @@ def measure(row: Row, rounds: int, min_run_time: float) -> dict:
     for _ in range(rounds):  # alternate providers so drift hits them all alike
         for name, layer in providers.items():
             layer.train()
-            step = _train_step(layer, x, dy)
+            step = train_step(layer, x, dy)
             step()  # warm-up
-            seconds, cpu_seconds = _time(step, min_run_time)
+            seconds, cpu_seconds = time_call(step, min_run_time)
             wall[name].append(seconds)
             cpu[name].append(cpu_seconds)
-        seconds, cpu_seconds = _time(lambda: copy_out.copy_(x), min_run_time)
+        seconds, cpu_seconds = time_call(lambda: copy_out.copy_(x), min_run_time)
         wall["copy"].append(seconds)
         cpu["copy"].append(cpu_seconds)
     ms = {name: statistics.median(values) * 1e3 for name, values in wall.items()}

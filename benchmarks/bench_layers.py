@@ -19,17 +19,16 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 
 import normkit as nk
 from environment import environment
+from timing import time_call, train_step
 
 
 class PermutedLayerNorm(nn.Module):
@@ -88,25 +87,6 @@ BACKENDS = ["auto", "native", "reference"]  # the default; --backends chooses ot
 PASSES = {"train": 8, "eval": 2}
 
 
-def _time(fn: Callable[[], object], min_run_time: float) -> tuple[float, float]:
-    """(median wall seconds, process CPU seconds) per call. CPU time is the steadier measure on a
-    shared machine: waiting for a core does not count."""
-    # Timer runs its statement on one thread unless told otherwise: use torch's own thread count.
-    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    start = time.process_time()
-    measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    calls = len(measurement.raw_times) * measurement.number_per_run
-    return measurement.median, (time.process_time() - start) / calls
-
-
-def _train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
-    def step():
-        leaf = x.detach().requires_grad_(True)
-        layer(leaf).backward(dy)
-
-    return step
-
-
 def _eval_step(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     def step():
         with torch.no_grad():
@@ -129,13 +109,13 @@ def measure(row: Row, rounds: int, min_run_time: float, backends: list[str]) -> 
         for _ in range(rounds):  # alternate providers so drift hits them all alike
             for name, layer in providers.items():
                 layer.train(mode == "train")
-                step = _train_step(layer, x, dy) if mode == "train" else _eval_step(layer, x)
+                step = train_step(layer, x, dy) if mode == "train" else _eval_step(layer, x)
                 with nk.backend(name if name in backends else "auto"):
                     step()  # warm-up
-                    seconds, cpu_seconds = _time(step, min_run_time)
+                    seconds, cpu_seconds = time_call(step, min_run_time)
                     samples[name].append(seconds)
                     cpu[name].append(cpu_seconds)
-            seconds, cpu_seconds = _time(lambda: copy_out.copy_(x), min_run_time)
+            seconds, cpu_seconds = time_call(lambda: copy_out.copy_(x), min_run_time)
             samples["copy"].append(seconds)
             cpu["copy"].append(cpu_seconds)
         medians = {name: statistics.median(values) for name, values in samples.items()}

@@ -31,17 +31,16 @@ import importlib.util
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 
 import normkit as nk
 from environment import environment
+from timing import time_call
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (32, 64, 56, 56)
@@ -247,14 +246,6 @@ ROWS += [
 # --- measuring ------------------------------------------------------------------------------------
 
 
-def _time(fn: Callable[[], object], min_run_time: float) -> tuple[float, float]:
-    """(median wall seconds per call, this process's CPU seconds per call over the same calls)."""
-    start = time.process_time()
-    measurement = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    calls = len(measurement.raw_times) * measurement.number_per_run
-    return measurement.median, (time.process_time() - start) / calls
-
-
 def measure(row: Row, rounds: int, min_run_time: float) -> dict:
     providers = row.make()
     wall: dict[str, list[float]] = {name: [] for name in providers}
@@ -262,7 +253,7 @@ def measure(row: Row, rounds: int, min_run_time: float) -> dict:
     for _ in range(rounds):  # alternate providers so drift hits them all alike
         for name, step in providers.items():
             step()  # warm-up
-            seconds, cpu_seconds = _time(step, min_run_time)
+            seconds, cpu_seconds = time_call(step, min_run_time)
             wall[name].append(seconds)
             cpu[name].append(cpu_seconds)
     baseline = next(iter(providers))
