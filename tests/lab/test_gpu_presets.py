@@ -162,3 +162,40 @@ def test_regularization_gpu_preset_runs_its_resnet_path_at_toy_size(cifar_dir, t
         assert sum(isinstance(m, nk.BatchNorm) for m in net.modules()) == norms, variant
         assert (list(net._modules)[-2:] == ["dropout", "output"]) == dropout, variant  # before fc only
         assert not dropout or net.dropout.p == settings.dropout
+
+
+def test_lr_tolerance_gpu_preset_plans_vgg11_at_the_edge_of_stability(cifar_dir, monkeypatch):
+    experiment = get_experiment("lr-tolerance")
+    gpu = experiment.settings("gpu")
+    assert (gpu.dataset, gpu.vgg, gpu.batch_size, gpu.seeds) == ("cifar10", "11", 128, 3)
+    assert experiment.deviations(gpu)[0].startswith("VGG-11 (")
+    trials = experiment.preview(gpu, None)
+    sweep = [t for t in trials if t.params.get("phase") == "sweep"]
+    assert len(sweep) == len(gpu.lr_sweep) and {t.steps for t in sweep} == {gpu.sweep_steps}
+    assert len(trials) - len(sweep) == 7 * 3  # 7 arms x 3 seeds
+    assert sorted({t.steps for t in trials if t not in sweep}) == [15_640, 23_460]
+    monkeypatch.setitem(models.VGG_LAYOUTS, "11", TOY_VGG)
+    preview = dry_run("lr-tolerance", "gpu", {"validation": 16, "batch_size": 8}, data_dir=cifar_dir, budget_s=2.0)
+    assert preview["data"] == "cifar10" and len(preview["trials"]) == len(trials)
+
+
+def test_lr_tolerance_gpu_preset_runs_vgg_with_its_activation_and_dropout(cifar_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(models.VGG_LAYOUTS, "toy", TOY_VGG)
+    toy = {"vgg": "toy", "hidden": 8, "batch_size": 8, "steps": 4, "long_steps": 6, "eval_every": 2,
+           "validation": 16, "lr_sweep": (0.01, 0.05), "sweep_steps": 2, "stable_loss": 2.4, "seeds": 1}  # fmt: skip
+    experiment = get_experiment("lr-tolerance")
+    settings = experiment.settings("gpu", toy)
+    data = SimpleNamespace(sample_shape=(3, 32, 32), classes=10)
+    trials = {t.params["arm"]: t for t in experiment.preview(settings, None)}
+    for arm, norms, dropout in (("plain-x1-sigmoid", 0, True), ("bn-x5-sigmoid", 5, False)):
+        trial = SimpleNamespace(params={**trials[arm].params, "base_lr": 0.01})
+        net = experiment.setup(trial, settings, data, torch.Generator().manual_seed(0)).model
+        assert sum(isinstance(m, torch.nn.Sigmoid) for m in net.modules()) == 5, arm
+        assert sum(isinstance(m, nk.BatchNorm) for m in net.modules()) == norms, arm
+        assert ("dropout" in net._modules) == dropout and sum(isinstance(m, torch.nn.Conv2d) for m in net) == 4
+    record = run_experiment("lr-tolerance", "gpu", toy, out=tmp_path / "run", data_dir=cifar_dir)
+    assert record.config["data"]["name"] == "cifar10" and record.settings["vgg"] == "toy"
+    finals = {k: v for k, v in record.finals().items() if "base_lr=" not in k}
+    assert len(finals) == 7, sorted(record.finals())
+    for key, row in finals.items():
+        assert row["step"] in (4, 6) or row["diverged"], key

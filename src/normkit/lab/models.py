@@ -263,14 +263,17 @@ VGG_LAYOUTS = {"11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512,
 
 def vgg(sample_shape: tuple[int, ...], layout, hidden: int = 512, classes: int = 10,
         norm: str | Callable[[int, bool], nn.Module | None] = "none",
-        noise: Callable[[], nn.Module] | None = None) -> nn.Sequential:  # fmt: skip
+        noise: Callable[[], nn.Module] | None = None, activation: str = "relu",
+        dropout: float = 0.0) -> nn.Sequential:  # fmt: skip
     """A VGG network (Simonyan & Zisserman 2015) for small images: ``layout`` lists the 3×3
     convolutions' widths and ``"M"`` for a 2×2 max-pool (:data:`VGG_LAYOUTS`; a pool is skipped
     once the maps are 1 pixel), then fc ``hidden`` and the output layer (one hidden fc layer, the
     usual CIFAR classifier, instead of ImageNet's two of 4096). Each conv/fc layer is followed by
     ``norm`` (a spec of :func:`_norm`, or ``norm(features, spatial)``; no bias where there is one),
-    ``noise()`` if given, then ReLU. Children: ``conv1``, ``norm1``, ``noise1``, ``act1``,
-    ``pool1``, ..., ``linear{k}``, ``norm{k}``, ``noise{k}``, ``act{k}``, ``output``."""
+    ``noise()`` if given, then ``activation``; Dropout ``dropout`` before the output layer where it is
+    > 0. Children: ``conv1``, ``norm1``, ``noise1``, ``act1``, ``pool1``, ..., ``linear{k}``,
+    ``norm{k}``, ``noise{k}``, ``act{k}``, [``dropout``,] ``output``."""
+    _check_choice("activation", activation, ACTIVATIONS)
     if len(sample_shape) != 3:
         raise ConfigError(f"vgg: sample_shape={tuple(sample_shape)} must be (C, H, W)")
     make = norm if callable(norm) else (lambda features, spatial: _norm(norm, 2 if spatial else 0, features))
@@ -284,7 +287,7 @@ def vgg(sample_shape: tuple[int, ...], layout, hidden: int = 512, classes: int =
             layers[f"norm{index}"] = normalization
         if noise is not None:
             layers[f"noise{index}"] = noise()
-        layers[f"act{index}"] = nn.ReLU()
+        layers[f"act{index}"] = ACTIVATIONS[activation]()
 
     for entry in layout:
         if entry == "M":
@@ -298,5 +301,7 @@ def vgg(sample_shape: tuple[int, ...], layout, hidden: int = 512, classes: int =
     layers["flatten"] = nn.Flatten()
     index += 1
     block(lambda bias: nn.Linear(width * math.prod(size), hidden, bias=bias), hidden, False)
+    if dropout > 0:
+        layers["dropout"] = nn.Dropout(dropout)
     layers["output"] = nn.Linear(hidden, classes)
     return nn.Sequential(layers)

@@ -37,7 +37,8 @@ from normkit.lab.claims import Claim, Published, above, difference, from_curve, 
 from normkit.lab.datasets import first_test_examples, split_validation
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Curves
-from normkit.lab.models import cnn, initialize
+from normkit.lab.mechanism import describe, layout
+from normkit.lab.models import cnn, initialize, vgg
 from normkit.lab.plan import Arm, Plan, Sweep, largest_stable
 from normkit.lab.render import Section, Table, fmt
 from normkit.lab.settings import Settings
@@ -53,6 +54,7 @@ class LrToleranceSettings(Settings):
     batch_size: int = 32
     channels: tuple[int, ...] = (16, 32)
     hidden: int = 128
+    vgg: str = ""  # "11": VGG-11 (normkit.lab.models.VGG_LAYOUTS) instead of the CNN of `channels`
     base_lr: float = 0.01  # used as is when lr_sweep is empty
     lr_sweep: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
     sweep_steps: int = 1_000
@@ -142,6 +144,9 @@ class LrTolerance(Experiment):
         "tiny": {"steps": 24, "long_steps": 32, "channels": (4, 8), "hidden": 16, "eval_every": 8,
                  "validation": 64, "lr_sweep": (0.01, 0.05, 5.0), "sweep_steps": 16, "stable_loss": 2.3,
                  "multipliers": (5.0,), "plain_multipliers": (30.0,), "batch_size": 16, "seeds": 1},
+        "gpu": {"dataset": "cifar10", "vgg": "11", "hidden": 512, "batch_size": 128, "steps": 15_640,
+                "long_steps": 23_460, "lr_sweep": (0.005, 0.01, 0.02, 0.05, 0.1), "sweep_steps": 3_910,
+                "eval_every": 391, "validation": 5_000},  # 40 epochs (60 for BN-x5/x30), sweep 10
     }  # fmt: skip
 
     def prepare_data(self, s, dataset):
@@ -162,9 +167,10 @@ class LrTolerance(Experiment):
     def setup(self, trial, s, data, generator):
         p = trial.params
         fast = p["accelerated"]
-        model = cnn(data.sample_shape, s.channels, s.hidden, data.classes, activation=p["activation"],
-                    norm="batch" if p["network"] == "bn" else "none",
-                    dropout=0.0 if fast else s.base_dropout)  # fmt: skip
+        norm, dropout = "batch" if p["network"] == "bn" else "none", 0.0 if fast else s.base_dropout
+        shape, act = data.sample_shape, p["activation"]
+        model = (vgg(shape, layout(s), s.hidden, data.classes, norm, None, act, dropout) if s.vgg
+                 else cnn(shape, s.channels, s.hidden, data.classes, act, norm, dropout=dropout))  # fmt: skip
         initialize(model, "he", generator)
         lr = p.get("base_lr", s.base_lr) * p["multiplier"]
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=s.momentum,
@@ -233,10 +239,11 @@ class LrTolerance(Experiment):
     def deviations(self, s):
         rate = (f"the largest the network without BN trains at (the sweep, over {s.lr_sweep})" if s.lr_sweep
                 else f"{s.base_lr:g}")  # fmt: skip
+        convs = "-conv".join(map(str, s.channels))
+        net = describe(s) if s.vgg else f"A small CNN (conv{convs}, fc{s.hidden})"
         return [
-            f"A small CNN (conv{'-conv'.join(str(c) for c in s.channels)}, fc{s.hidden}) for {s.steps} steps "
-            f"({s.long_steps} for BN-x5 and BN-x30) instead of Inception on ImageNet for millions; steps "
-            "are compared as ratios, on a validation split held out of the training set.",
+            f"{net}, {s.steps} steps ({s.long_steps} for BN-x5 and BN-x30) instead of Inception on ImageNet"
+            " for millions; steps compare as ratios, on a validation split held out of the training set.",
             f"Base learning rate η0: {rate}; SGD, momentum {s.momentum:g}, batch {s.batch_size}. Inception's "
             "0.0015 (batch 32) was a tuned rate, not its edge of stability.",
             "Of §4.2.1's changes, LRN, shuffling and photometric distortions have no analogue here.",
