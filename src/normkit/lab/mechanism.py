@@ -19,6 +19,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,6 +31,21 @@ from normkit.lab.datasets import Dataset
 from normkit.lab.evaluation import accuracy_and_loss
 from normkit.lab.models import initialize
 from normkit.lab.seeds import derived_seed
+from normkit.lab.settings import Settings
+
+
+@dataclass(frozen=True)
+class NetworkSettings(Settings):
+    """The settings of :func:`network` and its plain SGD, which the three experiments share."""
+
+    steps: int = 1_500
+    batch_size: int = 128
+    channels: tuple[int, ...] = (16, 32, 64)
+    vgg: str = ""  # "11": VGG-11 (normkit.lab.models.VGG_LAYOUTS) instead of the CNN of `channels`
+    hidden: int = 128
+    learning_rate: float = 0.1
+    momentum: float = 0.0
+
 
 PAPER = "Santurkar, Tsipras, Ilyas & Madry 2018, How Does Batch Normalization Help Optimization?"
 NORMS = ("none", "batch", "l1", "l2", "linf")

@@ -35,6 +35,7 @@ Linear weights only (BN's γ and β are not weights of the random walk the paper
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -77,24 +78,20 @@ class GhostBnSettings(Settings):
 
 
 def _weights(model: nn.Module) -> torch.Tensor:
-    """All Linear weights of ``model`` as one flat vector (a copy)."""
-    linear = [m.weight.detach().reshape(-1) for m in model.modules() if isinstance(m, nn.Linear)]
-    return torch.cat(linear).clone()
+    """All Linear weights of ``model`` as one flat vector (a copy: torch.cat copies)."""
+    return torch.cat([m.weight.detach().reshape(-1) for m in model.modules() if isinstance(m, nn.Linear)])
 
 
 def log_fit(steps: list[int], distances: list[float]) -> dict | None:
-    """Least-squares fit of distance = a + b·ln(step) (steps >= 1), with its R²."""
+    """Least-squares fit of distance = a + b·ln(step) (steps >= 1), with its R² (the squared
+    correlation, which it is for a fit with an intercept)."""
     points = [(math.log(s), d) for s, d in zip(steps, distances, strict=True) if s >= 1]
-    if len(points) < 3:
+    if len(points) < 3 or len({x for x, _ in points}) < 2:
         return None
-    mx, my = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    if sxx == 0:
-        return None
-    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
-    total = sum((y - my) ** 2 for _, y in points)
-    residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in points)
-    return {"slope": slope, "intercept": my - slope * mx, "r2": 1.0 - residual / total if total else 1.0}
+    x, y = zip(*points, strict=True)
+    slope, intercept = statistics.linear_regression(x, y)
+    r2 = statistics.correlation(x, y) ** 2 if len(set(y)) > 1 else 1.0
+    return {"slope": slope, "intercept": intercept, "r2": r2}
 
 
 def _log_r2(trials, results) -> float | None:

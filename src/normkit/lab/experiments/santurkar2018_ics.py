@@ -39,7 +39,6 @@ from normkit.lab.metrics import ics
 from normkit.lab.models import initialize
 from normkit.lab.plan import Arm, Plan
 from normkit.lab.render import Section, Table, fmt
-from normkit.lab.settings import Settings
 
 FIG3 = "Santurkar et al. 2018, Fig. 3"
 NETWORKS = {"standard": "Standard", "bn": "Standard + BatchNorm"}
@@ -48,15 +47,8 @@ STATISTICS = ("l2", "turn", "relative_l2")  # turn: 1 − cos(G, G′)
 
 
 @dataclass(frozen=True)
-class IcsSettings(Settings):
-    steps: int = 1_500
+class IcsSettings(mechanism.NetworkSettings):
     window: int = 300  # claims: the evaluations at steps 0 < t <= window, in every preset
-    batch_size: int = 128
-    channels: tuple[int, ...] = (16, 32, 64)
-    vgg: str = ""  # "11": VGG-11 (normkit.lab.models.VGG_LAYOUTS) instead of the CNN of `channels`
-    hidden: int = 128
-    learning_rate: float = 0.1
-    momentum: float = 0.0
     eval_every: int = 50  # ICS is measured at every evaluation
     eval_examples: int = 1_000  # test images for the accuracy curve
     seeds: int = 5

@@ -37,11 +37,10 @@ from normkit.lab.claims import Claim, Published, below, difference, from_curve, 
 from normkit.lab.evaluation import accuracy_and_loss
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Curves
-from normkit.lab.mechanism import LABELS, PAPER, describe, network, probe_batch
+from normkit.lab.mechanism import LABELS, PAPER, NetworkSettings, describe, network, probe_batch
 from normkit.lab.metrics import landscape_probe
 from normkit.lab.models import initialize
 from normkit.lab.plan import Arm, Plan
-from normkit.lab.settings import Settings
 
 FIG4 = "Santurkar et al. 2018, Fig. 4"
 NORM_OF = {"standard": "none", "bn": "batch", "l1": "l1", "l2": "l2", "linf": "linf"}
@@ -49,14 +48,7 @@ LP = ("l1", "l2", "linf")
 
 
 @dataclass(frozen=True)
-class LandscapeSettings(Settings):
-    steps: int = 1_500
-    batch_size: int = 128
-    channels: tuple[int, ...] = (16, 32, 64)
-    vgg: str = ""  # "11": VGG-11 (normkit.lab.models.VGG_LAYOUTS) instead of the CNN of `channels`
-    hidden: int = 128
-    learning_rate: float = 0.1
-    momentum: float = 0.0
+class LandscapeSettings(NetworkSettings):
     step_sizes: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4)
     lp_variants: bool = True  # also the ℓ1, ℓ2, ℓ∞ normalizations of §3.3
     seeds: int = 3

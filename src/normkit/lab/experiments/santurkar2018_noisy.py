@@ -40,7 +40,6 @@ from normkit.lab.models import initialize, pre_activation
 from normkit.lab.plan import Arm, Plan
 from normkit.lab.render import Section, Table, fmt
 from normkit.lab.seeds import derived_seed
-from normkit.lab.settings import Settings
 
 FIG2 = "Santurkar et al. 2018, Fig. 2"
 ARMS = {"standard": {"norm": "none", "noise": False}, "bn": {"norm": "batch", "noise": False},
@@ -48,14 +47,7 @@ ARMS = {"standard": {"norm": "none", "noise": False}, "bn": {"norm": "batch", "n
 
 
 @dataclass(frozen=True)
-class NoisySettings(Settings):
-    steps: int = 1_500
-    batch_size: int = 128
-    channels: tuple[int, ...] = (16, 32, 64)
-    vgg: str = ""  # "11": VGG-11 (normkit.lab.models.VGG_LAYOUTS) instead of the CNN of `channels`
-    hidden: int = 128
-    learning_rate: float = 0.1
-    momentum: float = 0.0
+class NoisySettings(mechanism.NetworkSettings):
     noise_mean: float = 1.0  # mu_c ~ U(-noise_mean, noise_mean), s_c ~ U(scale_low, scale_high)
     noise_scale_low: float = 1.0
     noise_scale_high: float = 3.0
