@@ -175,14 +175,16 @@ def test_lr_tolerance_gpu_preset_plans_vgg11_at_the_edge_of_stability(cifar_dir,
     assert len(trials) - len(sweep) == 7 * 3  # 7 arms x 3 seeds
     assert sorted({t.steps for t in trials if t not in sweep}) == [15_640, 23_460]
     monkeypatch.setitem(models.VGG_LAYOUTS, "11", TOY_VGG)
-    preview = dry_run("lr-tolerance", "gpu", {"validation": 16, "batch_size": 8}, data_dir=cifar_dir, budget_s=2.0)
+    small = {"validation": 16, "batch_size": 8}
+    preview = dry_run("lr-tolerance", "gpu", small, data_dir=cifar_dir, budget_s=2.0)
     assert preview["data"] == "cifar10" and len(preview["trials"]) == len(trials)
 
 
 def test_lr_tolerance_gpu_preset_runs_vgg_with_its_activation_and_dropout(cifar_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(models.VGG_LAYOUTS, "toy", TOY_VGG)
     toy = {"vgg": "toy", "hidden": 8, "batch_size": 8, "steps": 4, "long_steps": 6, "eval_every": 2,
-           "validation": 16, "lr_sweep": (0.01, 0.05), "sweep_steps": 2, "stable_loss": 2.4, "seeds": 1}  # fmt: skip
+           "validation": 16, "lr_sweep": (0.01, 0.05), "sweep_steps": 2, "stable_loss": 2.4,
+           "seeds": 1}  # fmt: skip
     experiment = get_experiment("lr-tolerance")
     settings = experiment.settings("gpu", toy)
     data = SimpleNamespace(sample_shape=(3, 32, 32), classes=10)
@@ -192,7 +194,8 @@ def test_lr_tolerance_gpu_preset_runs_vgg_with_its_activation_and_dropout(cifar_
         net = experiment.setup(trial, settings, data, torch.Generator().manual_seed(0)).model
         assert sum(isinstance(m, torch.nn.Sigmoid) for m in net.modules()) == 5, arm
         assert sum(isinstance(m, nk.BatchNorm) for m in net.modules()) == norms, arm
-        assert ("dropout" in net._modules) == dropout and sum(isinstance(m, torch.nn.Conv2d) for m in net) == 4
+        assert ("dropout" in net._modules) == dropout, arm
+        assert sum(isinstance(m, torch.nn.Conv2d) for m in net) == 4, arm
     record = run_experiment("lr-tolerance", "gpu", toy, out=tmp_path / "run", data_dir=cifar_dir)
     assert record.config["data"]["name"] == "cifar10" and record.settings["vgg"] == "toy"
     finals = {k: v for k, v in record.finals().items() if "base_lr=" not in k}
