@@ -5,7 +5,9 @@ differentiable function (the *mixer*) of the instance statistics ``(mean, var)``
 plane and of the layer's parameters (:mod:`normkit.functional._instance_stats`). Only four steps
 touch every element, and here each is one pass of pure tensor maths fused by torch.compile
 (Inductor) in the input's own layout, so that a channels_last input is reduced along its rows of
-contiguous channels instead of through strided planes:
+contiguous channels instead of through strided planes (for float32 channels_last the two
+reductions run :mod:`normkit.functional._plane_sums`' one pass over the rows, which Inductor's
+loops take 2-3× longer to do):
 
 - forward: the plane moments (one pass of shifted sums: read x), then ``x * scale + shift`` (read
   x, write y): 3 passes;
@@ -33,9 +35,11 @@ from collections.abc import Callable
 
 import torch
 
+from normkit.functional import _plane_sums
 from normkit.functional._batch_norm_compiled import row_block, sample_mean, shifted_moments
 from normkit.functional._compiled import CompiledMaths
 from normkit.functional._moments import stats_dtype
+from normkit.functional._running_stats import compiling
 
 Mixer = Callable[..., tuple[torch.Tensor, ...]]
 
@@ -85,6 +89,21 @@ def _moments_maths(x):
     return k + s1 / size, ((s2 - s1 * s1 / size) / size).clamp_min(0.0)
 
 
+def _moments(x):
+    """:func:`_moments_maths`, by :mod:`._plane_sums`' one pass over the rows for float32
+    channels_last inputs (the shift: a sampled mean of each plane, as :func:`_moments_maths`)."""
+    if compiling() or not _plane_sums.available(x):
+        return CompiledMaths.call(_moments_maths, x)
+    return _plane_sums.plane_moments(x, sample_mean(x, _spatial(x.dim())).flatten(1))
+
+
+def _sums(dy, x, dtype: torch.dtype):
+    """:func:`_sums_maths`, by :mod:`._plane_sums` for float32 channels_last inputs."""
+    if compiling() or dtype != torch.float32 or not _plane_sums.available(dy, x):
+        return CompiledMaths.call(_sums_maths, dy, x, dtype)
+    return _plane_sums.plane_sums(dy, x)
+
+
 def _affine_maths(x, scale, shift):
     ndim = x.dim()
     y = x.to(scale.dtype) * _plane(scale, ndim) + _plane(shift, ndim)
@@ -120,7 +139,7 @@ class _CompiledPlaneNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mixer: Mixer, *params):
-        mean, var = CompiledMaths.call(_moments_maths, x)
+        mean, var = _moments(x)
         with torch.enable_grad():
             leaves = [mean.detach().requires_grad_(), var.detach().requires_grad_()]
             inputs = [p.detach().requires_grad_() if _trainable(p) else p for p in params]
@@ -145,7 +164,7 @@ def _fused_backward(ctx, dy):
     """Two passes over the input (see the module docstring); the mixer by autograd."""
     x, mean, *_ = ctx.saved_tensors
     leaves, inputs, scale, shift = ctx.graph
-    dscale, dshift = CompiledMaths.call(_sums_maths, dy, x, scale.dtype)
+    dscale, dshift = _sums(dy, x, scale.dtype)
     wanted = leaves + [p for p in inputs if _trainable(p)]
     grads = torch.autograd.grad(
         (scale, shift), wanted, (dscale, dshift), allow_unused=True, materialize_grads=True

@@ -1,0 +1,104 @@
+"""The per-plane sums of channels_last float32 tensors (normkit.functional._plane_sums): against
+float64 sums on shapes that are and are not multiples of the 64-row blocks, 3-, 4- and 5-d, far
+from zero; which inputs take them; the family's gradients through them against the native engine;
+and the compiled reductions where no library can be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normkit as nk
+from helpers import assert_close, make_input
+from normkit.functional import _compiled, _plane_sums
+from normkit.functional._batch_norm_compiled import sample_mean
+
+pytestmark = pytest.mark.skipif(
+    _plane_sums._library() is None, reason="no C compiler with OpenMP to build the plane sums"
+)
+
+SHAPES = [(2, 3, 5, 7), (3, 5, 9, 17), (2, 1, 8, 8), (1, 64, 16, 16), (4, 6, 130), (2, 3, 2, 5, 7)]
+
+
+def _rows_layout(shape, dtype=torch.float32, seed=0, scale=2.0, shift=0.5):
+    """``make_input`` in the rows-of-channels layout for any rank (channels moved innermost)."""
+    x = make_input(shape, dtype, seed=seed, scale=scale, shift=shift)
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("offset", [0.5, 1000.0])
+def test_plane_moments_match_float64(shape, offset):
+    """Mean and biased variance per plane within float32's tolerance of float64 sums, also far
+    from zero (offset 1000, standard deviation 2: the shifted sums keep the variance)."""
+    x = _rows_layout(shape, shift=offset)
+    spatial = tuple(range(2, x.dim()))
+    mean, var = _plane_sums.plane_moments(x, sample_mean(x, spatial).flatten(1))
+    x64 = x.double()
+    assert_close(mean, x64.mean(spatial), torch.float32, "mean")
+    assert_close(var, x64.var(spatial, unbiased=False), torch.float32, "variance")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_plane_sums_match_float64(shape):
+    x, dy = _rows_layout(shape, seed=1), _rows_layout(shape, seed=2, scale=1.0, shift=0.0)
+    sum_gx, sum_g = _plane_sums.plane_sums(dy, x)
+    spatial = tuple(range(2, x.dim()))
+    assert_close(sum_gx, (dy.double() * x.double()).sum(spatial), torch.float32, "sum(dy * x)")
+    assert_close(sum_g, dy.double().sum(spatial), torch.float32, "sum(dy)")
+
+
+def test_only_float32_channels_last_inputs_of_one_layout_take_them():
+    x = _rows_layout((2, 3, 4, 5))
+    assert _plane_sums.available(x) and _plane_sums.available(x, x.clone())
+    assert not _plane_sums.available(x.contiguous())  # NCHW: Inductor's reductions are fast there
+    assert not _plane_sums.available(x.to(torch.bfloat16)) and not _plane_sums.available(x.double())
+    assert not _plane_sums.available(x, x.contiguous())  # dy in another layout
+    assert not _plane_sums.available(torch.zeros(4, 3))  # no positions
+
+
+@pytest.mark.parametrize("name", ["ghost", "batch_instance", "switchable"])
+def test_the_family_in_channels_last_through_the_plane_sums(name, monkeypatch):
+    """Float32 channels_last forward + backward of the compiled engine, whose two reductions go
+    through the plane sums, against the native engine: the same output and gradients."""
+    monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
+    used = []
+    for fn in ("plane_moments", "plane_sums"):
+        real = getattr(_plane_sums, fn)
+        monkeypatch.setattr(_plane_sums, fn, lambda *a, f=real, n=fn: used.append(n) or f(*a))
+    make = {"ghost": lambda: nk.GhostBatchNorm(8, virtual_batch_size=2),
+            "batch_instance": lambda: nk.BatchInstanceNorm(8),
+            "switchable": lambda: nk.SwitchableNorm(8)}[name]  # fmt: skip
+    x = make_input((4, 8, 9, 11), channels_last=True, seed=5)
+    dy = make_input((4, 8, 9, 11), channels_last=True, seed=6, scale=1.0, shift=0.0)
+    results = {}
+    for backend in ("native", "compiled"):
+        torch.manual_seed(0)
+        layer = make()
+        leaf = x.clone().requires_grad_()
+        with nk.backend(backend):
+            y = layer(leaf)
+            y.backward(dy)
+        results[backend] = [y, leaf.grad, *(p.grad for p in layer.parameters())]
+    assert used == ["plane_moments", "plane_sums"]
+    for index, (got, want) in enumerate(zip(results["compiled"], results["native"], strict=True)):
+        assert_close(got, want, torch.float32, f"{name}: output/gradient {index}")
+
+
+def test_without_the_library_the_compiled_reductions_run(monkeypatch):
+    monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
+    monkeypatch.setattr(_plane_sums, "_library", lambda: None)
+    calls = []
+    real = _compiled.CompiledMaths.call
+    monkeypatch.setattr(
+        _compiled.CompiledMaths, "call", lambda fn, *a: calls.append(fn.__name__) or real(fn, *a)
+    )
+    x = make_input((4, 8, 9, 11), channels_last=True).requires_grad_()
+    with nk.backend("compiled"):
+        nk.BatchInstanceNorm(8)(x).sum().backward()
+    assert {"_moments_maths", "_sums_maths"} <= set(calls)
+
+
+def test_no_compiler_no_library(monkeypatch):
+    monkeypatch.setattr(_plane_sums.shutil, "which", lambda name: None)
+    assert _plane_sums._library.__wrapped__() is None
