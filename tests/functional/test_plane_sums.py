@@ -55,6 +55,7 @@ def test_only_float32_channels_last_inputs_of_one_layout_take_them():
     assert not _plane_sums.available(x.to(torch.bfloat16)) and not _plane_sums.available(x.double())
     assert not _plane_sums.available(x, x.contiguous())  # dy in another layout
     assert not _plane_sums.available(torch.zeros(4, 3))  # no positions
+    assert not _plane_sums.available(_rows_layout((0, 3, 4, 5)))  # nothing to sum
 
 
 @pytest.mark.parametrize("name", ["ghost", "batch_instance", "switchable"])

@@ -14,8 +14,9 @@ channels), and accumulate in float32 over blocks of 64 rows, then in float64: pe
   sums, PERF.md §4: the variance loses only ``(mean - k)^2 / var`` to cancellation);
 - :func:`plane_sums`: ``sum(dy)`` and ``sum(dy * x)``.
 
-The C source below is built once per machine with the system's C compiler (``cc -O3
--march=native -fopenmp``, under a second) into the user's cache directory, and called through
+The C source below is built once per CPU type with the system's C compiler (``cc -O3
+-march=native -fopenmp``, under a second) into the user's cache directory (the file name hashes
+the source, the flags and the CPU's feature flags), and called through
 ctypes with torch's thread count; ctypes releases the GIL for the call. Where there is no compiler,
 the build fails or the input is not float32 channels_last, :func:`available` says False and the
 engine keeps Inductor's reductions, which give the same sums within float32 rounding.
@@ -27,6 +28,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -69,6 +71,16 @@ void plane_sums(const float* a, const float* b, const float* k, int64_t N, int64
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
+def _cpu() -> str:
+    """What the CPU can run (its flags), so that a library built with ``-march=native`` is never
+    loaded on another CPU sharing the same cache directory (a cluster's home directory)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "normkit"
@@ -80,7 +92,7 @@ def _library() -> ctypes.CDLL | None:
     compiler = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if compiler is None:
         return None
-    digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + compiler + _cpu()).encode()).hexdigest()[:16]
     try:
         folder = _cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -120,7 +132,7 @@ def available(*tensors: torch.Tensor) -> bool:
     strides, float32 channels_last) on this machine."""
     first = tensors[0]
     same = all(t.shape == first.shape and t.stride() == first.stride() for t in tensors)
-    return same and all(_rows(t) for t in tensors) and _library() is not None
+    return same and first.numel() > 0 and all(map(_rows, tensors)) and _library() is not None
 
 
 def _call(a: torch.Tensor, b: torch.Tensor, k: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
