@@ -14,7 +14,7 @@ import normkit as nk
 import normkit.functional as nkf
 from helpers import assert_close, make_input, randomize_parameters
 from normkit import reference as R
-from normkit.functional import _compiled
+from normkit.functional import _compiled, _plane_sums
 
 pytestmark = pytest.mark.skipif(
     not _compiled.compiler_available(), reason="torch.compile on the CPU needs a C++ compiler"
@@ -69,7 +69,29 @@ def test_compiled_batch_norm_matches_the_oracle(layout, compile_small):
     with nk.backend("compiled"):
         y = layer(_layout(x.float(), layout))
     assert_close(y, torch.tensor(expected), torch.float32, "eval")
-    assert "_forward_maths" in compile_small and "_backward_maths" in compile_small
+    if layout == "channels_last" and _plane_sums.available(leaf.detach()):
+        # float32 channels_last: the plane sums' reductions, the compiled elementwise passes
+        assert set(compile_small) == {"_normalize_maths", "_input_grad_maths"}
+    else:
+        assert "_forward_maths" in compile_small and "_backward_maths" in compile_small
+
+
+def test_channels_last_with_a_gradient_in_another_layout(compile_small):
+    """A channels_last float32 input whose incoming gradient is contiguous: the plane sums'
+    statistics in the forward, the compiled reductions in the backward; ATen's gradients."""
+    x = make_input(SHAPE, torch.float32, seed=6).contiguous(memory_format=torch.channels_last)
+    dy = make_input(SHAPE, torch.float32, seed=7, scale=1.0, shift=0.0)  # contiguous
+    grads = {}
+    for backend in ("native", "compiled"):
+        layer = nk.BatchNorm2d(4)
+        leaf = x.clone().requires_grad_()
+        with nk.backend(backend):
+            layer(leaf).backward(dy)
+        grads[backend] = (leaf.grad, layer.weight.grad, layer.bias.grad)
+    for got, want in zip(grads["compiled"], grads["native"], strict=True):
+        assert_close(got, want, torch.float32, "gradient")
+    if _plane_sums.available(x):
+        assert compile_small == ["_normalize_maths", "_backward_maths"]
 
 
 def test_compiled_gradients_and_second_derivatives_equal_atens(compile_small):

@@ -48,6 +48,24 @@ def test_plane_sums_match_float64(shape):
     assert_close(sum_g, dy.double().sum(spatial), torch.float32, "sum(dy)")
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("offset", [0.5, 1000.0])
+def test_channel_moments_and_sums_match_float64(shape, offset):
+    """BatchNorm's per-channel statistics and backward sums from the plane sums, added over the
+    samples in float64."""
+    x = _rows_layout(shape, seed=3, shift=offset)
+    dy = _rows_layout(shape, seed=4, scale=1.0, shift=0.0)
+    dims = (0, *range(2, x.dim()))
+    mean, var = _plane_sums.channel_moments(x, sample_mean(x, dims).reshape(-1))
+    x64 = x.double()
+    assert_close(mean, x64.mean(dims), torch.float32, "mean")
+    assert_close(var, x64.var(dims, unbiased=False), torch.float32, "variance")
+    sum_g, sum_gx = _plane_sums.channel_sums(dy, x, mean)
+    centred = x64 - mean.double().view(-1, *[1] * (x.dim() - 2))
+    assert_close(sum_g, dy.double().sum(dims), torch.float32, "sum(dy)")
+    assert_close(sum_gx, (dy.double() * centred).sum(dims), torch.float32, "sum(dy * (x - mean))")
+
+
 def test_only_float32_channels_last_inputs_of_one_layout_take_them():
     x = _rows_layout((2, 3, 4, 5))
     assert _plane_sums.available(x) and _plane_sums.available(x, x.clone())

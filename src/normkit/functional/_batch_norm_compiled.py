@@ -6,7 +6,8 @@ once more to normalize, and twice x and dy in backward: 9 passes, each slower th
 the statistics take one pass of shifted sums (:func:`shifted_moments`), then one normalize pass
 (read x, write y), one reduction pass (``sum(dy)``, ``sum(dy * x_hat)``: read x and dy) and one
 elementwise pass for dx (read x, dy, write dx): 8 passes, each a vectorized loop in the input's
-own layout, channels_last reductions by blocks of positions (:func:`row_block`); docs/benchmarks.md
+own layout, channels_last reductions by blocks of positions (:func:`row_block`), or for float32
+channels_last by :mod:`normkit.functional._plane_sums`' one pass over the rows; docs/benchmarks.md
 has the fraction of that bound each implementation reaches.
 
 Where compiling cannot pay or cannot work, the call runs ATen's kernels instead (the same results
@@ -28,11 +29,12 @@ from __future__ import annotations
 
 import torch
 
+from normkit.functional import _plane_sums
 from normkit.functional._batch_norm import batch_dims
 from normkit.functional._compiled import CompiledMaths, worth_compiling
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view
-from normkit.functional._running_stats import update_running_stats
+from normkit.functional._running_stats import compiling, update_running_stats
 
 MIN_ROW_BLOCK, MAX_ROW_BLOCK = 8, 128  # positions per block of a channels_last reduction
 
@@ -129,6 +131,31 @@ def _forward_maths(x, weight, bias, eps: float):
     return y.to(x.dtype), mean.reshape(-1), invstd.reshape(-1), var.reshape(-1)
 
 
+def _normalize_maths(x, weight, bias, mean, var, eps: float):
+    """The normalize pass given the batch statistics (C,): y = (x - mean) invstd w + b."""
+    ndim = x.dim()
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else invstd * weight
+    y = (x - channel_view(mean, ndim)) * channel_view(scale, ndim)
+    return (y if bias is None else y + channel_view(bias, ndim)), invstd
+
+
+def _input_grad_maths(dy, x, weight, mean, invstd, sum_g, sum_gx):
+    """The elementwise pass of the backward given the per-channel sums (Ioffe & Szegedy §3):
+    dx = w invstd (g - sum g / n - x_hat sum g x_hat / n)."""
+    ndim, n = x.dim(), x.numel() // x.shape[1]
+    scale = invstd if weight is None else invstd * weight
+    x_hat = (x - channel_view(mean, ndim)) * channel_view(invstd, ndim)
+    g = dy - channel_view(sum_g / n, ndim) - x_hat * channel_view(sum_gx / n, ndim)
+    return g * channel_view(scale, ndim)
+
+
+def _rows(*tensors: torch.Tensor) -> bool:
+    """Whether float32 channels_last inputs take :mod:`._plane_sums`' reductions (one pass over
+    the rows, where Inductor's channels_last reductions take 2-3× longer)."""
+    return not compiling() and _plane_sums.available(*tensors)
+
+
 def _backward_maths(dy, x, weight, mean, invstd):
     """One reduction pass (sum g, sum g * x_hat per channel; by blocks for channels_last) and one
     elementwise pass: dx = w invstd (g - sum g / n - x_hat sum g x_hat / n), Ioffe & Szegedy §3."""
@@ -161,7 +188,11 @@ class _CompiledBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        y, mean, invstd, var = CompiledMaths.call(_forward_maths, x, weight, bias, eps)
+        if _rows(x):
+            mean, var = _plane_sums.channel_moments(x, sample_mean(x, batch_dims(x.dim())).reshape(-1))
+            y, invstd = CompiledMaths.call(_normalize_maths, x, weight, bias, mean, var, eps)
+        else:
+            y, mean, invstd, var = CompiledMaths.call(_forward_maths, x, weight, bias, eps)
         if running_mean is not None and running_var is not None:
             n = x.numel() // x.shape[1]
             update_running_stats(running_mean, running_var, mean, var, n, momentum)
@@ -177,7 +208,12 @@ class _CompiledBatchNorm(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph: differentiate ATen's batch norm instead
             return _differentiable_backward(ctx, dy, x, weight, bias)
-        dx, sum_gx, sum_g = CompiledMaths.call(_backward_maths, dy, x, weight, mean, invstd)
+        if _rows(dy, x):
+            sum_g, sum_gx = _plane_sums.channel_sums(dy, x, mean)
+            sum_gx = sum_gx * invstd  # sum(dy * x_hat)
+            dx = CompiledMaths.call(_input_grad_maths, dy, x, weight, mean, invstd, sum_g, sum_gx)
+        else:
+            dx, sum_gx, sum_g = CompiledMaths.call(_backward_maths, dy, x, weight, mean, invstd)
         if dx.stride() != x.stride():
             dx = torch.empty_like(x).copy_(dx)
         dweight = sum_gx.to(weight.dtype) if weight is not None and needs[1] else None

@@ -1,5 +1,6 @@
 """Per-plane sums of a channels_last float32 tensor in one pass over its rows, for the ``compiled``
-engine of the per-plane family (:mod:`normkit.functional._instance_stats_compiled`).
+engines of the per-plane family (:mod:`normkit.functional._instance_stats_compiled`) and of
+BatchNorm (:mod:`normkit.functional._batch_norm_compiled`).
 
 A channels_last (N, C, *) tensor is N blocks of S rows of C contiguous channels. Its per-plane
 (n, c) reductions over the S positions are the family's whole cost beyond two copies, and
@@ -12,7 +13,10 @@ channels), and accumulate in float32 over blocks of 64 rows, then in float64: pe
 
 - :func:`plane_moments`: ``sum(x - k)`` and ``sum((x - k)^2)`` for a shift ``k[n, c]`` (shifted
   sums, PERF.md §4: the variance loses only ``(mean - k)^2 / var`` to cancellation);
-- :func:`plane_sums`: ``sum(dy)`` and ``sum(dy * x)``.
+- :func:`plane_sums`: ``sum(dy)`` and ``sum(dy * x)``;
+- :func:`channel_moments` and :func:`channel_sums`: the same added over the samples, for the
+  compiled batch norm (:mod:`normkit.functional._batch_norm_compiled`): BatchNorm's per-channel
+  moments and ``sum(dy)``, ``sum(dy * (x - mean))``.
 
 The C source below is built once per CPU type with the system's C compiler (``cc -O3
 -march=native -fopenmp``, under a second) into the user's cache directory (the file name hashes
@@ -39,17 +43,21 @@ import torch
 _SOURCE = r"""
 #include <stdint.h>
 #define ROWS 64
-/* out1[n,c] = sum_s (a[n,s,c] - k[n,c])                (k NULL: 0)
-   out2[n,c] = sum_s (a[n,s,c] - k[n,c]) * (b[n,s,c] - k[n,c])  (b = a for the moments)
+/* out1[n,c] = sum_s (a[n,s,c] - ka[n,c])
+   out2[n,c] = sum_s (a[n,s,c] - ka[n,c]) * (b[n,s,c] - kb[n,c])      (a NULL shift: 0)
    float32 over blocks of ROWS rows, float64 across blocks. */
-void plane_sums(const float* a, const float* b, const float* k, int64_t N, int64_t S, int64_t C,
-                double* out1, double* out2, int threads) {
+void plane_sums(const float* a, const float* b, const float* ka, const float* kb, int64_t N,
+                int64_t S, int64_t C, double* out1, double* out2, int threads) {
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N; n++) {
-    float acc1[C], acc2[C], shift[C];
+    float acc1[C], acc2[C], sa[C], sb[C];
     double* o1 = out1 + n * C;
     double* o2 = out2 + n * C;
-    for (int64_t c = 0; c < C; c++) { o1[c] = 0.0; o2[c] = 0.0; shift[c] = k ? k[n * C + c] : 0.0f; }
+    for (int64_t c = 0; c < C; c++) {
+      o1[c] = 0.0; o2[c] = 0.0;
+      sa[c] = ka ? ka[n * C + c] : 0.0f;
+      sb[c] = kb ? kb[n * C + c] : 0.0f;
+    }
     for (int64_t s0 = 0; s0 < S; s0 += ROWS) {
       int64_t end = s0 + ROWS < S ? s0 + ROWS : S;
       for (int64_t c = 0; c < C; c++) { acc1[c] = 0.0f; acc2[c] = 0.0f; }
@@ -58,9 +66,9 @@ void plane_sums(const float* a, const float* b, const float* k, int64_t N, int64
         const float* rb = b + (n * S + s) * C;
         #pragma omp simd
         for (int64_t c = 0; c < C; c++) {
-          float da = ra[c] - shift[c];
+          float da = ra[c] - sa[c];
           acc1[c] += da;
-          acc2[c] += da * (rb[c] - shift[c]);
+          acc2[c] += da * (rb[c] - sb[c]);
         }
       }
       for (int64_t c = 0; c < C; c++) { o1[c] += acc1[c]; o2[c] += acc2[c]; }
@@ -112,7 +120,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     library.plane_sums.restype = None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.plane_sums.argtypes = [pointer] * 3 + [size] * 3 + [pointer] * 2 + [ctypes.c_int]
+    library.plane_sums.argtypes = [pointer] * 4 + [size] * 3 + [pointer] * 2 + [ctypes.c_int]
     return library
 
 
@@ -135,14 +143,16 @@ def available(*tensors: torch.Tensor) -> bool:
     return same and first.numel() > 0 and all(map(_rows, tensors)) and _library() is not None
 
 
-def _call(a: torch.Tensor, b: torch.Tensor, k: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _call(a, b, ka=None, kb=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per plane, float64 (N, C): sum(a - ka) and sum((a - ka) * (b - kb)), shifts (N, C) or None."""
     n, c = a.shape[:2]
     positions = a.numel() // (n * c)
     out1 = torch.empty(n, c, dtype=torch.float64)
     out2 = torch.empty(n, c, dtype=torch.float64)
+    shifts = [None if k is None else k.to(torch.float32).expand(n, c).contiguous() for k in (ka, kb)]
     _library().plane_sums(
-        a.data_ptr(), b.data_ptr(), None if k is None else k.data_ptr(), n, positions, c,
-        out1.data_ptr(), out2.data_ptr(), torch.get_num_threads(),
+        a.data_ptr(), b.data_ptr(), *(None if k is None else k.data_ptr() for k in shifts),
+        n, positions, c, out1.data_ptr(), out2.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out1, out2
 
@@ -150,14 +160,28 @@ def _call(a: torch.Tensor, b: torch.Tensor, k: torch.Tensor | None) -> tuple[tor
 def plane_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance of every (n, c) plane of ``x``, (N, C) float32, from sums shifted
     by ``shift`` (N, C), e.g. a sampled mean of each plane."""
-    k = shift.to(torch.float32).contiguous()
-    s1, s2 = _call(x, x, k)
+    s1, s2 = _call(x, x, shift, shift)
     size = x.numel() // (x.shape[0] * x.shape[1])
-    mean = k.double() + s1 / size
+    mean = shift.double() + s1 / size
     return mean.float(), ((s2 - s1 * s1 / size) / size).clamp_min(0.0).float()
 
 
 def plane_sums(dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per plane ``sum(dy * x)`` and ``sum(dy)``, (N, C) float32 each."""
-    sum_g, sum_gx = _call(dy, x, None)
+    sum_g, sum_gx = _call(dy, x)
     return sum_gx.float(), sum_g.float()
+
+
+def channel_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of every channel of ``x`` over all its other dims, (C,) float32:
+    the planes' sums shifted by one ``shift`` (C,) per channel, added over the samples in float64."""
+    s1, s2 = (s.sum(0) for s in _call(x, x, shift, shift))
+    count = x.numel() // x.shape[1]
+    mean = shift.double() + s1 / count
+    return mean.float(), ((s2 - s1 * s1 / count) / count).clamp_min(0.0).float()
+
+
+def channel_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel ``sum(dy)`` and ``sum(dy * (x - mean))``, (C,) float32 each."""
+    sum_g, sum_gx = (s.sum(0) for s in _call(dy, x, None, mean))
+    return sum_g.float(), sum_gx.float()
