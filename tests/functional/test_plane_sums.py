@@ -104,6 +104,34 @@ def test_the_family_in_channels_last_through_the_plane_sums(name, monkeypatch):
         assert_close(got, want, torch.float32, f"{name}: output/gradient {index}")
 
 
+@pytest.mark.parametrize("layer", ["batch", "batch_layer"])
+def test_batch_norm_and_batch_layer_norm_in_channels_last_through_the_plane_sums(layer, monkeypatch):
+    """BatchNorm2d (statistics and backward sums) and Batch-Layer Norm (its batch statistics) of
+    the compiled engine on float32 channels_last, against the native engine: output, gradients and
+    running statistics."""
+    monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
+    used = []
+    for fn in ("channel_moments", "channel_sums"):
+        real = getattr(_plane_sums, fn)
+        monkeypatch.setattr(_plane_sums, fn, lambda *a, f=real, n=fn: used.append(n) or f(*a))
+    make = {"batch": lambda: nk.BatchNorm2d(8), "batch_layer": lambda: nk.BatchLayerNorm(8)}[layer]
+    x = make_input((4, 8, 9, 11), channels_last=True, seed=8)
+    dy = make_input((4, 8, 9, 11), channels_last=True, seed=9, scale=1.0, shift=0.0)
+    results = {}
+    for backend in ("native", "compiled"):
+        torch.manual_seed(0)
+        module = make()
+        leaf = x.clone().requires_grad_()
+        with nk.backend(backend):
+            y = module(leaf)
+            y.backward(dy)
+        results[backend] = [y, leaf.grad, module.running_mean, module.running_var,
+                            *(p.grad for p in module.parameters())]  # fmt: skip
+    assert used == (["channel_moments", "channel_sums"] if layer == "batch" else ["channel_moments"])
+    for index, (got, want) in enumerate(zip(results["compiled"], results["native"], strict=True)):
+        assert_close(got, want, torch.float32, f"{layer}: output/gradient/statistic {index}")
+
+
 def test_without_the_library_the_compiled_reductions_run(monkeypatch):
     monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
     monkeypatch.setattr(_plane_sums, "_library", lambda: None)

@@ -24,10 +24,15 @@ import math
 import torch
 
 from normkit.errors import ConfigError
-from normkit.functional import _dispatch
+from normkit.functional import _dispatch, _plane_sums
 from normkit.functional._batch_instance_norm import mix_with_batch_statistics
 from normkit.functional._batch_norm import batch_dims
-from normkit.functional._batch_norm_compiled import channel_moments, channel_sum, shifted_moments
+from normkit.functional._batch_norm_compiled import (
+    channel_moments,
+    channel_sum,
+    sample_mean,
+    shifted_moments,
+)
 from normkit.functional._checks import (
     check_eps,
     check_floating,
@@ -44,6 +49,7 @@ from normkit.functional._normalize import (
     normalize,
     normalize_over,
 )
+from normkit.functional._running_stats import compiling
 
 # The offsets of the official code: the weights are 1/m - 1e-4 and 1 - (1/m + 1e-4).
 WEIGHT_OFFSET = 1e-4
@@ -216,7 +222,9 @@ def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _compiled_forward_maths(x, w_b, b, w_f, running_mean, running_var, eps: float):
     """y = w_b·x̂_B + w_f·x̂_F + b in the input's layout; BN's (mean, biased var) and LN's
-    (mean, 1/σ) per position, all in the statistics dtype."""
+    (mean, 1/σ) per position, all in the statistics dtype. BN's statistics are the given ones
+    (the running statistics in evaluation; in float32 channels_last training, the batch's from
+    :mod:`._plane_sums`), else the batch's, computed here."""
     ndim = x.dim()
     xs = x.to(stats_dtype(x.dtype))
     # one pass of shifted sums per statistic, where var_mean's Welford update divides per element
@@ -268,15 +276,18 @@ class _CompiledBatchLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_b, b, w_f, running_mean, running_var, eps):
+        training, stats = running_mean is None, (running_mean, running_var)
+        if training and not compiling() and _plane_sums.available(x):  # float32 channels_last
+            stats = _plane_sums.channel_moments(x, sample_mean(x, batch_dims(x.dim())).reshape(-1))
         y, mean, var, mean_f, invstd_f = CompiledMaths.call(
-            _compiled_forward_maths, x, w_b, b, w_f, running_mean, running_var, eps
+            _compiled_forward_maths, x, w_b, b, w_f, *stats, eps
         )
-        if running_mean is not None:
+        if not training:
             mean, var = running_mean, running_var
         if y.stride() != x.stride():
             y = torch.empty_like(x).copy_(y)
         ctx.save_for_backward(x, w_b, w_f, mean, var, mean_f, invstd_f)
-        ctx.eps, ctx.training = eps, running_mean is None
+        ctx.eps, ctx.training = eps, training
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
