@@ -66,6 +66,18 @@ def test_channel_moments_and_sums_match_float64(shape, offset):
     assert_close(sum_gx, (dy.double() * centred).sum(dims), torch.float32, "sum(dy * (x - mean))")
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_position_weighted_sums_match_float64(shape):
+    """Batch-Layer's Σ dy·x̂_F: per channel, with a shift and a scale per position."""
+    x, dy = _rows_layout(shape, seed=5), _rows_layout(shape, seed=6, scale=1.0, shift=0.0)
+    shift = x.mean(1, keepdim=True)
+    scale = torch.rsqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5)
+    got = _plane_sums.position_weighted_channel_sums(dy, x, shift, scale)
+    dims = (0, *range(2, x.dim()))
+    want = (dy.double() * (x.double() - shift.double()) * scale.double()).sum(dims)
+    assert_close(got, want, torch.float32, "sum(dy * (x - m) * r)")
+
+
 def test_only_float32_channels_last_inputs_of_one_layout_take_them():
     x = _rows_layout((2, 3, 4, 5))
     assert _plane_sums.available(x) and _plane_sums.available(x, x.clone())
@@ -106,9 +118,9 @@ def test_the_family_in_channels_last_through_the_plane_sums(name, monkeypatch):
 
 @pytest.mark.parametrize("layer", ["batch", "batch_layer"])
 def test_batch_norm_and_batch_layer_norm_in_channels_last_through_the_plane_sums(layer, monkeypatch):
-    """BatchNorm2d (statistics and backward sums) and Batch-Layer Norm (its batch statistics) of
-    the compiled engine on float32 channels_last, against the native engine: output, gradients and
-    running statistics."""
+    """BatchNorm2d and Batch-Layer Norm of the compiled engine on float32 channels_last, their
+    statistics and backward sums from the plane sums, against the native engine: output,
+    gradients and running statistics."""
     monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
     used = []
     for fn in ("channel_moments", "channel_sums"):
@@ -127,7 +139,7 @@ def test_batch_norm_and_batch_layer_norm_in_channels_last_through_the_plane_sums
             y.backward(dy)
         results[backend] = [y, leaf.grad, module.running_mean, module.running_var,
                             *(p.grad for p in module.parameters())]  # fmt: skip
-    assert used == (["channel_moments", "channel_sums"] if layer == "batch" else ["channel_moments"])
+    assert used == ["channel_moments", "channel_sums"]
     for index, (got, want) in enumerate(zip(results["compiled"], results["native"], strict=True)):
         assert_close(got, want, torch.float32, f"{layer}: output/gradient/statistic {index}")
 

@@ -242,12 +242,29 @@ def _compiled_forward_maths(x, w_b, b, w_f, running_mean, running_var, eps: floa
     return y.to(x.dtype), mean.reshape(-1), var.reshape(-1), mean_f, invstd_f
 
 
+def _input_grad(g, xs, w_b, w_f, mean, var, mean_f, invstd_f, sum_g, sum_gx_b, eps, training):
+    """dx given the per-channel sums Σ dy and Σ dy·x̂_B (shaped like x's channels): each part's
+    normalization backward (Ioffe & Szegedy §3 over the batch for x̂_B; the same over the
+    channels for x̂_F, whose statistics always depend on x), summed."""
+    ndim = xs.dim()
+    invstd = torch.rsqrt(channel_view(var, ndim) + eps)
+    x_b = (xs - channel_view(mean, ndim)) * invstd
+    x_f = (xs - mean_f) * invstd_f
+    scale = invstd * channel_view(w_b, ndim)
+    if training:
+        n = xs.numel() // xs.shape[1]
+        dx = scale * (g - sum_g / n - x_b * (sum_gx_b / n))
+    else:  # the running statistics are constants
+        dx = scale * g
+    g_f = g * channel_view(w_f, ndim)
+    return dx + invstd_f * (g_f - g_f.mean(1, keepdim=True) - x_f * (g_f * x_f).mean(1, keepdim=True))
+
+
 def _compiled_backward_maths(
     dy, x, w_b, w_f, mean, var, mean_f, invstd_f, eps: float, training: bool
 ):
-    """Each part's normalization backward (Ioffe & Szegedy §3 over the batch for x̂_B; the same
-    over the channels for x̂_F, whose statistics always depend on x), summed; and the per-channel
-    sums Σ dy·x̂_B, Σ dy, Σ dy·x̂_F that are the gradients of w_b, b and w_f."""
+    """dx (:func:`_input_grad`) and the per-channel sums Σ dy·x̂_B, Σ dy, Σ dy·x̂_F that are the
+    gradients of w_b, b and w_f."""
     ndim = x.dim()
     dtype = stats_dtype(x.dtype)
     xs, g = x.to(dtype), dy.to(dtype)
@@ -257,15 +274,22 @@ def _compiled_backward_maths(
     sum_g = channel_view(channel_sum(g), ndim)  # by blocks of positions for channels_last
     sum_gx_b = channel_view(channel_sum(g * x_b), ndim)
     sum_gx_f = channel_view(channel_sum(g * x_f), ndim)
-    scale = invstd * channel_view(w_b, ndim)
-    if training:
-        n = x.numel() // x.shape[1]
-        dx = scale * (g - sum_g / n - x_b * (sum_gx_b / n))
-    else:  # the running statistics are constants
-        dx = scale * g
-    g_f = g * channel_view(w_f, ndim)
-    dx = dx + invstd_f * (g_f - g_f.mean(1, keepdim=True) - x_f * (g_f * x_f).mean(1, keepdim=True))
+    dx = _input_grad(g, xs, w_b, w_f, mean, var, mean_f, invstd_f, sum_g, sum_gx_b, eps, training)
     return dx.to(x.dtype), sum_gx_b.reshape(-1), sum_g.reshape(-1), sum_gx_f.reshape(-1)
+
+
+def _compiled_input_grad_maths(dy, x, w_b, w_f, mean, var, mean_f, invstd_f, sum_g, sum_gx_b, eps: float):
+    """:func:`_input_grad` in training, given the sums (float32 channels_last: the plane sums')."""
+    ndim = x.dim()
+    sums = channel_view(sum_g, ndim), channel_view(sum_gx_b, ndim)
+    return _input_grad(dy, x, w_b, w_f, mean, var, mean_f, invstd_f, *sums, eps, True)
+
+
+def _plane_sums_backward(dy, x, mean, var, mean_f, invstd_f, eps: float):
+    """Σ dy·x̂_B, Σ dy and Σ dy·x̂_F per channel from :mod:`._plane_sums` (float32 channels_last)."""
+    sum_g, sum_gxm = _plane_sums.channel_sums(dy, x, mean)
+    sum_gx_b = sum_gxm * torch.rsqrt(var + eps)
+    return sum_gx_b, sum_g, _plane_sums.position_weighted_channel_sums(dy, x, mean_f, invstd_f)
 
 
 class _CompiledBatchLayerNorm(torch.autograd.Function):
@@ -297,10 +321,17 @@ class _CompiledBatchLayerNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: double backward
             grads = _differentiable_backward(dy, x, w_b, w_f, mean, var, ctx)
             return (*grads, None, None, None)
-        dx, dw_b, db, dw_f = CompiledMaths.call(
-            _compiled_backward_maths, dy, x, w_b, w_f, mean, var, mean_f, invstd_f, ctx.eps,
-            ctx.training,
-        )  # fmt: skip
+        if ctx.training and not compiling() and _plane_sums.available(dy, x):
+            dw_b, db, dw_f = _plane_sums_backward(dy, x, mean, var, mean_f, invstd_f, ctx.eps)
+            dx = CompiledMaths.call(
+                _compiled_input_grad_maths, dy, x, w_b, w_f, mean, var, mean_f, invstd_f, db, dw_b,
+                ctx.eps,
+            )  # fmt: skip
+        else:
+            dx, dw_b, db, dw_f = CompiledMaths.call(
+                _compiled_backward_maths, dy, x, w_b, w_f, mean, var, mean_f, invstd_f, ctx.eps,
+                ctx.training,
+            )  # fmt: skip
         if dx.stride() != x.stride():
             dx = torch.empty_like(x).copy_(dx)
         needs = ctx.needs_input_grad

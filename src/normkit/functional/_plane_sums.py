@@ -16,7 +16,9 @@ channels), and accumulate in float32 over blocks of 64 rows, then in float64: pe
 - :func:`plane_sums`: ``sum(dy)`` and ``sum(dy * x)``;
 - :func:`channel_moments` and :func:`channel_sums`: the same added over the samples, for the
   compiled batch norm (:mod:`normkit.functional._batch_norm_compiled`): BatchNorm's per-channel
-  moments and ``sum(dy)``, ``sum(dy * (x - mean))``.
+  moments and ``sum(dy)``, ``sum(dy * (x - mean))``;
+- :func:`position_weighted_channel_sums`: ``sum(dy * (x - m) * r)`` per channel with ``m``, ``r``
+  one value per position, Batch-Layer's ``sum(dy * x̂_F)``.
 
 The C source below is built once per CPU type with the system's C compiler (``cc -O3
 -march=native -fopenmp``, under a second) into the user's cache directory (the file name hashes
@@ -75,6 +77,29 @@ void plane_sums(const float* a, const float* b, const float* ka, const float* kb
     }
   }
 }
+
+/* out[n,c] = sum_s a[n,s,c] * (b[n,s,c] - m[n,s]) * r[n,s]: a sum weighted per position. */
+void position_weighted_sums(const float* a, const float* b, const float* m, const float* r,
+                            int64_t N, int64_t S, int64_t C, double* out, int threads) {
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n = 0; n < N; n++) {
+    float acc[C];
+    double* o = out + n * C;
+    for (int64_t c = 0; c < C; c++) o[c] = 0.0;
+    for (int64_t s0 = 0; s0 < S; s0 += ROWS) {
+      int64_t end = s0 + ROWS < S ? s0 + ROWS : S;
+      for (int64_t c = 0; c < C; c++) acc[c] = 0.0f;
+      for (int64_t s = s0; s < end; s++) {
+        const float* ra = a + (n * S + s) * C;
+        const float* rb = b + (n * S + s) * C;
+        const float shift = m[n * S + s], scale = r[n * S + s];
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) acc[c] += ra[c] * ((rb[c] - shift) * scale);
+      }
+      for (int64_t c = 0; c < C; c++) o[c] += acc[c];
+    }
+  }
+}
 """
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
@@ -121,6 +146,8 @@ def _library() -> ctypes.CDLL | None:
     library.plane_sums.restype = None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.plane_sums.argtypes = [pointer] * 4 + [size] * 3 + [pointer] * 2 + [ctypes.c_int]
+    library.position_weighted_sums.restype = None
+    library.position_weighted_sums.argtypes = [pointer] * 4 + [size] * 3 + [pointer, ctypes.c_int]
     return library
 
 
@@ -185,3 +212,20 @@ def channel_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple
     """Per channel ``sum(dy)`` and ``sum(dy * (x - mean))``, (C,) float32 each."""
     sum_g, sum_gx = (s.sum(0) for s in _call(dy, x, None, mean))
     return sum_g.float(), sum_gx.float()
+
+
+def position_weighted_channel_sums(
+    dy: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Per channel ``sum(dy * (x - shift) * scale)``, (C,) float32, where ``shift`` and ``scale``
+    hold one value per position (N, 1, *): Batch-Layer's ``sum(dy * x̂_F)``, its per-position
+    normalization over the channels."""
+    n, c = x.shape[:2]
+    positions = x.numel() // (n * c)
+    m, r = (t.to(torch.float32).reshape(n, positions).contiguous() for t in (shift, scale))
+    out = torch.empty(n, c, dtype=torch.float64)
+    _library().position_weighted_sums(
+        dy.data_ptr(), x.data_ptr(), m.data_ptr(), r.data_ptr(), n, positions, c, out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out.sum(0).float()
