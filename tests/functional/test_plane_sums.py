@@ -66,18 +66,6 @@ def test_channel_moments_and_sums_match_float64(shape, offset):
     assert_close(sum_gx, (dy.double() * centred).sum(dims), torch.float32, "sum(dy * (x - mean))")
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_position_weighted_sums_match_float64(shape):
-    """Batch-Layer's Σ dy·x̂_F: per channel, with a shift and a scale per position."""
-    x, dy = _rows_layout(shape, seed=5), _rows_layout(shape, seed=6, scale=1.0, shift=0.0)
-    shift = x.mean(1, keepdim=True)
-    scale = torch.rsqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5)
-    got = _plane_sums.position_weighted_channel_sums(dy, x, shift, scale)
-    dims = (0, *range(2, x.dim()))
-    want = (dy.double() * (x.double() - shift.double()) * scale.double()).sum(dims)
-    assert_close(got, want, torch.float32, "sum(dy * (x - m) * r)")
-
-
 def test_only_float32_channels_last_inputs_of_one_layout_take_them():
     x = _rows_layout((2, 3, 4, 5))
     assert _plane_sums.available(x) and _plane_sums.available(x, x.clone())
@@ -88,18 +76,24 @@ def test_only_float32_channels_last_inputs_of_one_layout_take_them():
     assert not _plane_sums.available(_rows_layout((0, 3, 4, 5)))  # nothing to sum
 
 
-@pytest.mark.parametrize("name", ["ghost", "batch_instance", "switchable"])
-def test_the_family_in_channels_last_through_the_plane_sums(name, monkeypatch):
-    """Float32 channels_last forward + backward of the compiled engine, whose two reductions go
-    through the plane sums, against the native engine: the same output and gradients."""
+LAYERS = {  # layer: (constructor, the plane-sums functions its compiled engine calls, in order)
+    "ghost": (lambda: nk.GhostBatchNorm(8, virtual_batch_size=2), ["plane_moments", "plane_sums"]),
+    "batch_instance": (lambda: nk.BatchInstanceNorm(8), ["plane_moments", "plane_sums"]),
+    "switchable": (lambda: nk.SwitchableNorm(8), ["plane_moments", "plane_sums"]),
+    "batch": (lambda: nk.BatchNorm2d(8), ["channel_moments", "channel_sums"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layers_in_channels_last_through_the_plane_sums(name, monkeypatch):
+    """Float32 channels_last forward + backward of the compiled engine, its reductions from the
+    plane sums, against the native engine: output, every gradient and the running statistics."""
+    make, expected = LAYERS[name]
     monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
     used = []
-    for fn in ("plane_moments", "plane_sums"):
+    for fn in {*expected, "plane_moments", "plane_sums", "channel_moments", "channel_sums"}:
         real = getattr(_plane_sums, fn)
         monkeypatch.setattr(_plane_sums, fn, lambda *a, f=real, n=fn: used.append(n) or f(*a))
-    make = {"ghost": lambda: nk.GhostBatchNorm(8, virtual_batch_size=2),
-            "batch_instance": lambda: nk.BatchInstanceNorm(8),
-            "switchable": lambda: nk.SwitchableNorm(8)}[name]  # fmt: skip
     x = make_input((4, 8, 9, 11), channels_last=True, seed=5)
     dy = make_input((4, 8, 9, 11), channels_last=True, seed=6, scale=1.0, shift=0.0)
     results = {}
@@ -110,38 +104,10 @@ def test_the_family_in_channels_last_through_the_plane_sums(name, monkeypatch):
         with nk.backend(backend):
             y = layer(leaf)
             y.backward(dy)
-        results[backend] = [y, leaf.grad, *(p.grad for p in layer.parameters())]
-    assert used == ["plane_moments", "plane_sums"]
+        results[backend] = [y, leaf.grad, *(p.grad for p in layer.parameters()), *layer.buffers()]
+    assert used == expected
     for index, (got, want) in enumerate(zip(results["compiled"], results["native"], strict=True)):
-        assert_close(got, want, torch.float32, f"{name}: output/gradient {index}")
-
-
-@pytest.mark.parametrize("layer", ["batch", "batch_layer"])
-def test_batch_norm_and_batch_layer_norm_in_channels_last_through_the_plane_sums(layer, monkeypatch):
-    """BatchNorm2d and Batch-Layer Norm of the compiled engine on float32 channels_last, their
-    statistics and backward sums from the plane sums, against the native engine: output,
-    gradients and running statistics."""
-    monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
-    used = []
-    for fn in ("channel_moments", "channel_sums"):
-        real = getattr(_plane_sums, fn)
-        monkeypatch.setattr(_plane_sums, fn, lambda *a, f=real, n=fn: used.append(n) or f(*a))
-    make = {"batch": lambda: nk.BatchNorm2d(8), "batch_layer": lambda: nk.BatchLayerNorm(8)}[layer]
-    x = make_input((4, 8, 9, 11), channels_last=True, seed=8)
-    dy = make_input((4, 8, 9, 11), channels_last=True, seed=9, scale=1.0, shift=0.0)
-    results = {}
-    for backend in ("native", "compiled"):
-        torch.manual_seed(0)
-        module = make()
-        leaf = x.clone().requires_grad_()
-        with nk.backend(backend):
-            y = module(leaf)
-            y.backward(dy)
-        results[backend] = [y, leaf.grad, module.running_mean, module.running_var,
-                            *(p.grad for p in module.parameters())]  # fmt: skip
-    assert used == ["channel_moments", "channel_sums"]
-    for index, (got, want) in enumerate(zip(results["compiled"], results["native"], strict=True)):
-        assert_close(got, want, torch.float32, f"{layer}: output/gradient/statistic {index}")
+        assert_close(got, want, torch.float32, f"{name}: output/gradient/buffer {index}")
 
 
 def test_without_the_library_the_compiled_reductions_run(monkeypatch):
@@ -153,9 +119,11 @@ def test_without_the_library_the_compiled_reductions_run(monkeypatch):
         _compiled.CompiledMaths, "call", lambda fn, *a: calls.append(fn.__name__) or real(fn, *a)
     )
     x = make_input((4, 8, 9, 11), channels_last=True).requires_grad_()
+    dy = make_input((4, 8, 9, 11), channels_last=True, seed=1)  # the layout the plane sums take
     with nk.backend("compiled"):
-        nk.BatchInstanceNorm(8)(x).sum().backward()
-    assert {"_moments_maths", "_sums_maths"} <= set(calls)
+        nk.BatchInstanceNorm(8)(x).backward(dy)
+        nk.BatchNorm2d(8)(x).backward(dy)
+    assert {"_moments_maths", "_sums_maths", "_forward_maths", "_backward_maths"} <= set(calls)
 
 
 def test_no_compiler_no_library(monkeypatch):

@@ -24,15 +24,10 @@ import math
 import torch
 
 from normkit.errors import ConfigError
-from normkit.functional import _dispatch, _plane_sums
+from normkit.functional import _dispatch
 from normkit.functional._batch_instance_norm import mix_with_batch_statistics
 from normkit.functional._batch_norm import batch_dims
-from normkit.functional._batch_norm_compiled import (
-    channel_moments,
-    channel_sum,
-    sample_mean,
-    shifted_moments,
-)
+from normkit.functional._batch_norm_compiled import channel_moments, channel_sum, shifted_moments
 from normkit.functional._checks import (
     check_eps,
     check_floating,
@@ -49,7 +44,6 @@ from normkit.functional._normalize import (
     normalize,
     normalize_over,
 )
-from normkit.functional._running_stats import compiling
 
 # The offsets of the official code: the weights are 1/m - 1e-4 and 1 - (1/m + 1e-4).
 WEIGHT_OFFSET = 1e-4
@@ -222,9 +216,7 @@ def _like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _compiled_forward_maths(x, w_b, b, w_f, running_mean, running_var, eps: float):
     """y = w_b·x̂_B + w_f·x̂_F + b in the input's layout; BN's (mean, biased var) and LN's
-    (mean, 1/σ) per position, all in the statistics dtype. BN's statistics are the given ones
-    (the running statistics in evaluation; in float32 channels_last training, the batch's from
-    :mod:`._plane_sums`), else the batch's, computed here."""
+    (mean, 1/σ) per position, all in the statistics dtype."""
     ndim = x.dim()
     xs = x.to(stats_dtype(x.dtype))
     # one pass of shifted sums per statistic, where var_mean's Welford update divides per element
@@ -242,29 +234,12 @@ def _compiled_forward_maths(x, w_b, b, w_f, running_mean, running_var, eps: floa
     return y.to(x.dtype), mean.reshape(-1), var.reshape(-1), mean_f, invstd_f
 
 
-def _input_grad(g, xs, w_b, w_f, mean, var, mean_f, invstd_f, sum_g, sum_gx_b, eps, training):
-    """dx given the per-channel sums Σ dy and Σ dy·x̂_B (shaped like x's channels): each part's
-    normalization backward (Ioffe & Szegedy §3 over the batch for x̂_B; the same over the
-    channels for x̂_F, whose statistics always depend on x), summed."""
-    ndim = xs.dim()
-    invstd = torch.rsqrt(channel_view(var, ndim) + eps)
-    x_b = (xs - channel_view(mean, ndim)) * invstd
-    x_f = (xs - mean_f) * invstd_f
-    scale = invstd * channel_view(w_b, ndim)
-    if training:
-        n = xs.numel() // xs.shape[1]
-        dx = scale * (g - sum_g / n - x_b * (sum_gx_b / n))
-    else:  # the running statistics are constants
-        dx = scale * g
-    g_f = g * channel_view(w_f, ndim)
-    return dx + invstd_f * (g_f - g_f.mean(1, keepdim=True) - x_f * (g_f * x_f).mean(1, keepdim=True))
-
-
 def _compiled_backward_maths(
     dy, x, w_b, w_f, mean, var, mean_f, invstd_f, eps: float, training: bool
 ):
-    """dx (:func:`_input_grad`) and the per-channel sums Σ dy·x̂_B, Σ dy, Σ dy·x̂_F that are the
-    gradients of w_b, b and w_f."""
+    """Each part's normalization backward (Ioffe & Szegedy §3 over the batch for x̂_B; the same
+    over the channels for x̂_F, whose statistics always depend on x), summed; and the per-channel
+    sums Σ dy·x̂_B, Σ dy, Σ dy·x̂_F that are the gradients of w_b, b and w_f."""
     ndim = x.dim()
     dtype = stats_dtype(x.dtype)
     xs, g = x.to(dtype), dy.to(dtype)
@@ -274,22 +249,15 @@ def _compiled_backward_maths(
     sum_g = channel_view(channel_sum(g), ndim)  # by blocks of positions for channels_last
     sum_gx_b = channel_view(channel_sum(g * x_b), ndim)
     sum_gx_f = channel_view(channel_sum(g * x_f), ndim)
-    dx = _input_grad(g, xs, w_b, w_f, mean, var, mean_f, invstd_f, sum_g, sum_gx_b, eps, training)
+    scale = invstd * channel_view(w_b, ndim)
+    if training:
+        n = x.numel() // x.shape[1]
+        dx = scale * (g - sum_g / n - x_b * (sum_gx_b / n))
+    else:  # the running statistics are constants
+        dx = scale * g
+    g_f = g * channel_view(w_f, ndim)
+    dx = dx + invstd_f * (g_f - g_f.mean(1, keepdim=True) - x_f * (g_f * x_f).mean(1, keepdim=True))
     return dx.to(x.dtype), sum_gx_b.reshape(-1), sum_g.reshape(-1), sum_gx_f.reshape(-1)
-
-
-def _compiled_input_grad_maths(dy, x, w_b, w_f, mean, var, mean_f, invstd_f, sum_g, sum_gx_b, eps: float):
-    """:func:`_input_grad` in training, given the sums (float32 channels_last: the plane sums')."""
-    ndim = x.dim()
-    sums = channel_view(sum_g, ndim), channel_view(sum_gx_b, ndim)
-    return _input_grad(dy, x, w_b, w_f, mean, var, mean_f, invstd_f, *sums, eps, True)
-
-
-def _plane_sums_backward(dy, x, mean, var, mean_f, invstd_f, eps: float):
-    """Σ dy·x̂_B, Σ dy and Σ dy·x̂_F per channel from :mod:`._plane_sums` (float32 channels_last)."""
-    sum_g, sum_gxm = _plane_sums.channel_sums(dy, x, mean)
-    sum_gx_b = sum_gxm * torch.rsqrt(var + eps)
-    return sum_gx_b, sum_g, _plane_sums.position_weighted_channel_sums(dy, x, mean_f, invstd_f)
 
 
 class _CompiledBatchLayerNorm(torch.autograd.Function):
@@ -300,18 +268,15 @@ class _CompiledBatchLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_b, b, w_f, running_mean, running_var, eps):
-        training, stats = running_mean is None, (running_mean, running_var)
-        if training and not compiling() and _plane_sums.available(x):  # float32 channels_last
-            stats = _plane_sums.channel_moments(x, sample_mean(x, batch_dims(x.dim())).reshape(-1))
         y, mean, var, mean_f, invstd_f = CompiledMaths.call(
-            _compiled_forward_maths, x, w_b, b, w_f, *stats, eps
+            _compiled_forward_maths, x, w_b, b, w_f, running_mean, running_var, eps
         )
-        if not training:
+        if running_mean is not None:
             mean, var = running_mean, running_var
         if y.stride() != x.stride():
             y = torch.empty_like(x).copy_(y)
         ctx.save_for_backward(x, w_b, w_f, mean, var, mean_f, invstd_f)
-        ctx.eps, ctx.training = eps, training
+        ctx.eps, ctx.training = eps, running_mean is None
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -321,17 +286,10 @@ class _CompiledBatchLayerNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: double backward
             grads = _differentiable_backward(dy, x, w_b, w_f, mean, var, ctx)
             return (*grads, None, None, None)
-        if ctx.training and not compiling() and _plane_sums.available(dy, x):
-            dw_b, db, dw_f = _plane_sums_backward(dy, x, mean, var, mean_f, invstd_f, ctx.eps)
-            dx = CompiledMaths.call(
-                _compiled_input_grad_maths, dy, x, w_b, w_f, mean, var, mean_f, invstd_f, db, dw_b,
-                ctx.eps,
-            )  # fmt: skip
-        else:
-            dx, dw_b, db, dw_f = CompiledMaths.call(
-                _compiled_backward_maths, dy, x, w_b, w_f, mean, var, mean_f, invstd_f, ctx.eps,
-                ctx.training,
-            )  # fmt: skip
+        dx, dw_b, db, dw_f = CompiledMaths.call(
+            _compiled_backward_maths, dy, x, w_b, w_f, mean, var, mean_f, invstd_f, ctx.eps,
+            ctx.training,
+        )  # fmt: skip
         if dx.stride() != x.stride():
             dx = torch.empty_like(x).copy_(dx)
         needs = ctx.needs_input_grad

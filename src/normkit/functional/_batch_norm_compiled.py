@@ -119,16 +119,16 @@ def channel_sum(t: torch.Tensor) -> torch.Tensor:
 
 def _forward_maths(x, weight, bias, eps: float):
     """Batch statistics in one pass of shifted sums (float32 for half inputs), then the normalize
-    pass."""
-    ndim, dtype = x.dim(), stats_dtype(x.dtype)
+    pass (:func:`_normalize_maths`)."""
+    dtype = stats_dtype(x.dtype)
     xf = x.to(dtype)
-    mean, var = channel_moments(xf)
-    invstd = torch.rsqrt(var + eps)
-    scale = invstd if weight is None else invstd * channel_view(weight.to(dtype), ndim)
-    y = (xf - mean) * scale
-    if bias is not None:
-        y = y + channel_view(bias.to(dtype), ndim)
-    return y.to(x.dtype), mean.reshape(-1), invstd.reshape(-1), var.reshape(-1)
+    mean, var = (s.reshape(-1) for s in channel_moments(xf))
+    y, invstd = _normalize_maths(xf, _as(weight, dtype), _as(bias, dtype), mean, var, eps)
+    return y.to(x.dtype), mean, invstd, var
+
+
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 def _normalize_maths(x, weight, bias, mean, var, eps: float):
@@ -157,23 +157,20 @@ def _rows(*tensors: torch.Tensor) -> bool:
 
 
 def _backward_maths(dy, x, weight, mean, invstd):
-    """One reduction pass (sum g, sum g * x_hat per channel; by blocks for channels_last) and one
-    elementwise pass: dx = w invstd (g - sum g / n - x_hat sum g x_hat / n), Ioffe & Szegedy §3."""
+    """One reduction pass (sum g, sum g * x_hat per channel; by blocks for channels_last) and the
+    elementwise pass of :func:`_input_grad_maths`."""
     ndim, dims, dtype = x.dim(), batch_dims(x.dim()), stats_dtype(x.dtype)
-    n = x.numel() // x.shape[1]
     xf, g = x.to(dtype), dy.to(dtype)
-    mean_c, invstd_c = channel_view(mean, ndim), channel_view(invstd, ndim)
-    x_hat = (xf - mean_c) * invstd_c
     blocks = channel_blocks(xf)
     if blocks is not None:
         g_blocks = g.movedim(1, -1).reshape(blocks.shape)
         sum_g = g_blocks.sum(1).sum(0)
         sum_gx = (g_blocks * ((blocks - mean) * invstd)).sum(1).sum(0)
     else:
+        x_hat = (xf - channel_view(mean, ndim)) * channel_view(invstd, ndim)
         sum_g, sum_gx = g.sum(dims), (g * x_hat).sum(dims)
-    scale = invstd_c if weight is None else invstd_c * channel_view(weight.to(dtype), ndim)
-    g = g - channel_view(sum_g, ndim) / n - x_hat * channel_view(sum_gx, ndim) / n
-    return (scale * g).to(x.dtype), sum_gx, sum_g
+    dx = _input_grad_maths(g, xf, _as(weight, dtype), mean, invstd, sum_g, sum_gx)
+    return dx.to(x.dtype), sum_gx, sum_g
 
 
 def _aten(input, running_mean, running_var, weight, bias, training, momentum, eps):

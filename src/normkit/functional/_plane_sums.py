@@ -7,7 +7,7 @@ A channels_last (N, C, *) tensor is N blocks of S rows of C contiguous channels.
 Inductor compiles them to a loop over 16 channels at a time that sweeps each plane's rows once per
 16 channels, or by blocks of rows with an intermediate per block: 2-3× the time of one read
 (docs/benchmarks.md, "The memory bound on the CPU"). ATen has no per-plane reduction for this
-layout (``var_mean`` over the positions runs Welford, 20× slower). The two loops here read each
+layout (``var_mean`` over the positions runs Welford, 20× slower). The loop here reads each
 row once, in order, every channel of a row at once (the compiler vectorizes the inner loop over
 channels), and accumulate in float32 over blocks of 64 rows, then in float64: per plane
 
@@ -16,9 +16,7 @@ channels), and accumulate in float32 over blocks of 64 rows, then in float64: pe
 - :func:`plane_sums`: ``sum(dy)`` and ``sum(dy * x)``;
 - :func:`channel_moments` and :func:`channel_sums`: the same added over the samples, for the
   compiled batch norm (:mod:`normkit.functional._batch_norm_compiled`): BatchNorm's per-channel
-  moments and ``sum(dy)``, ``sum(dy * (x - mean))``;
-- :func:`position_weighted_channel_sums`: ``sum(dy * (x - m) * r)`` per channel with ``m``, ``r``
-  one value per position, Batch-Layer's ``sum(dy * x̂_F)``.
+  moments and ``sum(dy)``, ``sum(dy * (x - mean))``.
 
 The C source below is built once per CPU type with the system's C compiler (``cc -O3
 -march=native -fopenmp``, under a second) into the user's cache directory (the file name hashes
@@ -77,29 +75,6 @@ void plane_sums(const float* a, const float* b, const float* ka, const float* kb
     }
   }
 }
-
-/* out[n,c] = sum_s a[n,s,c] * (b[n,s,c] - m[n,s]) * r[n,s]: a sum weighted per position. */
-void position_weighted_sums(const float* a, const float* b, const float* m, const float* r,
-                            int64_t N, int64_t S, int64_t C, double* out, int threads) {
-  #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t n = 0; n < N; n++) {
-    float acc[C];
-    double* o = out + n * C;
-    for (int64_t c = 0; c < C; c++) o[c] = 0.0;
-    for (int64_t s0 = 0; s0 < S; s0 += ROWS) {
-      int64_t end = s0 + ROWS < S ? s0 + ROWS : S;
-      for (int64_t c = 0; c < C; c++) acc[c] = 0.0f;
-      for (int64_t s = s0; s < end; s++) {
-        const float* ra = a + (n * S + s) * C;
-        const float* rb = b + (n * S + s) * C;
-        const float shift = m[n * S + s], scale = r[n * S + s];
-        #pragma omp simd
-        for (int64_t c = 0; c < C; c++) acc[c] += ra[c] * ((rb[c] - shift) * scale);
-      }
-      for (int64_t c = 0; c < C; c++) o[c] += acc[c];
-    }
-  }
-}
 """
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
@@ -146,8 +121,6 @@ def _library() -> ctypes.CDLL | None:
     library.plane_sums.restype = None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.plane_sums.argtypes = [pointer] * 4 + [size] * 3 + [pointer] * 2 + [ctypes.c_int]
-    library.position_weighted_sums.restype = None
-    library.position_weighted_sums.argtypes = [pointer] * 4 + [size] * 3 + [pointer, ctypes.c_int]
     return library
 
 
@@ -163,8 +136,8 @@ def _rows(t: torch.Tensor) -> bool:
 
 
 def available(*tensors: torch.Tensor) -> bool:
-    """Whether :func:`plane_moments` / :func:`plane_sums` run for these inputs (same shape and
-    strides, float32 channels_last) on this machine."""
+    """Whether this module's sums run for these inputs (same shape and strides, float32
+    channels_last, not empty) on this machine."""
     first = tensors[0]
     same = all(t.shape == first.shape and t.stride() == first.stride() for t in tensors)
     return same and first.numel() > 0 and all(map(_rows, tensors)) and _library() is not None
@@ -184,13 +157,18 @@ def _call(a, b, ka=None, kb=None) -> tuple[torch.Tensor, torch.Tensor]:
     return out1, out2
 
 
+def _moments(s1: torch.Tensor, s2: torch.Tensor, shift: torch.Tensor, count: int):
+    """Mean and biased variance, float32, from sums of d = x - shift and d² over ``count`` values:
+    mean = shift + S1 / n, var = (S2 - S1² / n) / n (PERF.md §4)."""
+    mean = shift.double() + s1 / count
+    return mean.float(), ((s2 - s1 * s1 / count) / count).clamp_min(0.0).float()
+
+
 def plane_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance of every (n, c) plane of ``x``, (N, C) float32, from sums shifted
     by ``shift`` (N, C), e.g. a sampled mean of each plane."""
     s1, s2 = _call(x, x, shift, shift)
-    size = x.numel() // (x.shape[0] * x.shape[1])
-    mean = shift.double() + s1 / size
-    return mean.float(), ((s2 - s1 * s1 / size) / size).clamp_min(0.0).float()
+    return _moments(s1, s2, shift, x.numel() // (x.shape[0] * x.shape[1]))
 
 
 def plane_sums(dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,9 +181,7 @@ def channel_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor,
     """Mean and biased variance of every channel of ``x`` over all its other dims, (C,) float32:
     the planes' sums shifted by one ``shift`` (C,) per channel, added over the samples in float64."""
     s1, s2 = (s.sum(0) for s in _call(x, x, shift, shift))
-    count = x.numel() // x.shape[1]
-    mean = shift.double() + s1 / count
-    return mean.float(), ((s2 - s1 * s1 / count) / count).clamp_min(0.0).float()
+    return _moments(s1, s2, shift, x.numel() // x.shape[1])
 
 
 def channel_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,19 +189,3 @@ def channel_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple
     sum_g, sum_gx = (s.sum(0) for s in _call(dy, x, None, mean))
     return sum_g.float(), sum_gx.float()
 
-
-def position_weighted_channel_sums(
-    dy: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
-) -> torch.Tensor:
-    """Per channel ``sum(dy * (x - shift) * scale)``, (C,) float32, where ``shift`` and ``scale``
-    hold one value per position (N, 1, *): Batch-Layer's ``sum(dy * x̂_F)``, its per-position
-    normalization over the channels."""
-    n, c = x.shape[:2]
-    positions = x.numel() // (n * c)
-    m, r = (t.to(torch.float32).reshape(n, positions).contiguous() for t in (shift, scale))
-    out = torch.empty(n, c, dtype=torch.float64)
-    _library().position_weighted_sums(
-        dy.data_ptr(), x.data_ptr(), m.data_ptr(), r.data_ptr(), n, positions, c, out.data_ptr(),
-        torch.get_num_threads(),
-    )  # fmt: skip
-    return out.sum(0).float()
