@@ -16,6 +16,7 @@ from normkit.lab.claims import (
     Claim,
     Published,
     above,
+    arm_gap,
     below,
     card_row,
     check,
@@ -226,3 +227,12 @@ def test_a_verdict_without_a_criterion_quotes_none():
     entry = {"quantity": "q", "published": {"text": "t", "source": "s"}, "criterion": None,
              "verdict": REPRODUCED, "reason": "", "ours": {"text": "3 of 3 tests reproduced"}}
     assert card_row(entry)[3] == f"**{REPRODUCED}**"
+
+
+def test_arm_gap_is_the_paired_difference_of_two_arms_final_metric():
+    values = results({"a": [0.50, 0.52, 0.49, 0.51], "b": [0.60, 0.61, 0.60, 0.63]})
+    published = Published("b beats a", "Fig. 1")
+    gap = arm_gap("c", "the score, b − a", published, "score", "b", "a", POSITIVE, ".3f")
+    assert gap.judge(values).entry() == claim(DIFF, fmt=".3f").judge(values).entry()
+    assert arm_gap("c", "q", Published("", ""), "score", "b", "a", None).fmt == "+.2f"
+

@@ -16,6 +16,7 @@ from normkit.lab import (
     run_experiment,
     write_combined_report,
 )
+from normkit.lab.experiment import summarize
 from normkit.lab.records import CHECKPOINTS
 
 EXPERIMENTS = ["ioffe2015-mnist", "lr-tolerance", "init-sensitivity", "regularization", "placement"]
@@ -401,3 +402,11 @@ def test_models_follow_the_papers_placement_and_initialization():
         initialize(before, "uniform", torch.Generator())
     with pytest.raises(ConfigError, match="activation='swish'"):
         mlp(10, activation="swish")
+
+
+def test_summarize_rolls_the_entries_up_and_a_plan_of_none_trains_nothing():
+    entries = [{"verdict": "reproduced"}, {"verdict": "not reproduced"}, {"verdict": None}]
+    assert summarize(entries, rows={}) == {"verdict": "partly", "claims": entries, "rows": {}}
+    guideline = get_experiment("guideline")
+    settings = guideline.settings("tiny")
+    assert guideline.trials(settings, None, {}) == [] == guideline.preview(settings, None)

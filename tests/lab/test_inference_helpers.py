@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 import normkit as nk
+from normkit.lab.datasets import Dataset
+from normkit.lab.evaluation import accuracy_and_loss, error_percent, on_test_set
 from normkit.lab.experiments.train_test_gap import FreezeBatchNorm
 from normkit.lab.experiments.variance_bias import _biased, normalized_variance
 from normkit.lab.population import (
@@ -171,3 +173,14 @@ def test_training_batches_are_seeded_and_nested():
     )
     assert len(torch.cat(big).unique()) == 64  # without replacement within a permutation
     assert len(training_batches(x, 8, 1, seed=3)) == 1
+
+
+def test_on_test_set_is_a_rows_accuracy_or_error_and_loss_on_the_first_test_images():
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    data = Dataset("toy", x, y, x, y, 3, "test")
+    model = nn.Linear(4, 3)
+    accuracy, loss = accuracy_and_loss(model, x[:20], y[:20])
+    assert on_test_set(model, data, 20) == {"test_accuracy": accuracy, "test_loss": loss}
+    assert on_test_set(model, data, 20, error=True) == {"test_error": error_percent(accuracy),
+                                                        "test_loss": loss}
+    assert on_test_set(model, data)["test_accuracy"] == accuracy_and_loss(model, x, y)[0]

@@ -12,7 +12,7 @@ import pytest
 from test_runner import rows_and_results
 
 from normkit.lab import RunRecord, run_experiment
-from normkit.lab.records import CHECKPOINTS, LOCK, METRICS, RunFolderError
+from normkit.lab.records import CHECKPOINTS, LOCK, METRICS, RunFolderError, find_run
 from normkit.lab.runfolder import RunFolder
 
 TINY = {"dataset": "digits"}
@@ -189,3 +189,21 @@ def test_metrics_rows_after_the_last_checkpoint_are_dropped_on_resume(tmp_path):
     (out / "summary.json").unlink()
     run_experiment("placement", out=out, resume=True, write_report=False)
     assert rows_and_results(out) == rows_and_results(whole.directory)
+
+
+def test_find_run_takes_the_named_folder_or_the_first_finished_run_of_the_experiment(tmp_path):
+    def run(name, experiment, complete=True):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"experiment": experiment}))
+        (tmp_path / name / "summary.json").write_text(json.dumps({"complete": complete}))
+
+    run("b-unfinished", "renorm", complete=False)
+    run("c", "renorm")
+    run("d", "renorm")
+    (tmp_path / "a-damaged").mkdir()
+    (tmp_path / "a-damaged" / "config.json").write_text("{")
+    assert find_run(tmp_path, "renorm").directory == tmp_path / "c"
+    assert find_run(tmp_path, "ghost-bn") is None
+    run("ghost-bn", "ghost-bn")
+    assert find_run(tmp_path, "ghost-bn").directory == tmp_path / "ghost-bn"
+    assert find_run(tmp_path / "missing", "renorm") is None

@@ -301,6 +301,13 @@ class Judgement:
                 "verdict": self.verdict, "reason": self.reason, "fmt": claim.fmt}  # fmt: skip
 
 
+def arm_gap(name: str, quantity: str, published: Published, metric: str, a: str, b: str,
+            criterion: Criterion | None, fmt: str = "+.2f", **where) -> Claim:
+    """A claim on arm ``a``'s final ``metric`` − arm ``b``'s, paired by seed (``where``: both)."""
+    ours = difference(final(metric, arm=a, **where), final(metric, arm=b, **where))
+    return Claim(name, quantity, published, ours, criterion, fmt=fmt)
+
+
 def judge(claims: list[Claim], results: Results) -> list[Judgement]:
     names = [c.name for c in claims]
     if len(set(names)) != len(names):

@@ -36,6 +36,16 @@ def error_percent(accuracy: float | None) -> float | None:
     return None if accuracy is None else 100.0 * (1.0 - accuracy)
 
 
+def on_test_set(
+    model: nn.Module, data: Dataset, examples: int | None = None, error: bool = False
+) -> dict[str, float]:
+    """A metrics row's ``test_accuracy`` (with ``error``: ``test_error``, in %) and ``test_loss``
+    of ``model`` on the first ``examples`` test images (all by default)."""
+    accuracy, loss = accuracy_and_loss(model, data.x_test[:examples], data.y_test[:examples])
+    first = {"test_error": error_percent(accuracy)} if error else {"test_accuracy": accuracy}
+    return {**first, "test_loss": loss}
+
+
 def error_on_test_set(model: nn.Module, data: Dataset, examples: int | None = None) -> float:
     """Top-1 error (%) of ``model`` on the first ``examples`` test images (all by default)."""
     accuracy, _ = accuracy_and_loss(model, data.x_test[:examples], data.y_test[:examples])

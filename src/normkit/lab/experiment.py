@@ -100,9 +100,10 @@ class Experiment:
         """The data set the trials use (a subset, a validation split); by default as loaded."""
         return dataset
 
-    def plan(self, settings: Settings, data: Dataset | None) -> Plan:
-        """The arms, seeds, grid and sweep. ``data`` is None when only the plan's shape is needed
-        (reports, ``normkit lab show``): use it only inside functions such as ``steps``."""
+    def plan(self, settings: Settings, data: Dataset | None) -> Plan | None:
+        """The arms, seeds, grid and sweep (None: nothing is trained). ``data`` is None when only
+        the plan's shape is needed (reports, ``normkit lab show``): use it only inside functions
+        such as ``steps``."""
         raise NotImplementedError
 
     def setup(
@@ -124,10 +125,9 @@ class Experiment:
 
     def finish(self, trial: Trial, settings: Settings, setup: Setup, data: Dataset) -> dict:
         """Values for the trial's final row (eval mode, no grad): accuracy on the whole test set."""
-        from normkit.lab.evaluation import accuracy_and_loss
+        from normkit.lab.evaluation import on_test_set
 
-        accuracy, loss = accuracy_and_loss(setup.model, data.x_test, data.y_test)
-        return {"test_accuracy": accuracy, "test_loss": loss}
+        return on_test_set(setup.model, data)
 
     def claims(self, settings: Settings) -> list[Claim]:
         """The published claims this experiment tests, each declared once."""
@@ -147,11 +147,14 @@ class Experiment:
 
     # -- the framework: not overridden -------------------------------------------------------
     def trials(self, settings: Settings, data: Dataset | None, finals: dict[str, dict]) -> list[Trial]:
-        """The trials to run, given the finished ones (the sweep first, then the main trials)."""
-        return self.plan(settings, data).trials(finals)
+        """The trials to run, given the finished ones (the sweep first, then the main trials); none
+        where :meth:`plan` is None (an experiment that trains nothing)."""
+        plan = self.plan(settings, data)
+        return [] if plan is None else plan.trials(finals)
 
     def preview(self, settings: Settings, data: Dataset | None) -> list[Trial]:
-        return self.plan(settings, data).preview()
+        plan = self.plan(settings, data)
+        return [] if plan is None else plan.preview()
 
     def results(self, record: RunRecord) -> Results:
         settings = from_json(self.settings_class, record.settings)
@@ -161,11 +164,7 @@ class Experiment:
     def summary(self, record: RunRecord) -> dict:
         """summary.json's content: the experiment's verdict, its claims and its sweeps."""
         results = self.results(record)
-        judgements = judge(self.claims(results.settings), results)
-        summary = {
-            "verdict": roll_up([j.verdict for j in judgements]),
-            "claims": [j.entry() for j in judgements],
-        }
+        summary = summarize([j.entry() for j in judge(self.claims(results.settings), results)])
         plan = self.plan(results.settings, None)
         if plan.sweep is not None and all(t.key in record.finals() for t in plan.sweep_trials()):
             sweep = plan.sweep
@@ -211,6 +210,12 @@ def training_subset(experiment: Experiment, settings: Settings, dataset: Dataset
     """A :meth:`Experiment.prepare_data` (``prepare_data = training_subset``) for a setting
     ``train_examples``: a seeded, class-balanced subset of that many training examples."""
     return subset(dataset, settings.train_examples, settings.seed)
+
+
+def summarize(entries: list[dict], **extra) -> dict:
+    """summary.json's content from claim entries: the verdict (their :func:`roll_up`), the entries
+    as ``claims``, then ``extra``."""
+    return {"verdict": roll_up([e["verdict"] for e in entries]), "claims": entries, **extra}
 
 
 def headline(summary: dict) -> str:

@@ -118,3 +118,16 @@ class RunRecord:
     def finals(self) -> dict[str, dict]:
         """The final row of each finished trial, by key."""
         return {r["trial"]: r for r in self.rows if r["kind"] == "final"}
+
+
+def find_run(root: Path, experiment: str) -> RunRecord | None:
+    """The finished run of ``experiment`` under ``root``: ``root/experiment`` if it is one, else
+    the first (by name) subdirectory whose config.json names the experiment."""
+    for directory in [root / experiment] + sorted(p for p in root.glob("*") if p.is_dir()):
+        try:
+            record = RunRecord.load(directory)
+        except (OSError, ValueError):  # not a run (no config.json), or a damaged one
+            continue
+        if record.config.get("experiment") == experiment and record.complete:
+            return record
+    return None
