@@ -7,7 +7,8 @@ import torch
 
 import normkit as nk
 from normkit.lab import run_experiment
-from normkit.lab.experiments.guideline import SOURCES, TESTS, find_run, guideline_rows, row_verdict
+from normkit.lab.experiments.guideline import SOURCES, TESTS, guideline_rows, row_verdict
+from normkit.lab.records import find_run
 from normkit.lab.runner import dry_run
 from normkit.tools import ADVICE_TABLE, advise
 

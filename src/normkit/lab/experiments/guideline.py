@@ -22,12 +22,12 @@ setting is not used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from normkit.lab.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, ours_text, roll_up
-from normkit.lab.experiment import Experiment, headline, register
-from normkit.lab.records import RunRecord
+from normkit.lab.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Published, check, ours_text
+from normkit.lab.experiment import Experiment, headline, register, summarize
+from normkit.lab.records import RunRecord, find_run
 from normkit.lab.render import Section, Table
 from normkit.lab.report import RunReport, claims_card
 from normkit.lab.settings import Settings
@@ -53,7 +53,6 @@ TESTS = {  # (experiment, claim) -> the row it tests: the row holds where the cl
     ("domain-shift", "in-beats-bn-style"): "style",
 }
 NOTES = {("domain-shift", "adabn-"): "vision-large"}  # (experiment, claim prefix) -> row
-SUPPORTS = {REPRODUCED: True, NOT_REPRODUCED: False}
 
 
 def guideline_rows() -> dict[str, Advice]:
@@ -62,19 +61,6 @@ def guideline_rows() -> dict[str, Advice]:
     keys = {advise("vision", batch_size=64): "vision-large", advise("vision", batch_size=2): "vision-small"}
     return {keys.get(row, f"{row.task} {row.batches}" if row.task == "vision" else row.task): row
             for row in ADVICE_TABLE}  # fmt: skip
-
-
-def find_run(root: Path, experiment: str) -> RunRecord | None:
-    """The finished run of ``experiment`` under ``root``: ``root/experiment`` if it is one, else
-    the first (by name) subdirectory whose config.json names the experiment."""
-    for directory in [root / experiment] + sorted(p for p in root.glob("*") if p.is_dir()):
-        try:
-            record = RunRecord.load(directory)
-        except (OSError, ValueError):  # not a run (no config.json), or a damaged one
-            continue
-        if record.config.get("experiment") == experiment and record.complete:
-            return record
-    return None
 
 
 def row_of(experiment: str, claim: str) -> tuple[str, bool]:
@@ -94,7 +80,7 @@ def evidence_of(experiment: str, record: RunRecord) -> list[dict]:
         found.append({
             "row": row, "experiment": experiment, "claim": entry["name"], "quantity": entry["quantity"],
             "value": ours_text(entry), "verdict": entry["verdict"], "reason": entry.get("reason", ""),
-            "supports": SUPPORTS.get(entry["verdict"]) if test else None, "test": test,
+            "supports": check(entry).passed if test else None, "test": test,
             "run": str(record.directory), "command": record.config.get("command", ""),
             "preset": record.config.get("preset"), "data": record.config.get("data", {}).get("name"),
         })  # fmt: skip
@@ -133,12 +119,6 @@ class Guideline(Experiment):
     def plan(self, s, data):
         return None  # nothing is trained: the evidence is other runs' claims
 
-    def trials(self, settings, data, finals):
-        return []
-
-    def preview(self, settings, data):
-        return []
-
     def summary(self, record: RunRecord) -> dict:
         root = Path(record.settings["runs"])
         root = root if root.is_absolute() else (Path.cwd() / root).resolve()
@@ -163,15 +143,13 @@ class Guideline(Experiment):
             claims.append({
                 "name": key,
                 "quantity": f"{advice.task}, per-device batch {advice.batches}: {advice.layer}",
-                "published": {"text": advice.reason, "source": advice.source, "value": None,
-                              "unverified": False},
+                "published": asdict(Published(advice.reason, advice.source)),
                 "ours": {"text": f"{sum(judged)} of {len(tests)} tests reproduced, {len(judged)} judged",
                          "n": len(tests)},
                 "criterion": None, "verdict": verdict, "reason": reason, "fmt": ".3f",
             })  # fmt: skip
-        return {"verdict": roll_up([c["verdict"] for c in claims]), "claims": claims,
-                "runs_directory": str(root), "rows": rows, "evidence": evidence, "found": found,
-                "missing": missing}  # fmt: skip
+        return summarize(claims, runs_directory=str(root), rows=rows, evidence=evidence, found=found,
+                         missing=missing)
 
     def run_report(self, record: RunRecord) -> RunReport:
         s = record.summary
