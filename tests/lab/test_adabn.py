@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import normkit as nk
-from normkit.lab.experiments.domain_shift import adapted, apply_shift, error_rate, shift_cnn
+from normkit.lab.experiments.domain_shift import adapted, apply_shift, shift_cnn
+from normkit.lab.population import error_rate
 
 
 def _blobs(n, generator, dim=8):

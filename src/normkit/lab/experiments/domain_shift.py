@@ -34,11 +34,11 @@ from normkit.errors import ConfigError
 from normkit.lab import models
 from normkit.lab.claims import Claim, Published, above, below, difference, per_seed
 from normkit.lab.datasets import first_test_examples
-from normkit.lab.evaluation import accuracy_and_loss
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Bars
 from normkit.lab.models import initialize
 from normkit.lab.plan import Arm, Plan
+from normkit.lab.population import error_rate
 from normkit.lab.render import Section, Table
 from normkit.lab.seeds import derived_seed
 from normkit.lab.settings import Settings
@@ -88,11 +88,6 @@ def shift_cnn(sample_shape, channels, hidden: int, classes: int, norm: str) -> n
     then fc (no bias) → BatchNorm1d → ReLU → fc."""
     return models.conv_net(sample_shape, channels, hidden, classes, norm, kernel_size=5,
                            fc_norm=nk.BatchNorm1d)
-
-
-def error_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 error of ``model`` on ``(x, y)`` in whatever mode it is in."""
-    return 1.0 - accuracy_and_loss(model, x, y)[0]
 
 
 @dataclass(frozen=True)
