@@ -44,7 +44,7 @@ from normkit.lab.bln_inference import (  # noqa: F401 (BlnInference: the tests' 
     feature_population,
 )
 from normkit.lab.claims import Claim, Published, above, below, final, per_seed
-from normkit.lab.evaluation import accuracy_and_loss, error_on_test_set, error_percent
+from normkit.lab.evaluation import error_on_test_set, error_percent, on_test_set
 from normkit.lab.experiment import Experiment, Setup, register, training_subset
 from normkit.lab.figures import MeanTable, VersusSetting
 from normkit.lab.models import cnn, initialize
@@ -163,8 +163,7 @@ class BatchLayerNormExperiment(Experiment):
 
     def finish(self, trial, s, setup, data):
         p, model, m = trial.params, setup.model, trial.params[BATCH]
-        accuracy, loss = accuracy_and_loss(model, data.x_test, data.y_test)
-        values = {"test_error": error_percent(accuracy), "test_loss": loss}
+        values = on_test_set(model, data, error=True)
         x, y = data.x_test[: s.batch_stat_examples], data.y_test[: s.batch_stat_examples]
         if p["normalizer"] == "bn":
             values["refusal"] = setup.train_step.refusal

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from normkit.lab.claims import Claim, Published, above, below, difference, final, per_seed
-from normkit.lab.evaluation import accuracy_and_loss, error_on_test_set, error_percent
+from normkit.lab.evaluation import accuracy_and_loss, error_on_test_set, error_percent, on_test_set
 from normkit.lab.experiment import Experiment, Setup, register, training_subset
 from normkit.lab.figures import Bars, Heatmap, MeanTable, VersusSetting
 from normkit.lab.gloo import GlooDataParallel
@@ -146,10 +146,9 @@ class BatchSize(Experiment):
         if isinstance(setup.train_step, GlooDataParallel):
             setup.train_step.close()  # the gloo ranks are done: evaluate on free cores
         p, k, model = trial.params, s.batch_stat_examples, setup.model
-        accuracy, loss = accuracy_and_loss(model, data.x_test, data.y_test)
+        values = on_test_set(model, data, error=True)
         train, _ = accuracy_and_loss(model, data.x_train[:k], data.y_train[:k])
-        values = {"test_error": error_percent(accuracy), "test_loss": loss,
-                  "train_error": error_percent(train), "batch_stat_error": None}  # fmt: skip
+        values.update(train_error=error_percent(train), batch_stat_error=None)
         if p["normalizer"].removesuffix("-fc") in BATCH_DEPENDENT:  # test batches of G, split per B
             values["batch_stat_error"] = error_percent(batch_statistics_accuracy(
                 model, data.x_test[:k], data.y_test[:k], min(s.gradient_batch, k)))

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from normkit.lab.claims import Claim, Published, above, below, difference, final, per_seed
-from normkit.lab.evaluation import accuracy_and_loss, error_percent
+from normkit.lab.claims import Claim, Published, above, arm_gap, below, per_seed
+from normkit.lab.evaluation import accuracy_and_loss, error_percent, on_test_set
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Bars, Curves
 from normkit.lab.models import initialize, mlp
@@ -148,9 +148,8 @@ class GhostBn(Experiment):
                      lr_factor=lambda step: 0.1 ** sum(step >= d for d in drops))  # fmt: skip
 
     def measure(self, trial, s, setup, data):
-        accuracy, loss = accuracy_and_loss(setup.model, data.x_test, data.y_test)
         distance = float((_weights(setup.model) - self._initial[trial.key]).norm())
-        return {"test_error": error_percent(accuracy), "test_loss": loss, "distance": distance}
+        return {**on_test_set(setup.model, data, error=True), "distance": distance}
 
     def finish(self, trial, s, setup, data):
         values = self.measure(trial, s, setup, data)
@@ -161,11 +160,10 @@ class GhostBn(Experiment):
     def claims(self, s):
         def step(name, after, before, text, criterion):
             published = ERROR[after] - ERROR[before]
-            return Claim(name, f"test error, {text} (points)",
-                         Published(f"{published:+.1f} ({ERROR[after]:g} vs {ERROR[before]:g})", TABLE_1,
-                                   round(published, 2), unverified=True),
-                         difference(final("test_error", arm=after), final("test_error", arm=before)),
-                         criterion, fmt="+.2f")  # fmt: skip
+            return arm_gap(name, f"test error, {text} (points)",
+                           Published(f"{published:+.1f} ({ERROR[after]:g} vs {ERROR[before]:g})", TABLE_1,
+                                     round(published, 2), unverified=True),
+                           "test_error", after, before, criterion)  # fmt: skip
 
         return [
             step("gap", "lb", "sb", f"large ({s.large_batch}) − small ({s.small_batch}) batch", above(0.0)),
@@ -174,18 +172,16 @@ class GhostBn(Experiment):
             step("ra-helps", "lb+lr+gbn+ra", "lb+lr+gbn", "+ regime adaptation − Ghost BN", below(0.0)),
             step("ra-closes-gap", "lb+lr+gbn+ra", "sb", "regime adaptation − small batch (gap closed: "
                  "at most +0.5)", below(0.5)),
-            Claim("gbn-at-equal-updates", "test error, Ghost BN − plain BN, both with √ LR and regime "
-                  "adaptation (the small batch's updates; points)",
-                  Published("Ghost BN lowers the error (Table 1: +GBN −1.2, at the large batch's updates)",
-                            TABLE_1, unverified=True),
-                  difference(final("test_error", arm="lb+lr+gbn+ra"), final("test_error", arm="lb+lr+ra")),
-                  below(0.0), fmt="+.2f"),
-            Claim("updates-close-gap", "test error, large batch with √ LR and regime adaptation (no "
-                  "Ghost BN) − small batch (points; closed: at most +0.5)",
-                  Published("the generalization gap stems from the small number of updates",
-                            "Hoffer et al. 2017, abstract"),
-                  difference(final("test_error", arm="lb+lr+ra"), final("test_error", arm="sb")),
-                  below(0.5), fmt="+.2f"),
+            arm_gap("gbn-at-equal-updates", "test error, Ghost BN − plain BN, both with √ LR and regime "
+                    "adaptation (the small batch's updates; points)",
+                    Published("Ghost BN lowers the error (Table 1: +GBN −1.2, at the large batch's updates)",
+                              TABLE_1, unverified=True),
+                    "test_error", "lb+lr+gbn+ra", "lb+lr+ra", below(0.0)),
+            arm_gap("updates-close-gap", "test error, large batch with √ LR and regime adaptation (no "
+                    "Ghost BN) − small batch (points; closed: at most +0.5)",
+                    Published("the generalization gap stems from the small number of updates",
+                              "Hoffer et al. 2017, abstract"),
+                    "test_error", "lb+lr+ra", "sb", below(0.5)),
             Claim("log-distance", "R² of ‖w − w0‖ = a + b·ln(updates), small batch, before the first LR drop",
                   Published("‖w − w0‖ grows logarithmically with the updates", "Hoffer et al. 2017, Fig. 2",
                             unverified=True),

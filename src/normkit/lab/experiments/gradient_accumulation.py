@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 import normkit as nk
-from normkit.lab.claims import Claim, Published, above, difference, final
-from normkit.lab.evaluation import accuracy_and_loss, error_on_test_set, error_percent
+from normkit.lab.claims import Claim, Published, above, arm_gap, difference, final
+from normkit.lab.evaluation import accuracy_and_loss, error_on_test_set, error_percent, on_test_set
 from normkit.lab.experiment import Experiment, Setup, register, training_subset
 from normkit.lab.figures import Bars, Curves
 from normkit.lab.plan import Arm, Plan
@@ -138,12 +138,11 @@ class GradientAccumulation(Experiment):
 
     def finish(self, trial, s, setup, data):
         p, model, k = trial.params, setup.model, s.batch_stat_examples
-        accuracy, loss = accuracy_and_loss(model, data.x_test, data.y_test)
         normalized = p["batch"] if p["statistics"] == "whole-batch" else p["batch"] // p["micro_batches"]
         train_mode = batch_statistics_accuracy(model, data.x_test[:k], data.y_test[:k], normalized)
         batches = training_batches(data.x_train, normalized, s.precise_examples, trial.seed)
         precise_accuracy, _ = accuracy_and_loss(precise(model, batches), data.x_test, data.y_test)
-        return {"test_error": error_percent(accuracy), "test_loss": loss,
+        return {**on_test_set(model, data, error=True),
                 "precise_error": error_percent(precise_accuracy),
                 "train_mode_error": error_percent(train_mode), "normalization_batch": normalized,
                 "bn_updates_per_step": {name: int(layer.num_batches_tracked) / max(1, setup.step)
@@ -156,9 +155,7 @@ class GradientAccumulation(Experiment):
         acc = f"{m} × {k}"
 
         def gap(name, a, b, quantity, published, criterion):
-            return Claim(name, quantity, Published(published, REPORTS),
-                         difference(final("test_error", arm=a), final("test_error", arm=b)),
-                         criterion, fmt="+.2f")  # fmt: skip
+            return arm_gap(name, quantity, Published(published, REPORTS), "test_error", a, b, criterion)
 
         return [
             gap("plain-behind-large", "plain", "large",

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from normkit.lab.claims import Claim, Published, above, below, difference, final, per_seed
-from normkit.lab.evaluation import accuracy_and_loss, unit_percentiles
+from normkit.lab.claims import Claim, Published, above, arm_gap, below, per_seed
+from normkit.lab.evaluation import on_test_set, unit_percentiles
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Curves, PercentileBands
 from normkit.lab.models import initialize, mlp, pre_activation
@@ -140,8 +140,7 @@ class Ioffe2015Mnist(Experiment):
 
     def measure(self, trial, settings, setup, data):
         model = setup.model
-        accuracy, loss = accuracy_and_loss(model, data.x_test, data.y_test)
-        row = {"test_accuracy": accuracy, "test_loss": loss}
+        row = on_test_set(model, data)
         if trial.params["phase"] == "sweep":
             return row
         layer, unit = len(settings.hidden), settings.unit
@@ -160,11 +159,10 @@ class Ioffe2015Mnist(Experiment):
     def claims(self, s):
         figure = "Ioffe & Szegedy 2015, Fig. 1(a)"
         return [
-            Claim("final-accuracy", f"final test accuracy, BN − baseline ({s.steps} steps)",
-                  Published("≈0.98 vs ≈0.96–0.97 at 50k steps, read from the figure", figure,
-                            0.015, unverified=True),
-                  difference(final("test_accuracy", arm="bn"), final("test_accuracy", arm="plain")),
-                  above(0.0), fmt="+.4f"),
+            arm_gap("final-accuracy", f"final test accuracy, BN − baseline ({s.steps} steps)",
+                    Published("≈0.98 vs ≈0.96–0.97 at 50k steps, read from the figure", figure,
+                              0.015, unverified=True),
+                    "test_accuracy", "bn", "plain", above(0.0), "+.4f"),
             *(Claim(f"ahead-at-{budget}", f"test accuracy after {budget} steps, BN − baseline",
                     Published("BN's curve lies above the baseline's throughout", figure),
                     per_seed(_lead_at(budget), f"BN − baseline test accuracy at step {budget}"),

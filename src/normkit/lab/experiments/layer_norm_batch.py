@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from normkit.errors import ConfigError
-from normkit.lab.claims import Claim, Published, above, below, difference, final, per_seed
-from normkit.lab.evaluation import accuracy_and_loss, error_on_test_set, error_percent
+from normkit.lab.claims import Claim, Published, above, arm_gap, below, difference, final, per_seed
+from normkit.lab.evaluation import error_on_test_set, error_percent, on_test_set
 from normkit.lab.experiment import Experiment, Setup, register, training_subset
 from normkit.lab.figures import Curves, MeanTable, VersusSetting
 from normkit.lab.models import initialize, mlp
@@ -118,8 +118,7 @@ class LayerNormBatch(Experiment):
 
     def finish(self, trial, s, setup, data):
         p, k = trial.params, s.batch_stat_examples
-        accuracy, loss = accuracy_and_loss(setup.model, data.x_test, data.y_test)
-        values = {"test_error": error_percent(accuracy), "test_loss": loss, "batch_stat_error": None}
+        values = {**on_test_set(setup.model, data, error=True), "batch_stat_error": None}
         if p["normalizer"] == "bn":
             values["batch_stat_error"] = error_percent(
                 batch_statistics_accuracy(setup.model, data.x_test[:k], data.y_test[:k], p[BATCH]))
@@ -127,8 +126,6 @@ class LayerNormBatch(Experiment):
 
     def claims(self, s):
         small, large = SMALL(s), LARGE(s)
-        ln_vs_bn = difference(final("test_error", arm="ln", **{BATCH: SMALL}),
-                              final("test_error", arm="bn", **{BATCH: SMALL}))  # fmt: skip
         return [
             Claim("ln-robust", f"LN's test error at batch {small} − at {large} (points)",
                   Published("robust to the batch size: the curves nearly coincide", FIG_6),
@@ -136,8 +133,9 @@ class LayerNormBatch(Experiment):
             Claim("bn-degrades-more", f"BN's rise from batch {large} to {small} − LN's (points, eval mode)",
                   Published("BN at batch 4 is visibly worse in test error", FIG_6),
                   difference(_rise("bn"), _rise("ln")), above(0.0), fmt="+.2f"),
-            Claim("ln-beats-bn-small", f"LN − BN test error at batch {small} (points)",
-                  Published("LN better at batch 4", FIG_6), ln_vs_bn, below(0.0), fmt="+.2f"),
+            arm_gap("ln-beats-bn-small", f"LN − BN test error at batch {small} (points)",
+                    Published("LN better at batch 4", FIG_6), "test_error", "ln", "bn", below(0.0),
+                    **{BATCH: SMALL}),
             *(Claim(f"ln-faster-b{b}", f"LN − BN test error at epoch {s.early_epoch:g}, batch {b} (points)",
                     Published("LN converges faster than BN (both batch sizes)", FIG_6),
                     per_seed(_early_lead([("ln", "bn")], [b]),

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from normkit.lab.claims import Claim, Published, above, below, difference, final
+from normkit.lab.claims import Claim, Published, above, arm_gap, below, difference, final
 from normkit.lab.datasets import split_validation, subset
 from normkit.lab.evaluation import accuracy_and_loss
 from normkit.lab.experiment import Experiment, Setup, register
@@ -131,16 +131,14 @@ class Regularization(Experiment):
                 Claim(f"gap-bn{tag}", f"generalization gap (train − test accuracy), BN − none, batch {batch}",
                       Published("BN regularizes the model (no number)", SOURCE),
                       difference(_gap("bn", **at), _gap("none", **at)), below(0.0), fmt="+.4f"),
-                Claim(f"accuracy-bn{tag}", f"test accuracy, BN − none, batch {batch}",
-                      Published("BN improves accuracy on ImageNet (with other changes)",
-                                "Ioffe & Szegedy 2015, §4.2"),
-                      difference(final("test_accuracy", arm="bn", **at),
-                                 final("test_accuracy", arm="none", **at)), above(0.0), fmt="+.4f"),
-                Claim(f"dropout-removable{tag}", f"test accuracy, BN − BN + Dropout, batch {batch}",
-                      Published('Dropout removed from BN-Inception "without increasing overfitting"',
-                                "Ioffe & Szegedy 2015, §4.2.1"),
-                      difference(final("test_accuracy", arm="bn", **at),
-                                 final("test_accuracy", arm="bn+dropout", **at)), None, fmt="+.4f"),
+                arm_gap(f"accuracy-bn{tag}", f"test accuracy, BN − none, batch {batch}",
+                        Published("BN improves accuracy on ImageNet (with other changes)",
+                                  "Ioffe & Szegedy 2015, §4.2"),
+                        "test_accuracy", "bn", "none", above(0.0), "+.4f", **at),
+                arm_gap(f"dropout-removable{tag}", f"test accuracy, BN − BN + Dropout, batch {batch}",
+                        Published('Dropout removed from BN-Inception "without increasing overfitting"',
+                                  "Ioffe & Szegedy 2015, §4.2.1"),
+                        "test_accuracy", "bn", "bn+dropout", None, "+.4f", **at),
                 Claim(f"gap-dropout{tag}", f"generalization gap, Dropout − none, batch {batch}",
                       Published("Dropout is a regularizer (not measured in the paper)", SOURCE),
                       difference(_gap("dropout", **at), _gap("none", **at)), None, fmt="+.4f"),

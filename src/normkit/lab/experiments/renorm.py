@@ -36,8 +36,8 @@ import torch
 import normkit as nk
 from normkit.errors import ConfigError
 from normkit.lab.batch_orders import PairedBatches, paired_test_order
-from normkit.lab.claims import Claim, Published, above, difference, final, per_seed
-from normkit.lab.evaluation import accuracy_and_loss
+from normkit.lab.claims import Claim, Published, above, arm_gap, final, per_seed
+from normkit.lab.evaluation import on_test_set
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Bars, Curves
 from normkit.lab.plan import Arm, Plan
@@ -81,12 +81,6 @@ def _gap_difference(trials, results) -> float | None:
     if {"micro-bn-4", "micro-brn-4"} <= set(gaps):
         return abs(gaps["micro-bn-4"]) - abs(gaps["micro-brn-4"])
     return None
-
-
-def _gain(name, a, b, quantity, published, value, source):
-    return Claim(name, quantity, Published(published, source, value),
-                 difference(final("test_accuracy", arm=a), final("test_accuracy", arm=b)),
-                 above(0.0), fmt="+.4f")  # fmt: skip
 
 
 @register
@@ -137,21 +131,19 @@ class Renorm(Experiment):
         return Setup(model, optimizer, batch, batch_order=order if paired else None)
 
     def measure(self, trial, s, setup, data):
-        k = s.eval_examples
-        accuracy, _ = accuracy_and_loss(setup.model, data.x_test[:k], data.y_test[:k])
-        return {"test_accuracy": accuracy}
+        return {"test_accuracy": on_test_set(setup.model, data, s.eval_examples)["test_accuracy"]}
 
     def finish(self, trial, s, setup, data):
         model = setup.model
-        accuracy, loss = accuracy_and_loss(model, data.x_test, data.y_test)
+        values = on_test_set(model, data)
         if trial.params["run"] == "micro":  # training-mode batches: test images, per microbatch
             train_mode = batch_statistics_accuracy(model, data.x_test, data.y_test, s.gradient_batch)
         else:
             order = paired_test_order(data.y_test, s.pair_labels, s.seed, s.classes_per_batch or None)
             train_mode = batch_statistics_accuracy(model, data.x_test[order], data.y_test[order],
                                                    2 * s.pair_labels)  # fmt: skip
-        values = {"test_accuracy": accuracy, "test_loss": loss, "train_mode_accuracy": train_mode,
-                  "train_eval_gap": train_mode - accuracy, "control_50_accuracy": None}  # fmt: skip
+        values.update(train_mode_accuracy=train_mode, train_eval_gap=train_mode - values["test_accuracy"],
+                      control_50_accuracy=None)
         if trial.params["arm"] == "noniid-bn":
             order = paired_test_order(data.y_test, s.control_pairs, s.seed, s.classes_per_batch or None)
             values["control_50_accuracy"] = batch_statistics_accuracy(
@@ -161,20 +153,20 @@ class Renorm(Experiment):
     def claims(self, s):
         micro = f"microbatches of {s.microbatch}"
         return [
-            _gain("micro-brn-beats-bn", "micro-brn-4", "micro-bn-4",
-                  f"{micro}: Batch Renorm − BN test accuracy", "+0.023: 76.5% vs 74.2%", 0.023,
-                  f"{SOURCE}, §4.2, Fig. 2"),
+            arm_gap("micro-brn-beats-bn", f"{micro}: Batch Renorm − BN test accuracy",
+                    Published("+0.023: 76.5% vs 74.2%", f"{SOURCE}, §4.2, Fig. 2", 0.023),
+                    "test_accuracy", "micro-brn-4", "micro-bn-4", above(0.0), "+.4f"),
             Claim("micro-bn-gap", f"{micro}: |train/eval gap| of BN − of Batch Renorm",
                   Published("BN's training and inference outputs differ; Batch Renorm's agree",
                             f"{SOURCE}, §3 (motivation)"),
                   per_seed(_gap_difference, "|training-mode − eval-mode accuracy|, BN − Batch Renorm"),
                   above(0.0), fmt="+.4f"),
-            _gain("noniid-hurts-bn", "noniid-bn-iid", "noniid-bn",
-                  "BN: i.i.d. − non-i.i.d. batches, test accuracy", "+0.113: 78.3% vs 67.0%", 0.113,
-                  f"{SOURCE}, §4.3, Fig. 3"),
-            _gain("noniid-brn-beats-bn", "noniid-brn", "noniid-bn",
-                  "non-i.i.d.: Batch Renorm − BN test accuracy", "+0.116: 78.6% vs 67.0%", 0.116,
-                  f"{SOURCE}, §4.3, Fig. 3"),
+            arm_gap("noniid-hurts-bn", "BN: i.i.d. − non-i.i.d. batches, test accuracy",
+                    Published("+0.113: 78.3% vs 67.0%", f"{SOURCE}, §4.3, Fig. 3", 0.113),
+                    "test_accuracy", "noniid-bn-iid", "noniid-bn", above(0.0), "+.4f"),
+            arm_gap("noniid-brn-beats-bn", "non-i.i.d.: Batch Renorm − BN test accuracy",
+                    Published("+0.116: 78.6% vs 67.0%", f"{SOURCE}, §4.3, Fig. 3", 0.116),
+                    "test_accuracy", "noniid-brn", "noniid-bn", above(0.0), "+.4f"),
             Claim("noniid-control-50", "BN (non-i.i.d.) in training mode on non-i.i.d. test batches of "
                   f"{2 * s.control_pairs}", Published("76.5%", f"{SOURCE}, §4.3", 0.765),
                   final("control_50_accuracy", arm="noniid-bn"), None, fmt=".4f"),

@@ -32,7 +32,7 @@ from torch import nn
 
 from normkit.lab import mechanism
 from normkit.lab.claims import Claim, Published, above, below, per_seed
-from normkit.lab.evaluation import accuracy_and_loss
+from normkit.lab.evaluation import on_test_set
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Curves
 from normkit.lab.metrics import ics
@@ -166,8 +166,7 @@ class Santurkar2018Ics(Experiment):
             row = {"test_mse": float(loss_fn(model(data.x_test), data.y_test))}
         else:
             layers, loss_fn = mechanism.weight_layers(s), nn.functional.cross_entropy
-            test = data.x_test[: s.eval_examples], data.y_test[: s.eval_examples]
-            row = dict(zip(("test_accuracy", "test_loss"), accuracy_and_loss(model, *test), strict=True))
+            row = on_test_set(model, data, s.eval_examples)
         model.train()  # ICS as training sees it: BN with batch statistics
         try:
             shift = ics(model, loss_fn, batch, setup.optimizer, layers=layers)

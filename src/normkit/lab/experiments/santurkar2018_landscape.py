@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from normkit.lab.claims import Claim, Published, below, difference, from_curve, per_seed
-from normkit.lab.evaluation import accuracy_and_loss
+from normkit.lab.evaluation import on_test_set
 from normkit.lab.experiment import Experiment, Setup, register
 from normkit.lab.figures import Curves
 from normkit.lab.mechanism import LABELS, PAPER, NetworkSettings, describe, network, probe_batch
@@ -169,14 +169,14 @@ class Santurkar2018Landscape(Experiment):
 
     def measure(self, trial, s, setup, data):
         model, count = setup.model, s.eval_examples
-        accuracy, loss = accuracy_and_loss(model, data.x_test[:count], data.y_test[:count])
+        row = on_test_set(model, data, count)
         batch = probe_batch(data, s.batch_size, trial.seed, setup.step)
         model.train()  # the landscape training sees: normalization with batch statistics
         try:
             probe = landscape_probe(model, nn.functional.cross_entropy, batch, s.step_sizes)
         finally:
             model.eval()
-        return {"test_accuracy": accuracy, "test_loss": loss, "landscape": probe.as_dict()}
+        return {**row, "landscape": probe.as_dict()}
 
     def claims(self, s):
         def smoother(name, measure, quantity, published, source):

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from normkit.lab.claims import Claim, Published, above, below, per_seed
-from normkit.lab.evaluation import accuracy_and_loss, error_on_test_set, error_percent
+from normkit.lab.evaluation import error_on_test_set, error_percent, on_test_set
 from normkit.lab.experiment import Experiment, Setup, register, training_subset
 from normkit.lab.figures import Bars, Curves, VersusSetting
 from normkit.lab.plan import Arm, Plan
@@ -103,8 +103,7 @@ class Switchable(Experiment):
 
     def finish(self, trial, s, setup, data):
         p, k = trial.params, s.batch_stat_examples
-        accuracy, loss = accuracy_and_loss(setup.model, data.x_test, data.y_test)
-        values = {"test_error": error_percent(accuracy), "test_loss": loss}
+        values = on_test_set(setup.model, data, error=True)
         if p["normalizer"] in ("bn", "sn"):
             values["batch_stat_error"] = error_percent(
                 batch_statistics_accuracy(setup.model, data.x_test[:k], data.y_test[:k],
