@@ -193,7 +193,7 @@ def forward(x, w_b, b, w_f, eps: float, running_mean=None, running_var=None):
         s1, s2 = torch.empty(2, n, c, dtype=torch.float64)
         library.bln_stats(x.data_ptr(), shift.data_ptr(), n, s, c, eps, mean_f.data_ptr(),
                           invstd_f.data_ptr(), s1.data_ptr(), s2.data_ptr(), threads)  # fmt: skip
-        mean, var = _plane_sums._moments(s1.sum(0), s2.sum(0), shift, n * s)
+        mean, var = _plane_sums.moments_from_sums(s1.sum(0), s2.sum(0), shift, n * s)
     else:
         library.bln_stats(x.data_ptr(), None, n, s, c, eps, mean_f.data_ptr(), invstd_f.data_ptr(),
                           None, None, threads)  # fmt: skip

@@ -24,7 +24,7 @@ import functools
 import torch
 
 from normkit.functional import _native
-from normkit.functional._plane_sums import _layout
+from normkit.functional._plane_sums import layout
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -82,12 +82,12 @@ def available(*tensors: torch.Tensor) -> bool:
     """Whether the pass runs for these (N, C, *) inputs here: same shape and strides, float32,
     contiguous or channels_last, not empty."""
     first = tensors[0]
-    layout = _layout(first)
+    kind = layout(first)
     return (
-        layout is not None
+        kind is not None
         and first.numel() > 0
         and all(t.shape == first.shape and t.stride() == first.stride() for t in tensors)
-        and all(_layout(t) == layout for t in tensors)
+        and all(layout(t) == kind for t in tensors)
         and _library() is not None
     )
 
@@ -107,6 +107,6 @@ def channel_pass(a: torch.Tensor | None, b: torch.Tensor, k: torch.Tensor, A: to
     _library().channel_pass(
         None if a is None else a.data_ptr(), b.data_ptr(), k.data_ptr(),
         None if A is None else A.data_ptr(), B.data_ptr(), D.data_ptr(), out.data_ptr(),
-        n, c, b.numel() // (n * c), int(_layout(b) == "rows"), torch.get_num_threads(),
+        n, c, b.numel() // (n * c), int(layout(b) == "rows"), torch.get_num_threads(),
     )  # fmt: skip
     return out

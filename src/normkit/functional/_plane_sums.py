@@ -113,7 +113,7 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
-def _layout(t: torch.Tensor) -> str | None:
+def layout(t: torch.Tensor) -> str | None:
     """``"rows"`` for a float32 CPU (N, C, *) tensor laid out as N × S rows of C channels
     (channels_last), ``"planes"`` for one laid out as N × C planes of S values (contiguous), else
     None."""
@@ -133,7 +133,7 @@ def available(*tensors: torch.Tensor, contiguous: bool = False) -> bool:
     return (
         same
         and first.numel() > 0
-        and all(_layout(t) in layouts for t in tensors)
+        and all(layout(t) in layouts for t in tensors)
         and _library() is not None
     )
 
@@ -147,14 +147,14 @@ def _call(a, b, ka=None, kb=None) -> tuple[torch.Tensor, torch.Tensor]:
     shifts = [None if k is None else k.to(torch.float32).expand(n, c).contiguous() for k in (ka, kb)]
     pointers = (a.data_ptr(), b.data_ptr(), *(None if k is None else k.data_ptr() for k in shifts))
     outputs, threads = (out1.data_ptr(), out2.data_ptr()), torch.get_num_threads()
-    if _layout(a) == "planes":
+    if layout(a) == "planes":
         _library().plane_sums_contiguous(*pointers, n * c, positions, *outputs, threads)
     else:
         _library().plane_sums(*pointers, n, positions, c, *outputs, threads)
     return out1, out2
 
 
-def _moments(s1: torch.Tensor, s2: torch.Tensor, shift: torch.Tensor, count: int):
+def moments_from_sums(s1: torch.Tensor, s2: torch.Tensor, shift: torch.Tensor, count: int):
     """Mean and biased variance, float32, from sums of d = x - shift and d² over ``count`` values:
     mean = shift + S1 / n, var = (S2 - S1² / n) / n (PERF.md §4)."""
     mean = shift.double() + s1 / count
@@ -165,7 +165,7 @@ def plane_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, t
     """Mean and biased variance of every (n, c) plane of ``x``, (N, C) float32, from sums shifted
     by ``shift`` (N, C), e.g. a sampled mean of each plane."""
     s1, s2 = _call(x, x, shift, shift)
-    return _moments(s1, s2, shift, x.numel() // (x.shape[0] * x.shape[1]))
+    return moments_from_sums(s1, s2, shift, x.numel() // (x.shape[0] * x.shape[1]))
 
 
 def plane_sums(dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +178,7 @@ def channel_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor,
     """Mean and biased variance of every channel of ``x`` over all its other dims, (C,) float32:
     the planes' sums shifted by one ``shift`` (C,) per channel, added over the samples in float64."""
     s1, s2 = (s.sum(0) for s in _call(x, x, shift, shift))
-    return _moments(s1, s2, shift, x.numel() // x.shape[1])
+    return moments_from_sums(s1, s2, shift, x.numel() // x.shape[1])
 
 
 def channel_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
