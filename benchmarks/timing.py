@@ -1,9 +1,10 @@
 """Timing one call the way every CPU benchmark of docs/benchmarks.md does: torch's Timer, at
 torch's own thread count (Timer's default is one thread), with the process's CPU time beside the
-wall time."""
+wall time; and, for runs that measure the passes rather than the allocator, :func:`keep_freed_memory`."""
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable
 
@@ -31,3 +32,24 @@ def train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[
         layer(leaf).backward(dy)
 
     return step
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep the memory a process frees (``mallopt``: trim threshold 2 GiB,
+    mmap threshold 32 MiB, its maximum) rather than return it to the system; False where the C
+    library has no ``mallopt``.
+
+    By default glibc gives a large freed block back when the free space at the top of its heap
+    exceeds a threshold that it adapts as blocks come and go, and the next step's output then
+    faults its pages in again, zeroed by the kernel (about 6,300 faults, several ms, per 25 MB
+    tensor on the machine of docs/benchmarks.md). Which provider's steps hit that depends on the
+    order of its allocations, not on its passes over memory, so the same ATen kernel measured 20-40%
+    apart from one provider to the next. With this set, every provider's outputs reuse warm pages,
+    as under jemalloc or tcmalloc (which PyTorch's CPU performance guides recommend) and as in the
+    copy that the memory bound is measured with."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD (malloc.h)
+    return bool(mallopt(trim_threshold, 2**31 - 1)) and bool(mallopt(mmap_threshold, 32 << 20))

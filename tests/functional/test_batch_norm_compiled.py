@@ -14,7 +14,7 @@ import normkit as nk
 import normkit.functional as nkf
 from helpers import assert_close, make_input, randomize_parameters
 from normkit import reference as R
-from normkit.functional import _compiled, _plane_sums
+from normkit.functional import _channel_pass, _compiled
 
 pytestmark = pytest.mark.skipif(
     not _compiled.compiler_available(), reason="torch.compile on the CPU needs a C++ compiler"
@@ -39,8 +39,13 @@ def _layout(x, layout):
     return x.contiguous(memory_format=memory_format)
 
 
+@pytest.mark.parametrize("c_passes", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_compiled_batch_norm_matches_the_oracle(layout, compile_small):
+def test_compiled_batch_norm_matches_the_oracle(layout, c_passes, compile_small, monkeypatch):
+    """Float32 through the C passes (plane sums, channel pass) where they build, and through
+    Inductor's passes without them."""
+    if not c_passes:
+        monkeypatch.setattr(_channel_pass, "_library", lambda: None)
     layer = nk.BatchNorm2d(4, momentum=0.3)
     randomize_parameters(layer)
     gamma, beta = layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy()
@@ -69,16 +74,15 @@ def test_compiled_batch_norm_matches_the_oracle(layout, compile_small):
     with nk.backend("compiled"):
         y = layer(_layout(x.float(), layout))
     assert_close(y, torch.tensor(expected), torch.float32, "eval")
-    if layout == "channels_last" and _plane_sums.available(leaf.detach()):
-        # float32 channels_last: the plane sums' reductions, the compiled elementwise passes
-        assert set(compile_small) == {"_normalize_maths", "_input_grad_maths"}
+    if c_passes and _channel_pass.available(leaf.detach()):  # float32: nothing to compile
+        assert compile_small == []
     else:
         assert "_forward_maths" in compile_small and "_backward_maths" in compile_small
 
 
 def test_channels_last_with_a_gradient_in_another_layout(compile_small):
-    """A channels_last float32 input whose incoming gradient is contiguous: the plane sums'
-    statistics in the forward, the compiled reductions in the backward; ATen's gradients."""
+    """A channels_last float32 input whose incoming gradient is contiguous: the C passes in the
+    forward, the compiled backward; ATen's gradients."""
     x = make_input(SHAPE, torch.float32, seed=6).contiguous(memory_format=torch.channels_last)
     dy = make_input(SHAPE, torch.float32, seed=7, scale=1.0, shift=0.0)  # contiguous
     grads = {}
@@ -90,8 +94,8 @@ def test_channels_last_with_a_gradient_in_another_layout(compile_small):
         grads[backend] = (leaf.grad, layer.weight.grad, layer.bias.grad)
     for got, want in zip(grads["compiled"], grads["native"], strict=True):
         assert_close(got, want, torch.float32, "gradient")
-    if _plane_sums.available(x):
-        assert compile_small == ["_normalize_maths", "_backward_maths"]
+    if _channel_pass.available(x):
+        assert compile_small == ["_backward_maths"]
 
 
 def test_compiled_gradients_and_second_derivatives_equal_atens(compile_small):

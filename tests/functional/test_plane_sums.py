@@ -1,7 +1,8 @@
-"""The per-plane sums of channels_last float32 tensors (normkit.functional._plane_sums): against
-float64 sums on shapes that are and are not multiples of the 64-row blocks, 3-, 4- and 5-d, far
-from zero; which inputs take them; the family's gradients through them against the native engine;
-and the compiled reductions where no library can be built."""
+"""The per-plane sums of float32 tensors (normkit.functional._plane_sums), channels_last (rows) and
+contiguous (planes): against float64 sums on shapes that are and are not multiples of the 64-row
+and 1,024-value blocks, 3-, 4- and 5-d, far from zero; which inputs take them; the family's and
+BatchNorm's gradients through them against the native engine; and the compiled reductions where
+no library can be built."""
 
 from __future__ import annotations
 
@@ -10,28 +11,32 @@ import torch
 
 import normkit as nk
 from helpers import assert_close, make_input
-from normkit.functional import _compiled, _plane_sums
+from normkit.functional import _compiled, _native, _plane_sums
 from normkit.functional._batch_norm_compiled import sample_mean
 
 pytestmark = pytest.mark.skipif(
     _plane_sums._library() is None, reason="no C compiler with OpenMP to build the plane sums"
 )
 
-SHAPES = [(2, 3, 5, 7), (3, 5, 9, 17), (2, 1, 8, 8), (1, 64, 16, 16), (4, 6, 130), (2, 3, 2, 5, 7)]
+SHAPES = [(2, 3, 5, 7), (3, 5, 9, 17), (2, 1, 8, 8), (1, 64, 16, 16), (4, 6, 130), (2, 3, 2, 5, 7),
+          (2, 3, 41, 53)]  # fmt: skip  (the last: 2,173 values per plane, three blocks of 1,024)
+LAYOUTS = ["rows", "planes"]
 
 
-def _rows_layout(shape, dtype=torch.float32, seed=0, scale=2.0, shift=0.5):
-    """``make_input`` in the rows-of-channels layout for any rank (channels moved innermost)."""
+def _rows_layout(shape, dtype=torch.float32, seed=0, scale=2.0, shift=0.5, layout="rows"):
+    """``make_input`` in the rows-of-channels layout for any rank (channels moved innermost), or
+    contiguous (``layout="planes"``)."""
     x = make_input(shape, dtype, seed=seed, scale=scale, shift=shift)
-    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+    return x.movedim(1, -1).contiguous().movedim(-1, 1) if layout == "rows" else x
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("offset", [0.5, 1000.0])
-def test_plane_moments_match_float64(shape, offset):
+def test_plane_moments_match_float64(shape, offset, layout):
     """Mean and biased variance per plane within float32's tolerance of float64 sums, also far
     from zero (offset 1000, standard deviation 2: the shifted sums keep the variance)."""
-    x = _rows_layout(shape, shift=offset)
+    x = _rows_layout(shape, shift=offset, layout=layout)
     spatial = tuple(range(2, x.dim()))
     mean, var = _plane_sums.plane_moments(x, sample_mean(x, spatial).flatten(1))
     x64 = x.double()
@@ -39,22 +44,25 @@ def test_plane_moments_match_float64(shape, offset):
     assert_close(var, x64.var(spatial, unbiased=False), torch.float32, "variance")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_plane_sums_match_float64(shape):
-    x, dy = _rows_layout(shape, seed=1), _rows_layout(shape, seed=2, scale=1.0, shift=0.0)
+def test_plane_sums_match_float64(shape, layout):
+    x = _rows_layout(shape, seed=1, layout=layout)
+    dy = _rows_layout(shape, seed=2, scale=1.0, shift=0.0, layout=layout)
     sum_gx, sum_g = _plane_sums.plane_sums(dy, x)
     spatial = tuple(range(2, x.dim()))
     assert_close(sum_gx, (dy.double() * x.double()).sum(spatial), torch.float32, "sum(dy * x)")
     assert_close(sum_g, dy.double().sum(spatial), torch.float32, "sum(dy)")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("offset", [0.5, 1000.0])
-def test_channel_moments_and_sums_match_float64(shape, offset):
+def test_channel_moments_and_sums_match_float64(shape, offset, layout):
     """BatchNorm's per-channel statistics and backward sums from the plane sums, added over the
     samples in float64."""
-    x = _rows_layout(shape, seed=3, shift=offset)
-    dy = _rows_layout(shape, seed=4, scale=1.0, shift=0.0)
+    x = _rows_layout(shape, seed=3, shift=offset, layout=layout)
+    dy = _rows_layout(shape, seed=4, scale=1.0, shift=0.0, layout=layout)
     dims = (0, *range(2, x.dim()))
     mean, var = _plane_sums.channel_moments(x, sample_mean(x, dims).reshape(-1))
     x64 = x.double()
@@ -66,10 +74,12 @@ def test_channel_moments_and_sums_match_float64(shape, offset):
     assert_close(sum_gx, (dy.double() * centred).sum(dims), torch.float32, "sum(dy * (x - mean))")
 
 
-def test_only_float32_channels_last_inputs_of_one_layout_take_them():
+def test_only_float32_inputs_of_one_layout_take_them():
     x = _rows_layout((2, 3, 4, 5))
     assert _plane_sums.available(x) and _plane_sums.available(x, x.clone())
-    assert not _plane_sums.available(x.contiguous())  # NCHW: Inductor's reductions are fast there
+    assert not _plane_sums.available(x.contiguous())  # the family's NCHW keeps Inductor's
+    assert _plane_sums.available(x.contiguous(), contiguous=True)  # BatchNorm's takes them
+    assert not _plane_sums.available(x[:, :, ::2], contiguous=True)  # neither layout
     assert not _plane_sums.available(x.to(torch.bfloat16)) and not _plane_sums.available(x.double())
     assert not _plane_sums.available(x, x.contiguous())  # dy in another layout
     assert not _plane_sums.available(torch.zeros(4, 3))  # no positions
@@ -81,21 +91,24 @@ LAYERS = {  # layer: (constructor, the plane-sums functions its compiled engine 
     "batch_instance": (lambda: nk.BatchInstanceNorm(8), ["plane_moments", "plane_sums"]),
     "switchable": (lambda: nk.SwitchableNorm(8), ["plane_moments", "plane_sums"]),
     "batch": (lambda: nk.BatchNorm2d(8), ["channel_moments", "channel_sums"]),
+    "batch, NCHW": (lambda: nk.BatchNorm2d(8), ["channel_moments", "channel_sums"]),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_layers_in_channels_last_through_the_plane_sums(name, monkeypatch):
-    """Float32 channels_last forward + backward of the compiled engine, its reductions from the
-    plane sums, against the native engine: output, every gradient and the running statistics."""
+def test_layers_through_the_plane_sums(name, monkeypatch):
+    """Float32 forward + backward of the compiled engine, channels_last (and NCHW for BatchNorm),
+    its reductions from the plane sums, against the native engine: output, every gradient and the
+    running statistics."""
     make, expected = LAYERS[name]
+    channels_last = "NCHW" not in name
     monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
     used = []
     for fn in {*expected, "plane_moments", "plane_sums", "channel_moments", "channel_sums"}:
         real = getattr(_plane_sums, fn)
         monkeypatch.setattr(_plane_sums, fn, lambda *a, f=real, n=fn: used.append(n) or f(*a))
-    x = make_input((4, 8, 9, 11), channels_last=True, seed=5)
-    dy = make_input((4, 8, 9, 11), channels_last=True, seed=6, scale=1.0, shift=0.0)
+    x = make_input((4, 8, 9, 11), channels_last=channels_last, seed=5)
+    dy = make_input((4, 8, 9, 11), channels_last=channels_last, seed=6, scale=1.0, shift=0.0)
     results = {}
     for backend in ("native", "compiled"):
         torch.manual_seed(0)
@@ -127,5 +140,5 @@ def test_without_the_library_the_compiled_reductions_run(monkeypatch):
 
 
 def test_no_compiler_no_library(monkeypatch):
-    monkeypatch.setattr(_plane_sums.shutil, "which", lambda name: None)
-    assert _plane_sums._library.__wrapped__() is None
+    monkeypatch.setattr(_native.shutil, "which", lambda name: None)
+    assert _native.library.__wrapped__("plane_sums", _plane_sums._SOURCE) is None

@@ -14,7 +14,9 @@ parameters. ``native`` runs ATen's batch-norm and layer-norm kernels side by sid
 its channels moved last (one layout for both; see ``_ChannelsLastBatchLayerNorm``); ``reference``
 normalizes twice with normkit's :func:`~normkit.functional.normalize_over` and mixes; ``compiled``
 writes both parts' forward and backward as pure tensor maths fused by torch.compile in the input's
-own layout, which saves the native path's four layout copies on NCHW inputs.
+own layout, which saves the native path's four layout copies on NCHW inputs; for float32
+channels_last inputs it runs them as C loops over the rows instead
+(:mod:`normkit.functional._batch_layer_rows`: BatchNorm's 8 passes).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import math
 import torch
 
 from normkit.errors import ConfigError
-from normkit.functional import _dispatch
+from normkit.functional import _batch_layer_rows, _dispatch
 from normkit.functional._batch_instance_norm import mix_with_batch_statistics
 from normkit.functional._batch_norm import batch_dims
 from normkit.functional._batch_norm_compiled import channel_moments, channel_sum, shifted_moments
@@ -44,6 +46,7 @@ from normkit.functional._normalize import (
     normalize,
     normalize_over,
 )
+from normkit.functional._running_stats import compiling
 
 # The offsets of the official code: the weights are 1/m - 1e-4 and 1 - (1/m + 1e-4).
 WEIGHT_OFFSET = 1e-4
@@ -268,9 +271,15 @@ class _CompiledBatchLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_b, b, w_f, running_mean, running_var, eps):
-        y, mean, var, mean_f, invstd_f = CompiledMaths.call(
-            _compiled_forward_maths, x, w_b, b, w_f, running_mean, running_var, eps
-        )
+        ctx.rows = not compiling() and _batch_layer_rows.available(x)
+        if ctx.rows:  # float32 channels_last: the C passes over the rows
+            y, mean, var, mean_f, invstd_f = _batch_layer_rows.forward(
+                x, w_b, b, w_f, eps, running_mean, running_var
+            )
+        else:
+            y, mean, var, mean_f, invstd_f = CompiledMaths.call(
+                _compiled_forward_maths, x, w_b, b, w_f, running_mean, running_var, eps
+            )
         if running_mean is not None:
             mean, var = running_mean, running_var
         if y.stride() != x.stride():
@@ -286,10 +295,14 @@ class _CompiledBatchLayerNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: double backward
             grads = _differentiable_backward(dy, x, w_b, w_f, mean, var, ctx)
             return (*grads, None, None, None)
-        dx, dw_b, db, dw_f = CompiledMaths.call(
-            _compiled_backward_maths, dy, x, w_b, w_f, mean, var, mean_f, invstd_f, ctx.eps,
-            ctx.training,
-        )  # fmt: skip
+        if ctx.rows:  # its per-position statistics are for the C backward; dy in x's layout
+            dy = dy if dy.stride() == x.stride() else torch.empty_like(x).copy_(dy)
+            dx, dw_b, db, dw_f = _batch_layer_rows.backward(
+                dy, x, w_b, w_f, mean, var, mean_f, invstd_f, ctx.eps, ctx.training
+            )
+        else:
+            args = (dy, x, w_b, w_f, mean, var, mean_f, invstd_f, ctx.eps, ctx.training)
+            dx, dw_b, db, dw_f = CompiledMaths.call(_compiled_backward_maths, *args)
         if dx.stride() != x.stride():
             dx = torch.empty_like(x).copy_(dx)
         needs = ctx.needs_input_grad

@@ -6,9 +6,11 @@ once more to normalize, and twice x and dy in backward: 9 passes, each slower th
 the statistics take one pass of shifted sums (:func:`shifted_moments`), then one normalize pass
 (read x, write y), one reduction pass (``sum(dy)``, ``sum(dy * x_hat)``: read x and dy) and one
 elementwise pass for dx (read x, dy, write dx): 8 passes, each a vectorized loop in the input's
-own layout, channels_last reductions by blocks of positions (:func:`row_block`), or for float32
-channels_last by :mod:`normkit.functional._plane_sums`' one pass over the rows; docs/benchmarks.md
-has the fraction of that bound each implementation reaches.
+own layout, channels_last reductions by blocks of positions (:func:`row_block`). For float32
+inputs, contiguous or channels_last, the same four passes run as C loops instead
+(:mod:`normkit.functional._plane_sums` for the sums, :mod:`normkit.functional._channel_pass` for
+the normalize and dx passes), which reach the copy's speed where Inductor's reductions do not;
+docs/benchmarks.md has the fraction of that bound each implementation reaches.
 
 Where compiling cannot pay or cannot work, the call runs ATen's kernels instead (the same results
 within float32 rounding):
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from normkit.functional import _plane_sums
+from normkit.functional import _channel_pass, _plane_sums
 from normkit.functional._batch_norm import batch_dims
 from normkit.functional._compiled import CompiledMaths, worth_compiling
 from normkit.functional._moments import stats_dtype
@@ -150,10 +152,18 @@ def _input_grad_maths(dy, x, weight, mean, invstd, sum_g, sum_gx):
     return g * channel_view(scale, ndim)
 
 
-def _rows(*tensors: torch.Tensor) -> bool:
-    """Whether float32 channels_last inputs take :mod:`._plane_sums`' reductions (one pass over
-    the rows, where Inductor's channels_last reductions take 2-3× longer)."""
-    return not compiling() and _plane_sums.available(*tensors)
+def _in_c(*tensors: torch.Tensor) -> bool:
+    """Whether float32 inputs, contiguous or channels_last, take the C passes
+    (:mod:`._plane_sums`, :mod:`._channel_pass`)."""
+    return (
+        not compiling()
+        and _plane_sums.available(*tensors, contiguous=True)
+        and _channel_pass.available(*tensors)
+    )
+
+
+def _scale(weight: torch.Tensor | None, invstd: torch.Tensor) -> torch.Tensor:
+    return invstd if weight is None else invstd * weight
 
 
 def _backward_maths(dy, x, weight, mean, invstd):
@@ -185,9 +195,10 @@ class _CompiledBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        if _rows(x):
+        if _in_c(x):
             mean, var = _plane_sums.channel_moments(x, sample_mean(x, batch_dims(x.dim())).reshape(-1))
-            y, invstd = CompiledMaths.call(_normalize_maths, x, weight, bias, mean, var, eps)
+            invstd = torch.rsqrt(var + eps)
+            y = _channel_pass.channel_pass(None, x, mean, None, _scale(weight, invstd), bias)
         else:
             y, mean, invstd, var = CompiledMaths.call(_forward_maths, x, weight, bias, eps)
         if running_mean is not None and running_var is not None:
@@ -205,13 +216,17 @@ class _CompiledBatchNorm(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph: differentiate ATen's batch norm instead
             return _differentiable_backward(ctx, dy, x, weight, bias)
-        if _rows(dy, x):
+        if _in_c(dy, x):  # dx = w invstd (dy - sum g / n - x_hat sum g x_hat / n)
             sum_g, sum_gx = _plane_sums.channel_sums(dy, x, mean)
             sum_gx = sum_gx * invstd  # sum(dy * x_hat)
-            dx = CompiledMaths.call(_input_grad_maths, dy, x, weight, mean, invstd, sum_g, sum_gx)
+            scale, n = _scale(weight, invstd), x.numel() // x.shape[1]
+            dx = None
+            if needs[0]:
+                dx = _channel_pass.channel_pass(dy, x, mean, scale, -scale * invstd * sum_gx / n,
+                                                -scale * sum_g / n)  # fmt: skip
         else:
             dx, sum_gx, sum_g = CompiledMaths.call(_backward_maths, dy, x, weight, mean, invstd)
-        if dx.stride() != x.stride():
+        if dx is not None and dx.stride() != x.stride():
             dx = torch.empty_like(x).copy_(dx)
         dweight = sum_gx.to(weight.dtype) if weight is not None and needs[1] else None
         dbias = sum_g.to(bias.dtype) if bias is not None and needs[2] else None

@@ -1,6 +1,6 @@
-"""Per-plane sums of a channels_last float32 tensor in one pass over its rows, for the ``compiled``
-engines of the per-plane family (:mod:`normkit.functional._instance_stats_compiled`) and of
-BatchNorm (:mod:`normkit.functional._batch_norm_compiled`).
+"""Per-plane sums of a float32 tensor in one pass, for the ``compiled`` engines of the per-plane
+family (:mod:`normkit.functional._instance_stats_compiled`) and of BatchNorm
+(:mod:`normkit.functional._batch_norm_compiled`).
 
 A channels_last (N, C, *) tensor is N blocks of S rows of C contiguous channels. Its per-plane
 (n, c) reductions over the S positions are the family's whole cost beyond two copies, and
@@ -9,36 +9,31 @@ Inductor compiles them to a loop over 16 channels at a time that sweeps each pla
 (docs/benchmarks.md, "The memory bound on the CPU"). ATen has no per-plane reduction for this
 layout (``var_mean`` over the positions runs Welford, 20× slower). The loop here reads each
 row once, in order, every channel of a row at once (the compiler vectorizes the inner loop over
-channels), and accumulate in float32 over blocks of 64 rows, then in float64: per plane
+channels), and accumulate in float32 over blocks of 64 rows, then in float64. A contiguous
+(NCHW) tensor is N × C planes of S contiguous values, each summed by a vectorized loop over
+blocks of 1,024 values (float32 within a block, float64 across blocks): BatchNorm's two backward
+sums over (N, H, W), which Inductor runs at half a read's speed. Per plane:
 
 - :func:`plane_moments`: ``sum(x - k)`` and ``sum((x - k)^2)`` for a shift ``k[n, c]`` (shifted
   sums, PERF.md §4: the variance loses only ``(mean - k)^2 / var`` to cancellation);
 - :func:`plane_sums`: ``sum(dy)`` and ``sum(dy * x)``;
 - :func:`channel_moments` and :func:`channel_sums`: the same added over the samples, for the
-  compiled batch norm (:mod:`normkit.functional._batch_norm_compiled`): BatchNorm's per-channel
-  moments and ``sum(dy)``, ``sum(dy * (x - mean))``.
+  compiled batch norm: BatchNorm's per-channel moments and ``sum(dy)``, ``sum(dy * (x - mean))``.
 
-The C source below is built once per CPU type with the system's C compiler (``cc -O3
--march=native -fopenmp``, under a second) into the user's cache directory (the file name hashes
-the source, the flags and the CPU's feature flags), and called through
-ctypes with torch's thread count; ctypes releases the GIL for the call. Where there is no compiler,
-the build fails or the input is not float32 channels_last, :func:`available` says False and the
-engine keeps Inductor's reductions, which give the same sums within float32 rounding.
+The C source is built by :func:`normkit.functional._native.library` and called with torch's thread
+count. Where it cannot be built or the input is not float32 in one of the two layouts,
+:func:`available` says False and the engines keep Inductor's reductions, which give the same sums
+within float32 rounding.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
+
+from normkit.functional import _native
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -75,72 +70,72 @@ void plane_sums(const float* a, const float* b, const float* ka, const float* kb
     }
   }
 }
+
+#define BLOCK 1024
+/* The same sums for P contiguous planes of S values, shifts ka[p] and kb[p]. */
+void plane_sums_contiguous(const float* a, const float* b, const float* ka, const float* kb,
+                           int64_t P, int64_t S, double* out1, double* out2, int threads) {
+  #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t p = 0; p < P; p++) {
+    const float* pa = a + p * S;
+    const float* pb = b + p * S;
+    float sa = ka ? ka[p] : 0.0f, sb = kb ? kb[p] : 0.0f;
+    double o1 = 0.0, o2 = 0.0;
+    for (int64_t s0 = 0; s0 < S; s0 += BLOCK) {
+      int64_t end = s0 + BLOCK < S ? s0 + BLOCK : S;
+      float acc1 = 0.0f, acc2 = 0.0f;
+      #pragma omp simd reduction(+:acc1, acc2)
+      for (int64_t s = s0; s < end; s++) {
+        float da = pa[s] - sa;
+        acc1 += da;
+        acc2 += da * (pb[s] - sb);
+      }
+      o1 += acc1;
+      o2 += acc2;
+    }
+    out1[p] = o1;
+    out2[p] = o2;
+  }
+}
 """
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-
-
-def _cpu() -> str:
-    """What the CPU can run (its flags), so that a library built with ``-march=native`` is never
-    loaded on another CPU sharing the same cache directory (a cluster's home directory)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.machine() + platform.processor()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "normkit"
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The built library, or None where it cannot be built or loaded (no compiler, no OpenMP)."""
-    compiler = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-    if compiler is None:
+    """The built library with its signatures, or None (:func:`normkit.functional._native.library`)."""
+    library = _native.library("plane_sums", _SOURCE)
+    if library is None:
         return None
-    digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + compiler + _cpu()).encode()).hexdigest()[:16]
-    try:
-        folder = _cache_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        folder = Path(tempfile.gettempdir())
-    target = folder / f"plane_sums-{digest}.so"
-    try:
-        if not target.exists():
-            with tempfile.TemporaryDirectory() as build:
-                source, output = Path(build) / "plane_sums.c", Path(build) / "plane_sums.so"
-                source.write_text(_SOURCE)
-                subprocess.run([compiler, *_FLAGS, str(source), "-o", str(output)], check=True,
-                               capture_output=True, timeout=120)  # fmt: skip
-                os.replace(shutil.copy(output, folder / f".{target.name}.{os.getpid()}"), target)
-        library = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    library.plane_sums.restype = None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.plane_sums.restype = library.plane_sums_contiguous.restype = None
     library.plane_sums.argtypes = [pointer] * 4 + [size] * 3 + [pointer] * 2 + [ctypes.c_int]
+    library.plane_sums_contiguous.argtypes = [pointer] * 4 + [size] * 2 + [pointer] * 2 + [ctypes.c_int]
     return library
 
 
-def _rows(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a float32 CPU (N, C, *) tensor laid out as N × S rows of C channels."""
-    return (
-        t.dtype == torch.float32
-        and t.device.type == "cpu"
-        and t.dim() >= 3
-        and not t.is_contiguous()
-        and t.movedim(1, -1).is_contiguous()
-    )
+def layout(t: torch.Tensor) -> str | None:
+    """``"rows"`` for a float32 CPU (N, C, *) tensor laid out as N × S rows of C channels
+    (channels_last), ``"planes"`` for one laid out as N × C planes of S values (contiguous), else
+    None."""
+    if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() < 3:
+        return None
+    if t.is_contiguous():
+        return "planes"
+    return "rows" if t.movedim(1, -1).is_contiguous() else None
 
 
-def available(*tensors: torch.Tensor) -> bool:
-    """Whether this module's sums run for these inputs (same shape and strides, float32
-    channels_last, not empty) on this machine."""
+def available(*tensors: torch.Tensor, contiguous: bool = False) -> bool:
+    """Whether this module's sums run for these inputs on this machine: same shape and strides,
+    not empty, float32 channels_last, or also contiguous where ``contiguous``."""
     first = tensors[0]
     same = all(t.shape == first.shape and t.stride() == first.stride() for t in tensors)
-    return same and first.numel() > 0 and all(map(_rows, tensors)) and _library() is not None
+    layouts = ("rows", "planes") if contiguous else ("rows",)
+    return (
+        same
+        and first.numel() > 0
+        and all(layout(t) in layouts for t in tensors)
+        and _library() is not None
+    )
 
 
 def _call(a, b, ka=None, kb=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,14 +145,16 @@ def _call(a, b, ka=None, kb=None) -> tuple[torch.Tensor, torch.Tensor]:
     out1 = torch.empty(n, c, dtype=torch.float64)
     out2 = torch.empty(n, c, dtype=torch.float64)
     shifts = [None if k is None else k.to(torch.float32).expand(n, c).contiguous() for k in (ka, kb)]
-    _library().plane_sums(
-        a.data_ptr(), b.data_ptr(), *(None if k is None else k.data_ptr() for k in shifts),
-        n, positions, c, out1.data_ptr(), out2.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+    pointers = (a.data_ptr(), b.data_ptr(), *(None if k is None else k.data_ptr() for k in shifts))
+    outputs, threads = (out1.data_ptr(), out2.data_ptr()), torch.get_num_threads()
+    if layout(a) == "planes":
+        _library().plane_sums_contiguous(*pointers, n * c, positions, *outputs, threads)
+    else:
+        _library().plane_sums(*pointers, n, positions, c, *outputs, threads)
     return out1, out2
 
 
-def _moments(s1: torch.Tensor, s2: torch.Tensor, shift: torch.Tensor, count: int):
+def moments_from_sums(s1: torch.Tensor, s2: torch.Tensor, shift: torch.Tensor, count: int):
     """Mean and biased variance, float32, from sums of d = x - shift and d² over ``count`` values:
     mean = shift + S1 / n, var = (S2 - S1² / n) / n (PERF.md §4)."""
     mean = shift.double() + s1 / count
@@ -168,7 +165,7 @@ def plane_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, t
     """Mean and biased variance of every (n, c) plane of ``x``, (N, C) float32, from sums shifted
     by ``shift`` (N, C), e.g. a sampled mean of each plane."""
     s1, s2 = _call(x, x, shift, shift)
-    return _moments(s1, s2, shift, x.numel() // (x.shape[0] * x.shape[1]))
+    return moments_from_sums(s1, s2, shift, x.numel() // (x.shape[0] * x.shape[1]))
 
 
 def plane_sums(dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +178,7 @@ def channel_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor,
     """Mean and biased variance of every channel of ``x`` over all its other dims, (C,) float32:
     the planes' sums shifted by one ``shift`` (C,) per channel, added over the samples in float64."""
     s1, s2 = (s.sum(0) for s in _call(x, x, shift, shift))
-    return _moments(s1, s2, shift, x.numel() // x.shape[1])
+    return moments_from_sums(s1, s2, shift, x.numel() // x.shape[1])
 
 
 def channel_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

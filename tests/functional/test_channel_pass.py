@@ -1,0 +1,96 @@
+"""The per-channel elementwise pass in C (normkit.functional._channel_pass): against float64 in both
+layouts, with and without its first term, far from zero; which inputs take it; and the compiled
+batch norm through it, against the native engine, and without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normkit as nk
+from helpers import assert_close, make_input
+from normkit.functional import _channel_pass, _compiled
+
+pytestmark = pytest.mark.skipif(
+    _channel_pass._library() is None, reason="no C compiler with OpenMP to build the channel pass"
+)
+
+SHAPES = [(2, 3, 5, 7), (3, 5, 9, 17), (2, 1, 8, 8), (4, 6, 130), (2, 3, 2, 5, 7)]
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if layout == "rows" else t.contiguous()
+
+
+@pytest.mark.parametrize("layout", ["rows", "planes"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_a", [True, False])
+def test_channel_pass_matches_float64(shape, layout, with_a):
+    """A[c] a + B[c] (b - k[c]) + D[c] within float32 rounding of float64 (b far from zero, k
+    near its mean: the subtraction comes first, as in the reference), in b's layout."""
+    c = shape[1]
+    generator = torch.Generator().manual_seed(len(shape) + c)
+    a = _layout(make_input(shape, seed=1, scale=1.0, shift=0.0), layout) if with_a else None
+    b = _layout(make_input(shape, seed=2, shift=1000.0), layout)
+    k, A, B, D = (torch.randn(c, generator=generator) for _ in range(4))
+    k = k + 1000.0
+    out = _channel_pass.channel_pass(a, b, k, A, B, D)
+    view = (1, c, *[1] * (len(shape) - 2))
+    want = B.double().view(view) * (b.double() - k.double().view(view)) + D.double().view(view)
+    if with_a:
+        want = want + A.double().view(view) * a.double()
+    assert out.stride() == b.stride()
+    assert_close(out, want, torch.float32, "channel pass")
+
+
+def test_only_float32_inputs_of_one_layout_take_it():
+    x = make_input((2, 3, 4, 5))
+    rows = _layout(x, "rows")
+    assert _channel_pass.available(x) and _channel_pass.available(rows, rows.clone())
+    assert not _channel_pass.available(x, rows)  # dy in another layout than x
+    assert not _channel_pass.available(x.double()) and not _channel_pass.available(x.half())
+    assert not _channel_pass.available(x[:, :, ::2])  # neither layout
+    assert not _channel_pass.available(torch.zeros(0, 3, 4, 5))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_through_the_c_passes(channels_last, affine, monkeypatch):
+    """BatchNorm2d's compiled engine, float32, runs its normalize and dx passes in C and matches
+    the native engine: output, input and parameter gradients, running statistics."""
+    monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
+    calls = []
+    real = _channel_pass.channel_pass
+    monkeypatch.setattr(_channel_pass, "channel_pass", lambda *a: calls.append(a[0] is None) or real(*a))
+    x = make_input((4, 8, 9, 11), channels_last=channels_last, seed=5, shift=50.0)
+    dy = make_input((4, 8, 9, 11), channels_last=channels_last, seed=6, scale=1.0, shift=0.0)
+    results = {}
+    for backend in ("native", "compiled"):
+        layer = nk.BatchNorm2d(8, affine=affine)
+        if affine:
+            with torch.no_grad():
+                layer.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
+                layer.bias.normal_(generator=torch.Generator().manual_seed(1))
+        leaf = x.clone().requires_grad_()
+        with nk.backend(backend):
+            y = layer(leaf)
+            y.backward(dy)
+        results[backend] = [y, leaf.grad, *(p.grad for p in layer.parameters()), *layer.buffers()]
+    assert calls == [True, False]  # the normalize pass, then dx
+    assert results["compiled"][0].stride() == x.stride() == results["compiled"][1].stride()
+    for index, (got, want) in enumerate(zip(results["compiled"], results["native"], strict=True)):
+        assert_close(got, want, torch.float32, f"output/gradient/buffer {index}")
+
+
+def test_without_the_library_batch_norm_runs_inductors_passes(monkeypatch):
+    monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
+    monkeypatch.setattr(_channel_pass, "_library", lambda: None)
+    calls = []
+    real = _compiled.CompiledMaths.call
+    monkeypatch.setattr(
+        _compiled.CompiledMaths, "call", lambda fn, *a: calls.append(fn.__name__) or real(fn, *a)
+    )
+    x = make_input((4, 8, 9, 11)).requires_grad_()
+    with nk.backend("compiled"):
+        nk.BatchNorm2d(8)(x).backward(torch.ones_like(x))
+    assert calls == ["_forward_maths", "_backward_maths"]
