@@ -15,7 +15,9 @@ pytestmark = pytest.mark.skipif(
     _channel_pass._library() is None, reason="no C compiler with OpenMP to build the channel pass"
 )
 
-SHAPES = [(2, 3, 5, 7), (3, 5, 9, 17), (2, 1, 8, 8), (4, 6, 130), (2, 3, 2, 5, 7)]
+# the last two cross the blocks of 2,048 outputs mid-plane and mid-row (one row of 2,500 channels)
+SHAPES = [(2, 3, 5, 7), (3, 5, 9, 17), (2, 1, 8, 8), (4, 6, 130), (2, 3, 2, 5, 7), (2, 3, 41, 53),
+          (2, 2500, 3)]  # fmt: skip
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:

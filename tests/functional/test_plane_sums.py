@@ -80,6 +80,8 @@ def test_only_float32_inputs_of_one_layout_take_them():
     assert not _plane_sums.available(x.contiguous())  # the family's NCHW keeps Inductor's
     assert _plane_sums.available(x.contiguous(), contiguous=True)  # BatchNorm's takes them
     assert not _plane_sums.available(x[:, :, ::2], contiguous=True)  # neither layout
+    wide = _rows_layout((1, _plane_sums.MAX_ROW_CHANNELS + 1, 2, 1))  # accumulators off the stack
+    assert not _plane_sums.available(wide) and _plane_sums.available(wide.contiguous(), contiguous=True)
     assert not _plane_sums.available(x.to(torch.bfloat16)) and not _plane_sums.available(x.double())
     assert not _plane_sums.available(x, x.contiguous())  # dy in another layout
     assert not _plane_sums.available(torch.zeros(4, 3))  # no positions

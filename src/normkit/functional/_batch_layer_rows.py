@@ -14,7 +14,8 @@ L1) and BN's per-channel shifted sums (accumulated like :mod:`._plane_sums`: flo
     dx = w_b σ_B⁻¹ (dy - Σ dy / n - x̂_B Σ dy x̂_B / n) + σ_F⁻¹ (g_F - mean(g_F) - x̂_F mean(g_F x̂_F))
 
 So forward + backward move the same 8 passes as BatchNorm's, where Inductor's fused maths sweeps
-the rows per 16 channels for the per-channel sums and recomputes the row means in the dx pass.
+the rows per 16 channels for the per-channel sums and recomputes the row means in the dx pass. The
+y and dx rows are written with non-temporal stores (``_native.STREAM_STORE``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from normkit.functional import _native, _plane_sums
 from normkit.functional._batch_norm import batch_dims
 from normkit.functional._batch_norm_compiled import sample_mean
 
-_SOURCE = r"""
+_SOURCE = (
+    r"""
 #include <math.h>
-#include <stdint.h>
+"""
+    + _native.STREAM_STORE
+    + r"""
 #define ROWS 64
 
 /* Per row r over its C channels: mean_f[r], the mean less the row's first value x0 (so that
@@ -72,14 +76,19 @@ void bln_stats(const float* x, const float* k, int64_t N, int64_t S, int64_t C, 
 void bln_output(const float* x, const float* mean, const float* sb, const float* wf,
                 const float* b, const float* mean_f, const float* invstd_f, float* y, int64_t R,
                 int64_t C, int threads) {
-  #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t r = 0; r < R; r++) {
-    const float* row = x + r * C;
-    float* out = y + r * C;
-    const float x0 = row[0], mf = mean_f[r], sf = invstd_f[r];
-    #pragma omp simd
-    for (int64_t c = 0; c < C; c++)
-      out[c] = (row[c] - mean[c]) * sb[c] + ((row[c] - x0) - mf) * sf * wf[c] + b[c];
+  #pragma omp parallel num_threads(threads)
+  {
+    float out[C];
+    #pragma omp for schedule(static) nowait
+    for (int64_t r = 0; r < R; r++) {
+      const float* row = x + r * C;
+      const float x0 = row[0], mf = mean_f[r], sf = invstd_f[r];
+      #pragma omp simd
+      for (int64_t c = 0; c < C; c++)
+        out[c] = (row[c] - mean[c]) * sb[c] + ((row[c] - x0) - mf) * sf * wf[c] + b[c];
+      stream_store(y + r * C, out, C);
+    }
+    SFENCE();
   }
 }
 
@@ -127,20 +136,26 @@ void bln_input_grad(const float* dy, const float* x, const float* mean, const fl
                     const float* B, const float* D, const float* wf, const float* mean_f,
                     const float* invstd_f, const float* gm, const float* gxm, float* dx,
                     int64_t R, int64_t C, int threads) {
-  #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t r = 0; r < R; r++) {
-    const float* g = dy + r * C;
-    const float* row = x + r * C;
-    float* out = dx + r * C;
-    const float x0 = row[0], mf = mean_f[r], sf = invstd_f[r], m = gm[r], mx = gxm[r];
-    #pragma omp simd
-    for (int64_t c = 0; c < C; c++) {
-      float xf = ((row[c] - x0) - mf) * sf;
-      out[c] = A[c] * g[c] + B[c] * (row[c] - mean[c]) + D[c] + sf * (wf[c] * g[c] - m - xf * mx);
+  #pragma omp parallel num_threads(threads)
+  {
+    float out[C];
+    #pragma omp for schedule(static) nowait
+    for (int64_t r = 0; r < R; r++) {
+      const float* g = dy + r * C;
+      const float* row = x + r * C;
+      const float x0 = row[0], mf = mean_f[r], sf = invstd_f[r], m = gm[r], mx = gxm[r];
+      #pragma omp simd
+      for (int64_t c = 0; c < C; c++) {
+        float xf = ((row[c] - x0) - mf) * sf;
+        out[c] = A[c] * g[c] + B[c] * (row[c] - mean[c]) + D[c] + sf * (wf[c] * g[c] - m - xf * mx);
+      }
+      stream_store(dx + r * C, out, C);
     }
+    SFENCE();
   }
 }
 """
+)
 
 
 @functools.cache

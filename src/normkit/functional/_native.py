@@ -25,6 +25,36 @@ from pathlib import Path
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
+# C for the sources that write a large output once: stream_store(dst, src, n) copies n floats from
+# a buffer in L1 with non-temporal stores where the CPU has them (AVX, AVX-512), so the output's
+# cache lines are not read first; a thread calls SFENCE() after its last streamed store.
+STREAM_STORE = r"""
+#include <stdint.h>
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+/* Copy n floats from src (in L1) to dst with non-temporal stores where the CPU has them: the
+   output is not read again by this pass, so its cache lines are not fetched first. */
+static void stream_store(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i < n && ((uintptr_t)(dst + i) & 63); i++) dst[i] = src[i];
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+#elif defined(__AVX__)
+  for (; i < n && ((uintptr_t)(dst + i) & 31); i++) dst[i] = src[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+#endif
+  for (; i < n; i++) dst[i] = src[i];
+}
+
+#if defined(__AVX512F__) || defined(__AVX__)
+#define SFENCE() _mm_sfence()
+#else
+#define SFENCE()
+#endif
+"""
+
 
 def _cpu() -> str:
     """What the CPU can run (its flags)."""

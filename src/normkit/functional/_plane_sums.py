@@ -113,15 +113,20 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+# The loops over rows keep a few float32 accumulators per channel on a thread's stack.
+MAX_ROW_CHANNELS = 65_536
+
+
 def layout(t: torch.Tensor) -> str | None:
     """``"rows"`` for a float32 CPU (N, C, *) tensor laid out as N × S rows of C channels
-    (channels_last), ``"planes"`` for one laid out as N × C planes of S values (contiguous), else
-    None."""
+    (channels_last, C up to MAX_ROW_CHANNELS), ``"planes"`` for one laid out as N × C planes of S
+    values (contiguous), else None."""
     if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() < 3:
         return None
     if t.is_contiguous():
         return "planes"
-    return "rows" if t.movedim(1, -1).is_contiguous() else None
+    rows = t.shape[1] <= MAX_ROW_CHANNELS and t.movedim(1, -1).is_contiguous()
+    return "rows" if rows else None
 
 
 def available(*tensors: torch.Tensor, contiguous: bool = False) -> bool:
