@@ -285,7 +285,8 @@ class Bars(FigureSpec):
                               label if x == 0 else None)  # fmt: skip
             axes.set_xticks(range(len(layers)), layers)
             axes.set_xlabel("layer")
-            axes.legend(fontsize="small")
+            if layers:  # no trial recorded the metric: an empty panel, no legend to draw
+                axes.legend(fontsize="small")
         axes.set_ylabel(self.ylabel)
         axes.grid(axis="y", alpha=0.3)
         return figure
