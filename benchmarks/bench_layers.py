@@ -6,7 +6,11 @@ each; the ratio is ours / torch's. Beside it, each provider's fraction of the me
 time of the passes over the tensor that the computation needs at least, at the speed of a tensor
 copy (``y.copy_(x)``, two passes, timed in the same rounds): 8 passes for forward + backward in
 training (forward: statistics, normalize; backward: two sums, then dx), 2 for the eval forward.
-Prints a table and writes JSON (machine, date, command, every timing).
+That copy repeats on one pair of tensors, which a large L3 partly holds (a 25 MB tensor against
+32 MB on the machine of docs/benchmarks.md), while a training step's four tensors cannot; so each
+row also times a copy cycled over four pairs of tensors, from memory, and gives the fraction of
+that bound ("memory bound"). Prints a table and writes JSON (machine, date, command, every
+timing).
 
     python benchmarks/bench_layers.py                # the full table (a few minutes on 2 cores)
     python benchmarks/bench_layers.py --quick        # fewer rounds, for a smoke run
@@ -102,10 +106,17 @@ def measure(row: Row, rounds: int, min_run_time: float, backends: list[str]) -> 
     dy = torch.randn_like(x)
     result = {"name": row.name, "shape": list(row.shape), "channels_last": row.channels_last}
     copy_out = torch.empty_like(x)
+    pairs = [(torch.randn_like(x), torch.empty_like(x)) for _ in range(4)]
+    turn = iter(range(10**12))
+
+    def copy_from_memory():  # each call copies the pair least recently used
+        source, destination = pairs[next(turn) % len(pairs)]
+        destination.copy_(source)
+
     for mode in ("train", "eval"):
         providers = {"torch": row.torch_layer()} | {b: row.ours() for b in backends}
-        samples: dict[str, list[float]] = {name: [] for name in [*providers, "copy"]}
-        cpu: dict[str, list[float]] = {name: [] for name in [*providers, "copy"]}
+        samples: dict[str, list[float]] = {name: [] for name in [*providers, "copy", "memory"]}
+        cpu: dict[str, list[float]] = {name: [] for name in [*providers, "copy", "memory"]}
         for _ in range(rounds):  # alternate providers so drift hits them all alike
             for name, layer in providers.items():
                 layer.train(mode == "train")
@@ -118,9 +129,13 @@ def measure(row: Row, rounds: int, min_run_time: float, backends: list[str]) -> 
             seconds, cpu_seconds = time_call(lambda: copy_out.copy_(x), min_run_time)
             samples["copy"].append(seconds)
             cpu["copy"].append(cpu_seconds)
+            seconds, cpu_seconds = time_call(copy_from_memory, min_run_time)
+            samples["memory"].append(seconds)
+            cpu["memory"].append(cpu_seconds)
         medians = {name: statistics.median(values) for name, values in samples.items()}
         cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
         bound = PASSES[mode] / 2 * medians["copy"]
+        memory_bound = PASSES[mode] / 2 * medians["memory"]
         cpu_bound = PASSES[mode] / 2 * cpu_medians["copy"]
         result[mode] = {
             "ms": {name: value * 1e3 for name, value in medians.items()},
@@ -128,6 +143,8 @@ def measure(row: Row, rounds: int, min_run_time: float, backends: list[str]) -> 
             "passes": PASSES[mode],
             "bound_ms": bound * 1e3,
             "of_bound": {name: bound / medians[name] for name in providers},
+            "memory_bound_ms": memory_bound * 1e3,
+            "of_memory_bound": {name: memory_bound / medians[name] for name in providers},
             "cpu_ms": {name: value * 1e3 for name, value in cpu_medians.items()},
             "cpu_ratio": {b: cpu_medians[b] / cpu_medians["torch"] for b in backends},
             "cpu_of_bound": {name: cpu_bound / cpu_medians[name] for name in providers},
@@ -152,6 +169,12 @@ def print_table(results: list[dict], backends: list[str]) -> None:
                 f"{r['name']:9s} {shape:17s} {mode:5s} {ms['copy']:8.3f} {ms['torch']:9.3f} "
                 f"{of_bound['torch']:6.0%} {cells}"
             )
+    print("\nmemory bound (the copy cycled over four pairs of tensors, from memory):")
+    for r in results:
+        for mode in ("train", "eval"):
+            of_memory = r[mode]["of_memory_bound"]
+            cells = "  ".join(f"{name} {value:.0%}" for name, value in of_memory.items())
+            print(f"{r['name']:9s} {mode:5s} copy {r[mode]['ms']['memory']:7.3f} ms  {cells}")
 
 
 def main(argv: list[str] | None = None) -> None:
