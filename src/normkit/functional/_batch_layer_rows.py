@@ -182,10 +182,6 @@ def available(*tensors: torch.Tensor) -> bool:
     return _plane_sums.available(*tensors) and _library() is not None
 
 
-def _pointer(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _f32(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(torch.float32).contiguous() for t in tensors]
 
