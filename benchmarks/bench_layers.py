@@ -60,6 +60,10 @@ class Row:
 ROWS = [
     Row("bn2d", (32, 64, 56, 56), lambda: nk.BatchNorm2d(64), lambda: nn.BatchNorm2d(64)),
     Row("bn2d_cl", (32, 64, 56, 56), lambda: nk.BatchNorm2d(64), lambda: nn.BatchNorm2d(64), True),
+    # ResNet-50's smaller batch norms at batch 32 (layer3, layer4): under the Inductor passes'
+    # 4M-element floor, above the C passes' 1M one (auto: compiled) and below it (auto: ATen)
+    Row("bn2d_s14", (32, 256, 14, 14), lambda: nk.BatchNorm2d(256), lambda: nn.BatchNorm2d(256)),
+    Row("bn2d_s7", (32, 512, 7, 7), lambda: nk.BatchNorm2d(512), lambda: nn.BatchNorm2d(512)),
     Row("bn1d", (256, 1024), lambda: nk.BatchNorm1d(1024), lambda: nn.BatchNorm1d(1024)),
     Row("ln", (256, 1024), lambda: nk.LayerNorm(1024), lambda: nn.LayerNorm(1024)),
     Row("gn32", (32, 64, 56, 56), lambda: nk.GroupNorm(32, 64), lambda: nn.GroupNorm(32, 64)),

@@ -13,7 +13,8 @@ Backends:
 - ``compiled``: BatchNorm, the fused BatchNormAct, Batch-Layer, Ghost BN, Batch-Instance and
   Switchable maths compiled by ``torch.compile`` on the CPU, in the fewest passes over the tensor
   and in its own layout (needs a C++ compiler; the first call per shape compiles; BatchNorm and the
-  per-plane family run ATen's kernels below ``_compiled.MIN_NUMEL`` elements; under
+  per-plane family run ATen's kernels below ``_compiled.MIN_NUMEL`` elements, BatchNorm's float32
+  C passes below ``_batch_norm_compiled.C_MIN_NUMEL``; under
   ``create_graph=True`` the backward differentiates the unfused definition, so double backward
   works).
 - ``auto`` (default): the fastest backend verified for the input's device and dtype. On the CPU that

@@ -164,3 +164,25 @@ def test_auto_uses_compiled_for_float32_nchw_only():
     x = torch.zeros(1, 2, 3, 4, 5)
     torch.func.vmap(lambda t: seen.append(_dispatch.resolve("batch_norm", t, "auto")) or t)(x)
     assert seen == [impls["native"]]
+
+
+def test_the_c_passes_run_from_a_smaller_input_than_inductors(monkeypatch):
+    """No compile cost: float32 inputs take the C passes from C_MIN_NUMEL elements (below the
+    Inductor passes' MIN_NUMEL), ATen's kernels below it; other dtypes keep MIN_NUMEL."""
+    if not _channel_pass.available(torch.zeros(1, 1, 1, 1)):
+        pytest.skip("no C compiler with OpenMP to build the C passes")
+    from normkit.functional import _batch_norm_compiled
+
+    calls = []
+    real = _channel_pass.channel_pass
+    monkeypatch.setattr(_channel_pass, "channel_pass", lambda *a: calls.append(1) or real(*a))
+    assert _batch_norm_compiled.C_MIN_NUMEL < _compiled.MIN_NUMEL
+    at_threshold = make_input((4, 16, 128, 128))  # 2^20 elements
+    below = at_threshold[:, :, :127].contiguous()
+    for x, runs_c in ((at_threshold, True), (below, False), (at_threshold.double(), False)):
+        calls.clear()
+        with nk.backend("compiled"):
+            y = nkf.batch_norm(x, None, None, training=True)
+        assert bool(calls) == runs_c, (x.shape, x.dtype)
+        torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip

@@ -18,7 +18,9 @@ within float32 rounding):
 - evaluation (``training=False``): one pass that reads x and writes y, which ATen's inference
   kernel already runs at memory speed (measured faster than the compiled pass, docs/benchmarks.md);
 - inputs below ``_compiled.MIN_NUMEL`` elements: a compiled call costs tens of microseconds of
-  guards and each new shape seconds of compilation, more than ATen needs for the whole layer;
+  guards and each new shape seconds of compilation, more than ATen needs for the whole layer. The
+  C passes compile nothing and cost a few hundred microseconds a call; they run from
+  ``C_MIN_NUMEL`` elements (1M), above which they beat ATen in NCHW (docs/benchmarks.md);
 - inside the user's own torch.compile (which fuses ATen's batch norm into its graph), under
   ``torch.jit.trace`` and under torch.func transforms (vmap, grad, jvp), which need ATen's
   differentiable, batchable op (:func:`normkit.functional._compiled.worth_compiling`).
@@ -37,8 +39,10 @@ from normkit.functional._compiled import CompiledMaths, worth_compiling
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view
 from normkit.functional._running_stats import compiling, update_running_stats
+from normkit.functional._transforms import transforming
 
 MIN_ROW_BLOCK, MAX_ROW_BLOCK = 8, 128  # positions per block of a channels_last reduction
+C_MIN_NUMEL = 1 << 20  # the smallest input the C passes take (4 MB of float32)
 
 
 def row_block(size: int) -> int:
@@ -244,8 +248,17 @@ def _differentiable_backward(ctx, dy, x, weight, bias):
     return (*(next(grads) if need else None for need in needs[:3]), None, None, None, None)
 
 
+def _large_enough(input: torch.Tensor) -> bool:
+    """Whether the engine runs ``input`` rather than ATen: from C_MIN_NUMEL elements where the C
+    passes take it, from MIN_NUMEL for Inductor's (:func:`worth_compiling`), never under a
+    program transform."""
+    if input.numel() >= C_MIN_NUMEL and _in_c(input):
+        return not transforming()
+    return worth_compiling(input)
+
+
 def compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
     """``torch.batch_norm``'s contract, compiled for large inputs (see the module docstring)."""
-    if not training or input.numel() == 0 or not worth_compiling(input):
+    if not training or input.numel() == 0 or not _large_enough(input):
         return _aten(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return _CompiledBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)
