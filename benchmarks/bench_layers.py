@@ -9,8 +9,9 @@ training (forward: statistics, normalize; backward: two sums, then dx), 2 for th
 That copy repeats on one pair of tensors, which a large L3 partly holds (a 25 MB tensor against
 32 MB on the machine of docs/benchmarks.md), while a training step's four tensors cannot; so each
 row also times a copy cycled over four pairs of tensors, from memory, and gives the fraction of
-that bound ("memory bound"). Prints a table and writes JSON (machine, date, command, every
-timing).
+that bound ("memory bound"), and the page faults per call (``getrusage``: fresh outputs whose
+pages the allocator gave back, see ``timing.keep_freed_memory``). Prints a table and writes JSON
+(machine, date, command, every timing).
 
     python benchmarks/bench_layers.py                # the full table (a few minutes on 2 cores)
     python benchmarks/bench_layers.py --quick        # fewer rounds, for a smoke run
@@ -20,6 +21,7 @@ timing).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -32,7 +34,7 @@ from torch import nn
 
 import normkit as nk
 from environment import environment
-from timing import keep_freed_memory, time_call, train_step
+from timing import faults_per_call, keep_freed_memory, time_call, train_step
 
 
 class PermutedLayerNorm(nn.Module):
@@ -111,16 +113,17 @@ def measure(row: Row, rounds: int, min_run_time: float, backends: list[str]) -> 
     result = {"name": row.name, "shape": list(row.shape), "channels_last": row.channels_last}
     copy_out = torch.empty_like(x)
     pairs = [(torch.randn_like(x), torch.empty_like(x)) for _ in range(4)]
-    turn = iter(range(10**12))
+    turn = itertools.cycle(pairs)
 
     def copy_from_memory():  # each call copies the pair least recently used
-        source, destination = pairs[next(turn) % len(pairs)]
+        source, destination = next(turn)
         destination.copy_(source)
 
     for mode in ("train", "eval"):
         providers = {"torch": row.torch_layer()} | {b: row.ours() for b in backends}
         samples: dict[str, list[float]] = {name: [] for name in [*providers, "copy", "memory"]}
         cpu: dict[str, list[float]] = {name: [] for name in [*providers, "copy", "memory"]}
+        faults: dict[str, list[float]] = {name: [] for name in providers}
         for _ in range(rounds):  # alternate providers so drift hits them all alike
             for name, layer in providers.items():
                 layer.train(mode == "train")
@@ -130,6 +133,7 @@ def measure(row: Row, rounds: int, min_run_time: float, backends: list[str]) -> 
                     seconds, cpu_seconds = time_call(step, min_run_time)
                     samples[name].append(seconds)
                     cpu[name].append(cpu_seconds)
+                    faults[name].append(faults_per_call(step, 5))
             seconds, cpu_seconds = time_call(lambda: copy_out.copy_(x), min_run_time)
             samples["copy"].append(seconds)
             cpu["copy"].append(cpu_seconds)
@@ -152,6 +156,7 @@ def measure(row: Row, rounds: int, min_run_time: float, backends: list[str]) -> 
             "cpu_ms": {name: value * 1e3 for name, value in cpu_medians.items()},
             "cpu_ratio": {b: cpu_medians[b] / cpu_medians["torch"] for b in backends},
             "cpu_of_bound": {name: cpu_bound / cpu_medians[name] for name in providers},
+            "page_faults": {name: statistics.median(values) for name, values in faults.items()},
         }
     return result
 
@@ -173,11 +178,11 @@ def print_table(results: list[dict], backends: list[str]) -> None:
                 f"{r['name']:9s} {shape:17s} {mode:5s} {ms['copy']:8.3f} {ms['torch']:9.3f} "
                 f"{of_bound['torch']:6.0%} {cells}"
             )
-    print("\nmemory bound (the copy cycled over four pairs of tensors, from memory):")
+    print("\nmemory bound (the copy cycled over four pairs of tensors, from memory); page faults per call:")
     for r in results:
         for mode in ("train", "eval"):
-            of_memory = r[mode]["of_memory_bound"]
-            cells = "  ".join(f"{name} {value:.0%}" for name, value in of_memory.items())
+            of_memory, faults = r[mode]["of_memory_bound"], r[mode]["page_faults"]
+            cells = "  ".join(f"{name} {of_memory[name]:.0%} ({faults[name]:.0f})" for name in of_memory)
             print(f"{r['name']:9s} {mode:5s} copy {r[mode]['ms']['memory']:7.3f} ms  {cells}")
 
 

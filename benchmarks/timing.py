@@ -5,6 +5,7 @@ wall time; and, for runs that measure the passes rather than the allocator, :fun
 from __future__ import annotations
 
 import ctypes
+import resource
 import time
 from collections.abc import Callable
 
@@ -32,6 +33,15 @@ def train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[
         layer(leaf).backward(dy)
 
     return step
+
+
+def faults_per_call(fn: Callable[[], object], calls: int) -> float:
+    """Minor page faults of the process per call of ``fn`` over ``calls`` calls (``getrusage``):
+    the pages of fresh outputs that the kernel had to map and zero."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def keep_freed_memory() -> bool:

@@ -23,17 +23,6 @@ pytestmark = pytest.mark.skipif(
 SHAPE = (6, 4, 5, 7)
 
 
-@pytest.fixture
-def compile_small(monkeypatch):
-    monkeypatch.setattr(_compiled, "MIN_NUMEL", 0)
-    calls = []
-    real = _compiled.CompiledMaths.call
-    monkeypatch.setattr(
-        _compiled.CompiledMaths, "call", lambda fn, *a: calls.append(fn.__name__) or real(fn, *a)
-    )
-    return calls
-
-
 def _layout(x, layout):
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     return x.contiguous(memory_format=memory_format)
@@ -80,28 +69,37 @@ def test_compiled_batch_norm_matches_the_oracle(layout, c_passes, compile_small,
         assert "_forward_maths" in compile_small and "_backward_maths" in compile_small
 
 
-def test_channels_last_with_a_gradient_in_another_layout(compile_small):
-    """A channels_last float32 input whose incoming gradient is contiguous: the C passes in both
-    directions (dy copied into x's layout), nothing compiled; ATen's gradients."""
-    x = make_input(SHAPE, torch.float32, seed=6).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize(
+    "gradient, channels_last", [("contiguous", True), ("expanded", False), ("expanded", True)]
+)
+def test_a_gradient_in_another_layout_is_copied_into_xs(gradient, channels_last, compile_small):
+    """The C backward takes dy in x's layout: a contiguous dy for a channels_last x, or the
+    expanded (stride 0) dy of ``(3 y).sum().backward()``, is copied into it; nothing compiles, and
+    the gradients are ATen's."""
+    x = make_input(SHAPE, torch.float32, seed=6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     dy = make_input(SHAPE, torch.float32, seed=7, scale=1.0, shift=0.0)  # contiguous
     grads = {}
     for backend in ("native", "compiled"):
         layer = nk.BatchNorm2d(4)
+        randomize_parameters(layer)
         leaf = x.clone().requires_grad_()
         with nk.backend(backend):
-            layer(leaf).backward(dy)
+            y = layer(leaf)
+            y.backward(dy) if gradient == "contiguous" else (y * 3.0).sum().backward()
         grads[backend] = (leaf.grad, layer.weight.grad, layer.bias.grad)
     (dx, dweight, dbias), (dx_aten, dweight_aten, dbias_aten) = grads["compiled"], grads["native"]
     assert_close(dx, dx_aten, torch.float32, "input gradient")
     assert_close(dbias, dbias_aten, torch.float32, "bias gradient")
-    # dweight = sum(3 x_hat) is 0 up to rounding: a cancellation, bounded by float32's epsilon
-    # times the sum of the terms' magnitudes (a few of its roundings)
-    x64 = x.double()
-    var, mean = torch.var_mean(x64, (0, 2, 3), correction=0, keepdim=True)
-    x_hat = (x64 - mean) / var.sqrt()
-    bound = 8 * torch.finfo(torch.float32).eps * (3 * x_hat.abs()).sum((0, 2, 3))
-    assert ((dweight.double() - dweight_aten.double()).abs() <= bound).all(), (dweight, bound)
+    if gradient == "contiguous":
+        assert_close(dweight, dweight_aten, torch.float32, "weight gradient")
+    else:  # dweight = sum(3 x_hat) is 0 up to rounding: a cancellation, bounded by float32's
+        # epsilon times the sum of the terms' magnitudes (a few of its roundings)
+        var, mean = torch.var_mean(x.double(), (0, 2, 3), correction=0, keepdim=True)
+        x_hat = (x.double() - mean) / var.sqrt()
+        bound = 8 * torch.finfo(torch.float32).eps * (3 * x_hat.abs()).sum((0, 2, 3))
+        assert ((dweight.double() - dweight_aten.double()).abs() <= bound).all(), (dweight, bound)
     if _channel_pass.available(x):
         assert compile_small == []
 
@@ -194,32 +192,3 @@ def test_the_c_passes_run_from_a_smaller_input_than_inductors(monkeypatch):
         assert bool(calls) == runs_c, (x.shape, x.dtype)
         torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True),
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_an_expanded_gradient_takes_the_c_passes(channels_last, compile_small):
-    """``y.sum().backward()`` hands the backward an expanded dy (stride 0): it is copied into x's
-    layout for the C passes; the gradients are ATen's."""
-    x = make_input(SHAPE, torch.float32, seed=8)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    grads = {}
-    for backend in ("native", "compiled"):
-        layer = nk.BatchNorm2d(4)
-        randomize_parameters(layer)
-        leaf = x.clone().requires_grad_()
-        with nk.backend(backend):
-            (layer(leaf) * 3.0).sum().backward()
-        grads[backend] = (leaf.grad, layer.weight.grad, layer.bias.grad)
-    (dx, dweight, dbias), (dx_aten, dweight_aten, dbias_aten) = grads["compiled"], grads["native"]
-    assert_close(dx, dx_aten, torch.float32, "input gradient")
-    assert_close(dbias, dbias_aten, torch.float32, "bias gradient")
-    # dweight = sum(3 x_hat) is 0 up to rounding: a cancellation, bounded by float32's epsilon
-    # times the sum of the terms' magnitudes (a few of its roundings)
-    x64 = x.double()
-    var, mean = torch.var_mean(x64, (0, 2, 3), correction=0, keepdim=True)
-    x_hat = (x64 - mean) / var.sqrt()
-    bound = 8 * torch.finfo(torch.float32).eps * (3 * x_hat.abs()).sum((0, 2, 3))
-    assert ((dweight.double() - dweight_aten.double()).abs() <= bound).all(), (dweight, bound)
-    if _channel_pass.available(x):
-        assert compile_small == []

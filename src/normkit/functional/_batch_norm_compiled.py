@@ -220,9 +220,9 @@ class _CompiledBatchNorm(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph: differentiate ATen's batch norm instead
             return _differentiable_backward(ctx, dy, x, weight, bias)
-        if _in_c(x) and not _in_c(dy, x):  # dy in another layout, or expanded: into x's
-            dy = torch.empty_like(x).copy_(dy)
-        if _in_c(dy, x):  # dx = w invstd (dy - sum g / n - x_hat sum g x_hat / n)
+        if _in_c(x):  # dx = w invstd (dy - sum g / n - x_hat sum g x_hat / n)
+            if dy.stride() != x.stride():  # dy in another layout, or expanded: into x's
+                dy = torch.empty_like(x).copy_(dy)
             sum_g, sum_gx = _plane_sums.channel_sums(dy, x, mean)
             sum_gx = sum_gx * invstd  # sum(dy * x_hat)
             scale, n = _scale(weight, invstd), x.numel() // x.shape[1]

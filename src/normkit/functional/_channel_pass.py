@@ -26,7 +26,7 @@ import functools
 import torch
 
 from normkit.functional import _native
-from normkit.functional._plane_sums import layout
+from normkit.functional._plane_sums import layout, takes
 
 _SOURCE = (
     r"""
@@ -99,17 +99,10 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available(*tensors: torch.Tensor) -> bool:
-    """Whether the pass runs for these (N, C, *) inputs here: same shape and strides, float32,
-    contiguous or channels_last, not empty."""
-    first = tensors[0]
-    kind = layout(first)
-    return (
-        kind is not None
-        and first.numel() > 0
-        and all(t.shape == first.shape and t.stride() == first.stride() for t in tensors)
-        and all(layout(t) == kind for t in tensors)
-        and _library() is not None
-    )
+    """Whether the pass runs for these (N, C, *) inputs here: the inputs of the plane sums in
+    either layout (same shape and strides, float32, contiguous or channels_last, not empty), and
+    the library built."""
+    return takes(*tensors, contiguous=True) and _library() is not None
 
 
 def _coefficient(t: torch.Tensor | None, channels: int) -> torch.Tensor:

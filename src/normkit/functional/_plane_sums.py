@@ -129,18 +129,19 @@ def layout(t: torch.Tensor) -> str | None:
     return "rows" if rows else None
 
 
-def available(*tensors: torch.Tensor, contiguous: bool = False) -> bool:
-    """Whether this module's sums run for these inputs on this machine: same shape and strides,
-    not empty, float32 channels_last, or also contiguous where ``contiguous``."""
+def takes(*tensors: torch.Tensor, contiguous: bool = False) -> bool:
+    """Whether the C loops take these inputs: same shape and strides, not empty, float32
+    channels_last, or also contiguous where ``contiguous``."""
     first = tensors[0]
     same = all(t.shape == first.shape and t.stride() == first.stride() for t in tensors)
     layouts = ("rows", "planes") if contiguous else ("rows",)
-    return (
-        same
-        and first.numel() > 0
-        and all(layout(t) in layouts for t in tensors)
-        and _library() is not None
-    )
+    return same and first.numel() > 0 and all(layout(t) in layouts for t in tensors)
+
+
+def available(*tensors: torch.Tensor, contiguous: bool = False) -> bool:
+    """Whether this module's sums run for these inputs on this machine (:func:`takes`, and the
+    library built)."""
+    return takes(*tensors, contiguous=contiguous) and _library() is not None
 
 
 def _call(a, b, ka=None, kb=None) -> tuple[torch.Tensor, torch.Tensor]:
