@@ -48,8 +48,7 @@ def on_test_set(
 
 def error_on_test_set(model: nn.Module, data: Dataset, examples: int | None = None) -> float:
     """Top-1 error (%) of ``model`` on the first ``examples`` test images (all by default)."""
-    accuracy, _ = accuracy_and_loss(model, data.x_test[:examples], data.y_test[:examples])
-    return error_percent(accuracy)
+    return on_test_set(model, data, examples, error=True)["test_error"]
 
 
 def forward_in_chunks(
