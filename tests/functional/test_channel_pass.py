@@ -15,9 +15,11 @@ pytestmark = pytest.mark.skipif(
     _channel_pass._library() is None, reason="no C compiler with OpenMP to build the channel pass"
 )
 
-# the last two cross the blocks of 2,048 outputs mid-plane and mid-row (one row of 2,500 channels)
+# Rows of fewer channels than a vector (16 floats with AVX-512), or of a number that is not a
+# multiple of it, wrap around the coefficient tables; planes shorter than a vector, or not a
+# multiple of it, straddle; fewer outputs than a vector, one row of 2,500 channels.
 SHAPES = [(2, 3, 5, 7), (3, 5, 9, 17), (2, 1, 8, 8), (4, 6, 130), (2, 3, 2, 5, 7), (2, 3, 41, 53),
-          (2, 2500, 3)]  # fmt: skip
+          (2, 2500, 3), (1, 3, 1, 1), (2, 20, 1, 1), (3, 17, 33), (2, 16, 4, 4)]  # fmt: skip
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -43,6 +45,24 @@ def test_channel_pass_matches_float64(shape, layout, with_a):
         want = want + A.double().view(view) * a.double()
     assert out.stride() == b.stride()
     assert_close(out, want, torch.float32, "channel pass")
+
+
+@pytest.mark.parametrize("layout", ["rows", "planes"])
+def test_inputs_at_any_address(layout):
+    """Inputs that start off the vector's alignment (views one float into their storage) give the
+    same outputs as aligned copies: loads take any address, only the output must be aligned."""
+    n, c, h, w = 3, 19, 7, 5
+    storage = torch.randn(2, 1 + n * c * h * w, generator=torch.Generator().manual_seed(3))
+    if layout == "rows":
+        a, b = (row[1:].view(n, h, w, c).permute(0, 3, 1, 2) for row in storage)
+    else:
+        a, b = (row[1:].view(n, c, h, w) for row in storage)
+    assert a.data_ptr() % 64 and b.data_ptr() % 64 and _channel_pass.available(a, b)
+    k, A, B, D = (torch.randn(c, generator=torch.Generator().manual_seed(i)) for i in range(4))
+    out = _channel_pass.channel_pass(a, b, k, A, B, D)
+    assert out.stride() == b.stride()
+    copies = (t.clone(memory_format=torch.preserve_format) for t in (a, b))
+    assert torch.equal(out, _channel_pass.channel_pass(*copies, k, A, B, D))
 
 
 def test_only_float32_inputs_of_one_layout_take_it():

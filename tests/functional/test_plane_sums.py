@@ -18,8 +18,10 @@ pytestmark = pytest.mark.skipif(
     _plane_sums._library() is None, reason="no C compiler with OpenMP to build the plane sums"
 )
 
+# (2, 3, 41, 53): 2,173 values per plane, three blocks of 1,024; (2, 1100, 3, 5): rows of
+# 1,100 channels
 SHAPES = [(2, 3, 5, 7), (3, 5, 9, 17), (2, 1, 8, 8), (1, 64, 16, 16), (4, 6, 130), (2, 3, 2, 5, 7),
-          (2, 3, 41, 53)]  # fmt: skip  (the last: 2,173 values per plane, three blocks of 1,024)
+          (2, 3, 41, 53), (2, 1100, 3, 5)]  # fmt: skip
 LAYOUTS = ["rows", "planes"]
 
 

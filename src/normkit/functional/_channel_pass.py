@@ -10,12 +10,14 @@
   ``B = -w invstd² sum(dy x_hat) / n``, ``D = -w invstd sum(dy) / n``.
 
 ``x - mean`` is formed before scaling, as in the float64 reference, so inputs far from zero lose
-no more than there. One loop per layout: the rows of C channels of a channels_last tensor (the
-inner loop over channels vectorized), or the contiguous planes of an NCHW one (one channel's
-coefficients per plane), by blocks of 2,048 outputs computed into a buffer and written with
-non-temporal stores where the CPU has them (AVX/AVX-512: the output's cache lines are not read
-first). It writes each output once at about the speed of a copy, where Inductor's pass with three
-broadcast (C,) operands runs at 50-90% of it (docs/benchmarks.md).
+no more than there. One loop on the CPU's vectors (``_native.VECTORS``: 16 floats with AVX-512, 8
+with AVX, else plain C), each thread over its own range of the output: the rows of C channels of a
+channels_last tensor read a vector's coefficients from tables that wrap around the row; the planes
+of an NCHW one broadcast one channel's coefficients over each vector of the plane. Every output
+vector is written with a non-temporal store as soon as it is computed (the output's cache lines are
+not read first, and the stores overlap the loads). The normalize pass runs at about the speed of a
+copy, where Inductor's pass with three broadcast (C,) operands runs at 50-90% of it; computing
+blocks of outputs into a buffer first, then streaming them out, was slower (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -30,60 +32,110 @@ from normkit.functional._plane_sums import layout, takes
 
 _SOURCE = (
     r"""
-#include <stdint.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 """
-    + _native.STREAM_STORE
+    + _native.VECTORS
     + r"""
-#define BLOCK 2048
+/* One output: A*a[i] + B*(b[i] - k) + D (a NULL: no first term). */
+static inline float one(const float* a, const float* b, int64_t i, float A, float B, float k, float D) {
+  return (a ? A * a[i] : 0.0f) + B * (b[i] - k) + D;
+}
 
-/* out = A[c] * a + B[c] * (b - k[c]) + D[c]  (a NULL: no first term) for N x S rows of C channels
-   (rows != 0) or N x C contiguous planes of S values, by blocks of BLOCK outputs: each block is
-   computed into a buffer, then streamed out. */
-void channel_pass(const float* a, const float* b, const float* k, const float* A, const float* B,
-                  const float* D, float* out, int64_t N, int64_t C, int64_t S, int rows,
-                  int threads) {
-  const int64_t total = N * C * S;
+/* One output of flat index i, its channel found from i. */
+static inline float at(const float* a, const float* b, const float* k, const float* A, const float* B,
+                       const float* D, int64_t i, int64_t C, int64_t S, int rows) {
+  const int64_t c = rows ? i % C : (i / S) % C;
+  return one(a, b, i, A ? A[c] : 0.0f, B[c], k[c], D[c]);
+}
+
+/* out = A[c] * a + B[c] * (b - k[c]) + D[c] over N x S rows of C channels (rows != 0: channel
+   c = i % C) or N x C contiguous planes of S values (c = (i / S) % C). Each thread takes a range of
+   vectors of the output, aligned to the vector so that it streams every store. Rows read the
+   coefficients of a vector's channels c .. c + W from tables T[t] = coef[t % C], t < C + W, which
+   wrap around the row; planes broadcast one channel's coefficients over each whole vector of the
+   plane, and blend two channels' results in a vector that straddles two planes (each lane's
+   coefficients where planes are shorter than a vector).
+   Returns 0, or -1 where the tables could not be allocated. */
+int channel_pass(const float* a, const float* b, const float* k, const float* A, const float* B,
+                 const float* D, float* out, int64_t N, int64_t C, int64_t S, int rows,
+                 int threads) {
+  const int64_t total = N * C * S, span = C + W;
+  float* table = 0;
+  if (rows) {
+    table = (float*)malloc(4 * span * sizeof(float));
+    if (!table) return -1;
+    for (int64_t t = 0; t < span; t++) {
+      const int64_t c = t % C;
+      table[t] = k[c];
+      table[span + t] = A ? A[c] : 0.0f;
+      table[2 * span + t] = B[c];
+      table[3 * span + t] = D[c];
+    }
+  }
+  int64_t head = (int64_t)((-(uintptr_t)out / sizeof(float)) & (W - 1));
+  if (head > total) head = total;
+  const int64_t vectors = (total - head) / W;
+  for (int64_t i = 0; i < head; i++) out[i] = at(a, b, k, A, B, D, i, C, S, rows);
+  for (int64_t i = head + vectors * W; i < total; i++) out[i] = at(a, b, k, A, B, D, i, C, S, rows);
   #pragma omp parallel num_threads(threads)
   {
-    float buf[BLOCK];
-    #pragma omp for schedule(static) nowait
-    for (int64_t i0 = 0; i0 < total; i0 += BLOCK) {
-      const int64_t i1 = i0 + BLOCK < total ? i0 + BLOCK : total;
-      for (int64_t i = i0; i < i1;) {
-        float* o = buf + (i - i0);
-        const float* pb = b + i;
-        const float* pa = a ? a + i : 0;
-        int64_t len;
-        if (rows) {  /* a run of channels c0 .. c0 + len of one row */
-          const int64_t c0 = i % C;
-          len = C - c0 < i1 - i ? C - c0 : i1 - i;
-          const float *Ac = A + c0, *Bc = B + c0, *kc = k + c0, *Dc = D + c0;
-          if (pa) {
-            #pragma omp simd
-            for (int64_t j = 0; j < len; j++) o[j] = Ac[j] * pa[j] + Bc[j] * (pb[j] - kc[j]) + Dc[j];
-          } else {
-            #pragma omp simd
-            for (int64_t j = 0; j < len; j++) o[j] = Bc[j] * (pb[j] - kc[j]) + Dc[j];
-          }
-        } else {  /* a run of positions of one plane, channel c */
-          const int64_t c = (i / S) % C, s0 = i % S;
-          len = S - s0 < i1 - i ? S - s0 : i1 - i;
-          const float kc = k[c], Bc = B[c], Dc = D[c];
-          if (pa) {
-            const float Ac = A[c];
-            #pragma omp simd
-            for (int64_t j = 0; j < len; j++) o[j] = Ac * pa[j] + Bc * (pb[j] - kc) + Dc;
-          } else {
-            #pragma omp simd
-            for (int64_t j = 0; j < len; j++) o[j] = Bc * (pb[j] - kc) + Dc;
-          }
-        }
-        i += len;
+    int64_t team = 1, id = 0;
+#ifdef _OPENMP
+    team = omp_get_num_threads();
+    id = omp_get_thread_num();
+#endif
+    int64_t i = head + vectors * id / team * W;
+    const int64_t end = head + vectors * (id + 1) / team * W;
+    if (rows) {
+      const float *tk = table, *tA = table + span, *tB = table + 2 * span, *tD = table + 3 * span;
+      for (int64_t c = i % C; i < end; i += W) {
+        vec y = ADD(MUL(LOAD(tB + c), SUB(LOAD(b + i), LOAD(tk + c))), LOAD(tD + c));
+        if (a) y = FMA(LOAD(tA + c), LOAD(a + i), y);
+        STREAM(out + i, y);
+        for (c += W; c >= C;) c -= C;
       }
-      stream_store(out + i0, buf, i1 - i0);
+    } else {
+      while (i < end) {
+        const int64_t c = (i / S) % C;
+        int64_t run = (S - i % S) / W;  /* whole vectors left in this plane */
+        if (run > (end - i) / W) run = (end - i) / W;
+        const vec vk = SET1(k[c]), vB = SET1(B[c]), vD = SET1(D[c]);
+        if (a) {
+          const vec vA = SET1(A[c]);
+          for (int64_t r = 0; r < run; r++, i += W)
+            STREAM(out + i, FMA(vA, LOAD(a + i), ADD(MUL(vB, SUB(LOAD(b + i), vk)), vD)));
+        } else {
+          for (int64_t r = 0; r < run; r++, i += W)
+            STREAM(out + i, ADD(MUL(vB, SUB(LOAD(b + i), vk)), vD));
+        }
+        if (i < end && (run == 0 || i % S)) {  /* a vector across planes */
+          const int64_t first = S - i % S, next = c + 1 == C ? 0 : c + 1;
+          vec y;
+          if (W - first <= S) {  /* two planes: c's first lanes, then the next channel's */
+            y = BLEND(first, ADD(MUL(vB, SUB(LOAD(b + i), vk)), vD),
+                      ADD(MUL(SET1(B[next]), SUB(LOAD(b + i), SET1(k[next]))), SET1(D[next])));
+            if (a) y = FMA(BLEND(first, SET1(A[c]), SET1(A[next])), LOAD(a + i), y);
+          } else {  /* planes shorter than a vector: each lane's coefficients */
+            float lk[W], lA[W], lB[W], lD[W];
+            for (int64_t j = 0, cj = c, s = i % S; j < W; j++) {
+              lk[j] = k[cj]; lA[j] = A ? A[cj] : 0.0f; lB[j] = B[cj]; lD[j] = D[cj];
+              if (++s == S) { s = 0; if (++cj == C) cj = 0; }
+            }
+            y = ADD(MUL(LOAD(lB), SUB(LOAD(b + i), LOAD(lk))), LOAD(lD));
+            if (a) y = FMA(LOAD(lA), LOAD(a + i), y);
+          }
+          STREAM(out + i, y);
+          i += W;
+        }
+      }
     }
     SFENCE();  /* this thread's streamed stores, ordered before the region's barrier */
   }
+  free(table);
+  return 0;
 }
 """
 )
@@ -93,7 +145,7 @@ void channel_pass(const float* a, const float* b, const float* k, const float* A
 def _library() -> ctypes.CDLL | None:
     library = _native.library("channel_pass", _SOURCE)
     if library is not None:
-        library.channel_pass.restype = None
+        library.channel_pass.restype = ctypes.c_int
         library.channel_pass.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     return library
 
@@ -117,9 +169,11 @@ def channel_pass(a: torch.Tensor | None, b: torch.Tensor, k: torch.Tensor, A: to
     out = torch.empty_like(b)
     k, B, D = (_coefficient(t, c) for t in (k, B, D))
     A = None if a is None else _coefficient(A, c)
-    _library().channel_pass(
+    status = _library().channel_pass(
         None if a is None else a.data_ptr(), b.data_ptr(), k.data_ptr(),
         None if A is None else A.data_ptr(), B.data_ptr(), D.data_ptr(), out.data_ptr(),
         n, c, b.numel() // (n * c), int(layout(b) == "rows"), torch.get_num_threads(),
     )  # fmt: skip
+    if status:
+        raise MemoryError(f"channel_pass: no memory for the coefficient tables of {c} channels")
     return out

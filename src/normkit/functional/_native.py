@@ -25,6 +25,74 @@ from pathlib import Path
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
+# C for the loops written on the CPU's vectors: ``vec`` holds W floats (16 with AVX-512, 8 with
+# AVX, else 1: plain C), LOAD/STORE any address, STREAM a non-temporal store to an address aligned
+# to a vector (the output is not read again by the pass, so its cache lines are not fetched
+# first), FMA a*b + c, HSUM the sum of the lanes, BLEND(first, u, v) u's first lanes then v's;
+# a thread calls SFENCE() after its last STREAM.
+VECTORS = r"""
+#include <stdint.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define W 16
+typedef __m512 vec;
+#define LOAD(p) _mm512_loadu_ps(p)
+#define STORE(p, v) _mm512_storeu_ps(p, v)
+#define STREAM(p, v) _mm512_stream_ps(p, v)
+#define SET1(v) _mm512_set1_ps(v)
+#define ZERO() _mm512_setzero_ps()
+#define ADD(a, b) _mm512_add_ps(a, b)
+#define SUB(a, b) _mm512_sub_ps(a, b)
+#define MUL(a, b) _mm512_mul_ps(a, b)
+#define FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define HSUM(v) _mm512_reduce_add_ps(v)
+#define BLEND(first, u, v) _mm512_mask_blend_ps((__mmask16)((1u << (first)) - 1u), v, u)
+#define SFENCE() _mm_sfence()
+#elif defined(__AVX__)
+#include <immintrin.h>
+#define W 8
+typedef __m256 vec;
+static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#define LOAD(p) _mm256_loadu_ps(p)
+#define STORE(p, v) _mm256_storeu_ps(p, v)
+#define STREAM(p, v) _mm256_stream_ps(p, v)
+#define SET1(v) _mm256_set1_ps(v)
+#define ZERO() _mm256_setzero_ps()
+#define ADD(a, b) _mm256_add_ps(a, b)
+#define SUB(a, b) _mm256_sub_ps(a, b)
+#define MUL(a, b) _mm256_mul_ps(a, b)
+#ifdef __FMA__
+#define FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#else
+#define FMA(a, b, c) _mm256_add_ps(_mm256_mul_ps(a, b), c)
+#endif
+#define HSUM(v) hsum256(v)
+#define BLEND(first, u, v) \
+  _mm256_blendv_ps(v, u, _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), \
+                                       _mm256_set1_ps((float)(first)), _CMP_LT_OQ))
+#define SFENCE() _mm_sfence()
+#else
+#define W 1
+typedef float vec;
+#define LOAD(p) (*(p))
+#define STORE(p, v) (*(p) = (v))
+#define STREAM(p, v) (*(p) = (v))
+#define SET1(v) (v)
+#define ZERO() 0.0f
+#define ADD(a, b) ((a) + (b))
+#define SUB(a, b) ((a) - (b))
+#define MUL(a, b) ((a) * (b))
+#define FMA(a, b, c) ((a) * (b) + (c))
+#define HSUM(v) (v)
+#define BLEND(first, u, v) ((first) ? (u) : (v))
+#define SFENCE()
+#endif
+"""
+
 # C for the sources that write a large output once: stream_store(dst, src, n) copies n floats from
 # a buffer in L1 with non-temporal stores where the CPU has them (AVX, AVX-512), so the output's
 # cache lines are not read first; a thread calls SFENCE() after its last streamed store.
@@ -48,10 +116,12 @@ static void stream_store(float* dst, const float* src, int64_t n) {
   for (; i < n; i++) dst[i] = src[i];
 }
 
+#ifndef SFENCE
 #if defined(__AVX512F__) || defined(__AVX__)
 #define SFENCE() _mm_sfence()
 #else
 #define SFENCE()
+#endif
 #endif
 """
 
