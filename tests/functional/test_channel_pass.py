@@ -1,15 +1,18 @@
 """The per-channel elementwise pass in C (normkit.functional._channel_pass): against float64 in both
-layouts, with and without its first term, far from zero; which inputs take it; and the compiled
-batch norm through it, against the native engine, and without it."""
+layouts, with and without its first term, far from zero, at any address, as built for this CPU and
+for narrower vectors (AVX2, AVX, plain C); which inputs take it; and the compiled batch norm through
+it, against the native engine, and without it."""
 
 from __future__ import annotations
+
+import platform
 
 import pytest
 import torch
 
 import normkit as nk
 from helpers import assert_close, make_input
-from normkit.functional import _channel_pass
+from normkit.functional import _channel_pass, _native
 
 pytestmark = pytest.mark.skipif(
     _channel_pass._library() is None, reason="no C compiler with OpenMP to build the channel pass"
@@ -63,6 +66,37 @@ def test_inputs_at_any_address(layout):
     assert out.stride() == b.stride()
     copies = (t.clone(memory_format=torch.preserve_format) for t in (a, b))
     assert torch.equal(out, _channel_pass.channel_pass(*copies, k, A, B, D))
+
+
+# The vector loops of other x86 CPUs than this one (AVX2 with FMA, AVX, and plain C: SSE2 only),
+# built with the flags that select them; this machine runs all three.
+OTHER_CPUS = {"avx2": ("-mavx2", "-mfma", "-mno-avx512f"), "avx": ("-mavx", "-mno-avx2", "-mno-fma"),
+              "plain": ("-march=x86-64", "-mtune=generic")}  # fmt: skip
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector flags")
+@pytest.mark.parametrize("cpu", sorted(OTHER_CPUS))
+def test_other_cpus_vector_loops_match_float64(cpu, monkeypatch):
+    """The pass as built for a CPU with narrower vectors (8 floats, or 1) gives the same outputs
+    within float32 rounding of float64, on every shape of SHAPES, both layouts, with and without
+    the first term, at an odd address."""
+    flags = tuple(f for f in _native.FLAGS if f != "-march=native") + OTHER_CPUS[cpu]
+    library = _channel_pass.build(flags)
+    assert library is not None, f"the {cpu} build failed"
+    monkeypatch.setattr(_channel_pass, "_library", lambda: library)
+    for shape in SHAPES:
+        c = shape[1]
+        k, A, B, D = (torch.randn(c, generator=torch.Generator().manual_seed(i)) for i in range(4))
+        view = (1, c, *[1] * (len(shape) - 2))
+        for layout in ("rows", "planes"):
+            a = _layout(make_input(shape, seed=1, scale=1.0, shift=0.0), layout)
+            b = _layout(make_input(shape, seed=2, shift=100.0), layout)
+            for first in (a, None):
+                out = _channel_pass.channel_pass(first, b, k, A, B, D)
+                want = B.double().view(view) * (b.double() - k.double().view(view)) + D.double().view(view)
+                if first is not None:
+                    want = want + A.double().view(view) * a.double()
+                assert_close(out, want, torch.float32, f"{cpu} channel pass {shape} {layout}")
 
 
 def test_only_float32_inputs_of_one_layout_take_it():

@@ -141,13 +141,19 @@ int channel_pass(const float* a, const float* b, const float* k, const float* A,
 )
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    library = _native.library("channel_pass", _SOURCE)
+def build(flags: tuple[str, ...] = tuple(_native.FLAGS)) -> ctypes.CDLL | None:
+    """The pass built with ``flags`` (:func:`normkit.functional._native.library`) with its
+    signature, or None."""
+    library = _native.library("channel_pass", _SOURCE, flags)
     if library is not None:
         library.channel_pass.restype = ctypes.c_int
         library.channel_pass.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    return build()
 
 
 def available(*tensors: torch.Tensor) -> bool:

@@ -146,14 +146,15 @@ def compiler() -> str | None:
 
 
 @functools.cache
-def library(name: str, source: str) -> ctypes.CDLL | None:
-    """``source`` built into ``<cache>/normkit/<name>-<hash>.so`` (once; an atomic rename, so that
-    processes building at the same time never load half a file) and loaded, or None where it cannot
-    be built or loaded."""
+def library(name: str, source: str, flags: tuple[str, ...] = tuple(FLAGS)) -> ctypes.CDLL | None:
+    """``source`` built with ``flags`` into ``<cache>/normkit/<name>-<hash>.so`` (once; an atomic
+    rename, so that processes building at the same time never load half a file) and loaded, or None
+    where it cannot be built or loaded. (The tests build the vector loops for other CPUs than this
+    one by replacing ``-march=native`` in ``flags``.)"""
     cc = compiler()
     if cc is None:
         return None
-    digest = hashlib.sha256((source + " ".join(FLAGS) + cc + _cpu()).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((source + " ".join(flags) + cc + _cpu()).encode()).hexdigest()[:16]
     try:
         folder = _cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -165,7 +166,7 @@ def library(name: str, source: str) -> ctypes.CDLL | None:
             with tempfile.TemporaryDirectory() as build:
                 c_file, output = Path(build) / f"{name}.c", Path(build) / f"{name}.so"
                 c_file.write_text(source)
-                subprocess.run([cc, *FLAGS, str(c_file), "-o", str(output)], check=True,
+                subprocess.run([cc, *flags, str(c_file), "-o", str(output)], check=True,
                                capture_output=True, timeout=120)  # fmt: skip
                 os.replace(shutil.copy(output, folder / f".{target.name}.{os.getpid()}"), target)
         return ctypes.CDLL(str(target))
