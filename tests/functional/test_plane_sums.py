@@ -1,10 +1,13 @@
 """The per-plane sums of float32 tensors (normkit.functional._plane_sums), channels_last (rows) and
 contiguous (planes): against float64 sums on shapes that are and are not multiples of the 64-row
-and 1,024-value blocks, 3-, 4- and 5-d, far from zero; which inputs take them; the family's and
+and 1,024-value blocks and of the vector, 3-, 4- and 5-d, far from zero, as built for this CPU and
+for narrower vectors; which inputs take them; the family's and
 BatchNorm's gradients through them against the native engine; and the compiled reductions where
 no library can be built."""
 
 from __future__ import annotations
+
+import platform
 
 import pytest
 import torch
@@ -20,8 +23,10 @@ pytestmark = pytest.mark.skipif(
 
 # (2, 3, 41, 53): 2,173 values per plane, three blocks of 1,024; (2, 1100, 3, 5): rows of
 # 1,100 channels
+# (2, 16, 5, 7) ... (2, 48, 70, 3): rows of one to four vectors of channels (AVX-512), summed in
+# registers, the last over four blocks of 64 rows
 SHAPES = [(2, 3, 5, 7), (3, 5, 9, 17), (2, 1, 8, 8), (1, 64, 16, 16), (4, 6, 130), (2, 3, 2, 5, 7),
-          (2, 3, 41, 53), (2, 1100, 3, 5)]  # fmt: skip
+          (2, 3, 41, 53), (2, 1100, 3, 5), (2, 16, 5, 7), (3, 32, 9, 9), (2, 48, 70, 3)]  # fmt: skip
 LAYOUTS = ["rows", "planes"]
 
 
@@ -74,6 +79,32 @@ def test_channel_moments_and_sums_match_float64(shape, offset, layout):
     centred = x64 - mean.double().view(-1, *[1] * (x.dim() - 2))
     assert_close(sum_g, dy.double().sum(dims), torch.float32, "sum(dy)")
     assert_close(sum_gx, (dy.double() * centred).sum(dims), torch.float32, "sum(dy * (x - mean))")
+
+
+# The vector loops of other x86 CPUs than this one (AVX2 with FMA, AVX, plain C), built with the
+# flags that select them (as in test_channel_pass.py); this machine runs all three.
+OTHER_CPUS = {"avx2": ("-mavx2", "-mfma", "-mno-avx512f"), "avx": ("-mavx", "-mno-avx2", "-mno-fma"),
+              "plain": ("-march=x86-64", "-mtune=generic")}  # fmt: skip
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector flags")
+@pytest.mark.parametrize("cpu", sorted(OTHER_CPUS))
+def test_other_cpus_sums_match_float64(cpu, monkeypatch):
+    """The sums as built for a CPU with narrower vectors (8 floats, or 1: other rows than this
+    machine's sum in registers) within float32 rounding of float64, every shape, both layouts."""
+    flags = tuple(f for f in _native.FLAGS if f != "-march=native") + OTHER_CPUS[cpu]
+    library = _plane_sums.build(flags)
+    assert library is not None, f"the {cpu} build failed"
+    monkeypatch.setattr(_plane_sums, "_library", lambda: library)
+    for shape, layout in ((shape, layout) for shape in SHAPES for layout in LAYOUTS):
+        x = _rows_layout(shape, seed=3, shift=100.0, layout=layout)
+        dy = _rows_layout(shape, seed=4, scale=1.0, shift=0.0, layout=layout)
+        spatial = tuple(range(2, x.dim()))
+        _, var = _plane_sums.plane_moments(x, sample_mean(x, spatial).flatten(1))
+        assert_close(var, x.double().var(spatial, unbiased=False), torch.float32, f"{cpu} {shape} var")
+        sum_gx, sum_g = _plane_sums.plane_sums(dy, x)
+        assert_close(sum_gx, (dy.double() * x.double()).sum(spatial), torch.float32, f"{cpu} {shape}")
+        assert_close(sum_g, dy.double().sum(spatial), torch.float32, f"{cpu} {shape} sum(dy)")
 
 
 def test_only_float32_inputs_of_one_layout_take_them():

@@ -35,16 +35,62 @@ import torch
 
 from normkit.functional import _native
 
-_SOURCE = r"""
-#include <stdint.h>
+_SOURCE = (
+    _native.VECTORS
+    + r"""
 #define ROWS 64
+
+/* plane_sums for one sample of rows of NV * W channels (NV <= 4): a block's accumulators and the
+   shifts stay in registers (a constant NV unrolls the loops over j). */
+static inline __attribute__((always_inline)) void narrow_rows(
+    const float* a, const float* b, const float* ka, const float* kb, int64_t n, int64_t S,
+    const int NV, double* o1, double* o2) {
+  const int64_t C = NV * W;
+  vec sa[4], sb[4];
+  for (int j = 0; j < NV; j++) {
+    sa[j] = ka ? LOAD(ka + n * C + j * W) : ZERO();
+    sb[j] = kb ? LOAD(kb + n * C + j * W) : ZERO();
+  }
+  for (int64_t c = 0; c < C; c++) { o1[c] = 0.0; o2[c] = 0.0; }
+  for (int64_t s0 = 0; s0 < S; s0 += ROWS) {
+    const int64_t end = s0 + ROWS < S ? s0 + ROWS : S;
+    vec x1[4], x2[4];
+    for (int j = 0; j < NV; j++) { x1[j] = ZERO(); x2[j] = ZERO(); }
+    for (int64_t s = s0; s < end; s++) {
+      const float* ra = a + (n * S + s) * C;
+      const float* rb = b + (n * S + s) * C;
+      for (int j = 0; j < NV; j++) {
+        const vec d = SUB(LOAD(ra + j * W), sa[j]);
+        x1[j] = ADD(x1[j], d);
+        x2[j] = FMA(d, SUB(LOAD(rb + j * W), sb[j]), x2[j]);
+      }
+    }
+    float t1[4 * W], t2[4 * W];
+    for (int j = 0; j < NV; j++) { STORE(t1 + j * W, x1[j]); STORE(t2 + j * W, x2[j]); }
+    for (int64_t c = 0; c < C; c++) { o1[c] += t1[c]; o2[c] += t2[c]; }
+  }
+}
+
 /* out1[n,c] = sum_s (a[n,s,c] - ka[n,c])
    out2[n,c] = sum_s (a[n,s,c] - ka[n,c]) * (b[n,s,c] - kb[n,c])      (a NULL shift: 0)
-   float32 over blocks of ROWS rows, float64 across blocks. */
+   float32 over blocks of ROWS rows, float64 across blocks; rows of up to 4 vectors of channels
+   keep the accumulators in registers (narrow_rows), wider ones in arrays on the stack. */
 void plane_sums(const float* a, const float* b, const float* ka, const float* kb, int64_t N,
                 int64_t S, int64_t C, double* out1, double* out2, int threads) {
+  const int narrow = W > 1 && C % W == 0 && C / W <= 4 ? (int)(C / W) : 0;
   #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N; n++) {
+    if (narrow) {
+      double* o1 = out1 + n * C;
+      double* o2 = out2 + n * C;
+      switch (narrow) {
+        case 1: narrow_rows(a, b, ka, kb, n, S, 1, o1, o2); break;
+        case 2: narrow_rows(a, b, ka, kb, n, S, 2, o1, o2); break;
+        case 3: narrow_rows(a, b, ka, kb, n, S, 3, o1, o2); break;
+        default: narrow_rows(a, b, ka, kb, n, S, 4, o1, o2); break;
+      }
+      continue;
+    }
     float acc1[C], acc2[C], sa[C], sb[C];
     double* o1 = out1 + n * C;
     double* o2 = out2 + n * C;
@@ -98,12 +144,13 @@ void plane_sums_contiguous(const float* a, const float* b, const float* ka, cons
   }
 }
 """
+)
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The built library with its signatures, or None (:func:`normkit.functional._native.library`)."""
-    library = _native.library("plane_sums", _SOURCE)
+def build(flags: tuple[str, ...] = tuple(_native.FLAGS)) -> ctypes.CDLL | None:
+    """The sums built with ``flags`` (:func:`normkit.functional._native.library`) with their
+    signatures, or None."""
+    library = _native.library("plane_sums", _SOURCE, flags)
     if library is None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
@@ -111,6 +158,12 @@ def _library() -> ctypes.CDLL | None:
     library.plane_sums.argtypes = [pointer] * 4 + [size] * 3 + [pointer] * 2 + [ctypes.c_int]
     library.plane_sums_contiguous.argtypes = [pointer] * 4 + [size] * 2 + [pointer] * 2 + [ctypes.c_int]
     return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The library built for this machine, or None."""
+    return build()
 
 
 # The loops over rows keep a few float32 accumulators per channel on a thread's stack.
