@@ -60,10 +60,10 @@ AUTO_PREFERENCES: dict[tuple[str, str, torch.dtype, str], list[str]] = {
         for layout in ("contiguous", "strided")
     },
     # BatchNorm on the CPU, float32 NCHW, training: compiled (8 passes, C loops) 0.43-0.55x
-    # torch's BatchNorm2d forward + backward at (32, 64, 56, 56), 0.22-0.61x on ResNet-50's other
+    # torch's BatchNorm2d forward + backward at (32, 64, 56, 56), 0.22-0.71x on ResNet-50's other
     # shapes from 1M elements (benchmarks/bench_bn_shapes.py). In channels_last the C passes are
-    # 0.80-1.18x ATen's depending on the shape (faster on some, slower on others): channels_last
-    # stays native. Evaluation runs ATen's kernel either way (_batch_norm_compiled).
+    # 0.51-1.18x ATen's depending on the shape and the run (faster on some shapes, slower on
+    # others): channels_last stays native. Evaluation runs ATen's kernel either way (_batch_norm_compiled).
     ("batch_norm", "cpu", torch.float32, "contiguous"): ["compiled", "native", "reference"],
     # Ghost BN, Batch-Instance and Switchable on the CPU, float32: compiled (4 fused passes per
     # direction, channels_last reduced in its own layout) faster than native in both layouts

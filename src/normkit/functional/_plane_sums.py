@@ -9,7 +9,8 @@ Inductor compiles them to a loop over 16 channels at a time that sweeps each pla
 (docs/benchmarks.md, "The memory bound on the CPU"). ATen has no per-plane reduction for this
 layout (``var_mean`` over the positions runs Welford, 20× slower). The loop here reads each
 row once, in order, every channel of a row at once (the compiler vectorizes the inner loop over
-channels), and accumulate in float32 over blocks of 64 rows, then in float64. A contiguous
+channels; rows of one to four vectors of channels, 16-64 with AVX-512, keep the accumulators in
+registers, ``_native.VECTORS``), and accumulate in float32 over blocks of 64 rows, then in float64. A contiguous
 (NCHW) tensor is N × C planes of S contiguous values, each summed by a vectorized loop over
 blocks of 1,024 values (float32 within a block, float64 across blocks): BatchNorm's two backward
 sums over (N, H, W), which Inductor runs at half a read's speed. Per plane:
