@@ -198,8 +198,9 @@ class _CompiledBatchNorm(torch.autograd.Function):
     compiled engine; saves x, the parameters and float32 mean and 1/std."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        if _in_c(x):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, in_c):
+        ctx.in_c = in_c  # the C passes (decided once per call: compiled_batch_norm)
+        if in_c:
             mean, var = _plane_sums.channel_moments(x, sample_mean(x, batch_dims(x.dim())).reshape(-1))
             invstd = torch.rsqrt(var + eps)
             y = _channel_pass.channel_pass(None, x, mean, None, _scale(weight, invstd), bias)
@@ -220,7 +221,7 @@ class _CompiledBatchNorm(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph: differentiate ATen's batch norm instead
             return _differentiable_backward(ctx, dy, x, weight, bias)
-        if _in_c(x):  # dx = w invstd (dy - sum g / n - x_hat sum g x_hat / n)
+        if ctx.in_c:  # dx = w invstd (dy - sum g / n - x_hat sum g x_hat / n)
             if dy.stride() != x.stride():  # dy in another layout, or expanded: into x's
                 dy = torch.empty_like(x).copy_(dy)
             sum_g, sum_gx = _plane_sums.channel_sums(dy, x, mean)
@@ -236,7 +237,7 @@ class _CompiledBatchNorm(torch.autograd.Function):
             dx = torch.empty_like(x).copy_(dx)
         dweight = sum_gx.to(weight.dtype) if weight is not None and needs[1] else None
         dbias = sum_g.to(bias.dtype) if bias is not None and needs[2] else None
-        return (dx if needs[0] else None), dweight, dbias, None, None, None, None
+        return (dx if needs[0] else None), dweight, dbias, None, None, None, None, None
 
 
 def _differentiable_backward(ctx, dy, x, weight, bias):
@@ -247,20 +248,24 @@ def _differentiable_backward(ctx, dy, x, weight, bias):
     needs = ctx.needs_input_grad
     inputs = [t for t, need in zip((x, weight, bias), needs[:3], strict=True) if need]
     grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-    return (*(next(grads) if need else None for need in needs[:3]), None, None, None, None)
+    return (*(next(grads) if need else None for need in needs[:3]), None, None, None, None, None)
 
 
-def _large_enough(input: torch.Tensor) -> bool:
-    """Whether the engine runs ``input`` rather than ATen: from C_MIN_NUMEL elements where the C
-    passes take it, from MIN_NUMEL for Inductor's (:func:`worth_compiling`), never under a
-    program transform."""
-    if input.numel() >= C_MIN_NUMEL and _in_c(input):
-        return not transforming()
-    return worth_compiling(input)
+def _engine(input: torch.Tensor) -> str | None:
+    """Which passes run ``input``: None for ATen's, below C_MIN_NUMEL elements where the C passes
+    take it (below MIN_NUMEL elsewhere, :func:`worth_compiling`) and under a program transform;
+    else ``"c"`` where the C passes take it, ``"inductor"`` where they do not."""
+    in_c = _in_c(input)
+    large = input.numel() >= C_MIN_NUMEL and in_c
+    run = not transforming() if large else worth_compiling(input)
+    return ("c" if in_c else "inductor") if run else None
 
 
 def compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
     """``torch.batch_norm``'s contract, compiled for large inputs (see the module docstring)."""
-    if not training or input.numel() == 0 or not _large_enough(input):
+    engine = _engine(input) if training and input.numel() else None
+    if engine is None:
         return _aten(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return _CompiledBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)
+    return _CompiledBatchNorm.apply(
+        input, weight, bias, running_mean, running_var, momentum, eps, engine == "c"
+    )

@@ -10,10 +10,11 @@ Inductor compiles them to a loop over 16 channels at a time that sweeps each pla
 layout (``var_mean`` over the positions runs Welford, 20× slower). The loop here reads each
 row once, in order, every channel of a row at once (the compiler vectorizes the inner loop over
 channels; rows of one to four vectors of channels, 16-64 with AVX-512, keep the accumulators in
-registers, ``_native.VECTORS``), and accumulate in float32 over blocks of 64 rows, then in float64. A contiguous
-(NCHW) tensor is N × C planes of S contiguous values, each summed by a vectorized loop over
-blocks of 1,024 values (float32 within a block, float64 across blocks): BatchNorm's two backward
-sums over (N, H, W), which Inductor runs at half a read's speed. Per plane:
+registers, ``_native.VECTORS``), and accumulate in float32 over blocks of 64 rows, then in
+float64. A contiguous (NCHW) tensor is N × C planes of S contiguous values, each summed by a
+vectorized loop over blocks of 1,024 values (float32 within a block, float64 across blocks):
+BatchNorm's two backward sums over (N, H, W), which Inductor runs at half a read's speed. Per
+plane:
 
 - :func:`plane_moments`: ``sum(x - k)`` and ``sum((x - k)^2)`` for a shift ``k[n, c]`` (shifted
   sums, PERF.md §4: the variance loses only ``(mean - k)^2 / var`` to cancellation);
