@@ -24,7 +24,7 @@ import torch
 
 import normkit as nk
 from environment import environment
-from timing import faults_per_call, keep_freed_memory, time_call, train_step
+from timing import alternate, faults_per_call, keep_freed_memory, train_step
 
 # (N, C, H, W): ResNet-50's distinct batch-norm shapes at batch 32 (stages 1-4, their widths),
 # and the stem's 112 x 112 at batch 8.
@@ -77,12 +77,7 @@ def main() -> None:
           f"{'torch pf':>8s} {'comp. pf':>8s}")  # fmt: skip
     for shape, channels_last in itertools.product(shapes, (False, True)):
         calls = providers(shape, channels_last)
-        for call in calls.values():  # warm every path first
-            call()
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for _ in range(rounds):
-            for name, call in calls.items():
-                times[name].append(time_call(call, min_run_time)[0] * 1e3)
+        times = alternate(calls, rounds, min_run_time)
         ms = {name: statistics.median(values) for name, values in times.items()}
         faults = {name: faults_per_call(calls[name], 3) for name in ("torch", "compiled")}
         bound = PASSES / 2 * ms["memory"]

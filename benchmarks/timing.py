@@ -25,6 +25,21 @@ def time_call(fn: Callable[[], object], min_run_time: float) -> tuple[float, flo
     return measurement.median, (time.process_time() - start) / calls
 
 
+def alternate(calls: dict[str, Callable[[], object]], rounds: int, min_run_time: float,
+              warm: int = 1) -> dict[str, list[float]]:  # fmt: skip
+    """Milliseconds per call of each of ``calls``, one :func:`time_call` per round, the providers
+    alternating within a round so that the machine's drift hits them all alike; each is called
+    ``warm`` times first (compilation, caches)."""
+    for call in calls.values():
+        for _ in range(warm):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[name].append(time_call(call, min_run_time)[0] * 1e3)
+    return times
+
+
 def train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
     """One forward + backward of ``layer`` on a fresh leaf of ``x`` with output gradient ``dy``."""
 

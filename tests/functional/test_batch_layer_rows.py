@@ -72,6 +72,22 @@ def test_c_passes_match_the_inductor_maths(monkeypatch):
         assert_close(got, want, torch.float32, f"output/gradient/buffer {index}")
 
 
+def test_other_cpus_match_this_ones(other_cpu_flags, monkeypatch):
+    """The passes as built for a CPU with narrower vectors (the rows streamed out 8 floats, or 1,
+    at a time; 13 channels: rows off the vector's alignment, with a head and a tail) give this
+    build's outputs, gradients and statistics within float32 rounding."""
+    x, dy = _rows((3, 13, 9, 7), 5, shift=5.0), _rows((3, 13, 9, 7), 6, scale=1.0, shift=0.0)
+    layer = nk.BatchLayerNorm(13)
+    randomize_parameters(layer)
+    here = _run(copy.deepcopy(layer), x, dy, "compiled")
+    library = _batch_layer_rows.build(other_cpu_flags)
+    assert library is not None, f"the build with {other_cpu_flags} failed"
+    monkeypatch.setattr(_batch_layer_rows, "_library", lambda: library)
+    other = _run(copy.deepcopy(layer), x, dy, "compiled")
+    for index, (got, want) in enumerate(zip(other, here, strict=True)):
+        assert_close(got, want, torch.float32, f"output/gradient/buffer {index}")
+
+
 def test_only_float32_channels_last_inputs_take_them():
     x = _rows((2, 3, 4, 5), 0)
     assert _batch_layer_rows.available(x) and _batch_layer_rows.available(x, x.clone())

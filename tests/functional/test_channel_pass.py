@@ -5,14 +5,12 @@ it, against the native engine, and without it."""
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 
 import normkit as nk
 from helpers import assert_close, make_input
-from normkit.functional import _channel_pass, _native
+from normkit.functional import _channel_pass
 
 pytestmark = pytest.mark.skipif(
     _channel_pass._library() is None, reason="no C compiler with OpenMP to build the channel pass"
@@ -68,21 +66,12 @@ def test_inputs_at_any_address(layout):
     assert torch.equal(out, _channel_pass.channel_pass(*copies, k, A, B, D))
 
 
-# The vector loops of other x86 CPUs than this one (AVX2 with FMA, AVX, and plain C: SSE2 only),
-# built with the flags that select them; this machine runs all three.
-OTHER_CPUS = {"avx2": ("-mavx2", "-mfma", "-mno-avx512f"), "avx": ("-mavx", "-mno-avx2", "-mno-fma"),
-              "plain": ("-march=x86-64", "-mtune=generic")}  # fmt: skip
-
-
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector flags")
-@pytest.mark.parametrize("cpu", sorted(OTHER_CPUS))
-def test_other_cpus_vector_loops_match_float64(cpu, monkeypatch):
+def test_other_cpus_vector_loops_match_float64(other_cpu_flags, monkeypatch):
     """The pass as built for a CPU with narrower vectors (8 floats, or 1) gives the same outputs
     within float32 rounding of float64, on every shape of SHAPES, both layouts, with and without
     the first term, at an odd address."""
-    flags = tuple(f for f in _native.FLAGS if f != "-march=native") + OTHER_CPUS[cpu]
-    library = _channel_pass.build(flags)
-    assert library is not None, f"the {cpu} build failed"
+    library = _channel_pass.build(other_cpu_flags)
+    assert library is not None, f"the build with {other_cpu_flags} failed"
     monkeypatch.setattr(_channel_pass, "_library", lambda: library)
     for shape in SHAPES:
         c = shape[1]
@@ -96,7 +85,7 @@ def test_other_cpus_vector_loops_match_float64(cpu, monkeypatch):
                 want = B.double().view(view) * (b.double() - k.double().view(view)) + D.double().view(view)
                 if first is not None:
                     want = want + A.double().view(view) * a.double()
-                assert_close(out, want, torch.float32, f"{cpu} channel pass {shape} {layout}")
+                assert_close(out, want, torch.float32, f"channel pass {shape} {layout}")
 
 
 def test_only_float32_inputs_of_one_layout_take_it():

@@ -16,7 +16,7 @@ from normkit.lab import (
     run_experiment,
     write_combined_report,
 )
-from normkit.lab.experiment import summarize
+from normkit.lab.experiment import Experiment, summarize
 from normkit.lab.records import CHECKPOINTS
 
 EXPERIMENTS = ["ioffe2015-mnist", "lr-tolerance", "init-sensitivity", "regularization", "placement"]
@@ -410,3 +410,13 @@ def test_summarize_rolls_the_entries_up_and_a_plan_of_none_trains_nothing():
     guideline = get_experiment("guideline")
     settings = guideline.settings("tiny")
     assert guideline.trials(settings, None, {}) == [] == guideline.preview(settings, None)
+
+
+def test_the_frameworks_results_and_summary_take_a_plan_of_none(tmp_path):
+    """An experiment that trains nothing still has results (no arms) and a summary (no sweep)
+    through the base class, not only through its own overrides."""
+    record = run_experiment("guideline", "tiny", {"runs": str(tmp_path / "none")}, out=tmp_path / "g")
+    guideline = get_experiment("guideline")
+    assert Experiment.results(guideline, record).labels == {}
+    summary = Experiment.summary(guideline, record)
+    assert "sweeps" not in summary and set(summary) == {"verdict", "claims"}

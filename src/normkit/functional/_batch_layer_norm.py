@@ -37,7 +37,7 @@ from normkit.functional._checks import (
     check_per_channel,
     check_positive_int,
 )
-from normkit.functional._compiled import CompiledMaths
+from normkit.functional._compiled import CompiledMaths, like_input
 from normkit.functional._given_statistics import batch_norm_statistics
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import (
@@ -282,8 +282,7 @@ class _CompiledBatchLayerNorm(torch.autograd.Function):
             )
         if running_mean is not None:
             mean, var = running_mean, running_var
-        if y.stride() != x.stride():
-            y = torch.empty_like(x).copy_(y)
+        y = like_input(y, x)
         ctx.save_for_backward(x, w_b, w_f, mean, var, mean_f, invstd_f)
         ctx.eps, ctx.training = eps, running_mean is None
         ctx.mark_non_differentiable(mean, var)
@@ -296,15 +295,14 @@ class _CompiledBatchLayerNorm(torch.autograd.Function):
             grads = _differentiable_backward(dy, x, w_b, w_f, mean, var, ctx)
             return (*grads, None, None, None)
         if ctx.rows:  # its per-position statistics are for the C backward; dy in x's layout
-            dy = dy if dy.stride() == x.stride() else torch.empty_like(x).copy_(dy)
+            dy = like_input(dy, x)
             dx, dw_b, db, dw_f = _batch_layer_rows.backward(
                 dy, x, w_b, w_f, mean, var, mean_f, invstd_f, ctx.eps, ctx.training
             )
         else:
             args = (dy, x, w_b, w_f, mean, var, mean_f, invstd_f, ctx.eps, ctx.training)
             dx, dw_b, db, dw_f = CompiledMaths.call(_compiled_backward_maths, *args)
-        if dx.stride() != x.stride():
-            dx = torch.empty_like(x).copy_(dx)
+        dx = like_input(dx, x)
         needs = ctx.needs_input_grad
         grads = (dx, dw_b, db, dw_f)
         return (

@@ -158,9 +158,10 @@ void bln_input_grad(const float* dy, const float* x, const float* mean, const fl
 )
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    library = _native.library("batch_layer_rows", _SOURCE)
+def build(flags: tuple[str, ...] = tuple(_native.FLAGS)) -> ctypes.CDLL | None:
+    """The passes built with ``flags`` (:func:`normkit.functional._native.library`) with their
+    signatures, or None."""
+    library = _native.library("batch_layer_rows", _SOURCE, flags)
     if library is None:
         return None
     p, i, t = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -176,10 +177,16 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The library built for this machine, or None."""
+    return build()
+
+
 def available(*tensors: torch.Tensor) -> bool:
     """Whether these inputs (x, and dy in the backward) take the C passes: float32 channels_last
     (rows of channels), same shape and strides, not empty, the library built."""
-    return _plane_sums.available(*tensors) and _library() is not None
+    return _plane_sums.takes(*tensors) and _library() is not None
 
 
 def _f32(*tensors: torch.Tensor) -> list[torch.Tensor]:

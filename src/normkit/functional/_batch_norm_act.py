@@ -40,7 +40,7 @@ from normkit.functional._checks import (
     check_per_channel,
     shape_str,
 )
-from normkit.functional._compiled import CompiledMaths
+from normkit.functional._compiled import CompiledMaths, like_input
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view
 from normkit.functional._running_stats import (
@@ -201,8 +201,7 @@ class _EagerEngine:
             )
         else:
             dx, dweight, dbias = _eval_backward(g, x, weight, mean, invstd, mask)
-        if dx is not None and dx.stride() != x.stride():  # gradients keep the input's layout
-            dx = torch.empty_like(x).copy_(dx)
+        dx = None if dx is None else like_input(dx, x)  # gradients keep the input's layout
         return dx, dz, dweight, dbias
 
 
@@ -284,9 +283,7 @@ class _CompiledEngine:
             update_running_stats(
                 running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum
             )
-        if y.stride() != x.stride():
-            y = torch.empty_like(x).copy_(y)
-        return y, mean, invstd
+        return like_input(y, x), mean, invstd
 
     @classmethod
     def backward(cls, dy, x, z, y, weight, bias, mean, invstd, training, eps, act, param, needs):

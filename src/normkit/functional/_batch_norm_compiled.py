@@ -35,7 +35,7 @@ import torch
 
 from normkit.functional import _channel_pass, _plane_sums
 from normkit.functional._batch_norm import batch_dims
-from normkit.functional._compiled import CompiledMaths, worth_compiling
+from normkit.functional._compiled import CompiledMaths, like_input, worth_compiling
 from normkit.functional._moments import stats_dtype
 from normkit.functional._normalize import channel_view
 from normkit.functional._running_stats import compiling, update_running_stats
@@ -159,11 +159,7 @@ def _input_grad_maths(dy, x, weight, mean, invstd, sum_g, sum_gx):
 def _in_c(*tensors: torch.Tensor) -> bool:
     """Whether float32 inputs, contiguous or channels_last, take the C passes
     (:mod:`._plane_sums`, :mod:`._channel_pass`)."""
-    return (
-        not compiling()
-        and _plane_sums.available(*tensors, contiguous=True)
-        and _channel_pass.available(*tensors)
-    )
+    return not compiling() and _channel_pass.available(*tensors) and _plane_sums.built()
 
 
 def _scale(weight: torch.Tensor | None, invstd: torch.Tensor) -> torch.Tensor:
@@ -209,8 +205,7 @@ class _CompiledBatchNorm(torch.autograd.Function):
         if running_mean is not None and running_var is not None:
             n = x.numel() // x.shape[1]
             update_running_stats(running_mean, running_var, mean, var, n, momentum)
-        if y.stride() != x.stride():
-            y = torch.empty_like(x).copy_(y)
+        y = like_input(y, x)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = eps
         return y
@@ -222,8 +217,7 @@ class _CompiledBatchNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: differentiate ATen's batch norm instead
             return _differentiable_backward(ctx, dy, x, weight, bias)
         if ctx.in_c:  # dx = w invstd (dy - sum g / n - x_hat sum g x_hat / n)
-            if dy.stride() != x.stride():  # dy in another layout, or expanded: into x's
-                dy = torch.empty_like(x).copy_(dy)
+            dy = like_input(dy, x)  # dy in another layout, or expanded: into x's
             sum_g, sum_gx = _plane_sums.channel_sums(dy, x, mean)
             sum_gx = sum_gx * invstd  # sum(dy * x_hat)
             scale, n = _scale(weight, invstd), x.numel() // x.shape[1]
@@ -233,8 +227,7 @@ class _CompiledBatchNorm(torch.autograd.Function):
                                                 -scale * sum_g / n)  # fmt: skip
         else:
             dx, sum_gx, sum_g = CompiledMaths.call(_backward_maths, dy, x, weight, mean, invstd)
-        if dx is not None and dx.stride() != x.stride():
-            dx = torch.empty_like(x).copy_(dx)
+        dx = None if dx is None else like_input(dx, x)
         dweight = sum_gx.to(weight.dtype) if weight is not None and needs[1] else None
         dbias = sum_g.to(bias.dtype) if bias is not None and needs[2] else None
         return (dx if needs[0] else None), dweight, dbias, None, None, None, None, None

@@ -44,6 +44,13 @@ def worth_compiling(input: torch.Tensor) -> bool:
     return input.numel() >= MIN_NUMEL and not transforming()
 
 
+def like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``x``'s strides: the compiled engines' outputs and gradients keep the input's
+    layout, and their C passes read dy in x's (a copy only where the strides differ, e.g. a kernel
+    that chose others, or the expanded gradient of ``y.sum()``)."""
+    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+
+
 def compiler_available() -> bool:
     """torch.compile on the CPU builds C++: a compiler must be on PATH."""
     return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))

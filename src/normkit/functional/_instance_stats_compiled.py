@@ -37,7 +37,7 @@ import torch
 
 from normkit.functional import _plane_sums
 from normkit.functional._batch_norm_compiled import row_block, sample_mean, shifted_moments
-from normkit.functional._compiled import CompiledMaths
+from normkit.functional._compiled import CompiledMaths, like_input
 from normkit.functional._moments import stats_dtype
 from normkit.functional._running_stats import compiling
 
@@ -128,11 +128,6 @@ def _input_grad_maths(dy, x, scale, a, b):
     return (dx + _plane(b, ndim)).to(x.dtype)
 
 
-def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``t`` with ``x``'s strides (a copy only when the compiled kernel chose others)."""
-    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
-
-
 class _CompiledPlaneNorm(torch.autograd.Function):
     """y = x * scale + shift with (scale, shift, *extras) = mixer(mean, var, *params); returns y and
     the mixer's extras (statistics for the running averages, not differentiable)."""
@@ -144,7 +139,7 @@ class _CompiledPlaneNorm(torch.autograd.Function):
             leaves = [mean.detach().requires_grad_(), var.detach().requires_grad_()]
             inputs = [p.detach().requires_grad_() if _trainable(p) else p for p in params]
             scale, shift, *extras = mixer(*leaves, *inputs)
-        y = _like(CompiledMaths.call(_affine_maths, x, scale.detach(), shift.detach()), x)
+        y = like_input(CompiledMaths.call(_affine_maths, x, scale.detach(), shift.detach()), x)
         tensors = [p for p in params if isinstance(p, torch.Tensor)]
         ctx.save_for_backward(x, mean, *tensors)
         ctx.graph = (leaves, inputs, scale, shift)
@@ -175,7 +170,7 @@ def _fused_backward(ctx, dy):
         size = math.prod(x.shape[2:])
         a = dvar * (2.0 / size)
         b = dmean / size - a * mean
-        dx = _like(CompiledMaths.call(_input_grad_maths, dy, x, scale.detach(), a, b), x)
+        dx = like_input(CompiledMaths.call(_input_grad_maths, dy, x, scale.detach(), a, b), x)
     param_grads = iter(param_grads)
     out = [next(param_grads).to(p.dtype) if _trainable(p) else None for p in inputs]
     return (dx, None, *out)

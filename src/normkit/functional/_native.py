@@ -93,36 +93,17 @@ typedef float vec;
 #endif
 """
 
-# C for the sources that write a large output once: stream_store(dst, src, n) copies n floats from
-# a buffer in L1 with non-temporal stores where the CPU has them (AVX, AVX-512), so the output's
-# cache lines are not read first; a thread calls SFENCE() after its last streamed store.
-STREAM_STORE = r"""
-#include <stdint.h>
-#if defined(__AVX512F__) || defined(__AVX__)
-#include <immintrin.h>
-#endif
-
-/* Copy n floats from src (in L1) to dst with non-temporal stores where the CPU has them: the
-   output is not read again by this pass, so its cache lines are not fetched first. */
+# C for the sources that write a large output row by row from a buffer in L1: VECTORS and
+# stream_store(dst, src, n), which copies n floats to dst with STREAM where dst is aligned to a
+# vector (the output's cache lines are not read first); a thread calls SFENCE() after its last
+# streamed store.
+STREAM_STORE = VECTORS + r"""
 static void stream_store(float* dst, const float* src, int64_t n) {
   int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i < n && ((uintptr_t)(dst + i) & 63); i++) dst[i] = src[i];
-  for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
-#elif defined(__AVX__)
-  for (; i < n && ((uintptr_t)(dst + i) & 31); i++) dst[i] = src[i];
-  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
-#endif
+  for (; i < n && ((uintptr_t)(dst + i) & (W * sizeof(float) - 1)); i++) dst[i] = src[i];
+  for (; i + W <= n; i += W) STREAM(dst + i, LOAD(src + i));
   for (; i < n; i++) dst[i] = src[i];
 }
-
-#ifndef SFENCE
-#if defined(__AVX512F__) || defined(__AVX__)
-#define SFENCE() _mm_sfence()
-#else
-#define SFENCE()
-#endif
-#endif
 """
 
 

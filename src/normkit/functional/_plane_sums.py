@@ -193,10 +193,15 @@ def takes(*tensors: torch.Tensor, contiguous: bool = False) -> bool:
     return same and first.numel() > 0 and all(layout(t) in layouts for t in tensors)
 
 
+def built() -> bool:
+    """Whether the library is built (and loaded) on this machine."""
+    return _library() is not None
+
+
 def available(*tensors: torch.Tensor, contiguous: bool = False) -> bool:
     """Whether this module's sums run for these inputs on this machine (:func:`takes`, and the
     library built)."""
-    return takes(*tensors, contiguous=contiguous) and _library() is not None
+    return takes(*tensors, contiguous=contiguous) and built()
 
 
 def _call(a, b, ka=None, kb=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,8 +210,9 @@ def _call(a, b, ka=None, kb=None) -> tuple[torch.Tensor, torch.Tensor]:
     positions = a.numel() // (n * c)
     out1 = torch.empty(n, c, dtype=torch.float64)
     out2 = torch.empty(n, c, dtype=torch.float64)
-    shifts = [None if k is None else k.to(torch.float32).expand(n, c).contiguous() for k in (ka, kb)]
-    pointers = (a.data_ptr(), b.data_ptr(), *(None if k is None else k.data_ptr() for k in shifts))
+    sa = None if ka is None else ka.to(torch.float32).expand(n, c).contiguous()
+    sb = sa if kb is ka else None if kb is None else kb.to(torch.float32).expand(n, c).contiguous()
+    pointers = (a.data_ptr(), b.data_ptr(), *(None if k is None else k.data_ptr() for k in (sa, sb)))
     outputs, threads = (out1.data_ptr(), out2.data_ptr()), torch.get_num_threads()
     if layout(a) == "planes":
         _library().plane_sums_contiguous(*pointers, n * c, positions, *outputs, threads)

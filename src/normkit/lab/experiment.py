@@ -158,7 +158,8 @@ class Experiment:
 
     def results(self, record: RunRecord) -> Results:
         settings = from_json(self.settings_class, record.settings)
-        labels = {arm.name: arm.legend for arm in self.plan(settings, None).arms}
+        plan = self.plan(settings, None)
+        labels = {} if plan is None else {arm.name: arm.legend for arm in plan.arms}
         return Results(record, settings, labels)
 
     def summary(self, record: RunRecord) -> dict:
@@ -166,6 +167,8 @@ class Experiment:
         results = self.results(record)
         summary = summarize([j.entry() for j in judge(self.claims(results.settings), results)])
         plan = self.plan(results.settings, None)
+        if plan is None:  # nothing was trained: no sweep
+            return summary
         if plan.sweep is not None and all(t.key in record.finals() for t in plan.sweep_trials()):
             sweep = plan.sweep
             summary["sweeps"] = [
