@@ -17,10 +17,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 # Rows of fewer channels than a vector (16 floats with AVX-512), or of a number that is not a
-# multiple of it, wrap around the coefficient tables; planes shorter than a vector, or not a
-# multiple of it, straddle; fewer outputs than a vector, one row of 2,500 channels.
+# multiple of it, wrap around the coefficient tables; rows of one to four whole vectors (16-64
+# channels with AVX-512, 8-32 with AVX) keep them in registers; planes shorter than a vector, or
+# not a multiple of it, straddle; fewer outputs than a vector, one row of 2,500 channels.
 SHAPES = [(2, 3, 5, 7), (3, 5, 9, 17), (2, 1, 8, 8), (4, 6, 130), (2, 3, 2, 5, 7), (2, 3, 41, 53),
-          (2, 2500, 3), (1, 3, 1, 1), (2, 20, 1, 1), (3, 17, 33), (2, 16, 4, 4)]  # fmt: skip
+          (2, 2500, 3), (1, 3, 1, 1), (2, 20, 1, 1), (3, 17, 33), (2, 16, 4, 4), (3, 32, 5, 7),
+          (3, 48, 3, 3), (2, 64, 7, 5), (5, 8, 3, 3), (2, 24, 1, 3)]  # fmt: skip
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -64,6 +66,30 @@ def test_inputs_at_any_address(layout):
     assert out.stride() == b.stride()
     copies = (t.clone(memory_format=torch.preserve_format) for t in (a, b))
     assert torch.equal(out, _channel_pass.channel_pass(*copies, k, A, B, D))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+@pytest.mark.parametrize("channels", [16, 32, 48, 64, 80])
+def test_any_split_of_the_rows_among_threads(channels, threads):
+    """Each thread's range of vectors starts and ends anywhere in a row: the rows kept in
+    registers begin after the part of a row before them and leave the rest to the tables; the
+    outputs are the same whatever the thread count."""
+    shape = (1, channels, 61, 1)  # 61 rows, a prime: the ranges of 2, 3 and 7 threads cut rows
+    k, A, B, D = (torch.randn(channels, generator=torch.Generator().manual_seed(i)) for i in range(4))
+    a = _layout(make_input(shape, seed=1, scale=1.0, shift=0.0), "rows")
+    b = _layout(make_input(shape, seed=2, shift=10.0), "rows")
+    view = (1, channels, 1, 1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for first in (a, None):
+            out = _channel_pass.channel_pass(first, b, k, A, B, D)
+            want = B.double().view(view) * (b.double() - k.double().view(view)) + D.double().view(view)
+            if first is not None:
+                want = want + A.double().view(view) * a.double()
+            assert_close(out, want, torch.float32, f"{threads} threads, first term {first is not None}")
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_other_cpus_vector_loops_match_float64(other_cpu_flags, monkeypatch):

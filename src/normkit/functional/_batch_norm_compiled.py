@@ -73,13 +73,25 @@ def channel_blocks(t: torch.Tensor) -> torch.Tensor | None:
 
 
 def sample_mean(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """The mean over ``dims`` of a strided sample of ``x`` (about 4 positions along each of them,
-    spread over the whole batch): a cheap estimate of the mean, kept with keepdim."""
+    """The mean over ``dims`` of a strided sample of ``x`` (at most 4 positions along each of them,
+    a stride of ceil(size / 4), spread over the whole batch): a cheap estimate of the mean, kept
+    with keepdim.
+
+    At most 4^len(dims) values per kept index, whatever the shape (a stride of size // 4 took all
+    7 positions of a 7 x 7 plane). The sample is gathered as (samples, *kept) and averaged over its
+    first axis, except for the trailing dims of a contiguous tensor (NCHW planes), which ATen
+    averages well in place: ATen's reduction of the strided sample over (0, 2, 3) of a
+    (32, 2048, 7, 7) channels_last tensor took a tenth of the layer's step."""
     index = tuple(
-        slice(None, None, max(1, size // 4)) if d in dims else slice(None)
+        slice(None, None, -(-size // 4)) if d in dims else slice(None)
         for d, size in enumerate(x.shape)
     )
-    return x[index].mean(dims, keepdim=True)
+    sample = x[index]
+    if x.is_contiguous() and tuple(dims) == tuple(range(x.dim() - len(dims), x.dim())):
+        return sample.mean(dims, keepdim=True)
+    kept = [d for d in range(x.dim()) if d not in dims]
+    rows = sample.permute(*dims, *kept).reshape(-1, *(x.shape[d] for d in kept))
+    return rows.mean(0).reshape([1 if d in dims else size for d, size in enumerate(x.shape)])
 
 
 def shifted_moments(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
