@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from normkit.functional import _channel_pass, _plane_sums
+from normkit.functional import _channel_epilogue, _channel_pass, _plane_sums
 from normkit.functional._batch_norm import batch_dims
 from normkit.functional._compiled import CompiledMaths, like_input, worth_compiling
 from normkit.functional._moments import stats_dtype
@@ -170,12 +170,14 @@ def _input_grad_maths(dy, x, weight, mean, invstd, sum_g, sum_gx):
 
 def _in_c(*tensors: torch.Tensor) -> bool:
     """Whether float32 inputs, contiguous or channels_last, take the C passes
-    (:mod:`._plane_sums`, :mod:`._channel_pass`)."""
-    return not compiling() and _channel_pass.available(*tensors) and _plane_sums.built()
-
-
-def _scale(weight: torch.Tensor | None, invstd: torch.Tensor) -> torch.Tensor:
-    return invstd if weight is None else invstd * weight
+    (:mod:`._plane_sums`, :mod:`._channel_pass`) and the steps between them
+    (:mod:`._channel_epilogue`)."""
+    return (
+        not compiling()
+        and _channel_pass.available(*tensors)
+        and _plane_sums.built()
+        and _channel_epilogue.available()
+    )
 
 
 def _backward_maths(dy, x, weight, mean, invstd):
@@ -208,14 +210,17 @@ class _CompiledBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, in_c):
         ctx.in_c = in_c  # the C passes (decided once per call: compiled_batch_norm)
-        if in_c:
-            mean, var = _plane_sums.channel_moments(x, sample_mean(x, batch_dims(x.dim())).reshape(-1))
-            invstd = torch.rsqrt(var + eps)
-            y = _channel_pass.channel_pass(None, x, mean, None, _scale(weight, invstd), bias)
+        n, updated = x.numel() // x.shape[1], False
+        if in_c:  # shifted sums, the per-channel steps (and the running update) in C, normalize
+            shift = sample_mean(x, batch_dims(x.dim())).reshape(-1)
+            s1, s2 = _plane_sums.shifted_sums(x, x, shift, shift)
+            mean, var, invstd, scale, updated = _channel_epilogue.statistics(
+                s1, s2, shift, weight, eps, n, running_mean, running_var, momentum
+            )
+            y = _channel_pass.channel_pass(None, x, mean, None, scale, bias)
         else:
             y, mean, invstd, var = CompiledMaths.call(_forward_maths, x, weight, bias, eps)
-        if running_mean is not None and running_var is not None:
-            n = x.numel() // x.shape[1]
+        if running_mean is not None and running_var is not None and not updated:
             update_running_stats(running_mean, running_var, mean, var, n, momentum)
         y = like_input(y, x)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
@@ -230,13 +235,11 @@ class _CompiledBatchNorm(torch.autograd.Function):
             return _differentiable_backward(ctx, dy, x, weight, bias)
         if ctx.in_c:  # dx = w invstd (dy - sum g / n - x_hat sum g x_hat / n)
             dy = like_input(dy, x)  # dy in another layout, or expanded: into x's
-            sum_g, sum_gx = _plane_sums.channel_sums(dy, x, mean)
-            sum_gx = sum_gx * invstd  # sum(dy * x_hat)
-            scale, n = _scale(weight, invstd), x.numel() // x.shape[1]
-            dx = None
-            if needs[0]:
-                dx = _channel_pass.channel_pass(dy, x, mean, scale, -scale * invstd * sum_gx / n,
-                                                -scale * sum_g / n)  # fmt: skip
+            sg, sgx = _plane_sums.shifted_sums(dy, x, None, mean)
+            sum_g, sum_gx, A, B, D = _channel_epilogue.input_grad_coefficients(
+                sg, sgx, weight, invstd, x.numel() // x.shape[1]
+            )  # sum_gx: sum(dy * x_hat)
+            dx = _channel_pass.channel_pass(dy, x, mean, A, B, D) if needs[0] else None
         else:
             dx, sum_gx, sum_g = CompiledMaths.call(_backward_maths, dy, x, weight, mean, invstd)
         dx = None if dx is None else like_input(dx, x)

@@ -19,8 +19,10 @@ plane:
 - :func:`plane_moments`: ``sum(x - k)`` and ``sum((x - k)^2)`` for a shift ``k[n, c]`` (shifted
   sums, PERF.md §4: the variance loses only ``(mean - k)^2 / var`` to cancellation);
 - :func:`plane_sums`: ``sum(dy)`` and ``sum(dy * x)``;
-- :func:`channel_moments` and :func:`channel_sums`: the same added over the samples, for the
-  compiled batch norm: BatchNorm's per-channel moments and ``sum(dy)``, ``sum(dy * (x - mean))``.
+- :func:`shifted_sums`: the float64 (N, C) sums of ``a - ka`` and ``(a - ka) * (b - kb)`` behind
+  both, which the compiled batch norm adds over the samples per channel
+  (:mod:`normkit.functional._channel_epilogue`): its moments, ``sum(dy)`` and
+  ``sum(dy * (x - mean))``.
 
 The C source is built by :func:`normkit.functional._native.library` and called with torch's thread
 count. Where it cannot be built or the input is not float32 in one of the two layouts,
@@ -204,7 +206,7 @@ def available(*tensors: torch.Tensor, contiguous: bool = False) -> bool:
     return takes(*tensors, contiguous=contiguous) and built()
 
 
-def _call(a, b, ka=None, kb=None) -> tuple[torch.Tensor, torch.Tensor]:
+def shifted_sums(a, b, ka=None, kb=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per plane, float64 (N, C): sum(a - ka) and sum((a - ka) * (b - kb)), shifts (N, C) or None."""
     n, c = a.shape[:2]
     positions = a.numel() // (n * c)
@@ -231,25 +233,11 @@ def moments_from_sums(s1: torch.Tensor, s2: torch.Tensor, shift: torch.Tensor, c
 def plane_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance of every (n, c) plane of ``x``, (N, C) float32, from sums shifted
     by ``shift`` (N, C), e.g. a sampled mean of each plane."""
-    s1, s2 = _call(x, x, shift, shift)
+    s1, s2 = shifted_sums(x, x, shift, shift)
     return moments_from_sums(s1, s2, shift, x.numel() // (x.shape[0] * x.shape[1]))
 
 
 def plane_sums(dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per plane ``sum(dy * x)`` and ``sum(dy)``, (N, C) float32 each."""
-    sum_g, sum_gx = _call(dy, x)
+    sum_g, sum_gx = shifted_sums(dy, x)
     return sum_gx.float(), sum_g.float()
-
-
-def channel_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and biased variance of every channel of ``x`` over all its other dims, (C,) float32:
-    the planes' sums shifted by one ``shift`` (C,) per channel, added over the samples in float64."""
-    s1, s2 = (s.sum(0) for s in _call(x, x, shift, shift))
-    return moments_from_sums(s1, s2, shift, x.numel() // x.shape[1])
-
-
-def channel_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per channel ``sum(dy)`` and ``sum(dy * (x - mean))``, (C,) float32 each."""
-    sum_g, sum_gx = (s.sum(0) for s in _call(dy, x, None, mean))
-    return sum_g.float(), sum_gx.float()
-
