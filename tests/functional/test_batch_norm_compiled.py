@@ -153,19 +153,27 @@ def test_transforms_tracing_and_small_inputs_run_atens_kernels(monkeypatch):
     torch.testing.assert_close(traced(x), torch.nn.BatchNorm2d(4).eval()(x))
 
 
-def test_auto_uses_compiled_for_float32_nchw_only():
-    """`auto` runs the compiled batch norm for float32 contiguous CPU inputs (measured faster than
-    ATen's in training, docs/benchmarks.md), native elsewhere, and ATen's batch norm (composite)
-    under torch.func rather than the reference."""
+def test_auto_uses_compiled_for_float32_nchw_and_channels_last_only():
+    """`auto` runs the compiled batch norm for float32 CPU inputs, contiguous or channels_last
+    (measured faster than ATen's in training, docs/benchmarks.md), native for other dtypes and
+    other strided layouts, and ATen's batch norm (composite) under torch.func rather than the
+    reference."""
     from normkit.functional import _dispatch
 
     impls = {name: impl.fn for name, impl in _dispatch.implementations("batch_norm").items()}
+    base = torch.zeros(2, 3, 4, 5)
+    layouts = {
+        "contiguous": base, "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "channels_last 3d": torch.zeros(2, 3, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d),
+        "channels_last 1d": torch.zeros(2, 3, 7).transpose(1, 2).contiguous().transpose(1, 2),
+        "transposed": base.transpose(2, 3), "sliced": torch.zeros(2, 3, 4, 10)[..., ::2],
+    }  # fmt: skip
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        for memory_format in (torch.contiguous_format, torch.channels_last):
-            x = torch.zeros(2, 3, 4, 5, dtype=dtype).contiguous(memory_format=memory_format)
-            contiguous = memory_format == torch.contiguous_format
-            want = "compiled" if dtype == torch.float32 and contiguous else "native"
-            assert _dispatch.resolve("batch_norm", x, "auto") is impls[want], (dtype, memory_format)
+        for name, x in layouts.items():
+            x = x.to(dtype)
+            fast = name in ("contiguous", "channels_last", "channels_last 3d", "channels_last 1d")
+            want = "compiled" if dtype == torch.float32 and fast else "native"
+            assert _dispatch.resolve("batch_norm", x, "auto") is impls[want], (dtype, name)
     seen = []
     x = torch.zeros(1, 2, 3, 4, 5)
     torch.func.vmap(lambda t: seen.append(_dispatch.resolve("batch_norm", t, "auto")) or t)(x)

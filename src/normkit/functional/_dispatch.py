@@ -41,7 +41,8 @@ _REGISTRY: dict[str, dict[str, Implementation]] = {}
 # The order in which `auto` tries backends: fastest verified first (see docs/benchmarks.md).
 _AUTO_ORDER: list[str] = ["native", "reference"]
 # Where a benchmark measured another backend faster for an op on a device, dtype and layout
-# ("contiguous" or "strided", e.g. channels_last), `auto` uses the order given here instead:
+# ("contiguous"; "channels_last", channels innermost and dense; "strided", any other layout, or
+# channels_last where it has no entry of its own), `auto` uses the order given here instead:
 # (op, device type, dtype, layout) -> order. Every entry is a row of docs/benchmarks.md ("Kernels
 # and fused layers"); nothing else changes `auto`. CUDA has no entry yet: it stays on native
 # (ATen/cuDNN) until benchmarks/gpu_check.py, run on an H100/H200, shows a triton kernel faster for
@@ -59,12 +60,16 @@ AUTO_PREFERENCES: dict[tuple[str, str, torch.dtype, str], list[str]] = {
         for dtype in (torch.float32, torch.bfloat16)
         for layout in ("contiguous", "strided")
     },
-    # BatchNorm on the CPU, float32 NCHW, training: compiled (8 passes, C loops) 0.43-0.55x
-    # torch's BatchNorm2d forward + backward at (32, 64, 56, 56), 0.22-0.71x on ResNet-50's other
-    # shapes from 1M elements (benchmarks/bench_bn_shapes.py). In channels_last the C passes are
-    # 0.51-1.18x ATen's depending on the shape and the run (faster on some shapes, slower on
-    # others): channels_last stays native. Evaluation runs ATen's kernel either way (_batch_norm_compiled).
-    ("batch_norm", "cpu", torch.float32, "contiguous"): ["compiled", "native", "reference"],
+    # BatchNorm on the CPU, float32, training: compiled (8 passes, C loops) 0.43-0.58x torch's
+    # BatchNorm2d forward + backward at (32, 64, 56, 56) NCHW, 0.42-0.72x on ResNet-50's other
+    # shapes from 1M elements (benchmarks/bench_bn_shapes.py); in channels_last 0.81-0.97x there,
+    # faster than native on six of ResNet-50's eight shapes from 1M elements and within 5% on the
+    # other two. Other strided layouts, which the C passes do not take, stay native. Below 1M
+    # elements and in evaluation it runs ATen's kernels either way (_batch_norm_compiled).
+    **{
+        ("batch_norm", "cpu", torch.float32, layout): ["compiled", "native", "reference"]
+        for layout in ("contiguous", "channels_last")
+    },
     # Ghost BN, Batch-Instance and Switchable on the CPU, float32: compiled (4 fused passes per
     # direction, channels_last reduced in its own layout) faster than native in both layouts
     # (docs/benchmarks.md, "The layers beyond BatchNorm"). Both run native below 4M elements.
@@ -181,8 +186,20 @@ def auto_order(op: str, input: torch.Tensor) -> list[str]:
     """The backends `auto` tries for ``op`` on ``input``, fastest measured first."""
     if not AUTO_PREFERENCES:
         return _AUTO_ORDER
-    layout = "contiguous" if input.is_contiguous() else "strided"
-    return AUTO_PREFERENCES.get((op, input.device.type, input.dtype, layout), _AUTO_ORDER)
+    for layout in _layouts(input):
+        order = AUTO_PREFERENCES.get((op, input.device.type, input.dtype, layout))
+        if order is not None:
+            return order
+    return _AUTO_ORDER
+
+
+def _layouts(input: torch.Tensor) -> tuple[str, ...]:
+    """The keys of ``input``'s layout in AUTO_PREFERENCES, the most specific first."""
+    if input.is_contiguous():
+        return ("contiguous",)
+    if input.dim() >= 3 and input.movedim(1, -1).is_contiguous():
+        return ("channels_last", "strided")
+    return ("strided",)
 
 
 def override(name: str) -> contextvars.Token:
