@@ -29,23 +29,37 @@ from normkit.functional import _native
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+
+/* t1[c] = sum_n s1[n, c], t2[c] = sum_n s2[n, c], float64 (C,) from (N, C): row by row, in the
+   order of memory. Returns t1 (t2 = t1 + C), to be freed, or NULL where there is no memory. */
+static double* column_sums(const double* s1, const double* s2, int64_t N, int64_t C) {
+  double* t1 = (double*)calloc(2 * C, sizeof(double));
+  if (!t1) return 0;
+  double* t2 = t1 + C;
+  for (int64_t n = 0; n < N; n++)
+    for (int64_t c = 0; c < C; c++) {
+      t1[c] += s1[n * C + c];
+      t2[c] += s2[n * C + c];
+    }
+  return t1;
+}
 
 /* Per channel c of (N, C) float64 shifted sums s1 = sum(x - k), s2 = sum((x - k)^2) over `count`
    values: mean, biased var, invstd = 1 / sqrt(var + eps), scale = w invstd (w NULL: 1); and,
    where running_mean is not NULL, running = (1 - momentum) running + momentum * statistic, with
-   the variance's Bessel correction count / (count - 1). */
-void statistics(const double* s1, const double* s2, const float* shift, const float* weight,
+   the variance's Bessel correction count / (count - 1). Returns 0, or -1 where there is no
+   memory for the sums over the samples. */
+int statistics(const double* s1, const double* s2, const float* shift, const float* weight,
                 int64_t N, int64_t C, int64_t count, double eps, double momentum,
                 float* running_mean, float* running_var, float* mean, float* var, float* invstd,
                 float* scale) {
   const float keep = (float)(1.0 - momentum), take = (float)momentum;
   const float bessel = count > 1 ? (float)((double)count / (double)(count - 1)) : NAN;
+  double* sums = column_sums(s1, s2, N, C);
+  if (!sums) return -1;
   for (int64_t c = 0; c < C; c++) {
-    double t1 = 0.0, t2 = 0.0;
-    for (int64_t n = 0; n < N; n++) {
-      t1 += s1[n * C + c];
-      t2 += s2[n * C + c];
-    }
+    const double t1 = sums[c], t2 = sums[C + c];
     const double v = (t2 - t1 * t1 / count) / count;
     mean[c] = (float)((double)shift[c] + t1 / count);
     var[c] = (float)(v < 0.0 ? 0.0 : v);  /* a NaN stays NaN, for the running statistics' guard */
@@ -56,26 +70,28 @@ void statistics(const double* s1, const double* s2, const float* shift, const fl
       running_var[c] = running_var[c] * keep + take * (var[c] * bessel);
     }
   }
+  free(sums);
+  return 0;
 }
 
 /* Per channel c of (N, C) float64 sums sg = sum(dy), sgx = sum(dy * (x - mean)) over `count`
-   values: sum_g, sum_gx_hat = sum(dy * x_hat) and the input gradient's coefficients A, B, D. */
-void input_grad_coefficients(const double* sg, const double* sgx, const float* weight,
+   values: sum_g, sum_gx_hat = sum(dy * x_hat) and the input gradient's coefficients A, B, D.
+   Returns 0, or -1 where there is no memory for the sums over the samples. */
+int input_grad_coefficients(const double* sg, const double* sgx, const float* weight,
                              const float* invstd, int64_t N, int64_t C, int64_t count,
                              float* sum_g, float* sum_gx_hat, float* A, float* B, float* D) {
+  double* sums = column_sums(sg, sgx, N, C);
+  if (!sums) return -1;
   for (int64_t c = 0; c < C; c++) {
-    double g = 0.0, gx = 0.0;
-    for (int64_t n = 0; n < N; n++) {
-      g += sg[n * C + c];
-      gx += sgx[n * C + c];
-    }
-    sum_g[c] = (float)g;
-    sum_gx_hat[c] = (float)gx * invstd[c];
+    sum_g[c] = (float)sums[c];
+    sum_gx_hat[c] = (float)sums[C + c] * invstd[c];
     const float scale = weight ? weight[c] * invstd[c] : invstd[c];
     A[c] = scale;
     B[c] = -scale * invstd[c] * sum_gx_hat[c] / (float)count;
     D[c] = -scale * sum_g[c] / (float)count;
   }
+  free(sums);
+  return 0;
 }
 """
 
@@ -87,11 +103,11 @@ def build(flags: tuple[str, ...] = tuple(_native.FLAGS)) -> ctypes.CDLL | None:
     their signatures, or None."""
     library = _native.library("channel_epilogue", _SOURCE, flags)
     if library is not None:
-        library.statistics.restype = None
+        library.statistics.restype = ctypes.c_int
         library.statistics.argtypes = (
             [_POINTER] * 4 + [_SIZE] * 3 + [ctypes.c_double] * 2 + [_POINTER] * 6
         )
-        library.input_grad_coefficients.restype = None
+        library.input_grad_coefficients.restype = ctypes.c_int
         library.input_grad_coefficients.argtypes = [_POINTER] * 4 + [_SIZE] * 3 + [_POINTER] * 5
     return library
 
@@ -138,12 +154,14 @@ def statistics(s1, s2, shift, weight, eps: float, count: int, running_mean=None,
     mean, var, invstd, scale = (torch.empty(channels) for _ in range(4))
     in_place = _updates_in_place(running_mean, running_var, momentum)
     shift, weight = _float32(shift), _float32(weight)
-    _library().statistics(
+    status = _library().statistics(
         s1.data_ptr(), s2.data_ptr(), shift.data_ptr(), _pointer(weight),
         s1.numel() // channels, channels, count, eps, float(momentum) if in_place else 0.0,
         _pointer(running_mean) if in_place else None, _pointer(running_var) if in_place else None,
         mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), scale.data_ptr(),
     )  # fmt: skip
+    if status:
+        raise MemoryError(f"statistics: no memory to add the sums of {channels} channels")
     return mean, var, invstd, scale, in_place
 
 
@@ -153,8 +171,10 @@ def input_grad_coefficients(sg, sgx, weight, invstd, count: int):
     channels = sg.shape[-1]
     outputs = [torch.empty(channels) for _ in range(5)]
     weight, invstd = _float32(weight), _float32(invstd)
-    _library().input_grad_coefficients(
+    status = _library().input_grad_coefficients(
         sg.data_ptr(), sgx.data_ptr(), _pointer(weight), invstd.data_ptr(),
         sg.numel() // channels, channels, count, *(t.data_ptr() for t in outputs),
     )  # fmt: skip
+    if status:
+        raise MemoryError(f"input_grad_coefficients: no memory to add the sums of {channels} channels")
     return tuple(outputs)
