@@ -9,7 +9,8 @@ elementwise pass for dx (read x, dy, write dx): 8 passes, each a vectorized loop
 own layout, channels_last reductions by blocks of positions (:func:`row_block`). For float32
 inputs, contiguous or channels_last, the same four passes run as C loops instead
 (:mod:`normkit.functional._plane_sums` for the sums, :mod:`normkit.functional._channel_pass` for
-the normalize and dx passes), which reach the copy's speed where Inductor's reductions do not;
+the normalize and dx passes, :mod:`normkit.functional._channel_epilogue` for the per-channel
+steps between them), which reach the copy's speed where Inductor's reductions do not;
 docs/benchmarks.md has the fraction of that bound each implementation reaches.
 
 Where compiling cannot pay or cannot work, the call runs ATen's kernels instead (the same results

@@ -97,12 +97,26 @@ def register(
 ) -> None:
     """Make ``fn`` the ``backend`` implementation of ``op``; ``composite``: see Implementation."""
     _REGISTRY.setdefault(op, {})[backend] = Implementation(fn, supports or _always, composite)
+    _known.clear()
+
+
+def unregister(op: str, backend: str) -> None:
+    """Remove the ``backend`` implementation of ``op`` (tests' spies)."""
+    del _REGISTRY[op][backend]
+    _known.clear()
+
+
+_known: list[str] = []  # known_backends(), until the next (un)register or set_auto_order
 
 
 def known_backends() -> list[str]:
     """``auto`` and every backend that implements at least one op."""
-    names = {name for table in _REGISTRY.values() for name in table}
-    return ["auto", *[n for n in _AUTO_ORDER if n in names], *sorted(names - set(_AUTO_ORDER))]
+    if not _known:  # every ``with nk.backend(...)`` asks: built once, not per call
+        names = {name for table in _REGISTRY.values() for name in table}
+        _known.extend(
+            ["auto", *[n for n in _AUTO_ORDER if n in names], *sorted(names - set(_AUTO_ORDER))]
+        )
+    return list(_known)
 
 
 def implementations(op: str) -> dict[str, Implementation]:
@@ -137,6 +151,7 @@ def validate(name: str) -> str:
 
 def set_auto_order(order: list[str]) -> None:
     _AUTO_ORDER[:] = order
+    _known.clear()
 
 
 def resolve(op: str, input: torch.Tensor, backend: str | None = None) -> Callable:
