@@ -18,8 +18,9 @@ Backends:
   ``create_graph=True`` the backward differentiates the unfused definition, so double backward
   works).
 - ``auto`` (default): the fastest backend verified for the input's device and dtype. On the CPU that
-  is ``native`` for every op but these, where it is ``compiled``: BatchNormAct and BatchNorm
-  (training) on float32 NCHW inputs, Ghost BN, Batch-Instance and Switchable on float32 inputs, and
+  is ``native`` for every op but these, where it is ``compiled``: BatchNormAct on float32 NCHW
+  inputs, BatchNorm (training) on float32 NCHW and channels_last inputs, Ghost BN, Batch-Instance
+  and Switchable on float32 inputs, and
   Batch-Layer on float32 and bfloat16 inputs (``_dispatch.AUTO_PREFERENCES``; docs/benchmarks.md
   has the measurements).
 
