@@ -29,6 +29,13 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.movedim(1, -1).contiguous().movedim(-1, 1) if layout == "rows" else t.contiguous()
 
 
+def _float64(a, b, k, A, B, D) -> torch.Tensor:
+    """A[c] a + B[c] (b - k[c]) + D[c] in float64 (``a`` None: no first term)."""
+    view = (1, b.shape[1], *[1] * (b.dim() - 2))
+    want = B.double().view(view) * (b.double() - k.double().view(view)) + D.double().view(view)
+    return want if a is None else want + A.double().view(view) * a.double()
+
+
 @pytest.mark.parametrize("layout", ["rows", "planes"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_a", [True, False])
@@ -42,12 +49,8 @@ def test_channel_pass_matches_float64(shape, layout, with_a):
     k, A, B, D = (torch.randn(c, generator=generator) for _ in range(4))
     k = k + 1000.0
     out = _channel_pass.channel_pass(a, b, k, A, B, D)
-    view = (1, c, *[1] * (len(shape) - 2))
-    want = B.double().view(view) * (b.double() - k.double().view(view)) + D.double().view(view)
-    if with_a:
-        want = want + A.double().view(view) * a.double()
     assert out.stride() == b.stride()
-    assert_close(out, want, torch.float32, "channel pass")
+    assert_close(out, _float64(a, b, k, A, B, D), torch.float32, "channel pass")
 
 
 @pytest.mark.parametrize("layout", ["rows", "planes"])
@@ -78,15 +81,12 @@ def test_any_split_of_the_rows_among_threads(channels, threads):
     k, A, B, D = (torch.randn(channels, generator=torch.Generator().manual_seed(i)) for i in range(4))
     a = _layout(make_input(shape, seed=1, scale=1.0, shift=0.0), "rows")
     b = _layout(make_input(shape, seed=2, shift=10.0), "rows")
-    view = (1, channels, 1, 1)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         for first in (a, None):
             out = _channel_pass.channel_pass(first, b, k, A, B, D)
-            want = B.double().view(view) * (b.double() - k.double().view(view)) + D.double().view(view)
-            if first is not None:
-                want = want + A.double().view(view) * a.double()
+            want = _float64(first, b, k, A, B, D)
             assert_close(out, want, torch.float32, f"{threads} threads, first term {first is not None}")
     finally:
         torch.set_num_threads(before)
@@ -102,15 +102,12 @@ def test_other_cpus_vector_loops_match_float64(other_cpu_flags, monkeypatch):
     for shape in SHAPES:
         c = shape[1]
         k, A, B, D = (torch.randn(c, generator=torch.Generator().manual_seed(i)) for i in range(4))
-        view = (1, c, *[1] * (len(shape) - 2))
         for layout in ("rows", "planes"):
             a = _layout(make_input(shape, seed=1, scale=1.0, shift=0.0), layout)
             b = _layout(make_input(shape, seed=2, shift=100.0), layout)
             for first in (a, None):
                 out = _channel_pass.channel_pass(first, b, k, A, B, D)
-                want = B.double().view(view) * (b.double() - k.double().view(view)) + D.double().view(view)
-                if first is not None:
-                    want = want + A.double().view(view) * a.double()
+                want = _float64(first, b, k, A, B, D)
                 assert_close(out, want, torch.float32, f"channel pass {shape} {layout}")
 
 
