@@ -13,13 +13,13 @@
 no more than there. One loop on the CPU's vectors (``_native.VECTORS``: 16 floats with AVX-512, 8
 with AVX, else plain C), each thread over its own range of the output: the rows of C channels of a
 channels_last tensor read a vector's coefficients from tables that wrap around the row (rows of
-one to four whole vectors, 16-64 channels with AVX-512, keep them in registers: 4-10% faster
-than the tables at (32, 64, 56, 56)); the planes of an NCHW one broadcast one channel's
-coefficients over each vector of the plane. Every output
-vector is written with a non-temporal store as soon as it is computed (the output's cache lines are
-not read first, and the stores overlap the loads). The normalize pass runs at about the speed of a
-copy, where Inductor's pass with three broadcast (C,) operands runs at 50-90% of it; computing
-blocks of outputs into a buffer first, then streaming them out, was slower (docs/benchmarks.md).
+one to four whole vectors, 16-64 channels with AVX-512, keep them in registers, where the tables
+cost four loads per vector); the planes of an NCHW one broadcast one channel's coefficients over
+each vector of the plane. Every output vector is written with a non-temporal store as soon as it
+is computed (the output's cache lines are not read first, and the stores overlap the loads). The
+normalize pass runs at about the speed of a copy, where Inductor's pass with three broadcast (C,)
+operands runs at 50-90% of it; computing blocks of outputs into a buffer first, then streaming
+them out, was slower (docs/benchmarks.md).
 """
 
 from __future__ import annotations
