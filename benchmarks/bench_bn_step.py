@@ -11,6 +11,11 @@ has streamed the tensor through the caches. Medians over the steps; prints a tab
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_bn_step.py             # about a minute
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_bn_step.py --steps 20  # a smoke run
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_bn_step.py --stub      # the C calls skipped
+
+``--stub`` replaces every C call by a no-op (outputs left unwritten: a timing, not a result): the
+step is then only its rest, still after the copy of each step, and the difference from the rest
+measured between real passes is what the passes' traffic costs the small ops.
 
 It wraps only the libraries' entry points, so the same command measures an earlier checkout of
 normkit (``PYTHONPATH=<checkout>/src``) without changing it.
@@ -40,13 +45,14 @@ SHAPES = [(32, 64, 56, 56), (32, 256, 14, 14), (32, 1024, 14, 14), (32, 2048, 7,
 
 
 class Clocked:
-    """A ctypes library whose every call adds its seconds to ``seconds[label(name, args)]``."""
+    """A ctypes library whose every call adds its seconds to ``seconds[label(name, args)]``; with
+    ``stub``, each call returns 0 without running."""
 
-    def __init__(self, library, label, seconds: dict[str, list[float]]):
-        self._library, self._label, self._seconds = library, label, seconds
+    def __init__(self, library, label, seconds: dict[str, list[float]], stub: bool = False):
+        self._library, self._label, self._seconds, self._stub = library, label, seconds, stub
 
     def __getattr__(self, name):
-        function = getattr(self._library, name)
+        function = (lambda *args: 0) if self._stub else getattr(self._library, name)
 
         def call(*args):
             start = time.perf_counter()
@@ -101,6 +107,7 @@ def measure(shape, channels_last: bool, steps: int, calls: dict[str, list[float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--stub", action="store_true", help="skip every C call (see above)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bn_step.json"))
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -109,11 +116,13 @@ def main() -> None:
     plane_sums, channel_pass = _plane_sums._library(), _channel_pass._library()
     if plane_sums is None or channel_pass is None:
         raise SystemExit("the C passes are not built on this machine (a C compiler with OpenMP)")
-    _plane_sums._library = lambda: Clocked(plane_sums, _pass_name, seconds)
-    _channel_pass._library = lambda: Clocked(channel_pass, _pass_name, seconds)
+    _plane_sums._library = lambda: Clocked(plane_sums, _pass_name, seconds, args.stub)
+    _channel_pass._library = lambda: Clocked(channel_pass, _pass_name, seconds, args.stub)
     if _channel_epilogue is not None:
         epilogue = _channel_epilogue._library()
-        _channel_epilogue._library = lambda: Clocked(epilogue, lambda name, _: "C steps", seconds)
+        _channel_epilogue._library = lambda: Clocked(
+            epilogue, lambda name, _: "C steps", seconds, args.stub
+        )
     parts = ["stats sums", "normalize", "backward sums", "dx", "C steps"]
     print(f"{'shape':16s} {'layout':6s} {'step ms':>8s} {'copy ms':>8s} {'bound':>6s} "
           + " ".join(f"{p:>13s}" for p in parts) + f" {'rest':>6s}")  # fmt: skip
@@ -123,11 +132,12 @@ def main() -> None:
             row = measure(shape, channels_last, args.steps, seconds)
             rows.append(row)
             cells = " ".join(f"{row['parts_ms'].get(p, float('nan')):13.3f}" for p in parts)
+            bound = "-" if args.stub else f"{row['of_bound']:.0%}"  # no passes: no bound
             print(f"{'x'.join(map(str, shape)):16s} {row['layout']:6s} {row['step_ms']:8.3f} "
-                  f"{row['copy_ms']:8.3f} {row['of_bound']:6.0%} {cells} {row['rest_ms']:6.3f}",
+                  f"{row['copy_ms']:8.3f} {bound:>6s} {cells} {row['rest_ms']:6.3f}",
                   flush=True)  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"environment": environment(kept_freed_memory=kept), "rows": rows}
+    report = {"environment": environment(kept_freed_memory=kept, stub=args.stub), "rows": rows}
     args.out.write_text(json.dumps(report, indent=2))
     print("\nms per step (medians); bound: 8 passes at the one-pair copy's speed; rest: the step "
           "outside the C calls (Python, small ATen ops, autograd, the running statistics' guard)")

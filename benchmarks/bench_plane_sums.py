@@ -21,7 +21,7 @@ import torch
 
 import normkit as nk
 from environment import environment
-from normkit.functional import _compiled, _instance_stats_compiled, _plane_sums
+from normkit.functional import _channel_epilogue, _compiled, _instance_stats_compiled, _plane_sums
 from normkit.functional._batch_norm import batch_dims
 from normkit.functional._batch_norm_compiled import channel_moments, channel_sum, sample_mean
 from timing import alternate, train_step
@@ -39,6 +39,21 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double().reshape(-1) - want.reshape(-1)).abs().max())
 
 
+def channel_variance(x, shift):
+    """BatchNorm's per-channel biased variance as its C engine computes it: the plane sums shifted
+    by ``shift``, added over the samples (``_channel_epilogue``)."""
+    s1, s2 = _plane_sums.shifted_sums(x, x, shift, shift)
+    return _channel_epilogue.statistics(s1, s2, shift, None, 0.0, x.numel() // x.shape[1])[1]
+
+
+def centred_channel_sum(dy, x, mean):
+    """``sum(dy * (x - mean))`` per channel as BatchNorm's C backward computes it (its
+    ``sum(dy * x_hat)`` with 1/std = 1)."""
+    sg, sgx = _plane_sums.shifted_sums(dy, x, None, mean)
+    ones = torch.ones(x.shape[1])
+    return _channel_epilogue.input_grad_coefficients(sg, sgx, None, ones, x.numel() // x.shape[1])[1]
+
+
 def reductions(x, dy):
     """name -> (plane sums' call, Inductor's call, float64 value of what both compute)."""
     spatial, dims = tuple(range(2, x.dim())), batch_dims(x.dim())
@@ -54,11 +69,11 @@ def reductions(x, dy):
         "plane sum(dy*x)": (lambda: _plane_sums.plane_sums(dy, x)[0],
                             lambda: compiled(_instance_stats_compiled._sums_maths, dy, x, x.dtype)[0],
                             (dy64 * x64).sum(spatial)),
-        "channel variance": (lambda: _plane_sums.channel_moments(x, channel_shift)[1],
+        "channel variance": (lambda: channel_variance(x, channel_shift),
                              lambda: compiled(channel_moments, x)[1],
                              x64.var(dims, unbiased=False)),
         "channel sum(dy*(x-mean))": (
-            lambda: _plane_sums.channel_sums(dy, x, mean)[1],
+            lambda: centred_channel_sum(dy, x, mean),
             lambda: compiled(lambda g, t, m: channel_sum(g * (t - m.view(1, -1, 1, 1))), dy, x, mean),
             (dy64 * (x64 - mean.double().view(1, -1, 1, 1))).sum(dims)),
     }  # fmt: skip

@@ -130,3 +130,33 @@ def test_buffers_it_cannot_blend_into_are_left_to_the_caller(case):
 def test_unbiased_matches_bessel():  # the correction the C step applies, as the torch path does
     var = torch.rand(5)
     torch.testing.assert_close(unbiased(var, 10), var * (10 / 9))
+
+
+def test_a_forward_that_raises_after_the_running_update_leaves_the_buffers(monkeypatch):
+    """The C step blends into the running statistics' guard's copies, never into the layer's
+    buffers: a pass that fails after it (here the normalize pass) leaves every buffer and counter
+    as it was, and the next step updates them."""
+    import normkit as nk
+    from normkit.functional import _batch_norm_compiled, _channel_pass
+
+    monkeypatch.setattr(_batch_norm_compiled, "C_MIN_NUMEL", 0)  # a small input takes the C passes
+    layer = nk.BatchNorm2d(16)
+    x = _input((4, 16, 5, 5), True, seed=9, shift=2.0)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    real, calls = _channel_pass.channel_pass, []
+
+    def failing(*args):
+        calls.append(args)
+        raise MemoryError("no memory for the output")
+
+    monkeypatch.setattr(_channel_pass, "channel_pass", failing)
+    with nk.backend("compiled"), pytest.raises(MemoryError):
+        layer(x)
+    assert calls, "the C passes did not run"
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    monkeypatch.setattr(_channel_pass, "channel_pass", real)
+    with nk.backend("compiled"):
+        layer(x)
+    assert int(layer.num_batches_tracked) == 1
+    assert not torch.equal(layer.running_mean, before["running_mean"])

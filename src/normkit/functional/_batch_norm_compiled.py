@@ -81,8 +81,8 @@ def sample_mean(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     At most 4^len(dims) values per kept index, whatever the shape (a stride of size // 4 took all
     7 positions of a 7 x 7 plane). The sample is gathered as (samples, *kept) and averaged over its
     first axis, except for the trailing dims of a contiguous tensor (NCHW planes), which ATen
-    averages well in place: ATen's reduction of the strided sample over (0, 2, 3) of a
-    (32, 2048, 7, 7) channels_last tensor took a tenth of the layer's step."""
+    averages well in place; ATen's reduction of the strided sample itself was slow on wide
+    channels_last tensors (docs/benchmarks.md, "The step between the passes")."""
     index = tuple(
         slice(None, None, -(-size // 4)) if d in dims else slice(None)
         for d, size in enumerate(x.shape)

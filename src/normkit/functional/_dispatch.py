@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from normkit.errors import BackendError
+from normkit.functional._instance_stats import channels_innermost
 from normkit.functional._transforms import composite_required
 
 Supports = Callable[[torch.Tensor], bool]
@@ -60,12 +61,13 @@ AUTO_PREFERENCES: dict[tuple[str, str, torch.dtype, str], list[str]] = {
         for dtype in (torch.float32, torch.bfloat16)
         for layout in ("contiguous", "strided")
     },
-    # BatchNorm on the CPU, float32, training: compiled (8 passes, C loops) 0.43-0.58x torch's
-    # BatchNorm2d forward + backward at (32, 64, 56, 56) NCHW, 0.42-0.72x on ResNet-50's other
-    # shapes from 1M elements (benchmarks/bench_bn_shapes.py); in channels_last 0.81-0.97x there,
-    # faster than native on six of ResNet-50's eight shapes from 1M elements and within 5% on the
-    # other two. Other strided layouts, which the C passes do not take, stay native. Below 1M
-    # elements and in evaluation it runs ATen's kernels either way (_batch_norm_compiled).
+    # BatchNorm on the CPU, float32, training: compiled (8 passes, C loops) 0.52-0.63x torch's
+    # BatchNorm2d forward + backward at (32, 64, 56, 56) NCHW and 0.83-0.97x in channels_last
+    # (bench_layers.py); in channels_last 0.53-0.96x native on seven of ResNet-50's eight shapes
+    # from 1M elements, 1.03-1.11x on 32x128x28x28 (bench_bn_shapes.py; docs/benchmarks.md, "The
+    # step between the passes"). Other strided layouts, which the C passes do not take, stay
+    # native. Below 1M elements and in evaluation it runs ATen's kernels either way
+    # (_batch_norm_compiled).
     **{
         ("batch_norm", "cpu", torch.float32, layout): ["compiled", "native", "reference"]
         for layout in ("contiguous", "channels_last")
@@ -212,7 +214,7 @@ def _layouts(input: torch.Tensor) -> tuple[str, ...]:
     """The keys of ``input``'s layout in AUTO_PREFERENCES, the most specific first."""
     if input.is_contiguous():
         return ("contiguous",)
-    if input.dim() >= 3 and input.movedim(1, -1).is_contiguous():
+    if channels_innermost(input):
         return ("channels_last", "strided")
     return ("strided",)
 

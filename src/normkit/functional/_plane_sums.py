@@ -109,7 +109,7 @@ void plane_sums(const float* a, const float* b, const float* ka, const float* kb
       int64_t end = s0 + ROWS < S ? s0 + ROWS : S;
       for (int64_t c = 0; c < C; c++) { acc1[c] = 0.0f; acc2[c] = 0.0f; }
       int64_t s = s0;
-      if (C >= 512)  /* four rows per load and store of the accumulators (measured faster) */
+      if (C >= 512)  /* four rows per load and store of the accumulators (docs/benchmarks.md) */
         for (; s + 4 <= end; s += 4) {
           const float* ra = a + (n * S + s) * C;
           const float* rb = b + (n * S + s) * C;
